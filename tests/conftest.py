@@ -1,4 +1,4 @@
-"""Shared fixtures: a trained digits CNN, built once per test session."""
+"""Shared fixtures: a trained digits CNN and a MobileNet-style model, built once per test session."""
 
 import os
 
@@ -28,6 +28,23 @@ def trained_cnn(digits):
     train_model(model, x_train, y_train, epochs=10, seed=0)
     accuracy = float((model.predict(x_test, verbose=0).argmax(1) == y_test).mean())
     return model, accuracy
+
+
+@pytest.fixture(scope="session")
+def trained_mobilenet():
+    """MobileNet-style (depthwise-separable, BN, ReLU6) on 32×32 digits, 15 epochs, as in the benchmark:
+    ``(model, (x_train, y_train), (x_test, y_test), float test accuracy)``."""
+    import keras
+
+    from tfq.datasets import load_digits
+    from tfq.examples import mobilenet_style, train_model
+
+    (x_train, y_train), (x_test, y_test) = load_digits(image_size=32, seed=0)
+    keras.utils.set_random_seed(0)
+    model = mobilenet_style(input_shape=x_train.shape[1:])
+    train_model(model, x_train, y_train, epochs=15, seed=0)
+    accuracy = float((model.predict(x_test, verbose=0).argmax(1) == y_test).mean())
+    return model, (x_train, y_train), (x_test, y_test), accuracy
 
 
 def tflite_accuracy(content, x, y):

@@ -148,6 +148,21 @@ def test_outlier_calibration_robust_methods_keep_accuracy(trained_cnn, digits):
     assert input_scales["mse"] <= input_scales["minmax"] * (1 + 1e-6)
 
 
+def test_kl_on_sparse_depthwise_relu6_keeps_accuracy(trained_mobilenet):
+    # Depthwise ReLU6 outputs of digits hold one constant per channel over the empty background:
+    # point masses that once pulled KL's threshold to a fifth of the range (74 % INT8 accuracy).
+    model, (x_train, _), (x_test, y_test), float_acc = trained_mobilenet
+    accuracy, cals = {}, {}
+    for method in ("minmax", "kl"):
+        cals[method] = tfq.calibrate(model, x_train[:500], method=method)
+        accuracy[method] = tflite_accuracy(tfq.convert(model, "int8", calibration=cals[method]), x_test, y_test)
+    assert accuracy["minmax"] >= float_acc - 0.01, accuracy
+    assert accuracy["kl"] >= accuracy["minmax"] - 0.01, accuracy
+    for i in range(4):
+        name = f"dw{i}_output_fq"
+        assert cals["kl"][name][1] >= 0.5 * cals["minmax"][name][1], (name, cals["kl"][name], cals["minmax"][name])
+
+
 def test_float_layers_stay_float(trained_cnn, calib):
     model, _ = trained_cnn
     content = tfq.convert(model, "int8", calib, float_layers=["fc1"])

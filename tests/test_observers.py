@@ -320,6 +320,90 @@ def test_kl_vectorized_matches_loop(seed):
     assert _kl_reference(counts, chosen, levels) == pytest.approx(min(reference), rel=1e-9, abs=1e-12)
 
 
+def _kl_reference_with_atoms(counts, point_mass, i: int, levels: int) -> float:
+    """KL with point masses as extra atoms: exact inside the range, folded into the last bin beyond it."""
+    c, s = counts.astype(np.float64), point_mass.astype(np.float64)
+    p = c[:i].copy()
+    p[i - 1] += c[i:].sum() + s[i:].sum()
+    q = np.zeros(i)
+    level = np.arange(i) * levels // i
+    for j in range(levels):
+        members = (level == j) & (c[:i] > 0)
+        if members.any():
+            q[members] = c[:i][members].sum() / members.sum()
+    p_all, q_all = np.concatenate([p, s[:i]]), np.concatenate([q, s[:i]])
+    p_all, q_all = p_all / p_all.sum(), q_all / q_all.sum()
+    support = p_all > 0
+    if (q_all[support] == 0).any():
+        return np.inf
+    return float(np.sum(p_all[support] * np.log(p_all[support] / q_all[support])))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kl_with_point_masses_matches_loop(seed):
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(np.abs(rng.standard_normal(20_000) * 40).astype(int), minlength=300)[:300].astype(float)
+    point_mass = np.zeros(300)
+    point_mass[rng.integers(0, 300, 6)] = rng.uniform(200, 2000, 6)  # some inside, some beyond a threshold
+    levels = 16
+    chosen = observers._kl_threshold_bins(counts, levels, point_mass)
+    last = int(np.flatnonzero(counts + point_mass)[-1]) + 1  # no candidate beyond the data
+    reference = [_kl_reference_with_atoms(counts, point_mass, i, levels) for i in range(levels, last + 1)]
+    assert _kl_reference_with_atoms(counts, point_mass, chosen, levels) == pytest.approx(
+        min(reference), rel=1e-9, abs=1e-12)
+
+
+def test_split_point_masses_finds_spikes_and_only_spikes():
+    rng = np.random.default_rng(0)
+    smooth = np.bincount((np.abs(rng.standard_normal(500_000)) * 300).astype(int), minlength=2048)[:2048]
+    counts = smooth.astype(np.float64)
+    spikes = [40, 41, 300, 777]  # two adjacent ones too
+    counts[spikes] += 20_000
+    found_smooth, found = observers._split_point_masses(counts)
+    np.testing.assert_array_equal(found_smooth + found, counts)
+    assert sorted(np.flatnonzero(found)) == spikes
+    # each spike's excess over its neighbours' median, within sampling noise of the smooth part
+    np.testing.assert_allclose(found[spikes], 20_000, rtol=0.05)
+    # smooth data alone, a sparse tail, and an empty histogram: no point mass
+    assert not observers._split_point_masses(smooth)[1].any()
+    sparse = np.bincount(rng.integers(0, 2048, 1000), minlength=2048)
+    assert not observers._split_point_masses(sparse)[1].any()
+    assert not observers._split_point_masses(np.zeros(64))[1].any()
+
+
+def _relu6_with_background(seed: int, spikes: bool) -> np.ndarray:
+    """ReLU6 of a depthwise-like output: a smooth signal and, optionally, 16 constant background values."""
+    rng = np.random.default_rng(seed)
+    signal = np.minimum(np.abs(rng.standard_normal(300_000)) * 1.5, 6.0)
+    if not spikes:
+        return signal
+    background = np.repeat(np.linspace(0.1, 1.6, 16), 20_000)  # 52 % of the values on 16 points
+    return np.concatenate([signal, background])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kl_threshold_ignores_point_masses_inside_the_range(seed):
+    # A channel's constant background value is represented exactly by any grid: adding such
+    # spikes must not drag the KL threshold down (without point-mass handling it falls to ~1.6).
+    plain, spiky = HistogramObserver("kl"), HistogramObserver("kl")
+    plain.update(_relu6_with_background(seed, spikes=False))
+    spiky.update(_relu6_with_background(seed, spikes=True))
+    t_plain, t_spiky = plain.compute_range()[1], spiky.compute_range()[1]
+    assert t_plain > 3.0
+    assert t_spiky == pytest.approx(t_plain, rel=0.1)
+    counts = spiky._abs_counts(spiky._nonzero_counts())
+    naive = observers._kl_threshold_bins(counts, 256) * spiky._width  # spikes smeared into their levels
+    assert naive < 0.6 * t_plain
+
+
+def test_kl_keeps_the_range_of_discrete_data():
+    # Data on a few values (e.g. 8-bit pixels of a 16-level image) is all point masses: nothing to clip.
+    x = np.repeat(np.arange(17) / 16.0, np.arange(17, 0, -1) * 1000)
+    obs = HistogramObserver("kl")
+    obs.update(x)
+    assert obs.compute_range() == (0.0, 1.0)
+
+
 def test_kl_is_fast_on_2048_bins():
     import time
 
