@@ -133,4 +133,7 @@ def test_benchmark_script_quick(tmp_path):
     for row in model["ptq"] + model["ptq_outliers"]:
         assert 0 <= row["accuracy"] <= 1 and row["size_ratio"] < 0.35 and row["latency_ms"] > 0
     assert {r["name"] for r in model["qat"]} == {"tfq_qat", "tfmot_qat"}
-    assert model["evaluator"]["throughput_ratio"] > 0
+    ev = model["evaluator"]
+    assert ev["samples"] == 2 * len(tfq.datasets.load_digits()[1][0]) and ev["num_threads"] == 2
+    assert ev["throughput_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["evaluate_seconds"])
+    assert ev["ceiling_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["compute_floor_seconds"])

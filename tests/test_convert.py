@@ -130,10 +130,12 @@ def test_outlier_calibration_robust_methods_keep_accuracy(trained_cnn, digits):
     calib[[10, 150, 290]] *= 100.0  # three corrupted samples
     results, input_scales = {}, {}
     # 3 of 300 samples ×100: ~0.5% of all values are outliers, so the percentile must sit below 99.5.
-    params = {"minmax": None, "percentile": {"percentile": 99.0}, "kl": None, "mse": None}
-    for method in ("minmax", "percentile", "kl", "mse"):
-        content = tfq.convert(model, "int8", calib, calibration=method, io_dtype="int8",
-                              calibration_params=params[method])
+    params = {"minmax": None, "percentile": {"percentile": 99.0}, "kl": None, "mse": None,
+              "mse_median": {"batch_aggregate": "median"}}
+    for key in params:
+        content = tfq.convert(model, "int8", calib, calibration=key.split("_")[0], io_dtype="int8",
+                              calibration_params=params[key])
+        method = key
         results[method] = tflite_accuracy(content, x_test, y_test)
         info = tfq.inspect_tflite(content)
         input_scales[method] = info.tensors[info.inputs[0]].scales[0]
@@ -146,6 +148,9 @@ def test_outlier_calibration_robust_methods_keep_accuracy(trained_cnn, digits):
     # MSE weighs the outliers' squared clipping error (0.5% of values at ~50) against rounding
     # noise, so it keeps their range: never wider than MinMax, but no protection here.
     assert input_scales["mse"] <= input_scales["minmax"] * (1 + 1e-6)
+    # MSE per calibration batch (32 samples), median over the 10 batches: 3 hold an outlier.
+    assert results["mse_median"] >= float_acc - 0.01, results
+    assert input_scales["mse_median"] < input_scales["minmax"] / 10, input_scales
 
 
 def test_kl_on_sparse_depthwise_relu6_keeps_accuracy(trained_mobilenet):

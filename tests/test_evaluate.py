@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import keras
@@ -197,7 +198,7 @@ def test_every_figure_matches_the_hand_loop(cnn, cnn_report):
         assert row["size"] == len(content) and row["size_kind"] == "flatbuffer"
         assert row["size_ratio"] == pytest.approx(len(content) / ref_size)
         assert row["latency_p50_ms"] is None and row["latency_p90_ms"] is None
-        assert row["throughput"] > 0
+        assert row["throughput"] > 0 and row["num_threads"] == (os.cpu_count() or 1)  # None: one per core
     # Sanity of the exports themselves: INT8 is ~4x smaller and still agrees with the float model.
     assert report.row("int8")["size_ratio"] < 0.35
     assert report.row("int8")["agreement"] > 0.9 and report.row("float")["sqnr_db"] > 80
@@ -302,6 +303,14 @@ def test_convenience_form_needs_representative_data_for_int8(cnn):
     assert "'int8'" in one_line(excinfo)
     with pytest.raises(ValueError, match="'bogus'") as excinfo:
         evaluate(model, x_test, y_test, variants=("float", "bogus"))
+    one_line(excinfo)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_bad_num_threads(cnn, bad):
+    _, _, x_test, y_test, tflite = cnn
+    with pytest.raises(ValueError, match=f"num_threads={bad!r}") as excinfo:
+        evaluate({"int8": tflite["int8"]}, x_test[:4], y_test[:4], num_threads=bad)
     one_line(excinfo)
 
 

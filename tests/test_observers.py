@@ -404,6 +404,37 @@ def test_kl_keeps_the_range_of_discrete_data():
     assert obs.compute_range() == (0.0, 1.0)
 
 
+@pytest.mark.parametrize("method", ["mse", "kl", "percentile"])
+def test_batch_median_is_the_median_of_single_batch_ranges(method):
+    rng = np.random.default_rng(11)
+    batches = [rng.standard_normal(5_000) * (1 + k % 3) for k in range(7)]
+    batches[2][:20] *= 100.0  # outliers in two batches of seven
+    batches[5][:20] *= 100.0
+    obs = create_observer(method, batch_aggregate="median")
+    singles = []
+    for b in batches:
+        obs.update(b)
+        single = create_observer(method)
+        single.update(b)
+        singles.append(single.compute_range())
+    lo, hi = obs.compute_range()
+    assert lo == pytest.approx(np.median([r[0] for r in singles]), rel=1e-12)
+    assert hi == pytest.approx(np.median([r[1] for r in singles]), rel=1e-12)
+    pooled = create_observer(method)
+    for b in batches:
+        pooled.update(b)
+    if method == "mse":  # the pooled MSE optimum keeps the outliers; the median does not
+        assert pooled.compute_range()[1] > 5 * hi and hi < 8.0
+    restored = Observer.from_state(json.loads(json.dumps(obs.get_state())))
+    assert restored.compute_range() == (lo, hi)
+    assert HistogramObserver.from_config(obs.get_config()).get_config() == obs.get_config()
+
+
+def test_batch_aggregate_rejects_unknown():
+    with pytest.raises(ValueError, match="batch_aggregate='mean'"):
+        HistogramObserver("mse", batch_aggregate="mean")
+
+
 def test_kl_is_fast_on_2048_bins():
     import time
 

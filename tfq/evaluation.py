@@ -37,7 +37,7 @@ _LATENCY_WARMUP = 5
 _NEEDS_DATA = ("int8", "int16x8")
 # Keys every row has; a metric may not take one of these names.
 _ROW_KEYS = ("name", "kind", "num_samples", "agreement", "sqnr_db", "max_abs_diff", "size", "size_kind",
-             "size_ratio", "latency_p50_ms", "latency_p90_ms", "throughput")
+             "size_ratio", "latency_p50_ms", "latency_p90_ms", "throughput", "num_threads")
 _QUANTIZED_DTYPES = ("INT8", "UINT8", "INT16")
 _FLOAT_DTYPES = ("FLOAT32", "FLOAT16")
 
@@ -420,8 +420,9 @@ def evaluate(
       time ``interpreter.invoke()`` with ``num_threads``; Keras rows time an eager
       ``model(x[:1], training=False)`` call (Python and TensorFlow overhead included, so it is a
       baseline, not a like-for-like comparison with the interpreter);
-    * ``throughput``: samples per second of the batched prediction run (after a one-batch warm-up;
-      TFLite models whose batch axis is fixed run one sample at a time).
+    * ``throughput``: samples per second of the batched prediction run, first batch included
+      (Keras rows after a one-batch warm-up that traces the predict function; TFLite models whose
+      batch axis is fixed run one sample at a time); ``num_threads``: the interpreter threads used.
 
     Multi-output models: outputs are compared in the Keras model's order (TFLite outputs are
     reordered by their signature, since ``get_output_details()`` may list them differently; dict
@@ -439,7 +440,7 @@ def evaluate(
         reference: the name in ``models`` all rows are compared with. Default: the first Keras
             model, else the first entry.
         latency: measure batch-1 latency.
-        num_threads: TFLite interpreter threads (None: the interpreter's default).
+        num_threads: TFLite interpreter threads (None: one per CPU core, ``os.cpu_count()``).
         batch_size: batch size of the prediction run (default 64).
         max_samples: use only the first ``max_samples`` samples (and labels).
         variants: conversion modes for the single-model form.
@@ -494,6 +495,11 @@ def evaluate(
                         f"{type(models).__name__}")
     if not models:
         raise ValueError("models is empty. Pass a dict name -> Keras model / TFLite bytes / .tflite path.")
+    if num_threads is None:
+        num_threads = os.cpu_count() or 1
+    elif isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer or None (one per core). "
+                         f"Received: num_threads={num_threads!r}")
     runners = [_Runner(str(name), model, num_threads) for name, model in models.items()]
     if reference is None:
         reference = next((r.name for r in runners if r.kind == "keras"), runners[0].name)
@@ -513,8 +519,8 @@ def evaluate(
     for runner in runners:
         start = time.perf_counter()
         inputs = ordered[runner.name]
-        warm = [a[:batch_size] for a in inputs]
-        runner.predict(warm, batch_size)
+        if runner.kind == "keras":  # tracing the predict function is a one-time cost, not throughput
+            runner.predict([a[:batch_size] for a in inputs], batch_size)
         t0 = time.perf_counter()
         outputs = runner.predict(inputs, batch_size)
         elapsed = time.perf_counter() - t0
@@ -533,6 +539,7 @@ def evaluate(
         else:
             row.update(latency_p50_ms=None, latency_p90_ms=None)
         row["throughput"] = num_samples / elapsed if elapsed > 0 else None
+        row["num_threads"] = int(num_threads) if runner.kind == "tflite" else None
         rows[runner.name] = row
         if verbose:
             print(f"tfq.evaluate: {runner.name} done in {time.perf_counter() - start:.1f} s")

@@ -443,6 +443,13 @@ class HistogramObserver(Observer):
       weighs outliers heavily: ``n`` outliers at ``X`` among ``N`` samples pull the int8 threshold
       to about ``n·X / (n + N / 195075)``.
 
+    **Batch aggregation** (``batch_aggregate="median"``): the method also runs on each batch
+    alone, and the range is the element-wise median of the per-batch ranges instead of the range
+    of the pooled histogram. A few corrupted calibration samples then move only the ranges of the
+    batches they fall in: MSE, whose pooled optimum keeps 0.5 % of values at ×100 (see above),
+    recovers the clean range as long as fewer than half the batches hold an outlier. Costs one
+    range search per batch; the per-batch ranges are part of the state.
+
     Per-channel histograms are not supported (use :class:`MinMaxObserver` or
     :class:`MovingAverageMinMaxObserver`). Range conventions: module docstring.
 
@@ -451,6 +458,7 @@ class HistogramObserver(Observer):
         num_bins: number of histogram bins, ≥ 16.
         percentile: ``p`` in ``(50, 100]`` for ``"percentile"``.
         bits: bit width of the target grid (2..16) for ``"kl"`` and ``"mse"``.
+        batch_aggregate: None (one pooled histogram) or ``"median"`` (median of per-batch ranges).
         symmetric: return ``(-m, m)``.
         per_channel: must be False.
         axis: unused (per-tensor); kept for a uniform configuration.
@@ -466,6 +474,7 @@ class HistogramObserver(Observer):
     """
 
     METHODS = ("percentile", "kl", "mse")
+    BATCH_AGGREGATES = (None, "median")
 
     def __init__(
         self,
@@ -476,6 +485,7 @@ class HistogramObserver(Observer):
         symmetric: bool = False,
         per_channel: bool = False,
         axis: int = -1,
+        batch_aggregate: str | None = None,
     ):
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}. Received: method={method!r}")
@@ -496,6 +506,11 @@ class HistogramObserver(Observer):
                 "MinMaxObserver and MovingAverageMinMaxObserver ('minmax', 'moving_average'). "
                 "Received: per_channel=True"
             )
+        if batch_aggregate not in self.BATCH_AGGREGATES:
+            raise ValueError(
+                f"batch_aggregate must be one of {self.BATCH_AGGREGATES}. Received: batch_aggregate={batch_aggregate!r}"
+            )
+        self.batch_aggregate = batch_aggregate
         self.method = method
         self.num_bins = int(num_bins)
         self.percentile = float(percentile)
@@ -508,6 +523,7 @@ class HistogramObserver(Observer):
             "num_bins": self.num_bins,
             "percentile": self.percentile,
             "bits": self.bits,
+            "batch_aggregate": self.batch_aggregate,
             **super().get_config(),
         }
 
@@ -520,6 +536,7 @@ class HistogramObserver(Observer):
         self._max: float | None = None
         self._total = 0
         self._zeros = 0  # exact zeros, also counted in the bin of 0.0
+        self._batch_ranges: list[tuple[float, float]] = []  # with batch_aggregate
 
     @property
     def has_data(self) -> bool:
@@ -527,6 +544,10 @@ class HistogramObserver(Observer):
 
     def _update(self, x: np.ndarray) -> None:
         x = x.astype(np.float64, copy=False).ravel()
+        if self.batch_aggregate is not None:
+            single = HistogramObserver(self.method, self.num_bins, self.percentile, self.bits, self.symmetric)
+            single._update(x)
+            self._batch_ranges.append(single._raw_range())
         xmin, xmax = float(x.min()), float(x.max())
         seen_before = self._total
         self._min = xmin if self._min is None else min(self._min, xmin)
@@ -601,6 +622,9 @@ class HistogramObserver(Observer):
 
     # ---------------------------------------------------------------------------------- ranges
     def _raw_range(self) -> Range:
+        if self.batch_aggregate == "median":
+            lows, highs = zip(*self._batch_ranges)
+            return float(np.median(lows)), float(np.median(highs))
         if self._width is None:  # only zeros
             return 0.0, 0.0
         if self.method == "percentile":
@@ -671,6 +695,8 @@ class HistogramObserver(Observer):
             "max": self._max,
             "total": self._total,
             "zeros": self._zeros,
+            # One entry per batch, by design of batch_aggregate: the only state that grows.
+            **({"batch_ranges": [list(r) for r in self._batch_ranges]} if self.batch_aggregate else {}),
         }
 
     def _set_stats(self, stats: dict) -> None:
@@ -695,6 +721,10 @@ class HistogramObserver(Observer):
         self._max = None if hi is None else float(hi)
         self._total = total
         self._zeros = int(stats["zeros"])
+        ranges = stats.get("batch_ranges", [])
+        if self.batch_aggregate is not None and total > 0 and not ranges:
+            raise ValueError("batch_ranges is empty but data was seen (batch_aggregate needs them)")
+        self._batch_ranges = [(float(lo), float(hi)) for lo, hi in ranges]
         if not 0 <= self._zeros <= total or (width is not None and self._zeros > counts[-self._start]):
             raise ValueError("zeros does not match counts")
 
@@ -869,9 +899,10 @@ _COMMON_PARAMS = ("symmetric", "per_channel", "axis")
 _METHOD_TABLE: dict[str, tuple[type[Observer], dict, tuple[str, ...]]] = {
     "minmax": (MinMaxObserver, {}, _COMMON_PARAMS),
     "moving_average": (MovingAverageMinMaxObserver, {}, ("decay",) + _COMMON_PARAMS),
-    "kl": (HistogramObserver, {"method": "kl"}, ("num_bins", "bits") + _COMMON_PARAMS),
-    "percentile": (HistogramObserver, {"method": "percentile"}, ("num_bins", "percentile") + _COMMON_PARAMS),
-    "mse": (HistogramObserver, {"method": "mse"}, ("num_bins", "bits") + _COMMON_PARAMS),
+    "kl": (HistogramObserver, {"method": "kl"}, ("num_bins", "bits", "batch_aggregate") + _COMMON_PARAMS),
+    "percentile": (HistogramObserver, {"method": "percentile"},
+                   ("num_bins", "percentile", "batch_aggregate") + _COMMON_PARAMS),
+    "mse": (HistogramObserver, {"method": "mse"}, ("num_bins", "bits", "batch_aggregate") + _COMMON_PARAMS),
 }
 for _name, (_cls, _fixed, _params) in _METHOD_TABLE.items():  # validated once, at import
     _missing = (set(_fixed) | set(_params)) - set(_init_params(_cls))

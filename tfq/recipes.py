@@ -296,15 +296,18 @@ class Override:
 
 
 # Allowed calibration parameters per method: name -> (check, description).
+_NUM_BINS = (lambda v: _is_int(v) and v >= 16, "an int >= 16")
+_BATCH_AGGREGATE = (lambda v: v in (None, "median"), "None or 'median'")
 _CALIBRATION_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
     "minmax": {},
     "moving_average": {"decay": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")},
-    "kl": {"num_bins": (lambda v: _is_int(v) and v >= 16, "an int >= 16")},
+    "kl": {"num_bins": _NUM_BINS, "batch_aggregate": _BATCH_AGGREGATE},
     "percentile": {
         "percentile": (lambda v: _is_number(v) and 0 < v <= 100, "a number in (0, 100]"),
-        "num_bins": (lambda v: _is_int(v) and v >= 16, "an int >= 16"),
+        "num_bins": _NUM_BINS,
+        "batch_aggregate": _BATCH_AGGREGATE,
     },
-    "mse": {"num_bins": (lambda v: _is_int(v) and v >= 16, "an int >= 16")},
+    "mse": {"num_bins": _NUM_BINS, "batch_aggregate": _BATCH_AGGREGATE},
 }
 
 
@@ -395,8 +398,8 @@ class Recipe:
         calibration: Range estimator: "minmax", "moving_average", "kl",
             "percentile" or "mse".
         calibration_params: Method parameters: {"decay"} for moving_average,
-            {"num_bins"} for kl and mse, {"percentile", "num_bins"} for percentile,
-            none for minmax. Stored read-only.
+            {"num_bins", "batch_aggregate"} for kl and mse, {"percentile", "num_bins",
+            "batch_aggregate"} for percentile, none for minmax. Stored read-only.
         io_dtype: Model input/output dtype: "float32"; "int8"/"uint8" with mode
             int8; "int16" with mode int16x8.
         float_layers: Layers kept float: layer-name regexes (`re.fullmatch`) or
