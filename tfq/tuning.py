@@ -1,8 +1,9 @@
 """Accuracy-aware tuning: the smallest (or fastest) TFLite model that meets an accuracy target.
 
 The user says how much of a metric they can give up (``max_drop``, absolute or relative to the
-float model); :func:`tune` searches quantization choices — calibration method (and percentile),
-per-channel vs per-tensor weights, symmetric vs asymmetric activations, int16x8 activations, and
+float model); :func:`tune` searches quantization choices — calibration method (with its
+percentile; pooled or per-batch median ranges), per-channel vs per-tensor weights, symmetric vs
+asymmetric activations, int16x8 activations, and
 which layers fall back to float — and returns the best model that meets the target, with the
 recipe that reproduces it.
 
@@ -42,6 +43,7 @@ OBJECTIVES = ("size", "latency")
 DEFAULT_SEARCH_SPACE = {
     "calibration": ["minmax", "percentile", "kl", "mse"],
     "percentile": [99.99, 99.9, 99.0],
+    "batch_aggregate": [None, "median"],  # kl/percentile/mse: pooled histogram, or median of per-batch ranges
     "per_channel": [True, False],
     "symmetric_activations": [False, True],
     "precision": ["int8", "int16x8"],
@@ -49,6 +51,7 @@ DEFAULT_SEARCH_SPACE = {
 }
 
 _LOWER_IS_BETTER = ("mse", "mae", "loss")
+_HISTOGRAM_METHODS = ("kl", "percentile", "mse")
 
 
 @dataclass
@@ -155,6 +158,8 @@ def _recipe_for(choices: dict, base_seed: int, num_samples: int | None) -> Recip
     mode = choices.get("precision", "int8")
     calibration = choices.get("calibration", "minmax")
     params = {"percentile": float(choices["percentile"])} if calibration == "percentile" else {}
+    if choices.get("batch_aggregate") is not None:
+        params["batch_aggregate"] = choices["batch_aggregate"]
     weights = TensorSpec(per_channel=bool(choices.get("per_channel", True)))
     if mode == "int16x8":
         return Recipe(mode="int16x8", weights=weights, calibration="minmax", seed=base_seed,
@@ -270,12 +275,16 @@ def _sensitivity(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
         for symmetric in space["symmetric_activations"]:
             for method in space["calibration"]:
                 percentiles = space["percentile"] if method == "percentile" else [None]
+                aggregates = space["batch_aggregate"] if method in _HISTOGRAM_METHODS else [None]
                 for p in percentiles:
-                    c = {"precision": "int8", "calibration": method, "per_channel": per_channel,
-                         "symmetric_activations": symmetric}
-                    if p is not None:
-                        c["percentile"] = p
-                    globals_.append(c)
+                    for aggregate in aggregates:
+                        c = {"precision": "int8", "calibration": method, "per_channel": per_channel,
+                             "symmetric_activations": symmetric}
+                        if p is not None:
+                            c["percentile"] = p
+                        if aggregate is not None:
+                            c["batch_aggregate"] = aggregate
+                        globals_.append(c)
     # Per-channel, asymmetric first: what TFLite does best; then the rest.
     for choices in globals_:
         if not tuner.budget_left():
@@ -316,6 +325,10 @@ def _random_choices(rng: random.Random, space: dict, candidates: list[str]) -> d
          "symmetric_activations": rng.choice(space["symmetric_activations"])}
     if c["calibration"] == "percentile":
         c["percentile"] = rng.choice(space["percentile"])
+    if c["calibration"] in _HISTOGRAM_METHODS:
+        aggregate = rng.choice(space["batch_aggregate"])
+        if aggregate is not None:
+            c["batch_aggregate"] = aggregate
     floats = sorted(n for n in candidates if rng.random() < 1.0 / max(2, len(candidates)))
     if floats:
         c["float_layers"] = floats
@@ -348,6 +361,10 @@ def _bayesian(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
                 "symmetric_activations", space["symmetric_activations"])
             if c["calibration"] == "percentile":
                 c["percentile"] = trial.suggest_categorical("percentile", space["percentile"])
+            if c["calibration"] in _HISTOGRAM_METHODS:
+                aggregate = trial.suggest_categorical("batch_aggregate", list(space["batch_aggregate"]))
+                if aggregate is not None:
+                    c["batch_aggregate"] = aggregate
             floats = [n for n in candidates if trial.suggest_categorical(f"float:{n}", [False, True])]
             if floats:
                 c["float_layers"] = floats
