@@ -198,7 +198,7 @@ def test_every_figure_matches_the_hand_loop(cnn, cnn_report):
         assert row["size"] == len(content) and row["size_kind"] == "flatbuffer"
         assert row["size_ratio"] == pytest.approx(len(content) / ref_size)
         assert row["latency_p50_ms"] is None and row["latency_p90_ms"] is None
-        assert row["throughput"] > 0 and row["num_threads"] == (os.cpu_count() or 1)  # None: one per core
+        assert row["throughput"] > 0 and row["num_threads"] == len(os.sched_getaffinity(0))  # None: one per core
     # Sanity of the exports themselves: INT8 is ~4x smaller and still agrees with the float model.
     assert report.row("int8")["size_ratio"] < 0.35
     assert report.row("int8")["agreement"] > 0.9 and report.row("float")["sqnr_db"] > 80
@@ -304,6 +304,12 @@ def test_convenience_form_needs_representative_data_for_int8(cnn):
     with pytest.raises(ValueError, match="'bogus'") as excinfo:
         evaluate(model, x_test, y_test, variants=("float", "bogus"))
     one_line(excinfo)
+
+
+def test_numpy_num_threads(cnn):
+    _, _, x_test, y_test, tflite = cnn
+    report = evaluate({"int8": tflite["int8"]}, x_test[:8], y_test[:8], num_threads=np.int64(1), latency=False)
+    assert report.rows[0]["num_threads"] == 1 and type(report.rows[0]["num_threads"]) is int
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True])

@@ -396,12 +396,54 @@ def test_kl_threshold_ignores_point_masses_inside_the_range(seed):
     assert naive < 0.6 * t_plain
 
 
-def test_kl_keeps_the_range_of_discrete_data():
-    # Data on a few values (e.g. 8-bit pixels of a 16-level image) is all point masses: nothing to clip.
-    x = np.repeat(np.arange(17) / 16.0, np.arange(17, 0, -1) * 1000)
-    obs = HistogramObserver("kl")
+@pytest.mark.parametrize("x, symmetric, expected", [
+    (np.repeat(np.arange(17) / 16.0, np.arange(17, 0, -1) * 1000), False, (0.0, 1.0)),  # 16-level pixels
+    (np.repeat(np.arange(17) / 16.0, np.arange(17, 0, -1) * 1000), True, (-1.0, 1.0)),
+    (np.random.default_rng(0).integers(1, 6, 100_000) * 1.0, False, (0.0, 5.0)),
+    (np.random.default_rng(1).integers(-8, 8, 100_000) * 0.125, False, (-1.0, 0.875)),
+])
+def test_kl_keeps_the_range_of_discrete_data(x, symmetric, expected):
+    # Data on a few values is all point masses: each is exact on any grid, so nothing is clipped.
+    obs = HistogramObserver("kl", symmetric=symmetric)
     obs.update(x)
-    assert obs.compute_range() == (0.0, 1.0)
+    assert obs.compute_range() == pytest.approx(expected)
+    _, point_mass = observers._split_point_masses(obs._abs_counts(obs._nonzero_counts()))
+    assert np.count_nonzero(point_mass) >= 4
+
+
+@pytest.mark.parametrize("method", ["kl", "mse", "percentile"])
+def test_batch_median_ignores_all_zero_batches(method):
+    obs = create_observer(method, batch_aggregate="median")
+    obs.update(np.zeros(10))
+    assert obs.compute_range() == (0.0, 0.0)
+    obs.update(np.linspace(-2.0, 3.0, 5001))
+    obs.update(np.zeros(10))
+    single = create_observer(method)
+    single.update(np.linspace(-2.0, 3.0, 5001))
+    assert obs.compute_range() == single.compute_range()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_negative_only_first_batch(seed):
+    # floor(min / w) with w = -min / (num_bins - 1) can round one bin past the window.
+    x = -np.abs(np.random.default_rng(seed).standard_normal(7))
+    for method in ("kl", "mse", "percentile"):
+        obs = create_observer(method, batch_aggregate="median")
+        obs.update(x)
+        obs.update(x * 0.5)
+        lo, hi = obs.compute_range()
+        assert x.min() * 1.001 <= lo < 0.0 and hi == 0.0
+    obs = HistogramObserver("mse")
+    obs.update(np.array([-0.07487437185929649]))
+    assert obs.compute_range() == (pytest.approx(-0.07487437185929649), 0.0)
+
+
+def test_state_saved_before_an_option_existed_loads():
+    obs = HistogramObserver("kl")
+    obs.update(np.linspace(0.0, 1.0, 1000))
+    state = json.loads(json.dumps(obs.get_state()))
+    del state["config"]["batch_aggregate"]  # as written before batch_aggregate existed
+    assert Observer.from_state(state).compute_range() == obs.compute_range()
 
 
 @pytest.mark.parametrize("method", ["mse", "kl", "percentile"])

@@ -111,6 +111,7 @@ def _compute_floor_seconds(content: bytes, x: np.ndarray, num_threads: int, batc
     """``invoke()`` alone on full batches with every thread, after warm-up: the kernels' own time."""
     from tfq.interpreter import interpreter_class
 
+    batch = min(batch, len(x))
     interpreter = interpreter_class()(model_content=content, num_threads=num_threads)
     inp = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(inp["index"], [batch, *x.shape[1:]], strict=False)
@@ -136,9 +137,9 @@ def _evaluator_throughput(content: bytes, x_test, y_test, threads: int, repeats:
     y = np.concatenate([y_test] * repeats)
     loop_default = _sample_loop_seconds(content, x, None)
     loop_threads = _sample_loop_seconds(content, x, threads)
-    start = time.perf_counter()
     import tfq
 
+    start = time.perf_counter()
     tfq.evaluate({"int8": content}, x, y, latency=False, num_threads=threads, batch_size=256)
     evaluate_seconds = time.perf_counter() - start
     floor = _compute_floor_seconds(content, x, threads)

@@ -24,7 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfq.interpreter import TFLiteModel, interpreter_class, load_tflite_bytes
+from tfq.interpreter import TFLiteModel, available_cores, interpreter_class, load_tflite_bytes
 from tfq.report import LayerErrorReport, Report
 
 __all__ = ["evaluate", "layer_errors", "sqnr_db", "METRIC_NAMES"]
@@ -440,7 +440,7 @@ def evaluate(
         reference: the name in ``models`` all rows are compared with. Default: the first Keras
             model, else the first entry.
         latency: measure batch-1 latency.
-        num_threads: TFLite interpreter threads (None: one per CPU core, ``os.cpu_count()``).
+        num_threads: TFLite interpreter threads (None: one per CPU core this process may use).
         batch_size: batch size of the prediction run (default 64).
         max_samples: use only the first ``max_samples`` samples (and labels).
         variants: conversion modes for the single-model form.
@@ -496,10 +496,11 @@ def evaluate(
     if not models:
         raise ValueError("models is empty. Pass a dict name -> Keras model / TFLite bytes / .tflite path.")
     if num_threads is None:
-        num_threads = os.cpu_count() or 1
+        num_threads = available_cores()
     elif isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive integer or None (one per core). "
                          f"Received: num_threads={num_threads!r}")
+    num_threads = int(num_threads)
     runners = [_Runner(str(name), model, num_threads) for name, model in models.items()]
     if reference is None:
         reference = next((r.name for r in runners if r.kind == "keras"), runners[0].name)
@@ -539,7 +540,7 @@ def evaluate(
         else:
             row.update(latency_p50_ms=None, latency_p90_ms=None)
         row["throughput"] = num_samples / elapsed if elapsed > 0 else None
-        row["num_threads"] = int(num_threads) if runner.kind == "tflite" else None
+        row["num_threads"] = num_threads if runner.kind == "tflite" else None
         rows[runner.name] = row
         if verbose:
             print(f"tfq.evaluate: {runner.name} done in {time.perf_counter() - start:.1f} s")

@@ -17,6 +17,13 @@ import numpy as np
 __all__ = ["TFLiteModel", "load_tflite_bytes", "interpreter_class"]
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
 def interpreter_class():
     """The Interpreter class: LiteRT's, or TF's when LiteRT is missing."""
     try:

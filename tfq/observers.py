@@ -202,7 +202,12 @@ class Observer(abc.ABC):
             raise ValueError(
                 f"State is for a {state['type']!r}, not a {type(self).__name__!r}; use Observer.from_state(state)."
             )
-        if state["config"] != self.get_config():
+        # Through from_config: a state saved before an option existed gets that option's default.
+        try:
+            config = type(self).from_config(dict(state["config"])).get_config()
+        except (TypeError, ValueError):
+            config = state["config"]
+        if config != self.get_config():
             raise ValueError(
                 f"State config {state['config']} differs from this observer's config {self.get_config()}; "
                 "use Observer.from_state(state) to build a matching observer."
@@ -547,7 +552,8 @@ class HistogramObserver(Observer):
         if self.batch_aggregate is not None:
             single = HistogramObserver(self.method, self.num_bins, self.percentile, self.bits, self.symmetric)
             single._update(x)
-            self._batch_ranges.append(single._raw_range())
+            if single._width is not None:  # a batch of exact zeros has no range to vote for
+                self._batch_ranges.append(single._raw_range())
         xmin, xmax = float(x.min()), float(x.max())
         seen_before = self._total
         self._min = xmin if self._min is None else min(self._min, xmin)
@@ -559,7 +565,8 @@ class HistogramObserver(Observer):
             if span == 0.0:
                 return  # all zeros so far: counted in _total, binned once a width exists
             self._width = max(span / (self.num_bins - 1), np.finfo(np.float64).tiny)
-            self._start = int(np.floor(min(xmin, 0.0) / self._width))
+            # floor(xmin / w) can round to -num_bins for negative-only data: keep 0.0 in the window.
+            self._start = max(int(np.floor(min(xmin, 0.0) / self._width)), -(self.num_bins - 1))
             self._counts[-self._start] = seen_before  # the zeros seen so far, in the bin of 0.0
         self._fit(xmin, xmax)
         g = np.floor(x / self._width).astype(np.int64) - self._start
@@ -623,6 +630,8 @@ class HistogramObserver(Observer):
     # ---------------------------------------------------------------------------------- ranges
     def _raw_range(self) -> Range:
         if self.batch_aggregate == "median":
+            if not self._batch_ranges:  # only zeros
+                return 0.0, 0.0
             lows, highs = zip(*self._batch_ranges)
             return float(np.median(lows)), float(np.median(highs))
         if self._width is None:  # only zeros
@@ -721,10 +730,12 @@ class HistogramObserver(Observer):
         self._max = None if hi is None else float(hi)
         self._total = total
         self._zeros = int(stats["zeros"])
-        ranges = stats.get("batch_ranges", [])
-        if self.batch_aggregate is not None and total > 0 and not ranges:
-            raise ValueError("batch_ranges is empty but data was seen (batch_aggregate needs them)")
+        ranges = stats.get("batch_ranges", []) if self.batch_aggregate is not None else []
+        if self.batch_aggregate is not None and width is not None and not ranges:
+            raise ValueError("batch_ranges is empty but non-zero data was seen (batch_aggregate needs them)")
         self._batch_ranges = [(float(lo), float(hi)) for lo, hi in ranges]
+        if any(not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi) for lo, hi in self._batch_ranges):
+            raise ValueError("batch_ranges must be finite [lo, hi] pairs with lo <= hi")
         if not 0 <= self._zeros <= total or (width is not None and self._zeros > counts[-self._start]):
             raise ValueError("zeros does not match counts")
 
@@ -755,13 +766,14 @@ def _split_point_masses(counts: np.ndarray, ratio: float = 8.0, window: int = 4)
     """Splits a histogram into a smooth part and point masses (single bins standing far above their neighbours).
 
     Bin ``k``'s baseline ``b_k`` is the median of the ``window`` bins on each side of it. The bin
-    holds a point mass ``c_k - b_k`` when ``c_k > ratio·b_k`` and ``c_k - b_k ≥ 4·c̄`` (``c̄`` the
-    mean count of the occupied bins), so sampling noise in a sparse tail is not mistaken for one.
+    holds a point mass ``c_k - b_k`` when ``c_k > ratio·b_k`` and
+    ``c_k - b_k ≥ max(4·c̄, 5·√c_k)``, where ``c̄`` is the mean count of the occupied bins that are
+    not candidates (0 when all are: data on a few values is all point masses); the second bound
+    keeps sampling noise in a sparse tail from passing for a point mass.
     Returns ``(smooth, point_mass)`` with ``smooth + point_mass == counts``.
     """
     c = np.asarray(counts, dtype=np.float64)
-    occupied = np.count_nonzero(c)
-    if occupied == 0:
+    if not c.any():
         return c, np.zeros_like(c)
     padded = np.concatenate([np.full(window, np.nan), c, np.full(window, np.nan)])
     windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * window + 1)
@@ -770,7 +782,10 @@ def _split_point_masses(counts: np.ndarray, ratio: float = 8.0, window: int = 4)
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN only for a 1-bin histogram
         baseline = np.nan_to_num(np.nanmedian(neighbours, axis=1))
     excess = c - baseline
-    spike = (c > ratio * baseline) & (excess >= 4.0 * c.sum() / occupied)
+    candidate = (c > ratio * baseline) & (c > 0)
+    rest = (c > 0) & ~candidate
+    mean_rest = c[rest].mean() if rest.any() else 0.0
+    spike = candidate & (excess >= np.maximum(4.0 * mean_rest, 5.0 * np.sqrt(c)))
     point_mass = np.where(spike, excess, 0.0)
     return c - point_mass, point_mass
 

@@ -242,7 +242,8 @@ class Report:
     Row keys: ``name``, ``kind`` (``"keras"``/``"tflite"``), ``num_samples``, one key per metric,
     ``agreement``, ``sqnr_db``, ``max_abs_diff``, ``size`` (bytes), ``size_kind``
     (``"flatbuffer"`` or ``"params_fp32"``), ``size_ratio``, ``latency_p50_ms``,
-    ``latency_p90_ms``, ``throughput`` (samples/s). Missing figures are None.
+    ``latency_p90_ms``, ``throughput`` (samples/s), ``num_threads`` (interpreter threads; None for
+    Keras rows). Missing figures are None.
 
     Args:
         rows: the rows, in display order.

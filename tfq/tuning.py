@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from tfq.fileio import atomic_write_bytes, atomic_write_text
+from tfq.interpreter import available_cores
 from tfq.recipes import Recipe, TensorSpec, save_recipe
 
 __all__ = ["tune", "TuneResult", "Trial", "DEFAULT_SEARCH_SPACE", "STRATEGIES"]
@@ -158,7 +159,7 @@ def _recipe_for(choices: dict, base_seed: int, num_samples: int | None) -> Recip
     mode = choices.get("precision", "int8")
     calibration = choices.get("calibration", "minmax")
     params = {"percentile": float(choices["percentile"])} if calibration == "percentile" else {}
-    if choices.get("batch_aggregate") is not None:
+    if calibration in _HISTOGRAM_METHODS and choices.get("batch_aggregate") is not None:
         params["batch_aggregate"] = choices["batch_aggregate"]
     weights = TensorSpec(per_channel=bool(choices.get("per_channel", True)))
     if mode == "int16x8":
@@ -275,7 +276,10 @@ def _sensitivity(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
         for symmetric in space["symmetric_activations"]:
             for method in space["calibration"]:
                 percentiles = space["percentile"] if method == "percentile" else [None]
-                aggregates = space["batch_aggregate"] if method in _HISTOGRAM_METHODS else [None]
+                # Per-batch medians only with the first (default: per-channel, asymmetric) weights and
+                # activations, so the per-tensor block and the later stages stay within the budget.
+                first_block = per_channel == space["per_channel"][0] and symmetric == space["symmetric_activations"][0]
+                aggregates = space["batch_aggregate"] if method in _HISTOGRAM_METHODS and first_block else [None]
                 for p in percentiles:
                     for aggregate in aggregates:
                         c = {"precision": "int8", "calibration": method, "per_channel": per_channel,
@@ -418,7 +422,7 @@ def tune(
         seed: seed for random/bayesian strategies.
         output_dir: where ``trials.jsonl`` is appended (resume) — the result is not saved there
             unless you call :meth:`TuneResult.save`.
-        num_threads: interpreter threads.
+        num_threads: interpreter threads (None: one per CPU core this process may use).
         num_calibration_samples: cap on calibration samples.
         verbose: print one line per trial.
 
@@ -454,6 +458,8 @@ def tune(
     x_eval, y_eval = np.asarray(eval_data), np.asarray(eval_labels)
     if len(x_eval) != len(y_eval):
         raise ValueError(f"eval_labels has {len(y_eval)} rows but eval_data has {len(x_eval)} samples; they must match.")
+    if num_threads is None:
+        num_threads = available_cores()
     space = dict(DEFAULT_SEARCH_SPACE)
     for key, value in (search_space or {}).items():
         if key not in DEFAULT_SEARCH_SPACE:
