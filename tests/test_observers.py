@@ -290,17 +290,23 @@ def test_exact_zeros_do_not_change_kl_or_mse(method):
     assert 2.5 <= relu.compute_range()[1] <= 5.0
 
 
-def _kl_reference(counts: np.ndarray, i: int, levels: int) -> float:
-    """KL(P‖Q) for keeping ``i`` bins, written as a plain loop (the algorithm's textbook form)."""
+def _kl_reference(counts: np.ndarray, i: int, levels: int, point_mass=None) -> float:
+    """KL(P‖Q) for keeping ``i`` bins, written as a plain loop (the algorithm's textbook form).
+
+    Point masses are extra atoms: exact (the same in P and Q) inside the range, folded into the
+    last bin beyond it.
+    """
     c = counts.astype(np.float64)
+    s = np.zeros_like(c) if point_mass is None else point_mass.astype(np.float64)
     p = c[:i].copy()
-    p[i - 1] += c[i:].sum()
+    p[i - 1] += c[i:].sum() + s[i:].sum()
     q = np.zeros(i)
     level = np.arange(i) * levels // i
     for j in range(levels):
         members = (level == j) & (c[:i] > 0)
         if members.any():
             q[members] = c[:i][members].sum() / members.sum()
+    p, q = np.concatenate([p, s[:i]]), np.concatenate([q, s[:i]])
     p, q = p / p.sum(), q / q.sum()
     support = p > 0
     if (q[support] == 0).any():
@@ -320,25 +326,6 @@ def test_kl_vectorized_matches_loop(seed):
     assert _kl_reference(counts, chosen, levels) == pytest.approx(min(reference), rel=1e-9, abs=1e-12)
 
 
-def _kl_reference_with_atoms(counts, point_mass, i: int, levels: int) -> float:
-    """KL with point masses as extra atoms: exact inside the range, folded into the last bin beyond it."""
-    c, s = counts.astype(np.float64), point_mass.astype(np.float64)
-    p = c[:i].copy()
-    p[i - 1] += c[i:].sum() + s[i:].sum()
-    q = np.zeros(i)
-    level = np.arange(i) * levels // i
-    for j in range(levels):
-        members = (level == j) & (c[:i] > 0)
-        if members.any():
-            q[members] = c[:i][members].sum() / members.sum()
-    p_all, q_all = np.concatenate([p, s[:i]]), np.concatenate([q, s[:i]])
-    p_all, q_all = p_all / p_all.sum(), q_all / q_all.sum()
-    support = p_all > 0
-    if (q_all[support] == 0).any():
-        return np.inf
-    return float(np.sum(p_all[support] * np.log(p_all[support] / q_all[support])))
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_kl_with_point_masses_matches_loop(seed):
     rng = np.random.default_rng(seed)
@@ -348,8 +335,8 @@ def test_kl_with_point_masses_matches_loop(seed):
     levels = 16
     chosen = observers._kl_threshold_bins(counts, levels, point_mass)
     last = int(np.flatnonzero(counts + point_mass)[-1]) + 1  # no candidate beyond the data
-    reference = [_kl_reference_with_atoms(counts, point_mass, i, levels) for i in range(levels, last + 1)]
-    assert _kl_reference_with_atoms(counts, point_mass, chosen, levels) == pytest.approx(
+    reference = [_kl_reference(counts, i, levels, point_mass) for i in range(levels, last + 1)]
+    assert _kl_reference(counts, chosen, levels, point_mass) == pytest.approx(
         min(reference), rel=1e-9, abs=1e-12)
 
 

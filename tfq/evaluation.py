@@ -465,7 +465,7 @@ def evaluate(
         (0.997, 31.2)
     """
     resolved_metrics = _resolve_metrics(metrics)
-    for label, value in (("batch_size", batch_size), ("max_samples", max_samples)):
+    for label, value in (("batch_size", batch_size), ("max_samples", max_samples), ("num_threads", num_threads)):
         if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{label} must be a positive integer or None. Received: {label}={value!r}")
     if latency and (not isinstance(latency_runs, (int, np.integer)) or latency_runs < 1):
@@ -495,12 +495,7 @@ def evaluate(
                         f"{type(models).__name__}")
     if not models:
         raise ValueError("models is empty. Pass a dict name -> Keras model / TFLite bytes / .tflite path.")
-    if num_threads is None:
-        num_threads = available_cores()
-    elif isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive integer or None (one per core). "
-                         f"Received: num_threads={num_threads!r}")
-    num_threads = int(num_threads)
+    num_threads = available_cores() if num_threads is None else int(num_threads)
     runners = [_Runner(str(name), model, num_threads) for name, model in models.items()]
     if reference is None:
         reference = next((r.name for r in runners if r.kind == "keras"), runners[0].name)

@@ -550,7 +550,7 @@ class HistogramObserver(Observer):
     def _update(self, x: np.ndarray) -> None:
         x = x.astype(np.float64, copy=False).ravel()
         if self.batch_aggregate is not None:
-            single = HistogramObserver(self.method, self.num_bins, self.percentile, self.bits, self.symmetric)
+            single = HistogramObserver.from_config({**self.get_config(), "batch_aggregate": None})
             single._update(x)
             if single._width is not None:  # a batch of exact zeros has no range to vote for
                 self._batch_ranges.append(single._raw_range())

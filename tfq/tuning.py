@@ -22,6 +22,7 @@ the same ``output_dir`` reuses finished trials, so an interrupted run resumes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -272,23 +273,21 @@ class _Tuner:
 def _sensitivity(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
     # Stage 1: global configurations, cheapest first.
     globals_ = []
-    for per_channel in space["per_channel"]:
-        for symmetric in space["symmetric_activations"]:
-            for method in space["calibration"]:
-                percentiles = space["percentile"] if method == "percentile" else [None]
-                # Per-batch medians only with the first (default: per-channel, asymmetric) weights and
-                # activations, so the per-tensor block and the later stages stay within the budget.
-                first_block = per_channel == space["per_channel"][0] and symmetric == space["symmetric_activations"][0]
-                aggregates = space["batch_aggregate"] if method in _HISTOGRAM_METHODS and first_block else [None]
-                for p in percentiles:
-                    for aggregate in aggregates:
-                        c = {"precision": "int8", "calibration": method, "per_channel": per_channel,
-                             "symmetric_activations": symmetric}
-                        if p is not None:
-                            c["percentile"] = p
-                        if aggregate is not None:
-                            c["batch_aggregate"] = aggregate
-                        globals_.append(c)
+    blocks = itertools.product(space["per_channel"], space["symmetric_activations"], space["calibration"])
+    for per_channel, symmetric, method in blocks:
+        # Per-batch medians only with the first (default: per-channel, asymmetric) weights and
+        # activations, so the per-tensor block and the later stages stay within the budget.
+        first_block = per_channel == space["per_channel"][0] and symmetric == space["symmetric_activations"][0]
+        percentiles = space["percentile"] if method == "percentile" else [None]
+        aggregates = space["batch_aggregate"] if method in _HISTOGRAM_METHODS and first_block else [None]
+        for p, aggregate in itertools.product(percentiles, aggregates):
+            c = {"precision": "int8", "calibration": method, "per_channel": per_channel,
+                 "symmetric_activations": symmetric}
+            if p is not None:
+                c["percentile"] = p
+            if aggregate is not None:
+                c["batch_aggregate"] = aggregate
+            globals_.append(c)
     # Per-channel, asymmetric first: what TFLite does best; then the rest.
     for choices in globals_:
         if not tuner.budget_left():
