@@ -42,6 +42,7 @@ class Requantization:
     clamp: tuple[int, int]  # the activation / dtype range applied last
     worst_case: tuple[int, int] | None = None  # accumulator bounds over every possible input
     note: str = ""
+    activation: tuple = (None, None)  # the fused activation's own bounds (before the dtype's), None: none
 
 
 @dataclass
@@ -110,6 +111,15 @@ def activation_range(activation: int, out: Tensor) -> tuple[int, int]:
     raise UnsupportedOpError(f"fused activation {activation} (TANH/SIGN_BIT) is not supported on an integer op.")
 
 
+def activation_bounds(activation: int, out: Tensor) -> tuple:
+    """The fused activation's own int bounds, not limited to the dtype (None: no bound on that side)."""
+    if not out.is_quantized or activation == 0:
+        return None, None
+    scale, zp = out.qparams()
+    bounds = {1: (0.0, None), 3: (0.0, 6.0), 2: (-1.0, 1.0)}.get(activation, (None, None))
+    return tuple(None if b is None else _quantize_scalar(b, scale, zp) for b in bounds)
+
+
 def _fused(ctx: OpContext) -> int:
     return int(getattr(ctx.op.options, "fusedActivationFunction", 0) or 0)
 
@@ -130,7 +140,8 @@ def _requantize(ctx: OpContext, acc: np.ndarray, reals, lo: int, hi: int, worst_
     m0, shift = _quantize_multipliers(reals)
     _, zp_out = out.qparams()
     if in_double:
-        scaled = fp.round_half_away(fp.wrap_int32(acc).astype(np.float64) * reals).astype(np.int64)
+        acc = acc if int64_acc else fp.wrap_int32(acc)
+        scaled = fp.wrap_int32(fp.round_half_away(acc.astype(np.float64) * reals).astype(np.int64))
     elif int64_acc:
         scaled = fp.multiply_by_quantized_multiplier_int64(acc, m0, shift)
     else:
@@ -138,6 +149,7 @@ def _requantize(ctx: OpContext, acc: np.ndarray, reals, lo: int, hi: int, worst_
     unclamped = scaled + zp_out
     ctx.record(Requantization(accumulator=acc, real_multiplier=reals, m0=m0, shift=shift, unclamped=unclamped,
                               clamp=(lo, hi), worst_case=worst_case,
+                              activation=activation_bounds(_fused(ctx), out) if ctx.op.type != "RELU" else (lo, None),
                               note="requantized in double: round(acc·M), not M0·2^-n" if in_double else ""))
     return np.clip(unclamped, lo, hi).astype(out.dtype)
 
@@ -288,17 +300,14 @@ def fully_connected(ctx: OpContext) -> list:
         acc = acc.reshape(*x.shape[:-1], w.shape[0])
     s_in, _ = ctx.tensor(0).qparams()
     s_out, _ = ctx.out().qparams()
-    int8 = ctx.tensor(0).type_name == "INT8"
-    if w_t.per_channel or int8:
-        # LiteRT's reference int8 kernel requantizes in double with S_in·S_w/S_out (no M0, shift).
-        reals = np.float64(s_in) * w_t.scale.astype(np.float64) / np.float64(s_out)
-    else:  # GetQuantizedConvolutionMultipler: the scales' product in float32
-        reals = np.float64(F32(s_in) * w_t.scale[0]) / np.float64(s_out)
+    # LiteRT's reference FULLY_CONNECTED (int8 and int16) requantizes in double with
+    # M = S_in·S_w/S_out: round(acc·M), no (M0, shift).
+    reals = np.float64(s_in) * w_t.scale.astype(np.float64) / np.float64(s_out)
     lo_in, hi_in = _qinfo(ctx.tensor(0))
     worst = _worst_case(w, bias, lo_in - zp_in, hi_in - zp_in, axes=1)
     lo, hi = activation_range(_fused(ctx), ctx.out())
-    return [_requantize(ctx, acc, reals, lo, hi, worst, int64_acc=ctx.tensor(0).type_name == "INT16",
-                        in_double=int8)]
+    return [_requantize(ctx, acc, reals, lo, hi, worst, in_double=True,
+                        int64_acc=ctx.tensor(0).type_name == "INT16")]
 
 
 def transpose_conv(ctx: OpContext) -> list:
@@ -591,10 +600,72 @@ def gelu(ctx: OpContext) -> list:
     return _apply_lut(ctx, transform, "GELU")
 
 
+def lut_int16(input_scale: float, input_zero_point: int, output_scale: float, output_zero_point: int,
+              transform) -> np.ndarray:
+    """``LUTPopulateInt16<double>``: 513 samples of ``transform`` over the int16 input range, with the
+    midpoint bias correction of LiteRT's table generator."""
+    input_min = input_scale * (-32768 - input_zero_point)
+    input_max = input_scale * (32767 - input_zero_point)
+    output_min = output_scale * (-32768 - output_zero_point)
+    output_max = output_scale * (32767 - output_zero_point)
+    steps = 512
+    step = (input_max - input_min) / steps
+    half_step = step / 2
+    scaling = 65536.0 / (output_max - output_min)
+    rnd = fp.round_half_away
+    lut = np.zeros(steps + 1, dtype=np.int64)
+    for i in range(steps):
+        val = transform(input_min + i * step)
+        val_midpoint = transform(input_min + i * step + half_step)
+        val_next = transform(input_min + (i + 1) * step)
+        sample_val = rnd(val * scaling)
+        midpoint_interp_val = rnd((val_next * scaling + rnd(val * scaling)) / 2)
+        midpoint_val = rnd(val_midpoint * scaling)
+        bias = rnd((midpoint_interp_val - midpoint_val) / 2)
+        lut[i] = int(min(max(sample_val - bias, -32768.0), 32767.0))
+    lut[steps] = int(min(max(rnd(transform(input_max) * scaling), -32768.0), 32767.0))
+    return lut
+
+
+def lut_lookup_int16(value, lut: np.ndarray):
+    """``LUTLookup`` for int16: linear interpolation between the 513 table entries."""
+    value = np.asarray(value, dtype=np.int64)
+    index = 256 + (value >> 7)
+    offset = value & 0x7F
+    base = lut[index]
+    slope = lut[index + 1] - base
+    return base + ((slope * offset + 64) >> 7)
+
+
+def _softmax_int16(ctx: OpContext) -> list:
+    t_in = ctx.tensor(0)
+    beta = F32(getattr(ctx.op.options, "beta", 1.0))
+    s_in, _ = t_in.qparams()
+    span = 65535
+    exp_lut = lut_int16(10.0 / span, 32767, 2.0 / span, 0, math.exp)
+    recip_lut = lut_int16(1.0 / span, -32768, 2.0 / span, 0, lambda v: 1.0 / (1.0 + v))
+    m0, shift = fp.quantize_multiplier(float(F32(s_in) * beta) / (10.0 / 65535.0))
+    x = np.asarray(ctx.values[0], dtype=np.int64)
+    diff = x - x.max(axis=-1, keepdims=True)
+    scaled = fp.multiply_by_quantized_multiplier(diff, m0, shift)
+    exps = lut_lookup_int16(np.clip(scaled + 32767, -32768, 32767), exp_lut)
+    sum_of_exps = fp.wrap_int32(exps.sum(axis=-1, keepdims=True))
+    headroom_plus_one = fp.count_leading_zeros32(sum_of_exps)
+    shifted_sum = ((sum_of_exps << (headroom_plus_one - 1)) + (1 << 13)) >> 14
+    sym = np.clip(shifted_sum - ((1 << 15) + (1 << 16)), -32768, 32767)
+    reciprocal = lut_lookup_int16(sym, recip_lut)
+    right_shift = 31 - headroom_plus_one
+    result = (exps * reciprocal + (np.int64(1) << (right_shift - 1))) >> right_shift
+    ctx.details["softmax"] = {"input_multiplier": m0, "input_shift": shift}
+    return [np.clip(result, 0, 32767).astype(np.int16)]
+
+
 def softmax(ctx: OpContext) -> list:
     t_in, out = ctx.tensor(0), ctx.out()
+    if t_in.type_name == "INT16" and out.type_name == "INT16":
+        return _softmax_int16(ctx)
     if t_in.type_name != "INT8" or out.type_name != "INT8":
-        raise ctx.fail("SOFTMAX is run for int8 → int8 (gemmlowp fixed point); int16 is not implemented")
+        raise ctx.fail("SOFTMAX is run for int8 → int8 and int16 → int16")
     beta = float(getattr(ctx.op.options, "beta", 1.0))
     s_in, _ = t_in.qparams()
     scaled_diff_integer_bits, accumulation_integer_bits = 5, 12
