@@ -100,3 +100,11 @@ def test_all_names_exist():
     assert len(set(tfq.__all__)) == len(tfq.__all__), "duplicate names in tfq.__all__"
     missing = [name for name in tfq.__all__ if not hasattr(tfq, name)]
     assert not missing, f"tfq.__all__ names missing from tfq: {missing}"
+
+
+def test_reference_submodule_exports():
+    tfq = importlib.import_module("tfq")
+    assert "reference" in tfq.__all__
+    missing = [name for name in tfq.reference.__all__ if not hasattr(tfq.reference, name)]
+    assert not missing, f"tfq.reference.__all__ names missing: {missing}"
+    assert callable(tfq.reference.run) and callable(tfq.reference.explain) and callable(tfq.reference.trace)

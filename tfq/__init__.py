@@ -38,7 +38,7 @@ _EXPORTS = {
     "save_recipe": "tfq.recipes",
     "tune": "tfq.tuning",
 }
-_SUBMODULES = ("callbacks", "datasets", "examples", "interop", "observers", "ops", "qat", "recipes")
+_SUBMODULES = ("callbacks", "datasets", "examples", "interop", "observers", "ops", "qat", "recipes", "reference")
 
 __all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
 

@@ -401,15 +401,26 @@ def _add_sub(ctx: OpContext, sign: int) -> list:
     return [np.clip(unclamped, lo, hi).astype(out.dtype)]
 
 
+def _plain(ctx: OpContext, fn) -> list | None:
+    """Arithmetic on non-quantized integer tensors (shape computations): exact numpy."""
+    t = ctx.tensor(0)
+    if t.is_quantized or not np.issubdtype(np.asarray(ctx.values[0]).dtype, np.integer):
+        return None
+    return [fn(np.asarray(ctx.values[0]), np.asarray(ctx.values[1])).astype(ctx.out().dtype)]
+
+
 def add(ctx: OpContext) -> list:
-    return _add_sub(ctx, +1)
+    return _plain(ctx, np.add) or _add_sub(ctx, +1)
 
 
 def sub(ctx: OpContext) -> list:
-    return _add_sub(ctx, -1)
+    return _plain(ctx, np.subtract) or _add_sub(ctx, -1)
 
 
 def mul(ctx: OpContext) -> list:
+    plain = _plain(ctx, np.multiply)
+    if plain is not None:
+        return plain
     _require_quantized(ctx)
     t1, t2, out = ctx.tensor(0), ctx.tensor(1), ctx.out()
     s1, z1 = t1.qparams()
@@ -824,7 +835,8 @@ def rsqrt(ctx: OpContext) -> list:
 
 def _rsqrt_table(s_in: float, z_in: int, s_out: float, z_out: int) -> np.ndarray:
     kshift = 20
-    m, shift = fp.quantize_multiplier(1.0 / (math.sqrt(s_in) * s_out))
+    # SetRsqrtOutputMultiplier: 1. / (sqrtf(S_in) · S_out), the product in float32.
+    m, shift = fp.quantize_multiplier(1.0 / float(np.sqrt(F32(s_in)) * F32(s_out)))
     table = np.zeros(256, np.int64)
     for q in range(-128, 128):
         value = q - z_in
@@ -857,9 +869,9 @@ def _inv_sqrt_quantized_multiplier_exp(value: int, reverse_shift: int) -> tuple[
     for _ in range(5):
         x3 = fp.rescale(fp.saturating_rounding_doubling_high_mul(
             fp.saturating_rounding_doubling_high_mul(x, x), x), 9, 3)
-        x = fp.wrap_int32(fp.saturating_rounding_doubling_high_mul(fixedpoint_half_three, x)
-                          - fp.saturating_rounding_doubling_high_mul(half_input, x3))
-        x = int(x)
+        difference = fp.wrap_int32(fp.saturating_rounding_doubling_high_mul(fixedpoint_half_three, x)
+                                   - fp.saturating_rounding_doubling_high_mul(half_input, x3))  # Q6.25
+        x = int(fp.rescale(difference, 6, 3))
     fixedpoint_half_sqrt_2 = 1518500250  # F0 sqrt(2)/2
     x = int(fp.saturating_rounding_doubling_high_mul(x, fixedpoint_half_sqrt_2))
     output_inv_sqrt = x
@@ -1029,6 +1041,36 @@ def arg_max(ctx: OpContext) -> list:
     return [np.argmax(np.asarray(ctx.values[0]), axis=axis).astype(ctx.out().dtype)]
 
 
+def neg(ctx: OpContext) -> list:
+    """``reference_ops::Negate``: −q on the raw values (the converter gives the output ``Z_out = −Z_in``)."""
+    x = np.asarray(ctx.values[0])
+    if np.issubdtype(x.dtype, np.integer):
+        info = np.iinfo(x.dtype)
+        wrapped = (-x.astype(np.int64) - info.min) % (int(info.max) - int(info.min) + 1) + info.min
+        return [wrapped.astype(x.dtype)]
+    return [-x]
+
+
+def _comparison(fn):
+    def kernel(ctx: OpContext) -> list:
+        if any(ctx.tensor(i).is_quantized for i in range(2)):
+            raise ctx.fail("comparisons of quantized tensors are not implemented")
+        return [fn(np.asarray(ctx.values[0]), np.asarray(ctx.values[1]))]
+    kernel.__name__ = fn.__name__
+    return kernel
+
+
+def select_v2(ctx: OpContext) -> list:
+    return [np.where(np.asarray(ctx.values[0]), ctx.values[1], ctx.values[2]).astype(ctx.out().dtype)]
+
+
+def reduce_prod(ctx: OpContext) -> list:
+    if ctx.tensor(0).is_quantized:
+        raise ctx.fail("REDUCE_PROD of a quantized tensor is not implemented")
+    keep = bool(getattr(ctx.op.options, "keepDims", False))
+    return [np.prod(np.asarray(ctx.values[0]), axis=_axes(ctx), keepdims=keep).astype(ctx.out().dtype)]
+
+
 def _resize_size(ctx: OpContext) -> tuple[int, int]:
     size = np.asarray(ctx.values[1]).reshape(-1)
     return int(size[0]), int(size[1])
@@ -1108,6 +1150,16 @@ KERNELS = {
     "MEAN": mean,
     "MINIMUM": minimum,
     "MUL": mul,
+    "NEG": neg,
+    "LESS": _comparison(np.less),
+    "LESS_EQUAL": _comparison(np.less_equal),
+    "GREATER": _comparison(np.greater),
+    "GREATER_EQUAL": _comparison(np.greater_equal),
+    "EQUAL": _comparison(np.equal),
+    "NOT_EQUAL": _comparison(np.not_equal),
+    "SELECT": select_v2,
+    "SELECT_V2": select_v2,
+    "REDUCE_PROD": reduce_prod,
     "PACK": pack,
     "PAD": pad,
     "PADV2": pad,
