@@ -5,7 +5,7 @@ Usage::
     tfq quickstart [--output_dir=tfq_quickstart]
     tfq convert --model=m.keras --mode=int8 --data=calib.npz --calibration=kl --output=m.tflite
     tfq evaluate --model=float.keras --tflite=a.tflite,b.tflite --data=test.npz
-    tfq inspect --tflite=m.tflite
+    tfq inspect --tflite=m.tflite [--explain [--data=samples.npz]]
     tfq tune --model=m.keras --data=calib.npz --eval_data=val.npz --max_drop=0.005 --output_dir=out
 
 ``.npz`` files hold ``x`` (inputs) and optionally ``y`` (labels).
@@ -49,6 +49,8 @@ flags.DEFINE_integer("epochs", 10, "Quickstart: float training epochs.")
 flags.DEFINE_integer("qat_epochs", 2, "Quickstart: QAT fine-tuning epochs.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_boolean("quiet", False, "Less output.")
+flags.DEFINE_boolean("explain", False, "Inspect: print each op's integer arithmetic (scales, M0·2^-n, "
+                     "int32 accumulator bounds; with --data, observed accumulators and saturation).")
 
 COMMANDS = ("quickstart", "convert", "evaluate", "inspect", "tune")
 
@@ -99,9 +101,16 @@ def _inspect() -> int:
 
     if not FLAGS.tflite:
         raise UsageError("--tflite=model.tflite is required.")
+    if FLAGS.data and not FLAGS.explain:
+        raise UsageError("inspect reads --data only with --explain (to observe accumulators and saturation).")
+    data = load_npz(FLAGS.data, "data")[0] if FLAGS.explain and FLAGS.data else None
     for path in FLAGS.tflite:
         print(f"# {path}")
         print(tfq.inspect_tflite(path).summary())
+        if FLAGS.explain:
+            from tfq.reference import explain_table
+
+            print(explain_table(path, inputs=data))
     return 0
 
 

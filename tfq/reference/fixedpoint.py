@@ -8,8 +8,8 @@ in two roundings, as gemmlowp does (TFLite's default ``TFLITE_SINGLE_ROUNDING=0`
     x · M  ≈  RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(x · 2^max(shift, 0), M0),
                                   max(−shift, 0))
 
-    SaturatingRoundingDoublingHighMul(a, b) = round_half_away(a·b / 2^31)   (saturated at 2^31 − 1)
-    RoundingDivideByPOT(x, e)               = round_half_away(x / 2^e)
+    SaturatingRoundingDoublingHighMul(a, b) = floor(a·b / 2^31 + 1/2)   (halves up; saturated at 2^31 − 1)
+    RoundingDivideByPOT(x, e)               = round_half_away(x / 2^e)  (halves away from zero)
 
 All functions take numpy arrays (or Python ints) and compute in int64, wrapping to int32 where
 the C++ wraps, so their results are those of the kernels bit for bit.
@@ -98,8 +98,8 @@ def saturating_rounding_doubling_high_mul(a, b):
     """gemmlowp's ``SaturatingRoundingDoublingHighMul``: the high 32 bits of ``2·a·b``, rounded.
 
     ``(a·b + nudge) / 2^31`` with C's truncating division and ``nudge = 2^30`` for ``a·b ≥ 0``,
-    ``1 − 2^30`` otherwise (so halves round away from zero); ``a = b = −2^31`` saturates to
-    ``2^31 − 1``. ``a`` and ``b`` are int32 values.
+    ``1 − 2^30`` otherwise, which is ``floor(a·b/2^31 + 1/2)``: halves round up (−0.5 → 0, not −1);
+    ``a = b = −2^31`` saturates to ``2^31 − 1``. ``a`` and ``b`` are int32 values.
     """
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)
