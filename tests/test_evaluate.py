@@ -442,6 +442,33 @@ def test_layer_errors_flags_the_broken_layer(spiky):
     assert clipped[0]["range_rmse_over_scale"] > 0.7 and clipped[0]["clipped_fraction"] > 0.3
 
 
+def test_layer_errors_attributes_clipping_rounding_and_saturation(cnn, cnn_layers):
+    """The own error splits into clipping and rounding (squares add up); saturation matches tfq.reference."""
+    import tfq.reference
+
+    model, _, x_test, _, tflite = cnn
+    for row in cnn_layers:
+        total = row["clip_rmse_over_scale"] ** 2 + row["rounding_rmse_over_scale"] ** 2
+        assert total == pytest.approx(row["range_rmse_over_scale"] ** 2, rel=1e-9, abs=1e-12)
+        assert row["error_source"] in ("rounding", "range clipping", "saturation")
+    requantizing = {op.outputs[0]: op for op in inspect_tflite(tflite["int8"]).ops
+                    if op.type in ("CONV_2D", "FULLY_CONNECTED")}
+    names = {t.index: t.name for t in inspect_tflite(tflite["int8"]).tensors}
+    explained = {e.index: e for e in tfq.reference.explain(tflite["int8"], inputs=x_test[:32])}
+    checked = 0
+    for row in cnn_layers:
+        ops = [op for index, op in requantizing.items() if names[index] == row["tensor"]]
+        if ops:
+            assert row["saturated"] == explained[ops[0].index].saturated
+            assert row["saturated_fraction"] == explained[ops[0].index].saturated_fraction
+            checked += 1
+    assert checked >= 3
+    # Data 4× beyond the calibrated range: the input tensor's error is clipping, not rounding.
+    clipped = layer_errors(model, tflite["int8"], np.clip(x_test * 4, 0, None), max_samples=32)
+    assert clipped[0]["error_source"] == "range clipping" and clipped[0]["clip_rmse_over_scale"] > 0.5
+    assert "error source" in clipped.to_markdown()
+
+
 def test_layer_errors_multi_input(multi):
     model, xz, xa, _, tflite = multi
     errors = layer_errors(model, tflite["int8"], {"alpha": xa, "zeta": xz}, max_samples=16)

@@ -794,7 +794,12 @@ def layer_errors(
         ``match`` (``"io"``, ``"requantize"``, ``"name"`` or ``"layer"``), ``shape``, ``dtype``,
         ``scale``, ``zero_point``, ``rmse``, ``rmse_over_scale``, ``sqnr_db``, ``max_abs_error``,
         ``mean_error``, ``range_rmse_over_scale``, ``range_sqnr_db``, ``clipped_fraction``,
-        ``outlier``.
+        ``outlier``, and the attribution of the tensor's own error: ``clip_rmse_over_scale`` and
+        ``rounding_rmse_over_scale`` (range clipping vs rounding, their squares add up to
+        ``range_rmse_over_scale²``), ``saturated`` / ``saturated_fraction`` (outputs of the op whose
+        int32 → int8 requantization saturated, counted by :mod:`tfq.reference`'s bit-exact executor;
+        None where it does not apply) and ``error_source`` (``"saturation"``, ``"range clipping"``
+        or ``"rounding"``).
 
     Raises:
         TypeError: ``keras_model`` is not a Keras model.
@@ -832,6 +837,7 @@ def layer_errors(
     fvalues = _all_tensors(fcontent, arrays, names, sorted({f for f, _ in matches.values()}), num_threads,
                            "the float model")
     producers = {o: op.type for op in qinfo.ops for o in op.outputs}
+    saturation = _reference_saturation(qcontent, arrays, names)
     rows = []
     for index, (f_index, how) in matches.items():  # in graph order
         tensor = qinfo.tensors[index]
@@ -860,10 +866,64 @@ def layer_errors(
             "range_sqnr_db": sqnr_db(x, x_tilde),
             "clipped_fraction": float(np.mean(clipped)),
         }
+        row.update(_attribution(x, x_tilde, clipped, scale, saturation.get(index)))
         row["outlier"] = bool(row["range_rmse_over_scale"] > rmse_outlier or row["sqnr_db"] < sqnr_outlier_db)
         rows.append(row)
     return LayerErrorReport(rows, rmse_outlier=rmse_outlier, sqnr_outlier_db=sqnr_outlier_db,
                             num_samples=len(arrays[0]), skipped=skipped)
+
+
+def _reference_saturation(content: bytes, arrays, names) -> dict:
+    """Tensor index → (saturated outputs, outputs) of its requantizing op, from tfq.reference's executor.
+
+    Empty when the reference executor cannot run the model (an op it has no kernel for).
+    """
+    from tfq.interpreter import TFLiteModel
+    from tfq.reference import explain
+    from tfq.reference.executor import as_graph
+    from tfq.reference.kernels import UnsupportedOpError
+
+    runner = TFLiteModel(content)
+    try:
+        ordered = runner._prepare(dict(zip(names, arrays))) if runner.input_names and len(arrays) > 1 else arrays
+        graph = as_graph(content)
+        entries = explain(graph, inputs=ordered)
+    except (UnsupportedOpError, ValueError, TypeError):
+        return {}
+    return {graph.operators[e.index].outputs[0]: (e.saturated, e.num_outputs) for e in entries
+            if e.saturated is not None}
+
+
+def _attribution(x, x_tilde, clipped, scale: float, saturation) -> dict:
+    """A tensor's own quantization error split into range clipping and rounding; saturation from the trace.
+
+    ``clip_rmse_over_scale² + rounding_rmse_over_scale² = range_rmse_over_scale²``: the squared error
+    of quantizing the float values ``x`` with this tensor's scale, summed over the values outside the
+    representable range (clipping) and inside it (rounding). ``saturated_fraction`` is the share of
+    the op's outputs whose int32 → int8 requantization saturated in the integer model (None when the
+    op does not requantize or tfq.reference cannot run the model). ``error_source`` names the larger
+    share: ``"saturation"`` (clipping, and the integer op saturated), ``"range clipping"`` or
+    ``"rounding"``.
+    """
+    sq = (x_tilde - x) ** 2
+    n = max(sq.size, 1)
+    clip = float(np.sqrt(np.sum(sq[clipped]) / n)) if np.any(clipped) else 0.0
+    rounding = float(np.sqrt(np.sum(sq[~clipped]) / n))
+    saturated = saturated_fraction = None
+    if saturation is not None:
+        saturated, total = saturation
+        saturated_fraction = saturated / max(total, 1)
+    if clip > rounding:
+        source = "saturation" if saturated_fraction else "range clipping"
+    else:
+        source = "rounding"
+    return {
+        "clip_rmse_over_scale": clip / scale if scale > 0 else math.inf,
+        "rounding_rmse_over_scale": rounding / scale if scale > 0 else math.inf,
+        "saturated": saturated,
+        "saturated_fraction": saturated_fraction,
+        "error_source": source,
+    }
 
 
 def _graph_position(info, index: int) -> int:

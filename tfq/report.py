@@ -146,13 +146,15 @@ class LayerErrorReport(list):
 
     def to_markdown(self) -> str:
         header = ["#", "tensor", "op", "scale", "zero point", "RMSE", "RMSE/scale", "SQNR (dB)", "own RMSE/scale",
-                  "clipped", "outlier"]
-        align = ["r", "l", "l", "r", "r", "r", "r", "r", "r", "r", "l"]
+                  "clipped", "saturated", "error source", "outlier"]
+        align = ["r", "l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "l", "l"]
         body = [[str(i), _short_tensor_name(r["tensor"]), r.get("op", ""), _number(r.get("scale"), ".4g"),
                  _number(r.get("zero_point"), "d"), _number(r.get("rmse"), ".4g"),
                  _number(r.get("rmse_over_scale"), ".3f"), _number(r.get("sqnr_db"), ".1f"),
                  _number(r.get("range_rmse_over_scale"), ".3f"),
                  _number(100 * r["clipped_fraction"], ".2f") + "%" if r.get("clipped_fraction") is not None else "–",
+                 _number(100 * r["saturated_fraction"], ".2f") + "%" if r.get("saturated_fraction") is not None else "–",
+                 r.get("error_source", ""),
                  "**yes**" if r.get("outlier") else ""] for i, r in enumerate(self)]
         notes = [f"{len(self)} quantized tensors"
                  + (f" on {self.num_samples} samples" if self.num_samples is not None else "")
