@@ -55,3 +55,11 @@ def test_03_evaluate_and_tune(tmp_path):
     assert "target drop <= 0.005 met" in text
     assert "recipe reproduces the model byte for byte: True" in text
     assert images >= 1 and (tmp_path / "layer_errors.png").exists()
+
+
+def test_06_integer_arithmetic(tmp_path):
+    text, _ = execute("06_integer_arithmetic.ipynb", tmp_path)
+    assert "by hand == interpreter: True" in text
+    assert number_after(text, "max abs diff:") == 0
+    assert "M0 = " in text and "int32 accumulator worst case" in text
+    assert "requantized in double" in text
