@@ -484,7 +484,13 @@ def _mean_or_sum(ctx: OpContext, compute_sum: bool) -> list:
     t_in, out = ctx.tensor(0), ctx.out()
     if not _is_int(t_in):
         raise ctx.fail("only quantized int8/int16 inputs are run (this is a float op)")
-    x = np.asarray(ctx.values[0], dtype=np.int64)
+    x = np.asarray(ctx.values[0])
+    as_uint8 = compute_sum and x.dtype == np.int8
+    if compute_sum and x.dtype == np.int16:
+        raise ctx.fail("int16 SUM is not implemented")
+    # LiteRT's reference SUM (reduce.cc, QuantizedMeanOrSum<kReference>) reads int8 data as uint8 and
+    # writes uint8 (clamped to [0, 255]) into the int8 output: reproduced here bit for bit.
+    x = x.view(np.uint8).astype(np.int64) if as_uint8 else x.astype(np.int64)
     axes = _axes(ctx)
     keep = bool(getattr(ctx.op.options, "keepDims", False))
     s_in, z_in = t_in.qparams()
@@ -501,11 +507,16 @@ def _mean_or_sum(ctx: OpContext, compute_sum: bool) -> list:
     shifted = fp.wrap_int32(total - z_in * count)
     scaled = fp.multiply_by_quantized_multiplier(shifted, m0, shift)
     unclamped = scaled + z_out
-    lo, hi = _qinfo(out)
+    lo, hi = (0, 255) if as_uint8 else _qinfo(out)
+    note = f"mean over {count} values: M0 folds in 1/{count}"
+    if as_uint8:
+        note = "LiteRT's reference SUM reads the int8 input as uint8 and writes uint8 bytes (a kernel bug)"
+    elif compute_sum:
+        note = ""
     ctx.record(Requantization(accumulator=shifted, real_multiplier=np.array([real]), m0=np.array([m0]),
-                              shift=np.array([shift]), unclamped=unclamped, clamp=(lo, hi),
-                              note="" if compute_sum else f"mean over {count} values: M0 folds in 1/{count}"))
-    return [np.clip(unclamped, lo, hi).astype(out.dtype)]
+                              shift=np.array([shift]), unclamped=unclamped, clamp=(lo, hi), note=note))
+    result = np.clip(unclamped, lo, hi)
+    return [result.astype(np.uint8).view(np.int8) if as_uint8 else result.astype(out.dtype)]
 
 
 def mean(ctx: OpContext) -> list:
