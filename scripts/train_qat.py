@@ -4,6 +4,9 @@
         --epochs=3 --output_dir=qat_out
 
 Without --model, trains the example digits CNN on the packaged digits first.
+
+On several machines, run the same command on every worker with --strategy=multi_worker and the
+worker's TF_CONFIG (see README, "Multi-worker QAT"); --batch_size is the global batch.
 """
 
 from absl import flags
@@ -13,16 +16,32 @@ flags.DEFINE_string("model", None, "Trained float Keras model (.keras). Default:
 flags.DEFINE_string("data", None, ".npz with 'x' and 'y' (training data). Default: packaged digits.")
 flags.DEFINE_string("eval_data", None, ".npz with 'x' and 'y': INT8 accuracy logged per epoch.")
 flags.DEFINE_integer("epochs", 3, "QAT epochs.")
+flags.DEFINE_integer("batch_size", 32, "Batch size (global under a strategy).")
 flags.DEFINE_float("learning_rate", 2e-4, "Adam learning rate.")
 flags.DEFINE_integer("freeze_bn_epoch", 1, "Freeze BatchNorm statistics after this epoch.")
-flags.DEFINE_string("output_dir", "qat_out", "Output directory.")
+flags.DEFINE_enum("bn_folding", "unfolded", ["unfolded", "one_pass", "two_pass"], "Batch statistics of folded BatchNorms.")
+flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker"],
+                  "tf.distribute strategy: none, mirrored (local devices) or multi_worker (TF_CONFIG).")
+flags.DEFINE_string("output_dir", "qat_out", "Output directory (other workers than the chief write to a subdirectory).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
+
+
+def _strategy(name: str):
+    """Created first thing: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op."""
+    if name == "none":
+        return None
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def main(argv):
     del argv
+    strategy = _strategy(FLAGS.strategy)
     from tfq.app import load_npz, quiet_logs
-    from tfq.training import train_qat
+    from tfq.training import train_qat, worker_output_dir
 
     quiet_logs()
 
@@ -36,10 +55,12 @@ def main(argv):
         from tfq.examples import train_digits_cnn
 
         model, (x, y), (x_val, y_val) = train_digits_cnn(epochs=10, seed=FLAGS.seed)
-    _, content, _ = train_qat(model, x, y, x_val=x_val, y_val=y_val, epochs=FLAGS.epochs,
+    _, content, _ = train_qat(model, x, y, x_val=x_val, y_val=y_val, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
                               learning_rate=FLAGS.learning_rate, freeze_bn_epoch=FLAGS.freeze_bn_epoch,
-                              output_dir=FLAGS.output_dir, seed=FLAGS.seed)
-    print(f"wrote {FLAGS.output_dir}/qat_int8.tflite ({len(content):,} bytes) and qat.keras")
+                              output_dir=FLAGS.output_dir, seed=FLAGS.seed, strategy=strategy,
+                              bn_folding=FLAGS.bn_folding)
+    out = worker_output_dir(FLAGS.output_dir, strategy)
+    print(f"wrote {out}/qat_int8.tflite ({len(content):,} bytes) and qat.keras")
 
 
 if __name__ == "__main__":

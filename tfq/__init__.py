@@ -34,6 +34,7 @@ _EXPORTS = {
     "list_presets": "tfq.recipes",
     "load_calibration": "tfq.calibration",
     "load_recipe": "tfq.recipes",
+    "merge_calibrations": "tfq.calibration",
     "representative_dataset": "tfq.data",
     "save_recipe": "tfq.recipes",
     "tune": "tfq.tuning",

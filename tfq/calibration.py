@@ -4,6 +4,15 @@
 the tensors are exactly those TFLite will quantize), feeds one observer per tensor, and returns
 a :class:`Calibration`: ranges by tensor name, JSON-saveable, accepted by :func:`tfq.convert` so
 a model is not calibrated twice.
+
+Calibration scales out two ways, with the same result as one process on the same data:
+
+* **Shards** (per worker, per file): calibrate each shard with ``keep_observers=True``, save,
+  and combine with :func:`merge_calibrations` (the observers' states merge, see
+  :meth:`tfq.observers.Observer.merge`).
+* **A tf.distribute strategy**: ``calibrate(..., strategy=strategy)`` splits every batch over
+  the replicas, each replica observing its slice, and merges the replicas' observers (across
+  workers too, under ``MultiWorkerMirroredStrategy``).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import numpy as np
 from tfq.fileio import atomic_write_text
 from tfq.recipes import CALIBRATION_METHODS
 
-__all__ = ["Calibration", "calibrate", "load_calibration"]
+__all__ = ["Calibration", "calibrate", "load_calibration", "merge_calibrations"]
 
 _FORMAT = "tfq.calibration/1"
 
@@ -36,6 +45,9 @@ class Calibration:
         num_samples: samples seen.
         model_name: the model calibrated.
         seconds: wall time of calibration.
+        observers: the observers' states by tensor name (:meth:`tfq.observers.Observer.get_state`),
+            kept with ``calibrate(..., keep_observers=True)`` so that calibrations of shards can be
+            merged (:meth:`merge`); None otherwise.
     """
 
     ranges: dict[str, tuple[float, float]]
@@ -44,6 +56,7 @@ class Calibration:
     num_samples: int = 0
     model_name: str = ""
     seconds: float = 0.0
+    observers: dict[str, dict] | None = None
 
     def __getitem__(self, name: str) -> tuple[float, float]:
         return self.ranges[name]
@@ -60,6 +73,7 @@ class Calibration:
             "model_name": self.model_name,
             "seconds": self.seconds,
             "ranges": {k: [float(v[0]), float(v[1])] for k, v in self.ranges.items()},
+            **({"observers": self.observers} if self.observers is not None else {}),
         }
 
     @classmethod
@@ -76,9 +90,13 @@ class Calibration:
                 raise ValueError(f"calibration range for {name!r} must be [min, max] finite with min <= max. "
                                  f"Received: {value!r}")
             ranges[name] = (float(value[0]), float(value[1]))
+        observers = d.get("observers")
+        if observers is not None and (not isinstance(observers, dict) or set(observers) != set(ranges)):
+            raise ValueError(f"calibration 'observers' must be a dict of observer states for the tensors of 'ranges'. "
+                             f"Received: {type(observers).__name__} with keys {sorted(observers)[:5] if isinstance(observers, dict) else ''}")
         return cls(ranges=ranges, method=d.get("method", ""), params=d.get("params", {}),
                    num_samples=int(d.get("num_samples", 0)), model_name=d.get("model_name", ""),
-                   seconds=float(d.get("seconds", 0.0)))
+                   seconds=float(d.get("seconds", 0.0)), observers=observers)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes JSON atomically."""
@@ -87,6 +105,71 @@ class Calibration:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
         return load_calibration(path)
+
+    def merge(self, *others: Calibration) -> Calibration:
+        """This calibration merged with others of other shards of the data: see :func:`merge_calibrations`."""
+        return merge_calibrations([self, *others])
+
+
+def merge_calibrations(calibrations) -> Calibration:
+    """Combines calibrations of shards of the data into the calibration of all of it.
+
+    Each calibration must come from ``calibrate(..., keep_observers=True)`` on the same model with
+    the same method and parameters. Their observers merge (:meth:`tfq.observers.Observer.merge`),
+    so the ranges equal those of one :func:`calibrate` call on all the shards' batches: exactly for
+    ``"minmax"``, ``"kl"``, ``"percentile"`` and ``"mse"`` (histograms merge bin for bin), up to
+    float64 rounding for ``"moving_average"``, whose average runs over the shards in the order
+    given. With ``batch_aggregate``, a shard's last partial batch counts as a batch: shard on
+    batch boundaries to get the one-process result.
+
+    Args:
+        calibrations: :class:`Calibration` objects (or paths to saved ones), in data order.
+
+    Returns:
+        A new :class:`Calibration` with merged observers; ``num_samples`` and ``seconds`` are sums.
+
+    Raises:
+        ValueError: an empty list, a calibration without observers, or calibrations of different
+            tensors, methods or parameters.
+
+    Example:
+        >>> shards = [tfq.calibrate(model, x[i::4], "kl", keep_observers=True) for i in range(4)]  # doctest: +SKIP
+        >>> cal = tfq.merge_calibrations(shards)                                                  # doctest: +SKIP
+    """
+    from tfq.observers import Observer
+
+    cals = [load_calibration(c) if isinstance(c, (str, os.PathLike)) else c for c in calibrations]
+    if not cals:
+        raise ValueError("merge_calibrations needs at least one calibration. Received: an empty list")
+    first = cals[0]
+    for i, cal in enumerate(cals):
+        if not isinstance(cal, Calibration):
+            raise TypeError(f"merge_calibrations takes Calibration objects or paths. Received: {type(cal).__name__}")
+        if cal.observers is None:
+            raise ValueError(f"calibration {i} has no observer states: calibrate each shard with keep_observers=True.")
+        if (cal.method, cal.params, sorted(cal.ranges)) != (first.method, first.params, sorted(first.ranges)):
+            raise ValueError(
+                f"calibration {i} ({cal.method!r}, {cal.params}, {len(cal.ranges)} tensors) differs from calibration 0 "
+                f"({first.method!r}, {first.params}, {len(first.ranges)} tensors): calibrate every shard of one model "
+                f"with the same method and parameters."
+            )
+    observers = {name: Observer.from_state(state) for name, state in first.observers.items()}
+    for cal in cals[1:]:
+        for name, observer in observers.items():
+            observer.merge(Observer.from_state(cal.observers[name]))
+    return _calibration_from(observers, first.method, first.params, sum(c.num_samples for c in cals),
+                             first.model_name, sum(c.seconds for c in cals), keep_observers=True)
+
+
+def _calibration_from(observers: dict, method: str, params: dict, num_samples: int, model_name: str,
+                      seconds: float, keep_observers: bool) -> Calibration:
+    ranges = {}
+    for name, observer in observers.items():
+        lo, hi = observer.compute_range()
+        ranges[name] = (float(np.min(lo)), float(np.max(hi)))
+    states = {name: observer.get_state() for name, observer in observers.items()} if keep_observers else None
+    return Calibration(ranges=ranges, method=method, params=dict(params), num_samples=num_samples,
+                       model_name=model_name, seconds=seconds, observers=states)
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -121,6 +204,8 @@ def calibrate(
     num_samples: int | None = None,
     batch_size: int = 32,
     verbose: bool = False,
+    keep_observers: bool = False,
+    strategy=None,
     **params,
 ) -> Calibration:
     """Chooses the range of every activation tensor that the INT8 model will quantize.
@@ -133,12 +218,25 @@ def calibrate(
         method: ``"minmax"``, ``"moving_average"``, ``"kl"``, ``"percentile"`` or ``"mse"``.
         recipe: recipe (or preset name) deciding which tensors are quantized; default int8.
         num_samples: cap on samples used (None: all).
-        batch_size: samples per forward pass.
+        batch_size: samples per forward pass (per replica with ``strategy``).
         verbose: show a progress bar.
+        keep_observers: keep the observers' states in the result, so that calibrations of
+            shards of the data merge (:func:`merge_calibrations`). They are saved with it.
+        strategy: a ``tf.distribute`` strategy whose ``run`` executes eagerly per replica
+            (``MirroredStrategy``, ``MultiWorkerMirroredStrategy``, ``OneDeviceStrategy``). Every
+            batch of ``batch_size × num_replicas_in_sync`` samples is split into one slice per
+            replica; each replica observes its slice; the replicas' observers merge at the end
+            (gathered across workers: every worker passes the same data and gets the same
+            result). The ranges equal one process's on the same data — for ``"moving_average"``
+            the replicas' batch minima and maxima are combined at every step, so the average runs
+            over the global batches. ``batch_aggregate`` (a range per batch) is refused.
         **params: method parameters (``percentile=99.99``, ``decay=0.9``, ``num_bins=2048`` …).
 
     Returns:
         A :class:`Calibration`.
+
+    Raises:
+        ValueError: unknown method, empty data, ``batch_aggregate`` with ``strategy``.
 
     Example:
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
@@ -153,6 +251,11 @@ def calibrate(
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}. Received: method={method!r}")
+    if strategy is not None and params.get("batch_aggregate") is not None:
+        raise ValueError(
+            f"batch_aggregate={params['batch_aggregate']!r} takes one range per batch, but with strategy every replica "
+            f"sees a slice of each batch: calibrate without strategy, or without batch_aggregate."
+        )
     model = load_model(model)
     if is_tf_keras_model(model):
         from tfq.interop import to_keras3
@@ -162,23 +265,136 @@ def calibrate(
         model = rewrite_model(model, load_recipe(recipe if recipe is not None else "int8"))
     data = representative_dataset(representative_data, num_samples, model=model)
     quantizers = {name: q for name, q in quantizers_of(model).items() if q.mode != "fixed"}
-    observers = {name: create_observer(method, **_observer_params(method, q, params)) for name, q in quantizers.items()}
-    by_id = {id(q): observers[name] for name, q in quantizers.items()}
+
+    def make_observer(name):
+        return create_observer(method, **_observer_params(method, quantizers[name], params))
+
+    observers = {name: make_observer(name) for name in quantizers}
     start = time.perf_counter()
     total = len(data)
     bar = keras.utils.Progbar(total, unit_name="sample") if verbose else None
     seen = 0
-    with observing(by_id):
-        for batch in data.batches(batch_size):
-            model(batch if len(batch) > 1 else batch[0], training=False)
-            seen += len(batch[0])
-            if bar is not None:
-                bar.update(seen)
+    if strategy is None:
+        by_id = {id(q): observers[name] for name, q in quantizers.items()}
+        with observing(by_id):
+            for batch in data.batches(batch_size):
+                model(batch if len(batch) > 1 else batch[0], training=False)
+                seen += len(batch[0])
+                if bar is not None:
+                    bar.update(seen)
+    else:
+        seen = _observe_with_strategy(model, data, batch_size, strategy, quantizers, observers, make_observer,
+                                      method, bar)
     if seen == 0:
         raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
-    ranges = {}
-    for name, observer in observers.items():
-        lo, hi = observer.compute_range()
-        ranges[name] = (float(np.min(lo)), float(np.max(hi)))
-    return Calibration(ranges=ranges, method=method, params=dict(params), num_samples=seen,
-                       model_name=model.name, seconds=time.perf_counter() - start)
+    return _calibration_from(observers, method, params, seen, model.name, time.perf_counter() - start,
+                             keep_observers)
+
+
+class _ReplicaObservers:
+    """Stands for one quantizer's observer under a strategy: each replica updates its own."""
+
+    def __init__(self, name: str, make, lock):
+        self.name, self.make, self.lock = name, make, lock
+        self.by_replica: dict[int, object] = {}
+
+    def update(self, x) -> None:
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        replica = int(context.replica_id_in_sync_group) if context is not None else 0
+        with self.lock:
+            observer = self.by_replica.get(replica)
+            if observer is None:
+                observer = self.by_replica[replica] = self.make()
+        observer.update(x)
+
+
+def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observers, make_observer, method, bar):
+    """Per-replica observation (see :func:`calibrate`); merges into ``observers``; returns the samples seen."""
+    import threading
+
+    import tensorflow as tf
+
+    from tfq.observers import MinMaxObserver, Observer
+    from tfq.qat.layers import observing
+
+    lock = threading.Lock()
+    names = list(quantizers)
+    if method == "moving_average":  # per step: the replicas' min/max, combined into the global batch's
+        make = {name: (lambda q=quantizers[name]: MinMaxObserver(symmetric=q.symmetric)) for name in names}
+    else:
+        make = {name: (lambda name=name: make_observer(name)) for name in names}
+    per_replica = {name: _ReplicaObservers(name, make[name], lock) for name in names}
+    replicas = strategy.num_replicas_in_sync
+    seen = 0
+    with observing({id(quantizers[name]): per_replica[name] for name in names}):
+        for batch in data.batches(batch_size * replicas):
+            n = len(batch[0])
+
+            def slice_of(context, batch=batch, n=n):
+                r, k = context.replica_id_in_sync_group, context.num_replicas_in_sync
+                return [tf.constant(b[r * n // k:(r + 1) * n // k]) for b in batch]
+
+            values = strategy.experimental_distribute_values_from_function(slice_of)
+            strategy.run(lambda *b: model(list(b) if len(b) > 1 else b[0], training=False), args=tuple(values))
+            if method == "moving_average":
+                _fold_step_into_average(strategy, names, per_replica, observers)
+            seen += n
+            if bar is not None:
+                bar.update(seen)
+    if method != "moving_average":
+        states = _gather_replica_states(strategy, {r: {name: per_replica[name].by_replica[r].get_state()
+                                                       for name in names if r in per_replica[name].by_replica}
+                                                   for r in sorted({r for p in per_replica.values() for r in p.by_replica})})
+        for replica in sorted(states):
+            for name, state in states[replica].items():
+                observers[name].merge(Observer.from_state(state))
+    return seen
+
+
+def _local_replica_ids(strategy) -> list[int]:
+    import tensorflow as tf
+
+    ids = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(context.replica_id_in_sync_group, tf.int64))
+    return [int(v) for v in strategy.experimental_local_results(ids)]
+
+
+def _gather(strategy, value_for_replica) -> np.ndarray:
+    """``value_for_replica(replica id)`` (a 1-D array, same length everywhere) of every replica, in id order."""
+    import tensorflow as tf
+
+    values = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(value_for_replica(context.replica_id_in_sync_group)))
+    gathered = strategy.gather(values, axis=0)
+    return np.asarray(gathered).reshape(strategy.num_replicas_in_sync, -1)
+
+
+def _fold_step_into_average(strategy, names, per_replica, observers) -> None:
+    """Feeds the global batch's (min, max) of every quantizer to its moving average, then resets."""
+    def extremes(replica):
+        out = np.empty(2 * len(names))
+        for i, name in enumerate(names):
+            observer = per_replica[name].by_replica.get(replica)
+            has = observer is not None and observer.has_data
+            out[2 * i], out[2 * i + 1] = (observer.min_val, observer.max_val) if has else (np.inf, -np.inf)
+        return out
+
+    table = _gather(strategy, extremes)
+    lo, hi = table[:, 0::2].min(axis=0), table[:, 1::2].max(axis=0)
+    for i, name in enumerate(names):
+        if lo[i] <= hi[i]:
+            observers[name].update(np.array([lo[i], hi[i]]))
+        for observer in per_replica[name].by_replica.values():
+            observer.reset()
+
+
+def _gather_replica_states(strategy, local: dict[int, dict]) -> dict[int, dict]:
+    """Every replica's observer states (JSON), gathered from all workers: ``{replica id: {name: state}}``."""
+    payloads = {r: np.frombuffer(json.dumps(local.get(r, {})).encode(), dtype=np.uint8).astype(np.int32)
+                for r in _local_replica_ids(strategy)}
+    lengths = _gather(strategy, lambda r: np.array([len(payloads[r])], np.int64))[:, 0]
+    width = int(lengths.max())
+    table = _gather(strategy, lambda r: np.pad(payloads[r], (0, width - len(payloads[r]))))
+    return {r: json.loads(bytes(table[r, :lengths[r]].astype(np.uint8)).decode()) for r in range(len(lengths))}

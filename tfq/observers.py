@@ -16,6 +16,11 @@ Range conventions, shared by every observer:
 * Per-tensor ranges are Python floats; per-channel ranges are float32 arrays of shape
   ``(channels,)``, one entry per index of ``axis`` (statistics are reduced over all other axes).
 
+Observers of the same type and configuration merge (:meth:`Observer.merge`): the statistics of
+data split into shards (per replica, per worker, per file) and observed apart combine into those
+of all the data observed by one observer — exactly for :class:`MinMaxObserver` and
+:class:`HistogramObserver` (float64 rounding for :class:`MovingAverageMinMaxObserver`).
+
 Observers serialize two ways: :meth:`Observer.get_config` (constructor arguments) and
 :meth:`Observer.get_state` (configuration plus statistics, JSON-able), restored by
 :meth:`Observer.from_state`, which dispatches on the state's ``"type"``.
@@ -128,6 +133,40 @@ class Observer(abc.ABC):
         """Forgets all statistics; the configuration is kept."""
         self._reset()
 
+    def merge(self, other: "Observer") -> None:
+        """Adds the statistics of ``other`` to this observer's, as if it had seen ``other``'s batches too.
+
+        ``other`` must be an observer of the same type and configuration; it is not changed. The
+        result equals one observer fed this observer's batches and then ``other``'s (see each
+        class for the rule), so calibration can run per shard and be combined:
+
+        Example:
+            >>> a, b, whole = MinMaxObserver(), MinMaxObserver(), MinMaxObserver()
+            >>> a.update([-1.0, 2.0]); b.update([0.5, 3.0])
+            >>> whole.update([-1.0, 2.0]); whole.update([0.5, 3.0])
+            >>> a.merge(b)
+            >>> a.compute_range() == whole.compute_range() == (-1.0, 3.0)
+            True
+
+        Raises:
+            TypeError: ``other`` is not an observer of this type.
+            ValueError: the configurations differ, or a state cannot be merged (see the class).
+        """
+        if type(other) is not type(self):
+            raise TypeError(f"{type(self).__name__}.merge needs a {type(self).__name__}. Received: {type(other).__name__}")
+        if other.get_config() != self.get_config():
+            raise ValueError(
+                f"Cannot merge observers with different configurations: {self.get_config()} and {other.get_config()}. "
+                f"Create every shard's observer with the same method and parameters."
+            )
+        if not other.has_data:
+            return
+        if not self.has_data:
+            self._reset()
+            self._set_stats(other._get_stats())
+            return
+        self._merge(other)
+
     @property
     @abc.abstractmethod
     def has_data(self) -> bool:
@@ -149,6 +188,10 @@ class Observer(abc.ABC):
 
     @abc.abstractmethod
     def _set_stats(self, stats: dict) -> None: ...
+
+    @abc.abstractmethod
+    def _merge(self, other: "Observer") -> None:
+        """Folds ``other``'s statistics in; both have data and the same configuration."""
 
     def _channels_first(self, x: np.ndarray) -> np.ndarray:
         """``x`` reshaped to ``(channels, n)``, reducing over every axis but ``self.axis``."""
@@ -349,6 +392,11 @@ class MinMaxObserver(_RangeObserver):
     def _combine(self, lo: np.ndarray, hi: np.ndarray) -> None:
         self.min_val, self.max_val = np.minimum(self.min_val, lo), np.maximum(self.max_val, hi)
 
+    def _merge(self, other: "MinMaxObserver") -> None:
+        """``min = min(min_a, min_b)``, ``max = max(max_a, max_b)``: exact, in any order."""
+        self._check_channels(other.min_val)
+        self._combine(other.min_val, other.max_val)
+
 
 class MovingAverageMinMaxObserver(_RangeObserver):
     """Exponential moving average of each batch's minimum and maximum.
@@ -389,6 +437,54 @@ class MovingAverageMinMaxObserver(_RangeObserver):
         self.min_val = d * self.min_val + (1.0 - d) * lo
         self.max_val = d * self.max_val + (1.0 - d) * hi
 
+    # The batch count and the first batch's min/max make the average of a shard mergeable.
+    def _reset(self) -> None:
+        super()._reset()
+        self.num_batches = 0
+        self.first_min: np.ndarray | None = None
+        self.first_max: np.ndarray | None = None
+
+    def _update(self, x: np.ndarray) -> None:
+        super()._update(x)
+        if self.num_batches == 0:
+            self.first_min, self.first_max = self.min_val, self.max_val
+        self.num_batches += 1
+
+    def _merge(self, other: "MovingAverageMinMaxObserver") -> None:
+        """Continues the average over ``other``'s batches, as one observer seeing ours and then theirs.
+
+        ``other`` (``n_b`` batches, first batch ``min_b1``) started from its first batch instead
+        of from our average ``min_a``; every later step is the same affine map, so::
+
+            min = min_b + decay^n_b · (min_a − min_b1)        (same for max)
+
+        which equals the sequential result up to float64 rounding. Merge shards in data order.
+        """
+        if other.num_batches == 0 or other.first_min is None:
+            raise ValueError(
+                f"{type(self).__name__} state has no batch count (saved by an older tfq); re-run the "
+                f"calibration of that shard to merge it."
+            )
+        self._check_channels(other.min_val)
+        weight = self.decay ** other.num_batches
+        self.min_val = other.min_val + weight * (self.min_val - other.first_min)
+        self.max_val = other.max_val + weight * (self.max_val - other.first_max)
+        self.num_batches += other.num_batches
+
+    def _get_stats(self) -> dict:
+        return {**super()._get_stats(), "num_batches": self.num_batches,
+                "first_min": _to_json(self.first_min), "first_max": _to_json(self.first_max)}
+
+    def _set_stats(self, stats: dict) -> None:
+        super()._set_stats(stats)
+        # States saved before merging existed have no batch count: they load, but do not merge.
+        self.num_batches = int(stats.get("num_batches", 0))
+        self.first_min = _from_json(stats.get("first_min"), self.per_channel)
+        self.first_max = _from_json(stats.get("first_max"), self.per_channel)
+        if self.num_batches < 0 or (self.first_min is None) != (self.first_max is None):
+            raise ValueError(f"num_batches must be >= 0 and first_min/first_max both set or both None. "
+                             f"Received: {stats!r:.200}")
+
     def get_config(self) -> dict:
         return {"decay": self.decay, **super().get_config()}
 
@@ -397,13 +493,14 @@ class HistogramObserver(Observer):
     """Streaming histogram of a tensor; the range is chosen by percentile, KL divergence or MSE.
 
     **Histogram.** ``num_bins`` bins of width ``w`` whose edges are the multiples of ``w``
-    (bin ``g`` covers ``[g·w, (g+1)·w)``), over a window of ``num_bins`` consecutive bins that always
-    contains the bin of 0.0. The first non-zero batch sets ``w = (max(x,0) - min(x,0)) / (num_bins - 1)``.
-    When data falls outside the window, the window is shifted if the occupied bins still fit;
-    otherwise ``w`` grows by the smallest integer factor ``f ≥ 2`` that makes them fit, each new
-    bin being the sum of ``f`` old ones (``g → floor(g / f)``). Merging aligned bins is exact, so
-    no raw data is kept and memory is fixed; resolution stays between ``span / num_bins`` and
-    ``2·span / num_bins``. The exact data minimum and maximum are kept too, and the outermost
+    (bin ``g`` covers ``[g·w, (g+1)·w)``), over a window of ``num_bins`` consecutive bins that starts
+    at the bin of ``min(x, 0)``. ``w`` is the smallest power of two for which the bins from
+    ``min(x, 0)`` to ``max(x, 0)`` fit the window. When data falls outside the window, ``w`` doubles
+    as often as needed, each new bin being the sum of ``f`` old ones (``g → floor(g / f)``, exact),
+    and the window moves to its new start. The window therefore depends only on the data range,
+    not on the order or split of the batches: histograms of shards :meth:`merge` bin for bin into
+    the histogram of all the data. No raw data is kept and memory is fixed; resolution stays
+    between ``span / num_bins`` and ``2·span / num_bins``. The exact data minimum and maximum are kept too, and the outermost
     bins are trimmed to them. Exact zeros (half of a ReLU output) are also counted apart:
     ``"percentile"`` includes them, ``"kl"`` and ``"mse"`` leave them out, since every grid
     represents 0.0 exactly and a zero spike spread over its bin would bias KL towards tiny
@@ -561,47 +658,79 @@ class HistogramObserver(Observer):
         self._total += x.size
         self._zeros += x.size - int(np.count_nonzero(x))
         if self._width is None:
-            span = max(xmax, 0.0) - min(xmin, 0.0)
-            if span == 0.0:
+            if max(xmax, 0.0) - min(xmin, 0.0) == 0.0:
                 return  # all zeros so far: counted in _total, binned once a width exists
-            self._width = max(span / (self.num_bins - 1), np.finfo(np.float64).tiny)
-            # floor(xmin / w) can round to -num_bins for negative-only data: keep 0.0 in the window.
-            self._start = max(int(np.floor(min(xmin, 0.0) / self._width)), -(self.num_bins - 1))
+            lo = min(xmin, 0.0)
+            self._width = self._smallest_width(lo, max(xmax, 0.0))
+            self._start = int(math.floor(lo / self._width))
             self._counts[-self._start] = seen_before  # the zeros seen so far, in the bin of 0.0
-        self._fit(xmin, xmax)
+        self._fit()
         g = np.floor(x / self._width).astype(np.int64) - self._start
         self._counts += np.bincount(g, minlength=self.num_bins)
 
-    def _fit(self, xmin: float, xmax: float) -> None:
-        """Shifts or coarsens the window until it holds ``[xmin, xmax]``, 0.0 and the counts."""
-        n = self.num_bins
-        while True:
-            w = self._width
-            # Python ints: a far outlier can index beyond int64 at the current width.
-            lo_g = min(int(math.floor(xmin / w)), 0)
-            hi_g = max(int(math.floor(xmax / w)), 0)
-            occupied = np.flatnonzero(self._counts)
-            if occupied.size:
-                lo_g = min(lo_g, self._start + int(occupied[0]))
-                hi_g = max(hi_g, self._start + int(occupied[-1]))
-            if self._start <= lo_g and hi_g < self._start + n:
-                return
-            if hi_g - lo_g < n:  # shift, leaving room in the direction of growth
-                new_start = hi_g - n + 1 if lo_g < self._start else lo_g
-                self._rebin(1, new_start)
-                continue
-            # floor(hi/f) - floor(lo/f) <= floor((hi - lo)/f) + 1 <= n - 1 once f > (hi - lo)/(n - 1).
-            f = max(2, (hi_g - lo_g) // (n - 1) + 1)
-            self._rebin(f, lo_g // f)
-            self._width = w * f
+    def _fits(self, lo: float, hi: float, width: float) -> bool:
+        """Whether bins of ``width`` from the one holding ``lo`` to the one holding ``hi`` fit the window."""
+        return math.floor(hi / width) - math.floor(lo / width) < self.num_bins
 
-    def _rebin(self, factor: int, new_start: int) -> None:
+    def _smallest_width(self, lo: float, hi: float, at_least: float = 0.0) -> float:
+        """The smallest power of two ``w ≥ at_least`` whose window holds ``[lo, hi]`` (``lo ≤ 0 ≤ hi``).
+
+        Fitting is monotone in ``w`` (if ``w`` fits, ``2w`` does), and the smallest ``w`` that fits
+        is at least ``(hi - lo) / num_bins ≥ 2^(e-1)`` with ``e`` from ``frexp``: double from there.
+        """
+        w = max(at_least, math.ldexp(1.0, max(math.frexp((hi - lo) / self.num_bins)[1] - 1, -1074)))
+        while not self._fits(lo, hi, w):
+            w *= 2.0
+        return w
+
+    def _fit(self) -> None:
+        """Coarsens and moves the window to the canonical one for the data range seen so far.
+
+        The canonical window has the smallest power-of-two width holding ``[min(x, 0), max(x, 0)]``
+        and starts at the bin of ``min(x, 0)``. It depends on the data range only, not on how the
+        data was split into batches or shards, which makes :meth:`merge` exact.
+        """
+        lo = min(self._min, 0.0)
+        width = self._smallest_width(lo, max(self._max, 0.0), self._width)
+        start = int(math.floor(lo / width))
+        if width != self._width or start != self._start:
+            self._counts = self._rebinned(int(width / self._width), start)
+            self._width, self._start = width, start
+
+    def _rebinned(self, factor: int, new_start: int) -> np.ndarray:
+        """The counts on bins ``factor`` times wider, in the window starting at global bin ``new_start``."""
         occupied = np.flatnonzero(self._counts)
         g = self._start + occupied  # |g| < 2·num_bins, so a factor beyond int64 maps g to 0 or -1
         g_new = (g // factor if factor < 2**62 else np.where(g < 0, -1, 0)) - new_start
         counts = np.zeros(self.num_bins, dtype=np.int64)
         np.add.at(counts, g_new, self._counts[occupied])
-        self._counts, self._start = counts, new_start
+        return counts
+
+    def _merge(self, other: "HistogramObserver") -> None:
+        """Sums the two histograms on the canonical window of the union of the data ranges.
+
+        Both windows have power-of-two widths, so the coarser one is a whole multiple of the finer
+        one and re-binning ``g → floor(g / f)`` is exact: the result equals one observer fed both
+        shards' data, bin for bin, in any order. ``batch_aggregate`` ranges are concatenated.
+        """
+        sources = [(obs, obs._total) for obs in (self, other)]
+        self._min, self._max = min(self._min, other._min), max(self._max, other._max)
+        self._total += other._total
+        self._zeros += other._zeros
+        self._batch_ranges = self._batch_ranges + other._batch_ranges
+        widths = [obs._width for obs, _ in sources if obs._width is not None]
+        if not widths:
+            return  # zeros only, on both sides
+        lo = min(self._min, 0.0)
+        width = self._smallest_width(lo, max(self._max, 0.0), max(widths))
+        start = int(math.floor(lo / width))
+        counts = np.zeros(self.num_bins, dtype=np.int64)
+        for obs, total in sources:
+            if obs._width is None:
+                counts[-start] += total  # only zeros: the bin of 0.0
+            else:
+                counts += obs._rebinned(int(width / obs._width), start)
+        self._counts, self._start, self._width = counts, start, width
 
     def _nonzero_counts(self) -> np.ndarray:
         """The window's counts without the exact zeros (which any grid represents exactly)."""

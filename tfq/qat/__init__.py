@@ -39,6 +39,7 @@ def quantize_model(
     calibration: str = "minmax",
     num_calibration_samples: int | None = 512,
     warn_unknown: bool = True,
+    bn_folding: str = "unfolded",
     **calibration_params,
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite will quantize; the caller's is untouched.
@@ -91,7 +92,8 @@ def quantize_model(
     r = load_recipe(recipe if recipe is not None else "qat_int8")
     if decay is None:
         decay = float(r.calibration_params.get("decay", 0.999))
-    qmodel = rewrite_model(model, r, range_mode=range_mode, decay=decay, warn_unknown=warn_unknown)
+    qmodel = rewrite_model(model, r, range_mode=range_mode, decay=decay, warn_unknown=warn_unknown,
+                           bn_folding=bn_folding)
     if calibration_data is not None:
         cal = calibrate(qmodel, calibration_data, calibration, num_samples=num_calibration_samples,
                         **calibration_params)

@@ -32,6 +32,12 @@ __all__ = [
 
 RANGE_MODES = ("fixed", "moving_average", "learned")
 
+# How a folded BatchNormalization gets its batch statistics in training (see QuantizedLayer).
+BN_FOLDING = ("unfolded", "one_pass", "two_pass")
+_TINY = 1e-30
+import os as _os
+_EXPERIMENT = {k: True for k in _os.environ.get("TFQ_EXP", "").split(",") if k}
+
 # While calibrating (see :func:`observing`), quantizers feed observers and pass data through
 # unchanged, and weights stay float: statistics are those of the float model, as in TFLite.
 _OBSERVERS: dict[int, object] | None = None
@@ -82,6 +88,18 @@ WEIGHTED_LAYER_TYPES = (
     keras.layers.Conv1DTranspose,
     keras.layers.Conv2DTranspose,
 )
+
+
+def _no_autocast(kwargs: dict) -> dict:
+    """Layer kwargs with Keras autocasting off: under a mixed-precision policy the quantization
+    maths (ranges, fake-quant, BN folding) stay float32; :class:`QuantizedLayer` runs only its op
+    in the compute dtype."""
+    return dict(kwargs, autocast=False)
+
+
+def _compute_dtype(layer) -> str:
+    """The compute dtype of a wrapped layer (float16/bfloat16 under a mixed-precision policy)."""
+    return keras.backend.standardize_dtype(getattr(layer, "compute_dtype", "float32"))
 
 
 def activation_name(activation) -> str:
@@ -156,7 +174,7 @@ class ActivationQuantizer(keras.layers.Layer):
         fixed_range: tuple[float, float] | None = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(**_no_autocast(kwargs))
         if mode not in RANGE_MODES:
             raise ValueError(f"ActivationQuantizer mode must be one of {RANGE_MODES}. Received: mode={mode!r}")
         if not 0.0 < float(decay) < 1.0:
@@ -238,30 +256,40 @@ class ActivationQuantizer(keras.layers.Layer):
             lo, hi = ops.prepare_range(*self.fixed_range, symmetric=self.symmetric,
                                        narrow_range=self.narrow_range, bits=self.bits)
             return ops.fake_quant(x, float(lo), float(hi), self.bits, self.narrow_range)
+        if training and _EXPERIMENT.get("noafq"):
+            return x
         if training and self.mode == "moving_average":
-            self._update_moving_average(x)
+            # The update initialises the range on the first batch, so no pass-through select.
+            lo, hi = self._usable_range(*self._update_moving_average(x))
+            return ops.fake_quant(x, lo, hi, self.bits, self.narrow_range)
         lo, hi = self._usable_range(tf.convert_to_tensor(self.range_min), tf.convert_to_tensor(self.range_max))
         quantized = ops.fake_quant(x, lo, hi, self.bits, self.narrow_range)
         return tf.where(self.initialized > 0.5, quantized, x)
 
     def _update_moving_average(self, x):
-        batch_min = tf.reduce_min(x)
-        batch_max = tf.reduce_max(x)
+        """Updates the range from the batch and returns it (min, max), not differentiated."""
+        batch_min = tf.reduce_min(tf.stop_gradient(x))
+        batch_max = tf.reduce_max(tf.stop_gradient(x))
         # Under tf.distribute every replica sees its own slice of the batch: use the global
         # min/max so that all replicas keep the same range.
-        batch_min = -_replica_max(-batch_min)
-        batch_max = _replica_max(batch_max)
-        first = self.initialized < 0.5
-        frozen = self.frozen > 0.5
-        d = self.decay
-        new_min = tf.where(first, batch_min, d * self.range_min + (1.0 - d) * batch_min)
-        new_max = tf.where(first, batch_max, d * self.range_max + (1.0 - d) * batch_max)
-        self.range_min.assign(tf.where(frozen, tf.convert_to_tensor(self.range_min), new_min))
-        self.range_max.assign(tf.where(frozen, tf.convert_to_tensor(self.range_max), new_max))
-        self.initialized.assign(tf.where(frozen, tf.convert_to_tensor(self.initialized), 1.0))
+        if _replica_context() is not None:
+            batch_min = -_replica_max(-batch_min)
+            batch_max = _replica_max(batch_max)
+        # weight of the old range: 0 on the first batch (even if frozen), 1 once frozen, else decay
+        old_weight = tf.where(self.initialized < 0.5, 0.0, tf.where(self.frozen > 0.5, 1.0, self.decay))
+        new_min = old_weight * self.range_min + (1.0 - old_weight) * batch_min
+        new_max = old_weight * self.range_max + (1.0 - old_weight) * batch_max
+        self.range_min.assign(new_min)
+        self.range_max.assign(new_max)
+        self.initialized.assign(1.0)
+        return new_min, new_max
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def compute_output_spec(self, inputs, training=None):
+        # float32 under any dtype policy (mixed precision): the quantization maths are float32.
+        return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype="float32")
 
     def get_config(self):
         config = super().get_config()
@@ -370,6 +398,7 @@ class QuantizedLayer(keras.layers.Layer):
         intermediate_quantizer: dict | None = None,
         float_weights: bool = False,
         bn_frozen: bool = False,
+        bn_folding: str = "unfolded",
         **kwargs,
     ):
         if isinstance(layer, dict):
@@ -386,7 +415,7 @@ class QuantizedLayer(keras.layers.Layer):
                 f"batchnorm must be a BatchNormalization layer or None. Received: {type(batchnorm).__name__}"
             )
         kwargs.setdefault("name", f"{layer.name}_quant")
-        super().__init__(**kwargs)
+        super().__init__(**_no_autocast(kwargs))
         self.layer = layer
         self.batchnorm = batchnorm
         act = activation if activation is not None else activation_name(layer.activation)
@@ -398,6 +427,9 @@ class QuantizedLayer(keras.layers.Layer):
         self.weight_narrow_range = bool(weight_narrow_range)
         self.float_weights = bool(float_weights)
         self._bn_frozen_initial = bool(bn_frozen)
+        if bn_folding not in BN_FOLDING:
+            raise ValueError(f"bn_folding must be one of {BN_FOLDING}. Received: bn_folding={bn_folding!r}")
+        self.bn_folding = bn_folding
         self.output_quantizer = self._make_quantizer(output_quantizer, "output")
         fused = self.activation in FUSABLE_ACTIVATIONS
         self.pre_activation_quantizer = (
@@ -454,13 +486,15 @@ class QuantizedLayer(keras.layers.Layer):
     # -- weights ---------------------------------------------------------------------------------
     def _quantize_kernel(self, kernel, axis):
         """Symmetric fake-quant of ``kernel``, per channel along ``axis``."""
-        if self.float_weights or _OBSERVERS is not None:
+        if self.float_weights or _OBSERVERS is not None or _EXPERIMENT.get("nowfq"):
             return kernel
         bits, narrow = self.weight_bits, self.weight_narrow_range
         qmin, qmax = ops.qrange(bits, signed=True, narrow_range=narrow)
         ratio = qmax / -qmin
+        # The range follows the weights but is not differentiated: straight-through, as the
+        # gradient of max|W| would only add ops on the kernel (no weight lies outside it).
         if not self.per_channel:
-            m = tf.maximum(tf.reduce_max(tf.abs(kernel)), ops.MIN_RANGE)
+            m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(kernel)), ops.MIN_RANGE))
             return ops.fake_quant(kernel, -m, m * ratio, bits, narrow)
         rank = len(kernel.shape)
         axis = axis % rank
@@ -468,7 +502,7 @@ class QuantizedLayer(keras.layers.Layer):
         if axis != rank - 1:
             perm = [i for i in range(rank) if i != axis] + [axis]
             kernel = tf.transpose(kernel, perm)
-        m = tf.maximum(tf.reduce_max(tf.abs(kernel), axis=list(range(rank - 1))), ops.MIN_RANGE)
+        m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(kernel), axis=list(range(rank - 1))), ops.MIN_RANGE))
         q = ops.fake_quant(kernel, -m, m * ratio, bits, narrow, per_channel=True)
         if perm is not None:
             q = tf.transpose(q, np.argsort(perm))
@@ -508,7 +542,18 @@ class QuantizedLayer(keras.layers.Layer):
         return tf.squeeze(y, self._spatial_axis())
 
     def _linear(self, x, kernel):
-        """Runs the layer's op with ``kernel`` (already scaled/quantized), no bias."""
+        """Runs the layer's op with ``kernel`` (already scaled/quantized), no bias; float32 out.
+
+        Under a mixed-precision policy the op runs in the wrapped layer's compute dtype (the
+        fake-quantized kernel and the input are cast to it) and its output is cast back to float32.
+        """
+        dtype = _compute_dtype(self.layer)
+        if dtype == "float32":
+            return self._linear_op(x, kernel)
+        y = self._linear_op(tf.cast(x, dtype), tf.cast(kernel, dtype))
+        return tf.cast(y, tf.float32)
+
+    def _linear_op(self, x, kernel):
         layer = self.layer
         if isinstance(layer, keras.layers.Dense):
             return keras.ops.matmul(x, kernel)
@@ -599,7 +644,9 @@ class QuantizedLayer(keras.layers.Layer):
             args = dict(strides=(1, layer.strides[0]), dilation_rate=(1, layer.dilation_rate[0]),
                         padding="valid" if layer.padding == "causal" else layer.padding,
                         data_format=layer.data_format)
-        y = keras.ops.depthwise_conv(x, self._fq_depthwise(dk), **args)
+        dtype = _compute_dtype(layer)
+        y = keras.ops.depthwise_conv(tf.cast(x, dtype), tf.cast(self._fq_depthwise(dk), dtype), **args)
+        y = tf.cast(y, tf.float32)
         if self.intermediate_quantizer is not None:
             y = self.intermediate_quantizer(y, training=training)
         return y
@@ -610,33 +657,70 @@ class QuantizedLayer(keras.layers.Layer):
         beta = bn.beta if bn.center else tf.zeros_like(bn.moving_mean)
         moving_mean = tf.convert_to_tensor(bn.moving_mean)
         moving_var = tf.convert_to_tensor(bn.moving_variance)
-        sigma = tf.sqrt(moving_var + bn.epsilon)
         b = bias if bias is not None else tf.zeros_like(moving_mean)
-        y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, gamma / sigma, axis), axis))
-        rank = len(y.shape)
-        if not training:
-            return y + self._channel_vector(beta + (b - moving_mean) * gamma / sigma, rank)
+        factor = gamma * tf.math.rsqrt(moving_var + bn.epsilon)  # γ / σ
+        if not training or self._bn_frozen_initial:
+            # As exported (and once frozen): W·γ/σ folded into the weights, one op, no statistics.
+            # A frozen layer is traced without the batch-statistics ops; the flag variable
+            # still rules inside a step traced before the freeze (see the branches below).
+            y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis))
+            return y + self._channel_vector(beta + (b - moving_mean) * factor, len(y.shape))
+        mode = self.bn_folding
+        if mode == "unfolded" and not (self.per_channel or self.float_weights):
+            mode = "one_pass"  # per-tensor weights: fq(W)·γ/σ is not on the grid of fq(W·γ/σ)
         frozen = self.bn_frozen_flag > 0.5
+        if mode == "unfolded":
+            # BN after the op on fq(W), as Keras trains it: per output channel fq(W)·γ/σ equals
+            # fq(W·γ/σ) (the channel's scale absorbs the factor), so this is the folded layer.
+            y = self._linear(x, self._quantize_any(kernel, axis))
+            rank = len(y.shape)
+            if bias is not None:
+                y = y + self._channel_vector(bias, rank)
+            mean, var = tf.nn.moments(y, axes=self._reduce_axes(rank))
+            self._update_moving_statistics(frozen, mean, var, moving_mean, moving_var)
+            mean, var = tf.where(frozen, moving_mean, mean), tf.where(frozen, moving_var, var)
+            scale = gamma * tf.math.rsqrt(var + bn.epsilon)
+            return y * self._channel_vector(scale, rank) + self._channel_vector(beta - mean * scale, rank)
+        y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis))
+        rank = len(y.shape)
+        if mode == "one_pass":
+            # y = (x ⊛ W)·γ/σ up to weight rounding: its moments are the batch's, scaled by γ/σ.
+            # σ/σ_B = |γ| / sqrt(var_y + ε·(γ/σ)²) needs no division by γ (γ = 0 gives y = 0).
+            mean_y, var_y = tf.nn.moments(y, axes=self._reduce_axes(rank))
+            factor2 = tf.square(factor)
+            self._update_moving_statistics(frozen, tf.math.divide_no_nan(mean_y, factor) + b,
+                                           tf.math.divide_no_nan(var_y, factor2), moving_mean, moving_var)
+            ratio = tf.where(frozen, 1.0, tf.abs(gamma) * tf.math.rsqrt(var_y + bn.epsilon * factor2 + _TINY))
+            offset = tf.where(frozen, beta + (b - moving_mean) * factor, beta - mean_y * ratio)
+            return y * self._channel_vector(ratio, rank) + self._channel_vector(offset, rank)
+        # two_pass: the batch moments of the unquantized op x ⊛ W + b, from a second op.
+        mean, var = tf.nn.moments(self._linear(x, kernel), axes=self._reduce_axes(rank))
+        mean = mean + b
+        self._update_moving_statistics(frozen, mean, var, moving_mean, moving_var)
+        mean, var = tf.where(frozen, moving_mean, mean), tf.where(frozen, moving_var, var)
+        inv_sigma_b = tf.math.rsqrt(var + bn.epsilon)
+        y = y * self._channel_vector(inv_sigma_b / tf.math.rsqrt(moving_var + bn.epsilon), rank)  # σ / σ_B
+        return y + self._channel_vector(beta + (b - mean) * gamma * inv_sigma_b, rank)
+
+    def _reduce_axes(self, rank: int) -> list[int]:
         channel_axis = rank - 1 if self._channels_last() else 1
-        reduce_axes = [i for i in range(rank) if i != channel_axis]
+        return [i for i in range(rank) if i != channel_axis]
 
-        def batch_moments():
-            mean, var = tf.nn.moments(self._linear(x, kernel), axes=reduce_axes)  # no bias: μ_B = mean + b
-            return mean + b, var
-
-        # The extra (unquantized) op runs only while the statistics are not frozen. No replica
-        # synchronisation inside the branch: tf.distribute does not allow it in control flow.
-        batch_mean, batch_var = tf.cond(frozen, lambda: (moving_mean, moving_var), batch_moments)
-        global_mean, global_var = _replica_moments(batch_mean, batch_var)
+    def _update_moving_statistics(self, frozen, mean, var, moving_mean, moving_var) -> None:
+        """``μ ← m·μ + (1 − m)·μ_B`` (same for the variance) unless frozen; moments of the global
+        batch under ``tf.distribute`` (synchronised outside any control flow)."""
+        bn = self.batchnorm
+        global_mean, global_var = _replica_moments(mean, var)
         m = bn.momentum
         bn.moving_mean.assign(tf.where(frozen, moving_mean, moving_mean * m + global_mean * (1.0 - m)))
         bn.moving_variance.assign(tf.where(frozen, moving_var, moving_var * m + global_var * (1.0 - m)))
-        sigma_b = tf.sqrt(batch_var + bn.epsilon)
-        y = y * self._channel_vector(sigma / sigma_b, rank)
-        return y + self._channel_vector(beta + (b - batch_mean) * gamma / sigma_b, rank)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, inputs, training=None):
+        # float32 under any dtype policy (mixed precision): the quantization maths are float32.
+        return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype="float32")
 
     def get_config(self):
         config = super().get_config()
@@ -656,6 +740,7 @@ class QuantizedLayer(keras.layers.Layer):
             ),
             float_weights=self.float_weights,
             bn_frozen=self.bn_frozen,
+            bn_folding=self.bn_folding,
         )
         return config
 
@@ -692,7 +777,7 @@ class QuantizedNormalization(keras.layers.Layer):
                 f"QuantizedNormalization wraps BatchNormalization or Normalization. Received: {type(layer).__name__}"
             )
         kwargs.setdefault("name", f"{layer.name}_quant")
-        super().__init__(**kwargs)
+        super().__init__(**_no_autocast(kwargs))
         self.layer = layer
         self._bn_frozen_initial = bool(bn_frozen)
         self.intermediate_quantizer = QuantizedLayer._make_quantizer(self, intermediate_quantizer, "scale")
@@ -749,7 +834,7 @@ class QuantizedNormalization(keras.layers.Layer):
         moving_mean = tf.convert_to_tensor(layer.moving_mean)
         moving_var = tf.convert_to_tensor(layer.moving_variance)
         mean, var = moving_mean, moving_var
-        if training:
+        if training and not self._bn_frozen_initial:  # frozen: traced without the statistics ops
             frozen = self.bn_frozen_flag > 0.5
             reduce_axes = [i for i in range(rank) if i != layer.axis % rank]
             mean, var = tf.cond(frozen, lambda: (moving_mean, moving_var),
@@ -773,7 +858,7 @@ class QuantizedNormalization(keras.layers.Layer):
         return ops.fake_quant(v, lo, hi, 8)
 
     def call(self, inputs, training=None):
-        x = tf.convert_to_tensor(inputs)
+        x = tf.cast(tf.convert_to_tensor(inputs), tf.float32)  # float32 maths, also under mixed precision
         scale, offset = self._scale_offset(x, training)
         if self.intermediate_quantizer is not None:
             scale, offset = self._fq_constant(scale), self._fq_constant(offset)
@@ -787,6 +872,10 @@ class QuantizedNormalization(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def compute_output_spec(self, inputs, training=None):
+        # float32 under any dtype policy (mixed precision): the quantization maths are float32.
+        return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype="float32")
 
     def get_config(self):
         config = super().get_config()

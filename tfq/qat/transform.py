@@ -30,6 +30,7 @@ import keras
 
 from tfq.qat import registry
 from tfq.qat.layers import (
+    BN_FOLDING,
     FUSABLE_ACTIVATIONS,
     INT8_ACTIVATIONS,
     ActivationQuantizer,
@@ -61,10 +62,23 @@ def _fusable_activation(layer) -> str | None:
     return None
 
 
-def _copy_layer(layer):
+def _copy_layer(layer, float32: bool = False):
     if not isinstance(layer, keras.layers.Layer):  # a stateless keras.ops operation node
         return layer
-    return layer.__class__.from_config(layer.get_config())
+    config = layer.get_config()
+    return layer.__class__.from_config(_float32_config(layer, config) if float32 else config)
+
+
+def _float32_config(layer, config: dict) -> dict:
+    """``config`` with a mixed-precision dtype policy replaced by float32 (for export: TFLite's
+    integer kernels take float32 graphs; a float16 compute dtype would add float CAST ops)."""
+    policy = getattr(layer, "dtype_policy", None)
+    if policy is None or isinstance(layer, keras.layers.InputLayer) or "dtype" not in config:
+        return config
+    if keras.backend.standardize_dtype(policy.compute_dtype) in ("float16", "bfloat16") \
+            and keras.backend.standardize_dtype(policy.variable_dtype) == "float32":
+        return dict(config, dtype="float32")
+    return config
 
 
 def _copy_weights(src, dst) -> None:
@@ -87,8 +101,9 @@ class _Produced:
 
 class _Rewriter:
     def __init__(self, recipe: Recipe, range_mode: str, decay: float, warn_unknown: bool,
-                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset()):
+                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset(), bn_folding: str = "unfolded"):
         self.recipe = recipe
+        self.bn_folding = bn_folding
         self.range_mode = range_mode
         self.decay = decay
         self.warn_unknown = warn_unknown
@@ -348,6 +363,7 @@ class _Rewriter:
             pre_activation_quantizer=self._quantizer_config(act_spec),
             name=(batchnorm.name if batchnorm is not None and activation is None else layer.name)
             if activation is None else layer.name,
+            bn_folding=self.bn_folding,
         )
         out = wrapper(x)
         _copy_weights(layer, inner)
@@ -417,6 +433,7 @@ def rewrite_model(
     decay: float = 0.999,
     quantize_inputs: bool = True,
     warn_unknown: bool = True,
+    bn_folding: str = "unfolded",
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite quantizes (see module docstring).
 
@@ -428,11 +445,15 @@ def rewrite_model(
         decay: moving-average decay.
         quantize_inputs: add quantizers on the model inputs.
         warn_unknown: warn about layers that stay float because tfq has no rule for them.
+        bn_folding: how a folded BatchNormalization gets its batch statistics in training,
+            ``"one_pass"`` or ``"two_pass"`` (see :class:`~tfq.qat.QuantizedLayer`).
 
     Returns:
         A new ``keras.Model``; the caller's model is untouched.
     """
     recipe = load_recipe(recipe if recipe is not None else "int8")
+    if bn_folding not in BN_FOLDING:
+        raise ValueError(f"bn_folding must be one of {BN_FOLDING}. Received: bn_folding={bn_folding!r}")
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model. Received: {type(model).__name__}")
     # The first pass learns the graph's consumers; a second pass (needed only if a fusion would
@@ -441,7 +462,7 @@ def rewrite_model(
     no_fuse: frozenset = frozenset()
     concat_fed: frozenset = frozenset()
     for _ in range(_MAX_PASSES):
-        rewriter = _Rewriter(recipe, range_mode, decay, warn_unknown, no_fuse, concat_fed)
+        rewriter = _Rewriter(recipe, range_mode, decay, warn_unknown, no_fuse, concat_fed, bn_folding)
         try:
             new = rewriter.rewrite(model, quantize_inputs=quantize_inputs)
         except ValueError:
@@ -549,19 +570,19 @@ def freeze_model(
                            ("intermediate_quantizer", layer.intermediate_quantizer)):
                 if q is not None:
                     config[key] = fixed(q)
-            config["layer"] = _copy_layer(layer.layer)
-            config["batchnorm"] = _copy_layer(layer.batchnorm) if layer.batchnorm is not None else None
-            new = QuantizedLayer.from_config(config)
+            config["layer"] = _copy_layer(layer.layer, float32=True)
+            config["batchnorm"] = _copy_layer(layer.batchnorm, float32=True) if layer.batchnorm is not None else None
+            new = QuantizedLayer.from_config(_float32_config(layer, config))
         elif isinstance(layer, QuantizedNormalization):
             config = layer.get_config()
             for key, q in (("output_quantizer", layer.output_quantizer),
                            ("intermediate_quantizer", layer.intermediate_quantizer)):
                 if q is not None:
                     config[key] = fixed(q)
-            config["layer"] = _copy_layer(layer.layer)
-            new = QuantizedNormalization.from_config(config)
+            config["layer"] = _copy_layer(layer.layer, float32=True)
+            new = QuantizedNormalization.from_config(_float32_config(layer, config))
         else:
-            new = _copy_layer(layer)
+            new = _copy_layer(layer, float32=True)
         sources[id(new)] = layer
         return new
 
@@ -572,7 +593,7 @@ def freeze_model(
         if strip and isinstance(layer, QuantizedLayer):
             return _float_call(source, args[0])
         if strip and isinstance(layer, QuantizedNormalization):
-            inner = _copy_layer(source.layer)
+            inner = _copy_layer(source.layer, float32=True)
             out = inner(args[0])
             _copy_weights(source.layer, inner)
             return out
@@ -592,17 +613,17 @@ def freeze_model(
 
 def _float_call(wrapper: QuantizedLayer, x):
     """The float computation of a :class:`QuantizedLayer`: layer, then BN, then activation."""
-    config = wrapper.layer.get_config()
+    config = _float32_config(wrapper.layer, wrapper.layer.get_config())
     config["activation"] = "linear"
     inner = wrapper.layer.__class__.from_config(config)
     y = inner(x)
     _copy_weights(wrapper.layer, inner)
     if wrapper.batchnorm is not None:
-        bn = _copy_layer(wrapper.batchnorm)
+        bn = _copy_layer(wrapper.batchnorm, float32=True)
         y = bn(y)
         _copy_weights(wrapper.batchnorm, bn)
     if wrapper.activation != "linear":
-        y = keras.layers.Activation(wrapper.activation, name=f"{wrapper.name}_activation")(y)
+        y = keras.layers.Activation(wrapper.activation, name=f"{wrapper.name}_activation", dtype="float32")(y)
     return y
 
 

@@ -1,0 +1,191 @@
+"""QAT training paths: the three BatchNorm folding modes, frozen-BN tracing, mixed precision.
+
+Folding modes are checked against Keras' own Conv → BatchNormalization (float weights, so the
+results must agree to float32 rounding); mixed-precision QAT is checked by exporting and running
+the INT8 model through LiteRT against a float32-policy run from the same weights.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfq
+import tfq.callbacks
+import tfq.qat
+from tfq.qat.layers import BN_FOLDING, QuantizedLayer
+
+L = keras.layers
+
+
+def _layer_and_reference(kind: str, rng):
+    """(our copy, Keras reference) of a weighted layer with a bias, an input, the BN input shape and channels."""
+    if kind == "conv":
+        make, x, channels = (lambda: L.Conv2D(4, 3)), rng.normal(size=(6, 7, 7, 3)), 4
+    elif kind == "depthwise":
+        make, x, channels = (lambda: L.DepthwiseConv2D(3)), rng.normal(size=(6, 7, 7, 3)), 3
+    else:
+        make, x, channels = (lambda: L.Dense(4)), rng.normal(size=(16, 5)), 4
+    x = x.astype("float32")
+    ours, ref = make(), make()
+    ref(x)
+    ours.build(x.shape)
+    ours.set_weights(ref.get_weights())
+    ours.bias.assign(rng.normal(size=channels).astype("float32"))  # a bias: the batch mean includes it
+    ref.bias.assign(ours.bias)
+    return ours, ref, x, channels
+
+
+def _batchnorms(channels: int, shape, rng):
+    bn, ref = L.BatchNormalization(momentum=0.8), L.BatchNormalization(momentum=0.8)
+    bn.build(shape)
+    ref.build(shape)
+    gamma = rng.uniform(0.5, 2.0, channels) * np.where(np.arange(channels) % 2, -1.0, 1.0)  # negative γ too
+    stats = [gamma, rng.normal(size=channels), rng.normal(size=channels), rng.uniform(0.5, 2.0, channels)]
+    bn.set_weights([s.astype("float32") for s in stats])
+    ref.set_weights([s.astype("float32") for s in stats])
+    return bn, ref
+
+
+@pytest.mark.parametrize("mode", BN_FOLDING)
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "dense"])
+def test_every_folding_mode_trains_as_keras_layer_then_batchnorm(mode, kind):
+    rng = np.random.default_rng(1)
+    layer, ref_layer, x, channels = _layer_and_reference(kind, rng)
+    bn, ref_bn = _batchnorms(channels, ref_layer(x).shape, rng)
+    folded = QuantizedLayer(layer, batchnorm=bn, float_weights=True, output_quantizer=None, bn_folding=mode)
+    for training in (True, False):  # batch statistics, then the moving ones (the exported, folded form)
+        np.testing.assert_allclose(folded(x, training=training).numpy(),
+                                   ref_bn(ref_layer(x), training=training).numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), ref_bn.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), ref_bn.moving_variance.numpy(), rtol=1e-6, atol=1e-6)
+    # Freezing through the variable inside a step traced before the freeze: moving statistics are
+    # used and kept, exactly as the folded inference form.
+    step = tf.function(lambda v: folded(v, training=True))
+    step(x)
+    folded.bn_frozen_flag.assign(1.0)
+    before = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    np.testing.assert_allclose(step(x).numpy(), folded(x, training=False).numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
+
+
+def test_unfolded_training_sees_the_weights_the_folded_layer_exports():
+    """Per output channel, fq(W)·γ/σ = fq(W·γ/σ): the channel's scale absorbs the factor."""
+    rng = np.random.default_rng(2)
+    layer, ref_layer, x, channels = _layer_and_reference("conv", rng)
+    bn, _ = _batchnorms(channels, ref_layer(x).shape, rng)
+    unfolded = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None, bn_folding="unfolded")
+    unfolded(x, training=False)
+    unfolded.bn_frozen_flag.assign(1.0)  # variable only: the traced training graph stays unfolded
+    trained_form = tf.function(lambda v: unfolded(v, training=True))(x).numpy()
+    exported_form = unfolded(x, training=False).numpy()  # conv on fq(W·γ/σ), as in the .tflite
+    np.testing.assert_allclose(trained_form, exported_form, rtol=1e-5, atol=1e-5)
+    # A weight step of the grid is far larger than that difference: the grids are the same.
+    step = np.abs(layer.kernel.numpy()).max() / 127
+    assert np.abs(trained_form - exported_form).max() < 1e-3 * step * np.abs(x).sum(axis=(1, 2, 3)).max()
+
+
+def test_per_tensor_layers_use_one_pass_in_unfolded_mode():
+    outputs = {}
+    for mode in ("unfolded", "one_pass"):
+        keras.utils.set_random_seed(3)
+        layer, ref_layer, x, channels = _layer_and_reference("dense", np.random.default_rng(3))
+        bn, _ = _batchnorms(channels, ref_layer(x).shape, np.random.default_rng(4))
+        q = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None, bn_folding=mode)  # Dense: per-tensor
+        assert not q.per_channel
+        outputs[mode] = q(x, training=True).numpy()
+    np.testing.assert_array_equal(outputs["unfolded"], outputs["one_pass"])
+
+
+def _op_types(layer, x) -> list[str]:
+    graph = tf.function(lambda v: layer(v, training=True)).get_concrete_function(x).graph
+    return [op.type for op in graph.get_operations()]
+
+
+def test_frozen_layers_are_traced_without_batch_statistics_and_fit_retraces_once(trained_cnn, digits):
+    rng = np.random.default_rng(5)
+    layer, ref_layer, x, channels = _layer_and_reference("conv", rng)
+    bn, _ = _batchnorms(channels, ref_layer(x).shape, rng)
+    q = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None)
+    live = _op_types(q, x)
+    assert live.count("Mean") == 2 and "AssignVariableOp" in live  # moments, moving statistics
+    q.bn_frozen = True
+    frozen = _op_types(q, x)
+    assert "Mean" not in frozen and "AssignVariableOp" not in frozen and frozen.count("Conv2D") == 1
+
+    model, _ = trained_cnn
+    (x_train, y_train), _ = digits
+    qat = tfq.qat.quantize_model(model, calibration_data=x_train[:128])
+    qat.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    functions = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: functions.append(qat.train_function))
+    qat.fit(x_train[:128], y_train[:128], epochs=3, batch_size=64, verbose=0,
+            callbacks=[tfq.callbacks.FreezeBatchNorm(1), record])
+    assert functions[0] is not functions[1] and functions[1] is functions[2]  # one re-trace, at the freeze
+    assert all(layer.bn_frozen for layer in tfq.qat.batchnorm_layers_of(qat))
+
+
+def test_bn_folding_is_validated_and_saved(trained_cnn, digits):
+    model, _ = trained_cnn
+    with pytest.raises(ValueError, match="bn_folding must be one of \\('unfolded', 'one_pass', 'two_pass'\\). "
+                                         "Received: bn_folding='fused'"):
+        tfq.qat.quantize_model(model, bn_folding="fused")
+    with pytest.raises(ValueError, match="bn_folding='x'"):
+        QuantizedLayer(L.Dense(2), bn_folding="x")
+    qat = tfq.qat.quantize_model(model, bn_folding="two_pass")
+    layer = qat.get_layer("conv1")
+    assert layer.bn_folding == "two_pass"
+    assert QuantizedLayer.from_config(layer.get_config()).bn_folding == "two_pass"
+    (x_train, _), _ = digits
+    frozen = tfq.qat.freeze_model(tfq.qat.quantize_model(model, calibration_data=x_train[:64], bn_folding="one_pass"))
+    assert frozen.get_layer("conv1").bn_folding == "one_pass"
+
+
+# --- mixed precision ------------------------------------------------------------------------------------
+@pytest.fixture
+def global_policy():
+    """Sets a global dtype policy for one test and restores float32 whatever happens."""
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _qat_int8(model, x, y, policy: str, setter):
+    setter(policy)
+    float_copy = tfq.examples.digits_cnn(input_shape=x.shape[1:])  # built under the policy, as a user would
+    float_copy.set_weights(model.get_weights())
+    keras.utils.set_random_seed(0)
+    qat = tfq.qat.quantize_model(float_copy, calibration_data=x[:256])
+    qat.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    qat.fit(x, y, epochs=1, batch_size=64, verbose=0, shuffle=False)
+    ranges = {n: q.current_range() for n, q in tfq.qat.quantizers_of(qat).items() if q.mode != "fixed"}
+    return qat, tfq.convert(qat, "int8"), ranges
+
+
+@pytest.fixture(scope="module")
+def float32_qat(trained_cnn, digits):
+    (x_train, y_train), _ = digits
+    keras.mixed_precision.set_global_policy("float32")
+    _, content, ranges = _qat_int8(trained_cnn[0], x_train[:640], y_train[:640], "float32",
+                                   keras.mixed_precision.set_global_policy)
+    return content, ranges
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_qat_exports_the_float32_int8_model(policy, trained_cnn, digits, float32_qat,
+                                                            global_policy):
+    (x_train, y_train), (x_test, y_test) = digits
+    qat, content, ranges = _qat_int8(trained_cnn[0], x_train[:640], y_train[:640], policy, global_policy)
+    conv = qat.get_layer("conv1")
+    assert conv.layer.compute_dtype == policy.split("_")[1] and conv.dtype_policy.name == policy  # op in 16 bits
+    assert qat.output.dtype == "float32" and conv.batchnorm.moving_mean.dtype == "float32"
+    reference, reference_ranges = float32_qat
+    assert tfq.inspect_tflite(content).num_float_ops == 0  # export is float32 whatever the policy
+    for name, (lo, hi) in reference_ranges.items():  # float32 ranges, tracked from 16-bit op outputs
+        assert ranges[name] == pytest.approx((lo, hi), rel=0.03, abs=0.02), name
+    ours = tfq.TFLiteModel(content).predict(x_test)
+    theirs = tfq.TFLiteModel(reference).predict(x_test)
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.97
+    assert abs((ours.argmax(1) == y_test).mean() - (theirs.argmax(1) == y_test).mean()) <= 0.02
