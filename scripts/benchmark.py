@@ -1,13 +1,14 @@
 """Benchmark tfq against the plain TFLite converter and tfmot; writes the figures as JSON.
 
-    python scripts/benchmark.py --output=results.json [--models=digits_cnn,mobilenet_style] [--quick]
+    python scripts/benchmark.py --output=results.json [--models=digits_cnn,digits_transformer] [--quick]
 """
 
 from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", "benchmark_results.json", "Where to write the JSON results.")
-flags.DEFINE_list("models", ["digits_cnn", "mobilenet_style"], "Models to benchmark.")
+flags.DEFINE_list("models", ["digits_cnn", "mobilenet_style", "digits_transformer", "digits_lstm"],
+                  "Models to benchmark.")
 flags.DEFINE_integer("num_threads", 2, "Interpreter threads for latency.")
 flags.DEFINE_boolean("quick", False, "Few epochs: a smoke run, figures not meaningful.")
 flags.DEFINE_string("markdown", None, "Optional path for a Markdown table of the main figures.")

@@ -26,13 +26,19 @@ import time
 
 import numpy as np
 
-__all__ = ["run_benchmark", "MODELS"]
+__all__ = ["run_benchmark", "MODELS", "SEQUENCE_MODELS"]
 
 MODELS = {
     "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
     "mobilenet_style": dict(builder="mobilenet_style", image_size=32, epochs=15),
 }
 PTQ_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
+# Models on the digits read as 8 rows of 8 pixels: tokens for a transformer, time steps for an LSTM.
+SEQUENCE_MODELS = {
+    "digits_transformer": dict(builder="digits_transformer", epochs=20),
+    "digits_lstm": dict(builder="digits_lstm", epochs=20),
+}
+SEQUENCE_PTQ_METHODS = ("minmax", "kl", "mse")
 
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -51,8 +57,9 @@ def _tflite_accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return _accuracy(TFLiteModel(content).predict(x, batch_size=256), y)
 
 
-def _plain_converter_int8(model, calib: np.ndarray) -> bytes:
-    """The baseline a user gets without tfq: TFLiteConverter PTQ with a representative dataset."""
+def _plain_converter_int8(model, calib: np.ndarray, allow_float: bool = False) -> bytes:
+    """The baseline a user gets without tfq: TFLiteConverter PTQ with a representative dataset
+    (``allow_float``: ops without an int8 kernel stay float, as the converter's docs suggest)."""
     import tensorflow as tf
 
     def representative():
@@ -63,6 +70,8 @@ def _plain_converter_int8(model, calib: np.ndarray) -> bytes:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if allow_float:
+        converter.target_spec.supported_ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)
     import contextlib
     import io
 
@@ -220,6 +229,80 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log) -> dict:
     return result
 
 
+def _unrolled(model):
+    """The same model with ``unroll=True`` on its recurrent layers: the only form the plain
+    converter can make int8."""
+    import keras
+
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] in ("LSTM", "GRU", "SimpleRNN"):
+            layer["config"]["unroll"] = True
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log) -> dict:
+    """A transformer or LSTM on the digits' rows: the plain converter against tfq PTQ and QAT.
+
+    tfmot has no rule for MultiHeadAttention, LayerNormalization or recurrent layers (tfmot #718,
+    #942, #1114), so it has no row here.
+    """
+    import keras
+
+    import tfq
+    from tfq import examples
+
+    epochs = 2 if quick else spec["epochs"]
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
+    x_train, x_test = x_train[..., 0], x_test[..., 0]
+    keras.utils.set_random_seed(0)
+    model = getattr(examples, spec["builder"])(input_shape=x_train.shape[1:])
+    log(f"{key}: training float model ({epochs} epochs)")
+    examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
+    float_tflite = tfq.convert(model, "float")
+    sample = x_test[:1]
+    float_latency = _latency_ms(float_tflite, sample, threads)
+    result = {"model": key, "params": int(model.count_params()), "input_shape": list(x_train.shape[1:]),
+              "float": {"keras_accuracy": float_acc, "size_bytes": len(float_tflite), "latency_ms": float_latency},
+              "ptq": []}
+    calib = x_train[:300]
+    log(f"{key}: plain converter")
+    start = time.perf_counter()
+    try:
+        content = _plain_converter_int8(model, calib, allow_float=True)
+        name = "tflite_converter_minmax"
+    except Exception as err:  # noqa: BLE001 - recorded: the converter cannot convert Keras's default LSTM
+        result["ptq"].append({"name": "tflite_converter_minmax", "error": str(err).strip().splitlines()[0][:200]})
+        start = time.perf_counter()
+        content = _plain_converter_int8(_unrolled(model), calib, allow_float=True)
+        name = "tflite_converter_minmax_unroll_true"
+    rows = [(name, content, time.perf_counter() - start)]
+    for method in SEQUENCE_PTQ_METHODS:
+        log(f"{key}: tfq PTQ {method}")
+        start = time.perf_counter()
+        content = tfq.convert(model, "int8", calib, calibration=method)
+        rows.append((f"tfq_{method}", content, time.perf_counter() - start))
+    for name, content, seconds in rows:
+        row = _ptq_row(name, content, float_acc, len(float_tflite), float_latency, x_test, y_test, sample, threads,
+                       seconds)
+        row["num_float_ops"] = tfq.inspect_tflite(content).num_float_ops
+        result["ptq"].append(row)
+    log(f"{key}: tfq QAT")
+    qat_epochs = 1 if quick else 2
+    qat = tfq.qat.quantize_model(model, calibration_data=calib)
+    examples.train_model(qat, x_train, y_train, epochs=qat_epochs, seed=0, learning_rate=2e-4)
+    qat_tflite = tfq.convert(qat, "int8")
+    qat_acc = _tflite_accuracy(qat_tflite, x_test, y_test)
+    result["qat"] = [{"name": "tfq_qat", "accuracy": qat_acc, "drop_vs_float": float_acc - qat_acc,
+                      "size_bytes": len(qat_tflite), "epochs": qat_epochs,
+                      "num_float_ops": tfq.inspect_tflite(qat_tflite).num_float_ops},
+                     {"name": "tfmot_qat", "error": "tfmot has no MultiHeadAttention/LayerNormalization/RNN rule"}]
+    return result
+
+
 def _tfmot_in_subprocess(spec: dict, epochs: int, qat_epochs: int) -> dict:
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
     args = json.dumps(dict(spec, epochs=epochs, qat_epochs=qat_epochs))
@@ -262,11 +345,12 @@ def _tfmot_worker(spec: dict) -> dict:
             "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
 
 
-def run_benchmark(models=tuple(MODELS), num_threads: int = 2, quick: bool = False, verbose: bool = True) -> dict:
+def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: int = 2, quick: bool = False,
+                  verbose: bool = True) -> dict:
     """Runs the benchmark and returns the JSON-able results.
 
     Args:
-        models: keys of :data:`MODELS`.
+        models: keys of :data:`MODELS` and :data:`SEQUENCE_MODELS`.
         num_threads: interpreter threads for latency.
         quick: 2 training epochs and 1 QAT epoch (for smoke tests); figures are then not meaningful.
         verbose: print progress.
@@ -279,14 +363,18 @@ def run_benchmark(models=tuple(MODELS), num_threads: int = 2, quick: bool = Fals
         if verbose:
             print(f"[benchmark] {msg}", flush=True)
 
-    unknown = [m for m in models if m not in MODELS]
+    known = {**MODELS, **SEQUENCE_MODELS}
+    unknown = [m for m in models if m not in known]
     if unknown:
-        raise ValueError(f"unknown benchmark model(s) {unknown}; choose from {list(MODELS)}")
+        raise ValueError(f"unknown benchmark model(s) {unknown}; choose from {list(known)}")
     start = time.perf_counter()
     results = {
         "tfq_version": tfq.__version__, "tensorflow": tf.__version__, "python": platform.python_version(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "num_threads": num_threads,
-        "quick": quick, "models": [_bench_model(m, MODELS[m], num_threads, quick, log) for m in models],
+        "quick": quick,
+        "models": [_bench_model(m, MODELS[m], num_threads, quick, log) for m in models if m in MODELS],
+        "sequence_models": [_bench_sequence_model(m, SEQUENCE_MODELS[m], num_threads, quick, log)
+                            for m in models if m in SEQUENCE_MODELS],
     }
     results["seconds"] = time.perf_counter() - start
     return results
@@ -316,4 +404,15 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {m['model']} | tfq.evaluate throughput vs per-sample loop ({ev['samples']} samples; "
                          f"same threads ×{ev['throughput_ratio_same_threads']:.1f}; kernels' ceiling "
                          f"×{ev['ceiling_ratio']:.1f}) | ×{ev['throughput_ratio']:.1f} | | | |")
+    for m in results.get("sequence_models", []):
+        lines.append(f"| {m['model']} | float (Keras) | {m['float']['keras_accuracy']:.4f} | – | 1.00 | 1.00 |")
+        for row in m["ptq"] + m.get("qat", []):
+            if "error" in row:
+                lines.append(f"| {m['model']} | {row['name']} | fails: {row['error'][:70]} | | | |")
+                continue
+            float_ops = f", {row['num_float_ops']} float ops" if row.get("num_float_ops") else ""
+            size = f"{row['size_ratio']:.3f}" if "size_ratio" in row else "–"
+            latency = f"{row['latency_ratio']:.2f}" if "latency_ratio" in row else "–"
+            lines.append(f"| {m['model']} | {row['name']}{float_ops} | {row['accuracy']:.4f} | "
+                         f"{100 * row['drop_vs_float']:.2f} | {size} | {latency} |")
     return "\n".join(lines)

@@ -144,7 +144,7 @@ def calibrate(
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
         >>> tflite = tfq.convert(model, "int8", calibration=cal)                           # doctest: +SKIP
     """
-    from tfq.data import representative_dataset
+    from tfq.data import pack_model_inputs, representative_dataset
     from tfq.models import is_quantized_model, is_tf_keras_model, load_model
     from tfq.observers import create_observer
     from tfq.qat.layers import observing
@@ -162,7 +162,11 @@ def calibrate(
         model = rewrite_model(model, load_recipe(recipe if recipe is not None else "int8"))
     data = representative_dataset(representative_data, num_samples, model=model)
     quantizers = {name: q for name, q in quantizers_of(model).items() if q.mode != "fixed"}
-    observers = {name: create_observer(method, **_observer_params(method, q, params)) for name, q in quantizers.items()}
+    observers = {
+        name: create_observer("minmax", symmetric=q.symmetric) if q.calibration == "minmax"
+        else create_observer(method, **_observer_params(method, q, params))
+        for name, q in quantizers.items()
+    }
     by_id = {id(q): observers[name] for name, q in quantizers.items()}
     start = time.perf_counter()
     total = len(data)
@@ -170,7 +174,7 @@ def calibrate(
     seen = 0
     with observing(by_id):
         for batch in data.batches(batch_size):
-            model(batch if len(batch) > 1 else batch[0], training=False)
+            model(pack_model_inputs(model, batch), training=False)
             seen += len(batch[0])
             if bar is not None:
                 bar.update(seen)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import sys
+import tempfile
 import warnings
 
 import keras
@@ -37,42 +40,87 @@ def _io_type(io_dtype: str):
     return {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16}[io_dtype]
 
 
-def _summarize_converter_error(err: Exception, mode: str) -> str:
-    text = str(err)
+def _summarize_converter_error(text: str, mode: str, model=None) -> str:
+    cause = _first_error_line(text)
+    if "TensorList" in text:
+        rnns = [f"{layer.name!r} ({type(layer).__name__})" for layer in _all_layers(model)
+                if isinstance(layer, keras.layers.RNN)] if model is not None else []
+        where = f"recurrent layer {rnns[0]}" if rnns else "a recurrent layer"
+        return (f"{where} loops over a sequence of unknown length, which TFLite cannot run as int8 (the converter "
+                f"said: {cause}). Give the model a fixed number of time steps (keras.Input(shape=(steps, "
+                f"features))): tfq then unrolls it.")
     op = re.search(r"'(tfl?\.\w+)' op", text)
     op_name = op.group(1) if op else None
     if "neither a custom op nor a flex op" in text or "is not supported" in text or "Failed to" in text:
         hint = (f"op {op_name!r} cannot run in {mode}" if op_name else f"an op cannot run in {mode}")
         return (f"{hint}: keep the layer that makes it in float (float_layers=[...]) or use mode='dynamic'. "
-                f"Converter said: {_first_error_line(text)}")
-    return f"the TFLite converter failed ({_first_error_line(text)})"
+                f"Converter said: {cause}")
+    return f"the TFLite converter failed: {cause}"
 
 
 def _first_error_line(text: str) -> str:
+    """The converter's first error, without the MLIR location that precedes it."""
     for line in text.splitlines():
         if "error:" in line:
-            msg = line.split("error:", 1)[1].strip()
-            return msg[:300]
-    return text.strip().splitlines()[0][:300] if text.strip() else "no message"
+            return " ".join(line.split("error:", 1)[1].split())[:300]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else "no message"
 
 
-def _run_converter(converter, mode: str) -> bytes:
-    # The converter prints its SavedModel export; keep a library call quiet.
+@contextlib.contextmanager
+def _captured_stderr():
+    """Redirects the process's stderr (file descriptor 2, where the converter's C++ code writes its
+    progress and its errors) into a buffer; yields a list that receives the text."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", "replace"))
+
+
+def _run_converter(converter, mode: str, model=None) -> bytes:
+    # The converter prints its SavedModel export and its progress; keep a library call quiet.
     sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
-            # Emitted for every fake-quant graph with integer I/O; the ranges come from the graph.
-            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-            return converter.convert()
-    except Exception as err:  # ConverterError and friends
-        raise ConversionError(_summarize_converter_error(err, mode)) from None
+    failure = None
+    with _captured_stderr() as stderr:
+        try:
+            with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+                # Emitted for every fake-quant graph with integer I/O; the ranges come from the graph.
+                warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+                return converter.convert()
+        except Exception as err:  # ConverterError and friends
+            failure = str(err)
+    raise ConversionError(_summarize_converter_error(failure + "\n" + "".join(stderr), mode, model)) from None
 
 
 def _keras_converter(model: keras.Model):
     tf = _tf()
     if isinstance(model, SavedModelPath):
         return tf.lite.TFLiteConverter.from_saved_model(str(model))
-    return tf.lite.TFLiteConverter.from_keras_model(model)
+    return tf.lite.TFLiteConverter.from_keras_model(_with_list_inputs(model))
+
+
+def _with_list_inputs(model: keras.Model) -> keras.Model:
+    """A model built on a dict of inputs (keras-hub backbones), taking them as a list instead.
+
+    The converter traces a Functional model with its inputs as a list, which such a model
+    refuses; the wrapper's inputs keep the dict's names (the ``.tflite`` signature's input names)
+    in ``model.inputs`` order, so representative data in that order fits it.
+    """
+    structure = model.input if isinstance(model, keras.Model) else None
+    if not isinstance(structure, dict):
+        return model
+    names = sorted(structure)
+    inputs = [keras.Input(batch_shape=structure[k].shape, dtype=structure[k].dtype, name=k) for k in names]
+    return keras.Model(inputs, model(dict(zip(names, inputs))), name=model.name)
 
 
 def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples) -> Recipe:
@@ -200,7 +248,7 @@ def _convert_float_family(model, r: Recipe) -> bytes:
     elif r.mode == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
-    return _run_converter(converter, r.mode)
+    return _run_converter(converter, r.mode, model)
 
 
 def _require_data(data, mode):
@@ -226,13 +274,12 @@ def _convert_int16x8(model, r: Recipe, data) -> bytes:
     if r.io_dtype != "float32":
         converter.inference_input_type = _io_type(r.io_dtype)
         converter.inference_output_type = _io_type(r.io_dtype)
-    return _run_converter(converter, "int16x8")
+    return _run_converter(converter, "int16x8", model)
 
 
 def _convert_int8(model, r: Recipe, data, calibration, params, verbose) -> bytes:
-    from tfq.qat.transform import freeze_model, quantizers_of, rewrite_model
+    from tfq.qat.transform import freeze_model, quantizers_of, rewrite_model, uncovered_layers
 
-    tf = _tf()
     if isinstance(model, SavedModelPath):
         return _convert_saved_model_int8(model, r, data)
     ranges = None
@@ -257,30 +304,75 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose) -> bytes
         ranges = calibrate(qmodel, data, r.calibration, num_samples=r.num_calibration_samples,
                            verbose=verbose, **params).ranges
     frozen = freeze_model(qmodel, ranges)
+    uncovered = uncovered_layers(qmodel)
+    content = _int8_converter_run(frozen, r, data if uncovered else None)
+    float_ops = _unexpected_float_ops(content, r)
+    if float_ops and not uncovered and data is not None:
+        # Some op the converter made has no fake-quant range: let it calibrate that op too.
+        content = _int8_converter_run(frozen, r, data)
+        float_ops = _unexpected_float_ops(content, r)
+    if float_ops and uncovered and data is None:
+        class_name, names = sorted(uncovered.items())[0]
+        raise ValueError(
+            f"layer {names[0]!r} ({class_name}) has inner tensors tfq does not quantize itself (no rule, and its "
+            f"call could not be decomposed), and {len(float_ops)} op(s) stayed float: pass representative_data "
+            f"to tfq.convert, from which the TFLite converter calibrates them."
+        )
+    if float_ops:
+        _warn_float_ops(float_ops, model)
+    return content
+
+
+def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
+    """One TFLite conversion of a frozen fake-quant model.
+
+    Without ``data`` every range comes from the fake-quant ops. With it, the converter also
+    calibrates (MinMax) every tensor that has no fake-quant range — the inside of layers tfq keeps
+    whole — and keeps float only the ops that have no int8 kernel.
+    """
+    from tfq.data import representative_dataset
+
+    tf = _tf()
     converter = _keras_converter(frozen)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.inference_input_type = _io_type(r.io_dtype)
     converter.inference_output_type = _io_type(r.io_dtype)
-    content = _run_converter(converter, "int8")
-    if not (r.float_layers or any(o.float for o in r.overrides)):
-        _check_fully_integer(content)
-    return content
+    if data is not None:
+        converter.representative_dataset = representative_dataset(data, r.num_calibration_samples, model=frozen)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    return _run_converter(converter, "int8", frozen)
 
 
-def _check_fully_integer(content: bytes) -> None:
-    """Refuses an INT8 model in which an op stayed float although no layer was kept float."""
+def _unexpected_float_ops(content: bytes, r: Recipe) -> list:
+    """Float compute ops of an INT8 model, unless the recipe keeps some layers float."""
     from tfq.inspect import inspect_tflite
 
+    if r.float_layers or any(o.float for o in r.overrides):
+        return []
     info = inspect_tflite(content)
-    if info.float_ops:
-        names = sorted({op.type for op in info.float_ops})
-        tensor = info.tensors[info.float_ops[0].outputs[0]].name if info.float_ops[0].outputs else "?"
-        raise ConversionError(
-            f"{len(info.float_ops)} op(s) could not be made int8 ({', '.join(names)}; first output tensor "
-            f"{tensor!r}): the layer that makes it has no int8 rule or no int8 TFLite kernel (tfq warned about it "
-            f"when rewriting). Accept it as float (float_layers=[...]), register a rule "
-            f"(tfq.qat.register_layer), or use mode='dynamic'."
-        )
+    return [(op, info.tensors[op.outputs[0]].name if op.outputs else "?") for op in info.float_ops]
+
+
+def _warn_float_ops(float_ops, model) -> None:
+    """One warning: the ops TFLite could not make int8 (no int8 kernel), with the layers they come from."""
+    layer_names = sorted((layer.name for layer in _all_layers(model)), key=len, reverse=True)
+    by_type: dict[str, set] = {}
+    for op, tensor in float_ops:
+        layer = next((n for n in layer_names if n in tensor), tensor)
+        by_type.setdefault(op.type, set()).add(layer)
+    detail = "; ".join(f"{t} in {', '.join(sorted(v)[:4])}" for t, v in sorted(by_type.items()))
+    warnings.warn(
+        f"tfq: {len(float_ops)} op(s) stay float because TFLite has no int8 kernel for them ({detail}). The rest "
+        f"of the model is int8; list those layers in float_layers to accept this, or replace them.",
+        stacklevel=3,
+    )
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
 
 
 def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:

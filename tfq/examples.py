@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import keras
 
-__all__ = ["digits_cnn", "mobilenet_style", "train_digits_cnn", "train_model"]
+__all__ = ["PositionEmbedding", "digits_cnn", "digits_lstm", "digits_transformer", "mobilenet_style",
+           "train_digits_cnn", "train_model"]
 
 
 def digits_cnn(input_shape=(8, 8, 1), num_classes: int = 10, name: str = "digits_cnn", keras_module=None):
@@ -53,6 +54,55 @@ def mobilenet_style(input_shape=(32, 32, 1), num_classes: int = 10, width: int =
     x = km.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = km.layers.Dense(num_classes, activation="softmax", name="probs")(x)
     return km.Model(inputs, outputs, name=name)
+
+
+@keras.saving.register_keras_serializable(package="tfq_examples")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learned vector per position: ``y[:, t] = x[:, t] + p[t]`` (a user-style custom layer)."""
+
+    def build(self, input_shape):
+        self.position = self.add_weight(name="position", shape=tuple(input_shape[1:]),
+                                        initializer=keras.initializers.RandomNormal(stddev=0.02))
+
+    def call(self, x):
+        return x + self.position
+
+
+def digits_transformer(input_shape=(8, 8), num_classes: int = 10, dim: int = 32, heads: int = 4,
+                       depth: int = 2, name: str = "digits_transformer"):
+    """A small pre-norm transformer encoder reading a digit's 8 pixel rows as 8 tokens.
+
+    Token projection (Dense), learned position embedding, ``depth`` blocks of
+    LayerNormalization → MultiHeadAttention → residual add → LayerNormalization → Dense-GELU →
+    Dense → residual add, a final LayerNormalization, mean over tokens and a softmax head.
+    """
+    inputs = keras.Input(input_shape, name="rows")
+    x = keras.layers.Dense(dim, name="embed")(inputs)
+    x = PositionEmbedding(name="position")(x)
+    for i in range(depth):
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_ln1")(x)
+        h = keras.layers.MultiHeadAttention(heads, dim // heads, name=f"block{i}_mha")(h, h)
+        x = keras.layers.Add(name=f"block{i}_res1")([x, h])
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_ln2")(x)
+        h = keras.layers.Dense(2 * dim, activation="gelu", name=f"block{i}_mlp1")(h)
+        h = keras.layers.Dense(dim, name=f"block{i}_mlp2")(h)
+        x = keras.layers.Add(name=f"block{i}_res2")([x, h])
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_ln")(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def digits_lstm(input_shape=(8, 8), num_classes: int = 10, units: int = 32, name: str = "digits_lstm",
+                layer: str = "LSTM"):
+    """Two recurrent layers (``layer``: LSTM, GRU or SimpleRNN, Keras defaults) over a digit's 8
+    pixel rows, then a softmax head."""
+    rnn = getattr(keras.layers, layer)
+    inputs = keras.Input(input_shape, name="rows")
+    x = rnn(units, return_sequences=True, name=f"{layer.lower()}1")(inputs)
+    x = rnn(units, name=f"{layer.lower()}2")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name=name)
 
 
 def train_model(model: keras.Model, x, y, epochs: int = 8, batch_size: int = 32, seed: int = 0,

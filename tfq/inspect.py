@@ -55,8 +55,12 @@ class OpInfo:
 
     @property
     def is_float(self) -> bool:
-        """A compute op on float data (QUANTIZE/DEQUANTIZE at the edges do not count)."""
+        """A compute op on float data. QUANTIZE/DEQUANTIZE at the edges do not count, nor does a
+        CAST of integer data (a mask or ids) to float: it computes nothing, and the converter
+        quantizes its result right after it."""
         if self.type in _BOUNDARY_OPS:
+            return False
+        if self.type == "CAST" and not any(d in _FLOAT_TYPES for d in self.input_dtypes):
             return False
         return any(d in _FLOAT_TYPES for d in self.input_dtypes + self.output_dtypes)
 

@@ -43,8 +43,8 @@ def quantize_model(
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite will quantize; the caller's is untouched.
 
-    Weights of Conv1D/Conv2D/Depthwise/Separable convolutions are fake-quantized per output
-    channel (symmetric, narrow range), Dense and transposed convolutions per tensor; a
+    Weights of convolutions, Dense and EinsumDense layers are fake-quantized per output channel
+    (symmetric, narrow range), transposed convolutions per tensor; a
     BatchNormalization after a weighted layer is folded into it as TFLite folds it (batch
     statistics with correction in training, see :class:`QuantizedLayer`), and a following
     ReLU/ReLU6 is fused. Activations get per-tensor asymmetric ranges, tracked by moving average
@@ -91,7 +91,7 @@ def quantize_model(
     r = load_recipe(recipe if recipe is not None else "qat_int8")
     if decay is None:
         decay = float(r.calibration_params.get("decay", 0.999))
-    qmodel = rewrite_model(model, r, range_mode=range_mode, decay=decay, warn_unknown=warn_unknown)
+    qmodel = rewrite_model(model, r, range_mode=range_mode, decay=decay, warn_unknown=warn_unknown, trainable=True)
     if calibration_data is not None:
         cal = calibrate(qmodel, calibration_data, calibration, num_samples=num_calibration_samples,
                         **calibration_params)

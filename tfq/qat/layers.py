@@ -25,7 +25,9 @@ __all__ = [
     "INT8_ACTIVATIONS",
     "QuantizedLayer",
     "QuantizedNormalization",
+    "QuantizedWeight",
     "RANGE_MODES",
+    "Statistic",
     "WEIGHTED_LAYER_TYPES",
     "observing",
 ]
@@ -81,6 +83,7 @@ WEIGHTED_LAYER_TYPES = (
     keras.layers.SeparableConv2D,
     keras.layers.Conv1DTranspose,
     keras.layers.Conv2DTranspose,
+    keras.layers.EinsumDense,
 )
 
 
@@ -144,6 +147,9 @@ class ActivationQuantizer(keras.layers.Layer):
         mode: one of :data:`RANGE_MODES`.
         decay: moving-average decay in (0, 1).
         fixed_range: ``(min, max)``; required for ``"fixed"``, initial range otherwise.
+        calibration: ``"minmax"`` to calibrate this tensor by MinMax whatever the method (a
+            statistic such as a LayerNormalization variance, where any clipping biases whole
+            tokens); None to follow the calibration method.
     """
 
     def __init__(
@@ -154,9 +160,12 @@ class ActivationQuantizer(keras.layers.Layer):
         mode: str = "moving_average",
         decay: float = 0.999,
         fixed_range: tuple[float, float] | None = None,
+        calibration: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if calibration not in (None, "minmax"):
+            raise ValueError(f"ActivationQuantizer calibration must be None or 'minmax'. Received: {calibration!r}")
         if mode not in RANGE_MODES:
             raise ValueError(f"ActivationQuantizer mode must be one of {RANGE_MODES}. Received: mode={mode!r}")
         if not 0.0 < float(decay) < 1.0:
@@ -175,6 +184,7 @@ class ActivationQuantizer(keras.layers.Layer):
         self.mode = mode
         self.decay = float(decay)
         self.fixed_range = fixed_range
+        self.calibration = calibration
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -272,6 +282,7 @@ class ActivationQuantizer(keras.layers.Layer):
             mode=self.mode,
             decay=self.decay,
             fixed_range=list(self.fixed_range) if self.fixed_range is not None else None,
+            calibration=self.calibration,
         )
         return config
 
@@ -292,8 +303,97 @@ class FloatBarrier(keras.layers.Layer):
         return input_shape
 
 
+class Statistic(keras.layers.Layer):
+    """Identity marking a statistic in a decomposition (a mean, a variance, its rsqrt).
+
+    The rewrite removes it and calibrates the tensor it marks by MinMax: clipping such a tensor
+    biases every value normalised by it.
+    """
+
+    def call(self, inputs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="tfq")
+class QuantizedWeight(keras.layers.Layer):
+    """A variable that an operation reads (``x * self.gamma`` in a layer tfq decomposed), held as a
+    trainable copy and fake-quantized per tensor the way TFLite stores that constant:
+
+    * ``symmetric`` (the weight of a matmul-like op): ``[−m, m]``, ``m = max|v|``, narrow range;
+    * otherwise (a constant operand of MUL, ADD …): ``[min(v, 0), max(v, 0)]``, full range.
+
+    It is called on a tensor of the graph only to be placed in it; its output is ``fq(value)``.
+
+    Args:
+        shape: the variable's shape.
+        symmetric: see above.
+        bits: integer bits.
+        float_weights: no fake-quant (float export modes).
+        value_trainable: whether the copy trains (as the variable it copies did).
+    """
+
+    def __init__(self, shape, symmetric: bool = False, bits: int = 8, float_weights: bool = False,
+                 value_trainable: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        ops.qrange(bits)
+        self.value_shape = tuple(int(d) for d in shape)
+        self.symmetric = bool(symmetric)
+        self.bits = int(bits)
+        self.float_weights = bool(float_weights)
+        self.value_trainable = bool(value_trainable)
+
+    def build(self, input_shape):
+        self.value = self.add_weight(name="value", shape=self.value_shape, initializer="zeros",
+                                     trainable=self.value_trainable)
+        self.built = True
+
+    def call(self, inputs):
+        v = tf.convert_to_tensor(self.value)
+        if self.float_weights or _OBSERVERS is not None:
+            return v
+        if self.symmetric:
+            m = tf.maximum(tf.reduce_max(tf.abs(v)), ops.MIN_RANGE)
+            return ops.fake_quant(v, -m, m, self.bits, narrow_range=True)
+        lo = tf.minimum(tf.reduce_min(v), 0.0)
+        hi = tf.maximum(tf.maximum(tf.reduce_max(v), 0.0), lo + ops.MIN_RANGE)
+        return ops.fake_quant(v, lo, hi, self.bits)
+
+    def compute_output_shape(self, input_shape):
+        return self.value_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(shape=list(self.value_shape), symmetric=self.symmetric, bits=self.bits,
+                      float_weights=self.float_weights, value_trainable=self.value_trainable)
+        return config
+
+
 _TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)
 _SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+# Weights the converter's fake-quant path takes per tensor only (TRANSPOSE_CONV).
+_PER_TENSOR = _TRANSPOSED
+# Per-channel weights the converter's fake-quant path cannot carry through the transpose it inserts
+# for FULLY_CONNECTED ("mismatched quantized axes"): exported as float weights, which the converter
+# quantizes per output channel itself, with the scale the fake-quant used (max|w| / 127).
+_EXPORT_FLOAT_PER_CHANNEL = (keras.layers.Dense, keras.layers.EinsumDense)
+
+
+def _einsum_contraction(equation: str) -> int | None:
+    """``k`` when an einsum ``x, kernel -> y`` is a matmul on 2-D views: the input's last ``k`` axes
+    are the kernel's first ``k`` (same order), and the output is the input's other axes followed
+    by the kernel's remaining ones. None otherwise."""
+    if "." in equation:
+        return None
+    inputs, output = equation.split("->")
+    x_axes, k_axes = inputs.split(",")
+    contracted = [c for c in k_axes if c not in output]
+    k = len(contracted)
+    if k == 0 or list(x_axes[len(x_axes) - k:]) != contracted or list(k_axes[:k]) != contracted:
+        return None
+    return k if output == x_axes[:len(x_axes) - k] + k_axes[k:] else None
 
 
 def _channel_axis(layer) -> int:
@@ -334,10 +434,12 @@ class QuantizedLayer(keras.layers.Layer):
     ``bn_frozen`` is held in a non-trainable variable (not a Python attribute), so freezing
     takes effect inside an already-compiled ``fit`` (see :class:`tfq.callbacks.FreezeBatchNorm`).
 
-    Weights are per output channel for convolutions (the TFLite default). Dense and transposed
-    convolutions are per tensor: the converter's fake-quant path cannot carry a per-channel axis
-    through the transpose it inserts for FULLY_CONNECTED and TRANSPOSE_CONV. Conv1D is computed
-    as a Conv2D of height 1, as TFLite runs it.
+    Weights are per output channel (the TFLite default), but per tensor for transposed
+    convolutions: the converter's fake-quant path cannot carry a per-channel axis through the
+    transpose it inserts for TRANSPOSE_CONV. For FULLY_CONNECTED (Dense, EinsumDense) it cannot
+    either, so those per-channel weights are exported float and the converter quantizes them
+    itself, per output channel with the same ``max|w| / 127`` scale (:attr:`exports_float_weights`).
+    Conv1D is computed as a Conv2D of height 1, as TFLite runs it.
 
     Args:
         layer: the float layer (one of :data:`WEIGHTED_LAYER_TYPES`); used as is (pass a copy).
@@ -394,7 +496,7 @@ class QuantizedLayer(keras.layers.Layer):
         self._activation_fn = keras.activations.get(self.activation)
         ops.qrange(weight_bits)
         self.weight_bits = int(weight_bits)
-        self.per_channel = bool(per_channel) and not isinstance(layer, (keras.layers.Dense, *_TRANSPOSED))
+        self.per_channel = bool(per_channel) and not isinstance(layer, _PER_TENSOR)
         self.weight_narrow_range = bool(weight_narrow_range)
         self.float_weights = bool(float_weights)
         self._bn_frozen_initial = bool(bn_frozen)
@@ -419,6 +521,12 @@ class QuantizedLayer(keras.layers.Layer):
     @property
     def quantizers(self) -> list[ActivationQuantizer]:
         return [q for q in (self.intermediate_quantizer, self.pre_activation_quantizer, self.output_quantizer) if q]
+
+    @property
+    def exports_float_weights(self) -> bool:
+        """Per-channel Dense/EinsumDense weights: exported float, for the converter to quantize
+        (per output channel, ``max|w| / 127``: the scale the fake-quant uses)."""
+        return self.per_channel and not self.float_weights and isinstance(self.layer, _EXPORT_FLOAT_PER_CHANNEL)
 
     @property
     def bn_frozen(self) -> bool:
@@ -512,6 +620,8 @@ class QuantizedLayer(keras.layers.Layer):
         layer = self.layer
         if isinstance(layer, keras.layers.Dense):
             return keras.ops.matmul(x, kernel)
+        if isinstance(layer, keras.layers.EinsumDense):
+            return keras.ops.einsum(layer.equation, x, kernel)
         if isinstance(layer, _SEPARABLE):
             return keras.ops.conv(x, kernel, strides=1, padding="valid", data_format=layer.data_format)
         if isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -557,7 +667,55 @@ class QuantizedLayer(keras.layers.Layer):
     def _quantize_any(self, kernel, axis):
         if isinstance(self.layer, keras.layers.DepthwiseConv2D):
             return self._fq_depthwise(kernel)
+        if isinstance(self.layer, keras.layers.EinsumDense) and self.per_channel:
+            return self._fq_einsum(kernel)
         return self._quantize_kernel(kernel, axis)
+
+    def _contracted_axes(self) -> int | None:
+        """Input axes a Dense/EinsumDense contracts when it is a matmul on 2-D views (see
+        :func:`_einsum_contraction`); None for other layers and other einsums."""
+        if isinstance(self.layer, keras.layers.Dense):
+            return 1
+        if isinstance(self.layer, keras.layers.EinsumDense):
+            return _einsum_contraction(self.layer.equation)
+        return None
+
+    def _einsum_is_matmul(self, x) -> bool:
+        k = self._contracted_axes()
+        if k is None or (isinstance(self.layer, keras.layers.Dense) and len(x.shape) <= 2):
+            return False
+        return all(d is not None for d in x.shape[1:len(x.shape) - k])
+
+    def _einsum_matmul(self, x, kernel, bias):
+        """A Dense on more than 2 axes, or an einsum that contracts the input's last axes with the
+        kernel's first ones, as TFLite runs it: one FULLY_CONNECTED on 2-D views, its bias added
+        before the output is reshaped (a bias over several output axes would otherwise be a
+        separate ADD on an unquantized tensor)."""
+        k = self._contracted_axes()
+        rows = int(np.prod(kernel.shape[:k]))
+        cols = int(np.prod(kernel.shape[k:]))
+        y = tf.matmul(tf.reshape(x, [-1, rows]), tf.reshape(kernel, [rows, cols]))
+        if bias is not None:
+            y = y + tf.reshape(tf.broadcast_to(bias, kernel.shape[k:]), [cols])
+        return tf.reshape(y, [-1, *x.shape[1:len(x.shape) - k], *kernel.shape[k:]])
+
+    def _fq_einsum(self, kernel):
+        """Per output channel: one scale per combination of the kernel axes the output keeps (the
+        rows of the FULLY_CONNECTED weight the converter makes of the einsum)."""
+        if self.float_weights or _OBSERVERS is not None:
+            return kernel
+        inputs, output = self.layer.equation.split("->")
+        kernel_axes = inputs.split(",")[1]
+        kept = [i for i, c in enumerate(kernel_axes) if c in output]
+        if not kept:
+            return self._quantize_kernel(kernel, -1)
+        contracted = [i for i in range(len(kernel_axes)) if i not in kept]
+        perm = contracted + kept
+        shape = kernel.shape
+        moved = tf.transpose(kernel, perm)
+        flat = tf.reshape(moved, [-1, int(np.prod([shape[i] for i in kept]))])
+        q = tf.reshape(self._quantize_kernel(flat, -1), [shape[i] for i in perm])
+        return tf.transpose(q, np.argsort(perm))
 
     def _spatial_axis(self) -> int:
         """Where a 1-D layer's input gets its extra height-1 axis."""
@@ -573,8 +731,10 @@ class QuantizedLayer(keras.layers.Layer):
         if isinstance(layer, _SEPARABLE):
             x = self._separable_depthwise(x, training)
         kernel, axis = self._kernel_and_scale_axis()
-        bias = layer.bias if layer.use_bias else None
-        if self.batchnorm is None:
+        bias = getattr(layer, "bias", None) if getattr(layer, "use_bias", True) else None
+        if self.batchnorm is None and self._einsum_is_matmul(x):
+            y = self._einsum_matmul(x, self._quantize_any(kernel, axis), bias)
+        elif self.batchnorm is None:
             y = self._linear(x, self._quantize_any(kernel, axis))
             if bias is not None:
                 y = y + self._channel_vector(bias, len(y.shape))
