@@ -37,6 +37,7 @@ from tfq.qat.layers import (
     QuantizedLayer,
     QuantizedNormalization,
     activation_name,
+    preserve_mode_for,
 )
 from tfq.recipes import Recipe, TensorSpec, load_recipe
 
@@ -87,7 +88,8 @@ class _Produced:
 
 class _Rewriter:
     def __init__(self, recipe: Recipe, range_mode: str, decay: float, warn_unknown: bool,
-                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset()):
+                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset(), preserve: str | None = None):
+        self.preserve = preserve  # QuantizedLayer(preserve=...) for the layers whose kernel has it
         self.recipe = recipe
         self.range_mode = range_mode
         self.decay = decay
@@ -346,6 +348,7 @@ class _Rewriter:
             output_quantizer=(self._quantizer_config(act_spec) if float_act is not None
                               else self._output_config(act_spec, fixed_range=out_fixed)),
             pre_activation_quantizer=self._quantizer_config(act_spec),
+            preserve=preserve_mode_for(layer, self.preserve),
             name=(batchnorm.name if batchnorm is not None and activation is None else layer.name)
             if activation is None else layer.name,
         )
@@ -353,6 +356,7 @@ class _Rewriter:
         _copy_weights(layer, inner)
         if bn is not None:
             _copy_weights(batchnorm, bn)
+        wrapper.init_preservation()
         if float_act is not None:
             y = keras.layers.Activation(float_act, name=f"{layer.name}_{float_act}")(self._barrier(out))
             config = self._output_config(act_spec)
@@ -417,6 +421,7 @@ def rewrite_model(
     decay: float = 0.999,
     quantize_inputs: bool = True,
     warn_unknown: bool = True,
+    preserve: str | None = None,
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite quantizes (see module docstring).
 
@@ -428,6 +433,8 @@ def rewrite_model(
         decay: moving-average decay.
         quantize_inputs: add quantizers on the model inputs.
         warn_unknown: warn about layers that stay float because tfq has no rule for them.
+        preserve: ``"sparsity"``/``"clusters"``: weighted layers whose kernel has zeros / at most 256
+            distinct values keep them (:meth:`QuantizedLayer.init_preservation`).
 
     Returns:
         A new ``keras.Model``; the caller's model is untouched.
@@ -441,7 +448,7 @@ def rewrite_model(
     no_fuse: frozenset = frozenset()
     concat_fed: frozenset = frozenset()
     for _ in range(_MAX_PASSES):
-        rewriter = _Rewriter(recipe, range_mode, decay, warn_unknown, no_fuse, concat_fed)
+        rewriter = _Rewriter(recipe, range_mode, decay, warn_unknown, no_fuse, concat_fed, preserve=preserve)
         try:
             new = rewriter.rewrite(model, quantize_inputs=quantize_inputs)
         except ValueError:
@@ -551,6 +558,7 @@ def freeze_model(
                     config[key] = fixed(q)
             config["layer"] = _copy_layer(layer.layer)
             config["batchnorm"] = _copy_layer(layer.batchnorm) if layer.batchnorm is not None else None
+            config["preserve"] = None  # the copy gets the preserved kernel itself (layer_weights)
             new = QuantizedLayer.from_config(config)
         elif isinstance(layer, QuantizedNormalization):
             config = layer.get_config()
@@ -578,7 +586,7 @@ def freeze_model(
             return out
         out = layer(*args, **kwargs)
         if isinstance(layer, QuantizedLayer):
-            _copy_weights(source.layer, layer.layer)
+            layer.layer.set_weights(source.layer_weights())
             if source.batchnorm is not None:
                 _copy_weights(source.batchnorm, layer.batchnorm)
         elif isinstance(layer, QuantizedNormalization):
@@ -596,7 +604,7 @@ def _float_call(wrapper: QuantizedLayer, x):
     config["activation"] = "linear"
     inner = wrapper.layer.__class__.from_config(config)
     y = inner(x)
-    _copy_weights(wrapper.layer, inner)
+    inner.set_weights(wrapper.layer_weights())
     if wrapper.batchnorm is not None:
         bn = _copy_layer(wrapper.batchnorm)
         y = bn(y)
