@@ -85,3 +85,46 @@ def test_cluster_train_strip_and_reload(tmp_path):
 def test_bad_arguments_refused(kwargs, error, message):
     with pytest.raises(error, match=message):
         clustering.cluster_weights(small_model(), **kwargs)
+
+
+def test_preserving_qat_on_a_conv_bn_model_keeps_zeros_and_values_per_channel():
+    """Both preserve modes through BN folding and per-channel INT8, read back through LiteRT's interpreter."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    import tfq
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    out = keras.layers.Dense(3, activation="softmax", name="head")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(0)
+    x_data = rng.normal(size=(64, 6, 6, 2)).astype("float32")
+    y_data = rng.integers(0, 3, 64)
+    kernel = model.get_layer("conv").kernel.numpy()
+    kernel[np.abs(kernel) < np.quantile(np.abs(kernel), 0.6)] = 0.0  # 60 % zeros
+    model.get_layer("conv").kernel.assign(kernel)
+    clustered = clustering.strip_clustering(clustering.cluster_weights(model, 5, layers=["head"]))
+    for preserve, source in (("sparsity", model), ("clusters", clustered)):
+        qat = tfq.qat.quantize_model(source, calibration_data=x_data, preserve=preserve)
+        qat.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        qat.fit(x_data, y_data, epochs=2, batch_size=16, verbose=0)  # BN statistics and weights move
+        content = tfq.convert(qat, "int8")
+        info = tfq.inspect_tflite(content)
+        interp = Interpreter(model_content=content)
+        interp.allocate_tensors()
+        read = {("conv" if w.shape[0] == 8 else "head"): interp.get_tensor(w.tensor) for w in info.weights}
+        if preserve == "sparsity":
+            conv = np.transpose(read["conv"], (1, 2, 3, 0))  # (out, h, w, in) → Keras (h, w, in, out)
+            assert np.all(conv[kernel == 0] == 0) and np.mean(conv == 0) == pytest.approx(np.mean(kernel == 0))
+        else:
+            assert len(np.unique(read["head"])) <= 5  # Dense: one scale for the whole tensor
+            assert info.max_distinct_per_channel == max(len(np.unique(read["conv"][c])) for c in range(8))
+    # Without preserve, the same training moves the zeros: the checks above can fail.
+    qat = tfq.qat.quantize_model(model, calibration_data=x_data)
+    qat.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    qat.fit(x_data, y_data, epochs=2, batch_size=16, verbose=0)
+    w = next(w for w in tfq.inspect_tflite(tfq.convert(qat, "int8")).weights if w.shape[0] == 8)
+    assert w.sparsity < 0.5

@@ -1,4 +1,8 @@
-"""Pruning and clustering of the digits CNN down to INT8 TFLite, checked through LiteRT's interpreter."""
+"""Pruning and clustering of the digits CNN down to INT8 TFLite, checked through LiteRT's interpreter.
+
+The preserving-QAT tests on this model are slow (fine-tuning twice each); the same mechanism is checked
+fast on a small conv+BN model in ``test_clustering.py``.
+"""
 
 import keras
 import numpy as np
@@ -69,6 +73,7 @@ def test_pruned_int8_keeps_accuracy_and_gzips_smaller(trained_cnn, digits, prune
         sum(np.count_nonzero(v == 0) for v in read.values()) / sum(v.size for v in read.values()), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_sparsity_preserving_qat_keeps_the_zeros(digits, pruned75):
     (x_train, y_train), (x_test, y_test) = digits
     zeros = {name: pruned75.get_layer(name).kernel.numpy() == 0 for name in LAYERS}
@@ -87,6 +92,7 @@ def test_sparsity_preserving_qat_keeps_the_zeros(digits, pruned75):
     assert kept[None] < 0.9  # plain QAT moves the pruned weights: the check above can fail
 
 
+@pytest.mark.slow
 def test_cluster_preserving_qat_keeps_16_values_per_channel(trained_cnn, digits, tmp_path):
     model, float_acc = trained_cnn
     (x_train, y_train), (x_test, y_test) = digits
