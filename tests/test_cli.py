@@ -149,7 +149,8 @@ def test_prune_and_quantize_script(files, digits):
 @pytest.mark.slow
 def test_benchmark_script_quick(tmp_path):
     out = tmp_path / "results.json"
-    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", f"--output={out}")
+    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", "--compression",
+               f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     model = results["models"][0]
@@ -163,3 +164,11 @@ def test_benchmark_script_quick(tmp_path):
     assert ev["samples"] == 2 * len(tfq.datasets.load_digits()[1][0]) and ev["num_threads"] == 2
     assert ev["throughput_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["evaluate_seconds"])
     assert ev["ceiling_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["compute_floor_seconds"])
+    rows = {r["name"]: r for r in results["compression"]["rows"]}
+    assert set(rows) == {"dense_int8", "pruned50_int8", "pruned75_int8", "pruned90_int8", "clustered16_int8",
+                         "student_labels_int8", "student_distilled_int8", "tfmot_pruned75_int8"}
+    for name in ("pruned50_int8", "pruned75_int8", "pruned90_int8"):
+        assert rows[name]["keras_sparsity"] == pytest.approx(int(name[6:8]) / 100, abs=1e-3)
+        assert rows[name]["gzip_bytes"] < rows["dense_int8"]["gzip_bytes"] and rows[name]["num_float_ops"] == 0
+    assert rows["clustered16_int8"]["max_distinct_per_channel"] <= 16
+    assert rows["pruned90_int8"]["gzip_bytes"] < rows["pruned75_int8"]["gzip_bytes"] < rows["pruned50_int8"]["gzip_bytes"]
