@@ -100,3 +100,16 @@ def test_all_names_exist():
     assert len(set(tfq.__all__)) == len(tfq.__all__), "duplicate names in tfq.__all__"
     missing = [name for name in tfq.__all__ if not hasattr(tfq, name)]
     assert not missing, f"tfq.__all__ names missing from tfq: {missing}"
+
+
+@pytest.mark.parametrize("module", ["pruning", "clustering", "distillation", "callbacks"])
+def test_compression_modules_export_what_they_promise(module):
+    tfq = importlib.import_module("tfq")
+    mod = getattr(tfq, module)
+    assert module in tfq.__all__
+    missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+    assert not missing, f"tfq.{module}.__all__ names missing: {missing}"
+    expected = {"pruning": {"prune_low_magnitude", "strip_pruning", "PolynomialDecay", "ConstantSparsity"},
+                "clustering": {"cluster_weights", "strip_clustering"}, "distillation": {"Distiller"},
+                "callbacks": {"UpdatePruningStep", "PruningSummaries"}}[module]
+    assert expected <= set(mod.__all__)

@@ -1,4 +1,7 @@
-"""Keras callbacks for quantization-aware training: freeze BN and ranges, export and evaluate TFLite.
+"""Keras callbacks for quantization-aware training and pruning.
+
+Freeze BN and ranges, export and evaluate TFLite; drive a pruning schedule
+(:class:`UpdatePruningStep`) and log per-layer sparsity (:class:`PruningSummaries`).
 
 All of them work from a plain ``model.fit(..., callbacks=[...])`` on a model returned by
 :func:`tfq.qat.quantize_model`. Epochs are counted as Keras counts them in callbacks (from 0), so

@@ -54,7 +54,8 @@ class Distiller(keras.Model):
     The hard loss is the one given to :meth:`compile` (default: sparse categorical cross-entropy,
     with ``from_logits`` as set here) on the labels; the soft term is :func:`distillation_loss`. The
     teacher runs in inference mode and is never trained (its weights are not among the
-    distiller's trainable weights; the caller's teacher is not modified). ``distiller(x)`` and
+    distiller's trainable weights; the caller's teacher is not modified). The student is the model
+    being trained: like ``student.fit``, distilling updates its weights in place. ``distiller(x)`` and
     ``predict`` are the student's; metrics given to ``compile`` are the student's on the labels.
     The logs hold ``loss`` (the total), ``student_loss`` and ``distillation_loss``.
 
@@ -69,6 +70,11 @@ class Distiller(keras.Model):
     Raises:
         TypeError: student or teacher is not a Keras model.
         ValueError: ``temperature`` <= 0, ``alpha`` outside [0, 1], output shapes that differ.
+
+    Example:
+        >>> distiller = Distiller(student=tfq.qat.quantize_model(small), teacher=big)   # doctest: +SKIP
+        >>> distiller.compile(keras.optimizers.Adam(5e-4), metrics=["accuracy"])         # doctest: +SKIP
+        >>> distiller.fit(x_train, y_train, epochs=3)                                    # doctest: +SKIP
     """
 
     def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.1, from_logits: bool = False,

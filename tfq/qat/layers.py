@@ -476,6 +476,8 @@ class QuantizedLayer(keras.layers.Layer):
         return layer.pointwise_kernel if isinstance(layer, _SEPARABLE) else layer.kernel
 
     def _build_preservation(self):
+        if self.preserve is None:
+            return
         main = self._main_variable()
         if self.preserve == "sparsity":
             self.preserve_mask = self.add_weight(name="preserve_mask", shape=tuple(main.shape), initializer="ones",
@@ -502,6 +504,8 @@ class QuantizedLayer(keras.layers.Layer):
         Raises:
             ValueError: ``"clusters"`` on a kernel with more than 256 distinct values.
         """
+        if self.preserve is None:
+            return
         values = keras.ops.convert_to_numpy(self._main_variable())
         if self.preserve == "sparsity":
             self.preserve_mask.assign((values != 0).astype(values.dtype))

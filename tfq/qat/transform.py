@@ -88,7 +88,8 @@ class _Produced:
 
 class _Rewriter:
     def __init__(self, recipe: Recipe, range_mode: str, decay: float, warn_unknown: bool,
-                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset(), preserve: str | None = None):
+                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset(),
+                 preserve: str | None = None):
         self.preserve = preserve  # QuantizedLayer(preserve=...) for the layers whose kernel has it
         self.recipe = recipe
         self.range_mode = range_mode
