@@ -29,6 +29,8 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 
 def main(argv):
     del argv
+    import sys
+
     from absl import app
 
     from tfq.app import load_npz, quiet_logs
@@ -50,11 +52,15 @@ def main(argv):
         block_size = tuple(int(v) for v in FLAGS.block_size)
     except ValueError:
         raise app.UsageError(f"--block_size must be two integers, e.g. 1,4. Received: {FLAGS.block_size}") from None
-    pruned, content, summary = prune_and_quantize(
-        model, x, y, x_val=x_val, y_val=y_val, target_sparsity=FLAGS.target_sparsity, schedule=FLAGS.schedule,
-        epochs=FLAGS.epochs, end_fraction=FLAGS.end_fraction, frequency=FLAGS.frequency, block_size=block_size,
-        skip_layers=FLAGS.skip_layers, qat_epochs=FLAGS.qat_epochs, learning_rate=FLAGS.learning_rate,
-        output=FLAGS.output, seed=FLAGS.seed)
+    try:
+        pruned, content, summary = prune_and_quantize(
+            model, x, y, x_val=x_val, y_val=y_val, target_sparsity=FLAGS.target_sparsity, schedule=FLAGS.schedule,
+            epochs=FLAGS.epochs, end_fraction=FLAGS.end_fraction, frequency=FLAGS.frequency, block_size=block_size,
+            skip_layers=FLAGS.skip_layers, qat_epochs=FLAGS.qat_epochs, learning_rate=FLAGS.learning_rate,
+            output=FLAGS.output, seed=FLAGS.seed)
+    except (ValueError, TypeError, FileNotFoundError) as err:  # bad input: one line, no output file
+        print(f"prune_and_quantize: {err}", file=sys.stderr)
+        sys.exit(2)
     if FLAGS.save_keras:
         pruned.save(FLAGS.save_keras)
     print(f"sparsity: {100 * summary['sparsity']['total']:.1f}% of the pruned weights "
