@@ -166,7 +166,7 @@ def test_benchmark_script_quick(tmp_path):
     assert ev["throughput_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["evaluate_seconds"])
     assert ev["ceiling_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["compute_floor_seconds"])
     rows = {r["name"]: r for r in results["compression"]["rows"]}
-    assert set(rows) == {"dense_int8", "pruned50_int8", "pruned75_int8", "pruned90_int8", "clustered16_int8",
+    assert set(rows) == {"float", "dense_int8", "pruned50_int8", "pruned75_int8", "pruned90_int8", "clustered16_int8",
                          "student_labels_int8", "student_distilled_int8", "tfmot_pruned75_int8"}
     for name in ("pruned50_int8", "pruned75_int8", "pruned90_int8"):
         assert rows[name]["keras_sparsity"] == pytest.approx(int(name[6:8]) / 100, abs=1e-3)

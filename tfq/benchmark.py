@@ -312,6 +312,8 @@ def _bench_compression(threads: int, quick: bool, log) -> dict:
     rows = [_compression_row("dense_int8", dense, float_acc, None, x_test, y_test, sample, threads,
                              time.perf_counter() - start)]
     dense_gzip = rows[0]["gzip_bytes"]
+    rows.insert(0, _compression_row("float", tfq.convert(model, "float"), float_acc, dense_gzip, x_test, y_test,
+                                    sample, threads, 0.0))
     for target in (0.5, 0.75, 0.9):
         log(f"compression: pruning to {target:.0%} ({prune_epochs} epochs) + sparsity-preserving QAT")
         start = time.perf_counter()
