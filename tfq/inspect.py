@@ -6,6 +6,7 @@ Parsed with the TFLite flatbuffer schema that ships with LiteRT
 
 from __future__ import annotations
 
+import functools
 import gzip
 from dataclasses import asdict, dataclass, field
 
@@ -116,8 +117,17 @@ class TFLiteInfo:
     outputs: tuple[int, ...]
     num_subgraphs: int = 1
     extra: dict = field(default_factory=dict)
-    gzip_size: int | None = None
-    weights: tuple[WeightInfo, ...] = ()
+    content: bytes = field(default=b"", repr=False, compare=False)
+
+    @functools.cached_property
+    def gzip_size(self) -> int | None:
+        """The file gzip-compressed at level 9, in bytes (computed on first use)."""
+        return gzip_size(self.content) if self.content else None
+
+    @functools.cached_property
+    def weights(self) -> tuple[WeightInfo, ...]:
+        """Every constant weight tensor (2-D or more) with its sparsity and distinct values per channel."""
+        return _read_weights(self.content, self.tensors) if self.content else ()
 
     @property
     def weight_sparsity(self) -> float | None:
@@ -234,7 +244,6 @@ def inspect_tflite(model) -> TFLiteInfo:
             custom = oc.CustomCode()
             codes.append(custom.decode() if custom else op_names.get(code, f"BUILTIN_{code}"))
         tensors = []
-        weights = []
         for i in range(graph.TensorsLength()):
             t = graph.Tensors(i)
             q = t.Quantization()
@@ -248,8 +257,7 @@ def inspect_tflite(model) -> TFLiteInfo:
                 shape=shape, scales=scales, zero_points=zps,
                 quantized_dimension=int(q.QuantizedDimension()) if q is not None else 0, is_constant=constant,
             ))
-            if constant and len(shape) >= 2 and tensors[-1].dtype in _NUMPY_TYPES:
-                weights.append(_weight_info(tensors[-1], _buffer_bytes(buffer, content)))
+
         ops = []
         for i in range(graph.OperatorsLength()):
             op = graph.Operators(i)
@@ -266,8 +274,22 @@ def inspect_tflite(model) -> TFLiteInfo:
     except Exception as err:  # a flatbuffer that passed the identifier check but is truncated
         raise ValueError(f"TFLite model is corrupt and could not be parsed ({type(err).__name__}: {err}).") from None
     return TFLiteInfo(size=len(content), ops=tuple(ops), tensors=tuple(tensors), inputs=inputs,
-                      outputs=outputs, num_subgraphs=num_subgraphs, gzip_size=gzip_size(content),
-                      weights=tuple(w for w in weights if w is not None))
+                      outputs=outputs, num_subgraphs=num_subgraphs, content=content)
+
+
+def _read_weights(content: bytes, tensors) -> tuple[WeightInfo, ...]:
+    schema = _schema()
+    root = schema.Model.GetRootAsModel(content, 0)
+    graph = root.Subgraphs(0)
+    found = []
+    for t in tensors:
+        if not t.is_constant or len(t.shape) < 2 or t.dtype not in _NUMPY_TYPES:
+            continue
+        buffer = root.Buffers(graph.Tensors(t.index).Buffer())
+        info = _weight_info(t, _buffer_bytes(buffer, content))
+        if info is not None:
+            found.append(info)
+    return tuple(found)
 
 
 def _buffer_bytes(buffer, content: bytes) -> bytes:
