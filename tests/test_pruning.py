@@ -225,6 +225,8 @@ def test_nested_models_and_layer_selection():
         pruning.prune_low_magnitude(model, skip_layers=["conv_one"])
     with pytest.raises(ValueError, match="has no weight to compress"):
         pruning.prune_low_magnitude(model, layers=["bn"])
+    assert {w.name for w in pruning.pruned_layers_of(pruning.prune_low_magnitude(model, layers=[".*"]))} \
+        == {"first_conv", "dw", "head"}  # a regex over every layer skips those with nothing to prune
     with pytest.raises(ValueError, match="already has pruning/clustering wrappers"):
         pruning.prune_low_magnitude(pruned)
     with pytest.raises(ValueError, match="would be ignored"):

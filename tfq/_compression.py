@@ -78,9 +78,8 @@ def layer_selector(model, layers, skip_layers, who: str):
             return False
         return main_weight_name(layer) is not None
 
-    for layer in all_layers:
-        if chosen and main_weight_name(layer) is None and any(_matches(p, layer.name, type(layer).__name__)
-                                                              for p in chosen if not p.startswith("class:")):
+    for layer in all_layers:  # a layer named exactly, with nothing to compress: refused, not skipped
+        if chosen and main_weight_name(layer) is None and layer.name in chosen:
             raise ValueError(f"{who}: layer {layer.name!r} ({type(layer).__name__}) has no weight to compress. "
                              f"Supported: {', '.join(supported_layer_types())}.")
     return selected
