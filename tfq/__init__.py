@@ -38,7 +38,8 @@ _EXPORTS = {
     "save_recipe": "tfq.recipes",
     "tune": "tfq.tuning",
 }
-_SUBMODULES = ("callbacks", "datasets", "examples", "interop", "observers", "ops", "qat", "recipes", "reference")
+_SUBMODULES = ("callbacks", "clustering", "datasets", "distillation", "examples", "interop", "observers", "ops",
+               "pruning", "qat", "recipes", "reference")
 
 __all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
 

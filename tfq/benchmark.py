@@ -10,7 +10,11 @@ For each model (a digits CNN on 8×8 digits, a MobileNet-style net on digits res
   ``TF_USE_LEGACY_KERAS=1``, the only way tfmot runs next to Keras 3): accuracy and the ratio of a
   QAT training step's time to a float step's;
 * evaluator throughput: :func:`tfq.evaluate` on the INT8 model against a per-sample interpreter loop,
-  and the ceiling the kernels' own time sets on this machine.
+  and the ceiling the kernels' own time sets on this machine;
+* optionally (``compression=True``), compression on the digits CNN: dense INT8, 50/75/90 % pruned
+  INT8 (sparsity-preserving QAT), 16-cluster INT8 (cluster-preserving QAT), a distilled small
+  student INT8 next to the same student trained from labels alone, and tfmot's pruning of the same
+  architecture (tf_keras, subprocess) — accuracy, raw and gzip size, latency.
 
 Every figure goes into one JSON document (:func:`run_benchmark`).
 """
@@ -345,8 +349,166 @@ def _tfmot_worker(spec: dict) -> dict:
             "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
 
 
+def _compression_row(name, content, float_acc, dense_gzip, x_test, y_test, sample, threads, seconds, **extra) -> dict:
+    from tfq.inspect import inspect_tflite
+
+    info = inspect_tflite(content)
+    acc = _tflite_accuracy(content, x_test, y_test)
+    return dict({
+        "name": name, "accuracy": acc, "drop_vs_float": float_acc - acc, "size_bytes": info.size,
+        "gzip_bytes": info.gzip_size, "gzip_vs_dense_int8": info.gzip_size / dense_gzip if dense_gzip else 1.0,
+        "weight_sparsity": info.weight_sparsity, "max_distinct_per_channel": info.max_distinct_per_channel,
+        "latency_ms": _latency_ms(content, sample, threads), "seconds": seconds,
+        "num_float_ops": info.num_float_ops}, **extra)
+
+
+def _small_student(input_shape, keras_module=None):
+    """The distillation student: one 4-filter convolution and a softmax (690 weights on 8×8 digits)."""
+    import keras
+
+    km = keras_module or keras
+    inp = km.Input(input_shape)
+    x = km.layers.Conv2D(4, 3, padding="same", activation="relu", name="s_conv")(inp)
+    x = km.layers.Flatten(name="s_flat")(km.layers.MaxPooling2D(name="s_pool")(x))
+    return km.Model(inp, km.layers.Dense(10, activation="softmax", name="s_probs")(x), name="student")
+
+
+def _bench_compression(threads: int, quick: bool, log) -> dict:
+    """Compression on the digits CNN, every variant exported INT8 and run through the interpreter."""
+    import keras
+
+    import tfq
+    from tfq import examples
+    from tfq.training import prune_and_quantize
+
+    epochs, prune_epochs, qat_epochs = (2, 1, 1) if quick else (10, 4, 1)
+    student_epochs = 2 if quick else 40
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
+    keras.utils.set_random_seed(0)
+    model = examples.digits_cnn(input_shape=x_train.shape[1:])
+    log(f"compression: training the float digits CNN ({epochs} epochs)")
+    examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
+    sample, calib = x_test[:1], x_train[:300]
+    start = time.perf_counter()
+    dense = tfq.convert(model, "int8", calib)
+    rows = [_compression_row("dense_int8", dense, float_acc, None, x_test, y_test, sample, threads,
+                             time.perf_counter() - start)]
+    dense_gzip = rows[0]["gzip_bytes"]
+    rows.insert(0, _compression_row("float", tfq.convert(model, "float"), float_acc, dense_gzip, x_test, y_test,
+                                    sample, threads, 0.0))
+    for target in (0.5, 0.75, 0.9):
+        log(f"compression: pruning to {target:.0%} ({prune_epochs} epochs) + sparsity-preserving QAT")
+        start = time.perf_counter()
+        _, content, summary = prune_and_quantize(model, x_train, y_train, target_sparsity=target, epochs=prune_epochs,
+                                                 qat_epochs=qat_epochs, seed=0)
+        rows.append(_compression_row(f"pruned{int(target * 100)}_int8", content, float_acc, dense_gzip, x_test, y_test,
+                                     sample, threads, time.perf_counter() - start,
+                                     keras_sparsity=summary["sparsity"]["total"]))
+    log("compression: 16 clusters (2 epochs) + cluster-preserving QAT")
+    start = time.perf_counter()
+    keras.utils.set_random_seed(0)
+    clustered = tfq.clustering.cluster_weights(model, number_of_clusters=16)
+    clustered.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    clustered.fit(x_train, y_train, epochs=1 if quick else 2, batch_size=32, verbose=0)
+    cqat = tfq.qat.quantize_model(tfq.clustering.strip_clustering(clustered), calibration_data=calib,
+                                  preserve="clusters")
+    cqat.compile(keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy")
+    cqat.fit(x_train, y_train, epochs=qat_epochs, batch_size=32, verbose=0)
+    rows.append(_compression_row("clustered16_int8", tfq.convert(cqat, "int8"), float_acc, dense_gzip, x_test, y_test,
+                                 sample, threads, time.perf_counter() - start))
+    log(f"compression: small student, labels alone vs distilled ({student_epochs} epochs each)")
+    for distill in (False, True):
+        start = time.perf_counter()
+        keras.utils.set_random_seed(1)
+        student = _small_student(x_train.shape[1:])
+        if distill:
+            trainer = tfq.distillation.Distiller(student=student, teacher=model, temperature=2.0, alpha=0.1)
+            trainer.compile(keras.optimizers.Adam(2e-3))
+        else:
+            trainer = student
+            trainer.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
+        keras.utils.set_random_seed(1)
+        trainer.fit(x_train, y_train, epochs=student_epochs, batch_size=32, verbose=0)
+        rows.append(_compression_row("student_distilled_int8" if distill else "student_labels_int8",
+                                     tfq.convert(student, "int8", calib), float_acc, dense_gzip, x_test, y_test,
+                                     sample, threads, time.perf_counter() - start,
+                                     keras_accuracy=_accuracy(student.predict(x_test, verbose=0), y_test),
+                                     params=int(student.count_params()), temperature=2.0, alpha=0.1))
+    log("compression: tfmot pruning to 75% (tf_keras, subprocess)")
+    rows.append(_tfmot_pruning_in_subprocess(dict(epochs=epochs, prune_epochs=prune_epochs), dense_gzip))
+    return {"model": "digits_cnn", "float_accuracy": float_acc, "rows": rows}
+
+
+def _tfmot_pruning_in_subprocess(spec: dict, dense_gzip: int) -> dict:
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    args = json.dumps(spec)
+    code = (f"import json, tfq.benchmark as b; "
+            f"print('TFQ_JSON' + json.dumps(b._tfmot_pruning_worker(json.loads({args!r}))))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("TFQ_JSON"):
+            row = json.loads(line[len("TFQ_JSON"):])
+            row["gzip_vs_dense_int8"] = row["gzip_bytes"] / dense_gzip
+            return row
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"name": "tfmot_pruned75_int8", "error": " | ".join(tail)}
+
+
+def _tfmot_pruning_worker(spec: dict) -> dict:
+    """tfmot's prune_low_magnitude on the same architecture (tf_keras), same schedule, then TFLite INT8 PTQ."""
+    import math
+
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    import tfq
+    from tfq import examples
+    from tfq.inspect import inspect_tflite
+
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
+    tf_keras.utils.set_random_seed(0)
+    model = examples.digits_cnn(input_shape=x_train.shape[1:], keras_module=tf_keras)
+    model.compile(tf_keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=spec["epochs"], batch_size=32, verbose=0)
+    float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
+    start = time.perf_counter()
+    steps = spec["prune_epochs"] * math.ceil(len(x_train) / 32)
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.75, begin_step=0,
+                                                    end_step=max(int(round(0.6 * steps)) - 1, 1), frequency=10)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    pruned.compile(tf_keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    pruned.fit(x_train, y_train, epochs=spec["prune_epochs"], batch_size=32, verbose=0,
+               callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    calib = x_train[:300]
+
+    def representative():
+        for i in range(len(calib)):
+            yield [calib[i:i + 1]]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        content = converter.convert()
+    info = inspect_tflite(content)
+    acc = _tflite_accuracy(content, x_test, y_test)
+    return {"name": "tfmot_pruned75_int8", "accuracy": acc, "float_accuracy_tf_keras": float_acc,
+            "drop_vs_float": float_acc - acc, "size_bytes": info.size, "gzip_bytes": info.gzip_size,
+            "gzip_vs_dense_int8": None, "weight_sparsity": info.weight_sparsity,
+            "max_distinct_per_channel": info.max_distinct_per_channel,
+            "latency_ms": _latency_ms(content, x_test[:1], 2), "seconds": time.perf_counter() - start,
+            "num_float_ops": info.num_float_ops}
+
+
 def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: int = 2, quick: bool = False,
-                  verbose: bool = True) -> dict:
+                  verbose: bool = True, compression: bool = False) -> dict:
     """Runs the benchmark and returns the JSON-able results.
 
     Args:
@@ -354,6 +516,8 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
         num_threads: interpreter threads for latency.
         quick: 2 training epochs and 1 QAT epoch (for smoke tests); figures are then not meaningful.
         verbose: print progress.
+        compression: add the compression section (digits CNN: pruning, clustering, distillation,
+            tfmot pruning; about 4 minutes on 2 idle cores).
     """
     import tensorflow as tf
 
@@ -376,6 +540,8 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
         "sequence_models": [_bench_sequence_model(m, SEQUENCE_MODELS[m], num_threads, quick, log)
                             for m in models if m in SEQUENCE_MODELS],
     }
+    if compression:
+        results["compression"] = _bench_compression(num_threads, quick, log)
     results["seconds"] = time.perf_counter() - start
     return results
 
@@ -415,4 +581,22 @@ def to_markdown(results: dict) -> str:
             latency = f"{row['latency_ratio']:.2f}" if "latency_ratio" in row else "–"
             lines.append(f"| {m['model']} | {row['name']}{float_ops} | {row['accuracy']:.4f} | "
                          f"{100 * row['drop_vs_float']:.2f} | {size} | {latency} |")
+    if results.get("compression"):
+        lines += ["", compression_markdown(results["compression"])]
+    return "\n".join(lines)
+
+
+def compression_markdown(section: dict) -> str:
+    """The compression section as a table: accuracy, raw and gzip size, sparsity, distinct values, latency."""
+    lines = [f"| {section['model']} (float {section['float_accuracy']:.4f}) | accuracy | drop (pt) | size (KB) | "
+             f"gzip (KB) | gzip vs dense INT8 | weight sparsity | distinct/ch | latency (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in section["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['name']} | error: {row['error'][:60]} | | | | | | | |")
+            continue
+        lines.append(f"| {row['name']} | {row['accuracy']:.4f} | {100 * row['drop_vs_float']:.2f} | "
+                     f"{row['size_bytes'] / 1024:.1f} | {row['gzip_bytes'] / 1024:.1f} | {row['gzip_vs_dense_int8']:.3f} | "
+                     f"{100 * (row['weight_sparsity'] or 0):.1f}% | {row['max_distinct_per_channel']} | "
+                     f"{row['latency_ms']:.3f} |")
     return "\n".join(lines)

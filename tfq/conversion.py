@@ -217,6 +217,9 @@ def convert(
                 atomic_write_bytes(output, content)
             return content
         model = to_keras3(model)
+    from tfq._compression import strip_all
+
+    model = strip_all(model)  # pruning/clustering wrappers: convert the weights they compute with
     r = _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples)
     params = dict(r.calibration_params)
     params.update(calibration_params or {})

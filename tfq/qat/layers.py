@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 RANGE_MODES = ("fixed", "moving_average", "learned")
+PRESERVE_MODES = (None, "sparsity", "clusters")
+MAX_CLUSTERS = 256  # shared values a cluster-preserving kernel may hold
 
 # While calibrating (see :func:`observing`), quantizers feed observers and pass data through
 # unchanged, and weights stay float: statistics are those of the float model, as in TFLite.
@@ -94,6 +96,16 @@ def activation_name(activation) -> str:
     if isinstance(activation, str):
         return activation
     return keras.activations.serialize(activation) if not hasattr(activation, "__name__") else activation.__name__
+
+
+def preserve_mode_for(layer, preserve: str | None) -> str | None:
+    """``preserve`` if ``layer``'s main kernel has something to keep (zeros; at most 256 distinct values), else None."""
+    if preserve is None or not isinstance(layer, WEIGHTED_LAYER_TYPES):
+        return None
+    kernel = keras.ops.convert_to_numpy(layer.pointwise_kernel if isinstance(layer, _SEPARABLE) else layer.kernel)
+    if preserve == "sparsity":
+        return preserve if np.any(kernel == 0) else None
+    return preserve if len(np.unique(kernel)) <= MAX_CLUSTERS else None
 
 
 def _replica_context():
@@ -457,6 +469,8 @@ class QuantizedLayer(keras.layers.Layer):
             parts of a separable convolution.
         float_weights: keep the weights float (the layer stays a float op).
         bn_frozen: initial value of :attr:`bn_frozen`.
+        preserve: ``None``, ``"sparsity"`` or ``"clusters"``: what of the main kernel (a separable
+            convolution's pointwise kernel) QAT keeps, see :meth:`init_preservation`.
     """
 
     def __init__(
@@ -472,10 +486,13 @@ class QuantizedLayer(keras.layers.Layer):
         intermediate_quantizer: dict | None = None,
         float_weights: bool = False,
         bn_frozen: bool = False,
+        preserve: str | None = None,
         **kwargs,
     ):
         if isinstance(layer, dict):
             layer = keras.saving.deserialize_keras_object(layer)
+        if preserve not in PRESERVE_MODES:
+            raise ValueError(f"preserve must be one of {PRESERVE_MODES}. Received: preserve={preserve!r}")
         if isinstance(batchnorm, dict):
             batchnorm = keras.saving.deserialize_keras_object(batchnorm)
         if not isinstance(layer, WEIGHTED_LAYER_TYPES):
@@ -491,6 +508,7 @@ class QuantizedLayer(keras.layers.Layer):
         super().__init__(**kwargs)
         self.layer = layer
         self.batchnorm = batchnorm
+        self.preserve = preserve
         act = activation if activation is not None else activation_name(layer.activation)
         self.activation = activation_name(act)
         self._activation_fn = keras.activations.get(self.activation)
@@ -557,7 +575,71 @@ class QuantizedLayer(keras.layers.Layer):
         for q in (self.pre_activation_quantizer, self.output_quantizer):
             if q is not None:
                 q.build(out_shape)
+        self._build_preservation()
         self.built = True
+
+    # -- sparsity / cluster preservation ---------------------------------------------------------
+    def _main_variable(self):
+        layer = self.layer
+        return layer.pointwise_kernel if isinstance(layer, _SEPARABLE) else layer.kernel
+
+    def _build_preservation(self):
+        if self.preserve is None:
+            return
+        main = self._main_variable()
+        if self.preserve == "sparsity":
+            self.preserve_mask = self.add_weight(name="preserve_mask", shape=tuple(main.shape), initializer="ones",
+                                                 trainable=False)
+        elif self.preserve == "clusters":
+            main.trainable = False  # trained through the shared values
+            self.cluster_centroids = self.add_weight(name="cluster_centroids", shape=(MAX_CLUSTERS,),
+                                                     initializer="zeros", trainable=True)
+            self.cluster_indices = self.add_weight(name="cluster_indices", shape=tuple(main.shape), dtype="int32",
+                                                   initializer="zeros", trainable=False)
+
+    def init_preservation(self) -> None:
+        """Reads what to preserve from the current main kernel (call once its weights are set).
+
+        ``"sparsity"``: the mask ``kernel ≠ 0`` is fixed, and the layer computes with
+        ``kernel · mask``, so pruned weights stay exactly zero. ``"clusters"``: the kernel's distinct
+        values (at most 256) become trainable shared values and every weight a fixed index into
+        them, so the kernel keeps at most that many distinct values. Both survive what follows:
+        BN folding scales each output channel by ``γ/σ`` (zeros stay zero, equal values stay equal
+        within a channel) and symmetric per-channel fake-quant maps 0 to 0 and equal values to
+        equal integers, so the INT8 kernel keeps the zeros and at most as many distinct values per
+        output channel.
+
+        Raises:
+            ValueError: ``"clusters"`` on a kernel with more than 256 distinct values.
+        """
+        if self.preserve is None:
+            return
+        values = keras.ops.convert_to_numpy(self._main_variable())
+        if self.preserve == "sparsity":
+            self.preserve_mask.assign((values != 0).astype(values.dtype))
+        elif self.preserve == "clusters":
+            distinct, indices = np.unique(values, return_inverse=True)
+            if len(distinct) > MAX_CLUSTERS:
+                raise ValueError(f"layer {self.name!r}: preserve='clusters' needs a clustered kernel (at most "
+                                 f"{MAX_CLUSTERS} distinct values); it has {len(distinct)}. Cluster it first "
+                                 f"(tfq.clustering.cluster_weights, then strip_clustering).")
+            padded = np.concatenate([distinct, np.zeros(MAX_CLUSTERS - len(distinct), distinct.dtype)])
+            self.cluster_centroids.assign(padded.astype(values.dtype))
+            self.cluster_indices.assign(indices.reshape(values.shape).astype(np.int32))
+
+    def _preserved(self, kernel):
+        """The main kernel as QAT uses it: masked or rebuilt from the shared values."""
+        if self.preserve == "sparsity":
+            return kernel * self.preserve_mask
+        if self.preserve == "clusters":
+            return tf.gather(tf.convert_to_tensor(self.cluster_centroids), tf.convert_to_tensor(self.cluster_indices))
+        return kernel
+
+    def layer_weights(self) -> list[np.ndarray]:
+        """The wrapped layer's weights with the main kernel as used (preserved): for export and stripping."""
+        main = self._main_variable()
+        preserved = keras.ops.convert_to_numpy(self._preserved(tf.convert_to_tensor(main)))
+        return [preserved if v is main else keras.ops.convert_to_numpy(v) for v in self.layer.weights]
 
     # -- weights ---------------------------------------------------------------------------------
     def _quantize_kernel(self, kernel, axis):
@@ -646,13 +728,14 @@ class QuantizedLayer(keras.layers.Layer):
     def _kernel_and_scale_axis(self):
         """The kernel of the op that :meth:`_linear` runs, and its output-channel axis."""
         layer = self.layer
+        kernel = self._preserved(tf.convert_to_tensor(self._main_variable()))
         if isinstance(layer, keras.layers.SeparableConv1D):
-            return tf.expand_dims(layer.pointwise_kernel, 0), -1
+            return tf.expand_dims(kernel, 0), -1
         if isinstance(layer, _SEPARABLE):
-            return layer.pointwise_kernel, -1
+            return kernel, -1
         if _is_conv1d(layer):
-            return tf.expand_dims(layer.kernel, 0), -1
-        return layer.kernel, _channel_axis(layer)
+            return tf.expand_dims(kernel, 0), -1
+        return kernel, _channel_axis(layer)
 
     def _scale_kernel(self, kernel, factor, axis):
         """Multiplies the kernel by a per-output-channel factor."""
@@ -816,6 +899,7 @@ class QuantizedLayer(keras.layers.Layer):
             ),
             float_weights=self.float_weights,
             bn_frozen=self.bn_frozen,
+            preserve=self.preserve,
         )
         return config
 

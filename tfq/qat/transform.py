@@ -41,6 +41,7 @@ from tfq.qat.layers import (
     QuantizedWeight,
     Statistic,
     activation_name,
+    preserve_mode_for,
 )
 from tfq.recipes import Recipe, TensorSpec, load_recipe
 
@@ -92,7 +93,9 @@ class _Produced:
 
 class _Rewriter:
     def __init__(self, recipe: Recipe, range_mode: str, decay: float, inline_cache: dict,
-                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset()):
+                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset(),
+                 preserve: str | None = None):
+        self.preserve = preserve  # QuantizedLayer(preserve=...) for the layers whose kernel has it
         self.recipe = recipe
         self.range_mode = range_mode
         self.decay = decay
@@ -475,12 +478,14 @@ class _Rewriter:
             output_quantizer=(self._quantizer_config(act_spec) if split_act is not None
                               else self._output_config(act_spec, fixed_range=out_fixed)),
             pre_activation_quantizer=self._quantizer_config(act_spec),
+            preserve=preserve_mode_for(layer, self.preserve),
             name=(self._name(batchnorm) if batchnorm is not None and activation is None else name),
         )
         out = wrapper(x)
         _copy_weights(layer, inner)
         if bn is not None:
             _copy_weights(batchnorm, bn)
+        wrapper.init_preservation()
         if split_act is None:
             self.wrappers[key] = wrapper
         if split_act is not None:
@@ -648,6 +653,7 @@ def rewrite_model(
     quantize_inputs: bool = True,
     warn_unknown: bool = True,
     trainable: bool = False,
+    preserve: str | None = None,
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite quantizes (see module docstring).
 
@@ -663,6 +669,8 @@ def rewrite_model(
             tensors from representative data.
         trainable: the result will be trained (QAT): refuse layers that cannot be copied, which
             would otherwise share their weights with ``model``.
+        preserve: ``"sparsity"``/``"clusters"``: weighted layers whose kernel has zeros / at most 256
+            distinct values keep them (:meth:`QuantizedLayer.init_preservation`).
 
     Returns:
         A new ``keras.Model``; the caller's model is untouched.
@@ -681,7 +689,7 @@ def rewrite_model(
     concat_fed: frozenset = frozenset()
     inline_cache: dict = {}
     for _ in range(_MAX_PASSES):
-        rewriter = _Rewriter(recipe, range_mode, decay, inline_cache, no_fuse, concat_fed)
+        rewriter = _Rewriter(recipe, range_mode, decay, inline_cache, no_fuse, concat_fed, preserve=preserve)
         try:
             new = rewriter.rewrite(model, quantize_inputs=quantize_inputs)
         except ValueError:
@@ -860,6 +868,7 @@ def freeze_model(
             config["batchnorm"] = _copy_layer(layer.batchnorm) if layer.batchnorm is not None else None
             if layer.exports_float_weights and not strip:
                 config["float_weights"] = True  # the converter quantizes them per channel itself
+            config["preserve"] = None  # the copy gets the preserved kernel itself (layer_weights)
             new = QuantizedLayer.from_config(config)
         elif isinstance(layer, QuantizedNormalization):
             config = layer.get_config()
@@ -890,7 +899,7 @@ def freeze_model(
             return out
         out = layer(*args, **kwargs)
         if isinstance(layer, QuantizedLayer):
-            _copy_weights(source.layer, layer.layer)
+            layer.layer.set_weights(source.layer_weights())
             if source.batchnorm is not None:
                 _copy_weights(source.batchnorm, layer.batchnorm)
         elif isinstance(layer, QuantizedNormalization):
@@ -908,7 +917,7 @@ def _float_call(wrapper: QuantizedLayer, x):
     config["activation"] = "linear"
     inner = wrapper.layer.__class__.from_config(config)
     y = inner(x)
-    _copy_weights(wrapper.layer, inner)
+    inner.set_weights(wrapper.layer_weights())
     if wrapper.batchnorm is not None:
         bn = _copy_layer(wrapper.batchnorm)
         y = bn(y)
