@@ -210,6 +210,8 @@ def layer_kind(layer) -> str | None:
         return "fixed"
     if isinstance(layer, (_L.Activation, _L.Softmax)) or isinstance(layer, _OUTPUT):
         return "output"
-    if isinstance(layer, _L.Lambda) or type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda"):
+    if isinstance(layer, _L.Lambda):
+        return "composite"  # its function is traced into ops (kept whole if it cannot be)
+    if type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda"):
         return "output"
     return None
