@@ -10,7 +10,13 @@ For each model (a digits CNN on 8×8 digits, a MobileNet-style net on digits res
   ``TF_USE_LEGACY_KERAS=1``, the only way tfmot runs next to Keras 3): accuracy and the ratio of a
   QAT training step's time to a float step's;
 * evaluator throughput: :func:`tfq.evaluate` on the INT8 model against a per-sample interpreter loop,
-  and the ceiling the kernels' own time sets on this machine.
+  and the ceiling the kernels' own time sets on this machine;
+* methods beyond calibration (:func:`bench_methods`): the MobileNet-style model as trained (ReLU6)
+  and a ReLU one whose channels were rescaled 300× apart (same function, see
+  :func:`tfq.examples.unbalance_channels`), per tensor and per channel, INT8 through LiteRT with
+  and without cross-layer equalization, bias correction, AdaRound, GPTQ and data-free ranges,
+  against the plain converter, with each method's seconds; and W4A8 (4-bit weights, simulated in
+  Keras) with nearest, AdaRound and GPTQ rounding.
 
 Every figure goes into one JSON document (:func:`run_benchmark`).
 """
@@ -26,13 +32,27 @@ import time
 
 import numpy as np
 
-__all__ = ["run_benchmark", "MODELS"]
+__all__ = ["run_benchmark", "bench_methods", "MODELS", "METHOD_ROWS"]
 
 MODELS = {
     "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
     "mobilenet_style": dict(builder="mobilenet_style", image_size=32, epochs=15),
 }
 PTQ_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
+# Rows of the methods section: (name, tfq.convert keywords); data_free rows get no data.
+METHOD_ROWS = (
+    ("tfq_minmax", {}),
+    ("equalize", {"equalize": True}),
+    ("bias_correction", {"bias_correction": "empirical"}),
+    ("equalize+bias_correction", {"equalize": True, "bias_correction": "empirical"}),
+    ("adaround", {"weight_rounding": "adaround"}),
+    ("gptq", {"weight_rounding": "gptq"}),
+    ("equalize+gptq+bias_correction", {"equalize": True, "weight_rounding": "gptq", "bias_correction": "empirical"}),
+    ("data_free", {"data_free": True}),
+    ("dfq (data_free+equalize+analytical bias_correction)",
+     {"data_free": True, "equalize": True, "bias_correction": "analytical"}),
+)
+UNBALANCED_SPREAD = 300.0
 
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -262,14 +282,137 @@ def _tfmot_worker(spec: dict) -> dict:
             "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
 
 
-def run_benchmark(models=tuple(MODELS), num_threads: int = 2, quick: bool = False, verbose: bool = True) -> dict:
+def _trained(key: str, relu_max, epochs: int):
+    """A model of :data:`MODELS` trained as the main benchmark trains it (``relu_max`` for MobileNet-style)."""
+    import keras
+
+    import tfq
+    from tfq import examples
+
+    spec = MODELS[key]
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(image_size=spec["image_size"], seed=0)
+    keras.utils.set_random_seed(0)
+    kwargs = {"relu_max": relu_max} if key == "mobilenet_style" else {}
+    model = getattr(examples, spec["builder"])(input_shape=x_train.shape[1:], **kwargs)
+    examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    return model, (x_train, y_train), (x_test, y_test)
+
+
+def _agreement_and_sqnr(out: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Top-1 agreement with the float model, and SQNR (dB) of the outputs: 10·log10(Σ ref² / Σ (out − ref)²)."""
+    noise = float(np.sum((out - reference) ** 2))
+    sqnr = float("inf") if noise == 0 else 10.0 * np.log10(float(np.sum(reference ** 2)) / noise)
+    return float((out.argmax(-1) == reference.argmax(-1)).mean()), sqnr
+
+
+_QUICK_ROWS = ("tfq_minmax", "equalize", "gptq")
+
+
+def _method_rows(label, model, calib, x_test, y_test, threads, log, quick=False) -> list[dict]:
+    """INT8 rows through LiteRT: the plain converter, then tfq with each method, per tensor and per channel."""
+    import tfq
+    from tfq.interpreter import TFLiteModel
+
+    float_out = model.predict(x_test, verbose=0)
+    float_acc = _accuracy(float_out, y_test)
+    rows = [{"model": label, "granularity": "-", "name": "float (Keras)", "accuracy": float_acc, "drop_vs_float": 0.0,
+             "agreement": 1.0, "sqnr_db": float("inf"), "seconds": {}, "convert_seconds": 0.0}]
+
+    def row(granularity, name, content, seconds, convert_seconds):
+        out = TFLiteModel(content, num_threads=threads).predict(x_test, batch_size=256)
+        acc = _accuracy(out, y_test)
+        agreement, sqnr = _agreement_and_sqnr(out, float_out)
+        rows.append({"model": label, "granularity": granularity, "name": name, "accuracy": acc,
+                     "drop_vs_float": float_acc - acc, "agreement": agreement, "sqnr_db": sqnr,
+                     "seconds": seconds, "convert_seconds": convert_seconds, "size_bytes": len(content)})
+
+    start = time.perf_counter()
+    content = _plain_converter_int8(model, calib)
+    row("per-channel", "tflite_converter_minmax", content, {}, time.perf_counter() - start)
+    for per_channel in (False,) if quick else (False, True):
+        granularity = "per-channel" if per_channel else "per-tensor"
+        for name, kwargs in METHOD_ROWS:
+            if quick and name not in _QUICK_ROWS:
+                continue
+            log(f"methods: {label} {granularity} {name}")
+            report = tfq.MethodsReport()
+            data = None if kwargs.get("data_free") else calib
+            start = time.perf_counter()
+            content = tfq.convert(model, "int8", data, per_channel=per_channel, report=report, **kwargs)
+            row(granularity, name, content, dict(report.seconds), time.perf_counter() - start)
+    return rows
+
+
+def _w4a8_rows(label, model, calib, x_test, y_test, log, quick=False) -> list[dict]:
+    """4-bit weights, 8-bit activations, in Keras simulation (TFLite has no 4-bit kernels here)."""
+    import tfq
+
+    float_out = model.predict(x_test, verbose=0)
+    float_acc = _accuracy(float_out, y_test)
+    rows = []
+    for per_channel in (True,) if quick else (True, False):
+        for rounding in ("nearest", "gptq") if quick else ("nearest", "adaround", "gptq"):
+            log(f"methods: {label} W4A8 {'per-channel' if per_channel else 'per-tensor'} {rounding}")
+            recipe = tfq.Recipe(weights=tfq.TensorSpec(bits=4, per_channel=per_channel), allow_non_tflite=True,
+                                weight_rounding=rounding)
+            report = tfq.MethodsReport()
+            start = time.perf_counter()
+            sim = tfq.fake_quantize(model, recipe=recipe, representative_data=calib, report=report)
+            seconds = time.perf_counter() - start
+            out = sim.predict(x_test, verbose=0)
+            acc = _accuracy(out, y_test)
+            agreement, sqnr = _agreement_and_sqnr(out, float_out)
+            rows.append({"model": label, "granularity": "per-channel" if per_channel else "per-tensor",
+                         "name": f"w4a8_{rounding}", "accuracy": acc, "float_accuracy": float_acc,
+                         "drop_vs_float": float_acc - acc, "agreement": agreement, "sqnr_db": sqnr,
+                         "seconds": dict(report.seconds), "convert_seconds": seconds})
+    return rows
+
+
+def bench_methods(num_threads: int = 2, quick: bool = False, verbose: bool = True) -> dict:
+    """The methods beyond calibration against plain PTQ and the plain converter (see the module docstring).
+
+    Returns:
+        ``{"int8": [rows], "w4a8": [rows], "unbalanced_spread": 300.0, "seconds": …}``; each row has the
+        accuracy through LiteRT (Keras simulation for W4A8), the drop vs float, top-1 agreement and
+        SQNR vs the float model, the seconds of each method and of the whole conversion.
+    """
+    from tfq.examples import unbalance_channels
+
+    def log(msg):
+        if verbose:
+            print(f"[benchmark] {msg}", flush=True)
+
+    start = time.perf_counter()
+    epochs = 2 if quick else MODELS["mobilenet_style"]["epochs"]
+    log("methods: training MobileNet-style models (ReLU6 and ReLU)")
+    relu6, (x_train, _), (x_test, y_test) = _trained("mobilenet_style", 6.0, epochs)
+    relu, _, _ = _trained("mobilenet_style", None, epochs)
+    unbalanced = unbalance_channels(relu, spread=UNBALANCED_SPREAD)
+    calib = x_train[:500]
+    int8 = [] if quick else _method_rows("mobilenet_style", relu6, calib, x_test, y_test, num_threads, log)
+    int8 += _method_rows(f"mobilenet_style_relu (channels ×{UNBALANCED_SPREAD:g} apart)", unbalanced, calib, x_test,
+                         y_test, num_threads, log, quick)
+    cnn_epochs = 2 if quick else MODELS["digits_cnn"]["epochs"]
+    cnn, (cx_train, _), (cx_test, cy_test) = _trained("digits_cnn", None, cnn_epochs)
+    w4a8 = _w4a8_rows("digits_cnn", cnn, cx_train[:512], cx_test, cy_test, log, quick)
+    if not quick:
+        w4a8 += _w4a8_rows("mobilenet_style", relu6, x_train[:512], x_test, y_test, log)
+    return {"int8": int8, "w4a8": w4a8, "unbalanced_spread": UNBALANCED_SPREAD,
+            "seconds": time.perf_counter() - start}
+
+
+def run_benchmark(models=tuple(MODELS), num_threads: int = 2, quick: bool = False, verbose: bool = True,
+                  methods: bool = True) -> dict:
     """Runs the benchmark and returns the JSON-able results.
 
     Args:
-        models: keys of :data:`MODELS`.
+        models: keys of :data:`MODELS` (may be empty).
         num_threads: interpreter threads for latency.
-        quick: 2 training epochs and 1 QAT epoch (for smoke tests); figures are then not meaningful.
+        quick: 2 training epochs and 1 QAT epoch (for smoke tests), and a few method rows; figures are
+            then not meaningful.
         verbose: print progress.
+        methods: include the methods beyond calibration (:func:`bench_methods`).
     """
     import tensorflow as tf
 
@@ -288,6 +431,8 @@ def run_benchmark(models=tuple(MODELS), num_threads: int = 2, quick: bool = Fals
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "num_threads": num_threads,
         "quick": quick, "models": [_bench_model(m, MODELS[m], num_threads, quick, log) for m in models],
     }
+    if methods:
+        results["methods"] = bench_methods(num_threads, quick, verbose)
     results["seconds"] = time.perf_counter() - start
     return results
 
@@ -316,4 +461,19 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {m['model']} | tfq.evaluate throughput vs per-sample loop ({ev['samples']} samples; "
                          f"same threads ×{ev['throughput_ratio_same_threads']:.1f}; kernels' ceiling "
                          f"×{ev['ceiling_ratio']:.1f}) | ×{ev['throughput_ratio']:.1f} | | | |")
+    if results.get("methods"):
+        lines += ["", methods_markdown(results["methods"])]
+    return "\n".join(lines)
+
+
+def methods_markdown(methods: dict) -> str:
+    """The table of the methods section: accuracy, drop, agreement, SQNR and seconds per row."""
+    lines = ["| model | weights | method | accuracy | drop vs float (pt) | agreement | SQNR (dB) | method seconds "
+             "| convert seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in methods["int8"] + methods["w4a8"]:
+        seconds = ", ".join(f"{k} {v:.1f}" for k, v in row["seconds"].items()) or "–"
+        sqnr = "–" if row["sqnr_db"] == float("inf") else f"{row['sqnr_db']:.1f}"
+        lines.append(f"| {row['model']} | {row['granularity']} | {row['name']} | {row['accuracy']:.4f} | "
+                     f"{100 * row['drop_vs_float']:.2f} | {row['agreement']:.4f} | {sqnr} | {seconds} | "
+                     f"{row['convert_seconds']:.1f} |")
     return "\n".join(lines)

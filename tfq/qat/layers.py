@@ -28,6 +28,7 @@ __all__ = [
     "RANGE_MODES",
     "WEIGHTED_LAYER_TYPES",
     "observing",
+    "tapping",
 ]
 
 RANGE_MODES = ("fixed", "moving_average", "learned")
@@ -59,6 +60,39 @@ class observing:
         global _OBSERVERS
         _OBSERVERS = None
         return False
+
+
+# While tapping (see :func:`tapping`), QuantizedLayer wrappers record what they compute.
+_TAPS: dict[int, dict] | None = None
+
+
+class tapping:
+    """Context manager: the given :class:`QuantizedLayer` wrappers record their inputs and outputs.
+
+    Each call of a tapped wrapper appends its input tensor to ``records[id(layer)]["inputs"]`` and
+    its output before the activation (after BatchNorm folding, bias added) to
+    ``records[id(layer)]["pre_activation"]``. Tensors are kept as they are (inside a
+    ``tf.GradientTape`` they carry gradients). The model must be called eagerly inside the context.
+
+    Example:
+        >>> with tapping([wrapper]) as records:          # doctest: +SKIP
+        ...     model(batch)
+        >>> x = records[id(wrapper)]["inputs"][0]       # doctest: +SKIP
+    """
+
+    def __init__(self, layers):
+        self.records = {id(layer): {"inputs": [], "pre_activation": []} for layer in layers}
+
+    def __enter__(self):
+        global _TAPS
+        _TAPS = self.records
+        return self.records
+
+    def __exit__(self, *exc):
+        global _TAPS
+        _TAPS = None
+        return False
+
 
 # Activations that TFLite fuses into the preceding op (no quantized tensor in between).
 FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
@@ -566,6 +600,9 @@ class QuantizedLayer(keras.layers.Layer):
     def call(self, inputs, training=None):
         layer = self.layer
         x = inputs
+        record = _TAPS.get(id(self)) if _TAPS is not None else None
+        if record is not None:
+            record["inputs"].append(inputs)
         separable_1d = isinstance(layer, keras.layers.SeparableConv1D)
         if separable_1d:  # computed as SeparableConv2D on a height-1 image, as TFLite runs it
             x, _ = self._causal_pad(x)
@@ -582,6 +619,8 @@ class QuantizedLayer(keras.layers.Layer):
             y = self._folded_call(x, kernel, axis, bias, training)
         if separable_1d:
             y = tf.squeeze(y, self._spatial_axis())
+        if record is not None:
+            record["pre_activation"].append(y)
         if self.pre_activation_quantizer is not None:
             y = self.pre_activation_quantizer(y, training=training)
         y = self._activation_fn(y)
