@@ -299,9 +299,10 @@ def _trained(key: str, relu_max, epochs: int):
 
 
 def _agreement_and_sqnr(out: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """Top-1 agreement with the float model, and SQNR (dB) of the outputs: 10·log10(Σ ref² / Σ (out − ref)²)."""
+    """Top-1 agreement with the float model, and SQNR (dB) of the outputs: 10·log10(Σ ref² / Σ (out − ref)²)
+    (None when the outputs are identical)."""
     noise = float(np.sum((out - reference) ** 2))
-    sqnr = float("inf") if noise == 0 else 10.0 * np.log10(float(np.sum(reference ** 2)) / noise)
+    sqnr = None if noise == 0 else 10.0 * np.log10(float(np.sum(reference ** 2)) / noise)  # None: exact
     return float((out.argmax(-1) == reference.argmax(-1)).mean()), sqnr
 
 
@@ -316,7 +317,7 @@ def _method_rows(label, model, calib, x_test, y_test, threads, log, quick=False)
     float_out = model.predict(x_test, verbose=0)
     float_acc = _accuracy(float_out, y_test)
     rows = [{"model": label, "granularity": "-", "name": "float (Keras)", "accuracy": float_acc, "drop_vs_float": 0.0,
-             "agreement": 1.0, "sqnr_db": float("inf"), "seconds": {}, "convert_seconds": 0.0}]
+             "agreement": 1.0, "sqnr_db": None, "seconds": {}, "convert_seconds": 0.0}]
 
     def row(granularity, name, content, seconds, convert_seconds):
         out = TFLiteModel(content, num_threads=threads).predict(x_test, batch_size=256)
@@ -461,8 +462,10 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {m['model']} | tfq.evaluate throughput vs per-sample loop ({ev['samples']} samples; "
                          f"same threads ×{ev['throughput_ratio_same_threads']:.1f}; kernels' ceiling "
                          f"×{ev['ceiling_ratio']:.1f}) | ×{ev['throughput_ratio']:.1f} | | | |")
+    if not results["models"]:
+        lines = []
     if results.get("methods"):
-        lines += ["", methods_markdown(results["methods"])]
+        lines += (["", methods_markdown(results["methods"])] if lines else [methods_markdown(results["methods"])])
     return "\n".join(lines)
 
 
@@ -472,7 +475,7 @@ def methods_markdown(methods: dict) -> str:
              "| convert seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for row in methods["int8"] + methods["w4a8"]:
         seconds = ", ".join(f"{k} {v:.1f}" for k, v in row["seconds"].items()) or "–"
-        sqnr = "–" if row["sqnr_db"] == float("inf") else f"{row['sqnr_db']:.1f}"
+        sqnr = "–" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
         lines.append(f"| {row['model']} | {row['granularity']} | {row['name']} | {row['accuracy']:.4f} | "
                      f"{100 * row['drop_vs_float']:.2f} | {row['agreement']:.4f} | {sqnr} | {seconds} | "
                      f"{row['convert_seconds']:.1f} |")
