@@ -316,16 +316,16 @@ def _unit_of(node: GraphNode, graph: ModelGraph, units: dict) -> _Unit | None:
         bn = after.layer
         n = unit.num_out
         unit.bn = bn
-        unit.gamma = _vector(bn.gamma, n, 1.0) if bn.scale else np.ones(n)
-        unit.beta = _vector(bn.beta, n, 0.0) if bn.center else np.zeros(n)
-        unit.mean = _vector(bn.moving_mean, n, 0.0)
-        unit.variance = _vector(bn.moving_variance, n, 1.0)
+        unit.gamma = _vector(bn.gamma, n) if bn.scale else np.ones(n)
+        unit.beta = _vector(bn.beta, n) if bn.center else np.zeros(n)
+        unit.mean = _vector(bn.moving_mean, n)
+        unit.variance = _vector(bn.moving_variance, n)
         unit.epsilon = float(bn.epsilon)
     units[node.name] = unit
     return unit
 
 
-def _vector(variable, n, default):
+def _vector(variable, n):
     return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float64).reshape(n)
 
 

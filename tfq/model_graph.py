@@ -36,6 +36,7 @@ class GraphNode:
         inputs: the tensors the call consumed, args first, in order.
         first_input: the first positional tensor (None if there is none).
         shapes: the shapes of ``inputs`` as the config records them.
+        calls: how many times the layer is called in this model (0 for an input).
     """
 
     name: str

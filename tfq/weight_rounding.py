@@ -294,8 +294,8 @@ def _to_matrix(kernel: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _from_matrix(matrix: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
-    if kind == "depthwise":
-        return matrix.T.reshape(shape)
+    """Inverse of :func:`_to_matrix` (both layouts are the transpose of a reshape)."""
+    del kind
     return matrix.T.reshape(shape)
 
 
