@@ -99,6 +99,27 @@ def test_bad_command_lines_fail_with_one_line(args, message, tmp_path):
     assert not (tmp_path / "x.tflite").exists()
 
 
+def test_convert_method_flags_are_validated(files):
+    out = files / "bad_method.tflite"
+    proc = tfq_cmd("convert", f"--model={files / 'm.keras'}", "--mode=int8", f"--data={files / 'calib.npz'}",
+                   "--weight_rounding=optimal", f"--output={out}")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("tfq")]
+    assert len(lines) == 1 and "weight_rounding" in lines[0] and "'optimal'" in lines[0], proc.stderr[-1000:]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_convert_data_free_with_equalization_and_bias_correction(files, digits):
+    _, (x_test, y_test) = digits
+    out = files / "dfq.tflite"
+    proc = tfq_cmd("convert", f"--model={files / 'm.keras'}", "--mode=int8", "--data_free=on", "--equalize",
+                   "--bias_correction=analytical", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert tfq.inspect_tflite(out).num_float_ops == 0
+    assert tflite_accuracy(out.read_bytes(), x_test, y_test) > 0.9
+
+
 def test_corrupt_tflite_rejected(files):
     bad = files / "bad.tflite"
     bad.write_bytes(b"\x00" * 64)
@@ -150,7 +171,7 @@ def test_prune_and_quantize_script(files, digits):
 @pytest.mark.slow
 def test_benchmark_script_quick(tmp_path):
     out = tmp_path / "results.json"
-    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", "--compression",
+    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", "--compression", "--nomethods",
                f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
@@ -173,3 +194,20 @@ def test_benchmark_script_quick(tmp_path):
         assert rows[name]["gzip_bytes"] < rows["dense_int8"]["gzip_bytes"] and rows[name]["num_float_ops"] == 0
     assert rows["clustered16_int8"]["max_distinct_per_channel"] <= 16
     assert rows["pruned90_int8"]["gzip_bytes"] < rows["pruned75_int8"]["gzip_bytes"] < rows["pruned50_int8"]["gzip_bytes"]
+
+
+@pytest.mark.slow
+def test_benchmark_methods_quick(tmp_path):
+    out, table = tmp_path / "methods.json", tmp_path / "methods.md"
+    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=", f"--output={out}",
+               f"--markdown={table}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    methods = json.loads(out.read_text())["methods"]
+    names = [(r["granularity"], r["name"]) for r in methods["int8"]]
+    assert names == [("-", "float (Keras)"), ("per-channel", "tflite_converter_minmax"), ("per-tensor", "tfq_minmax"),
+                     ("per-tensor", "equalize"), ("per-tensor", "gptq")]
+    for row in methods["int8"][1:] + methods["w4a8"]:
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["agreement"] <= 1 and row["convert_seconds"] > 0
+    assert methods["int8"][3]["seconds"]["equalize"] > 0 and methods["int8"][4]["seconds"]["weight_rounding"] > 0
+    assert [r["name"] for r in methods["w4a8"]] == ["w4a8_nearest", "w4a8_gptq"]
+    assert "| weights | method |" in table.read_text()

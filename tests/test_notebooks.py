@@ -74,3 +74,15 @@ def test_05_prune_cluster_distill(tmp_path):
     assert number_after(text, "max distinct int8 values per channel:") <= 16
     assert "weight sparsity: 7" in text  # the INT8 file's own zeros, from inspect_tflite's summary
     assert images >= 1 and (tmp_path / "compression_sizes.png").exists()
+
+
+def test_04_data_free_and_equalization(tmp_path):
+    text, images = execute("04_data_free_and_equalization.ipynb", tmp_path)
+    float_acc = number_after(text, "float accuracy")
+    assert float_acc > 0.9
+    assert number_after(text, "per-tensor INT8 accuracy (unbalanced):") < float_acc - 0.3
+    assert number_after(text, "max output difference:") < 1e-4
+    assert number_after(text, "spread:") > 100 and number_after(text, "before,") < 2.0
+    assert number_after(text, "per-tensor INT8 accuracy after CLE:") >= float_acc - 0.015
+    assert number_after(text, "data-free per-tensor INT8 accuracy:") >= float_acc - 0.02
+    assert images >= 1 and (tmp_path / "channel_ranges.png").exists()

@@ -14,7 +14,13 @@ For each model (a digits CNN on 8×8 digits, a MobileNet-style net on digits res
 * optionally (``compression=True``), compression on the digits CNN: dense INT8, 50/75/90 % pruned
   INT8 (sparsity-preserving QAT), 16-cluster INT8 (cluster-preserving QAT), a distilled small
   student INT8 next to the same student trained from labels alone, and tfmot's pruning of the same
-  architecture (tf_keras, subprocess) — accuracy, raw and gzip size, latency.
+  architecture (tf_keras, subprocess) — accuracy, raw and gzip size, latency;
+* methods beyond calibration (:func:`bench_methods`): the MobileNet-style model as trained (ReLU6)
+  and a ReLU one whose channels were rescaled 300× apart (same function, see
+  :func:`tfq.examples.unbalance_channels`), per tensor and per channel, INT8 through LiteRT with
+  and without cross-layer equalization, bias correction, AdaRound, GPTQ and data-free ranges,
+  against the plain converter, with each method's seconds; and W4A8 (4-bit weights, simulated in
+  Keras) with nearest, AdaRound and GPTQ rounding.
 
 Every figure goes into one JSON document (:func:`run_benchmark`).
 """
@@ -30,7 +36,7 @@ import time
 
 import numpy as np
 
-__all__ = ["run_benchmark", "MODELS", "SEQUENCE_MODELS"]
+__all__ = ["run_benchmark", "bench_methods", "MODELS", "METHOD_ROWS", "SEQUENCE_MODELS"]
 
 MODELS = {
     "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
@@ -43,6 +49,20 @@ SEQUENCE_MODELS = {
     "digits_lstm": dict(builder="digits_lstm", epochs=20),
 }
 SEQUENCE_PTQ_METHODS = ("minmax", "kl", "mse")
+# Rows of the methods section: (name, tfq.convert keywords); data_free rows get no data.
+METHOD_ROWS = (
+    ("tfq_minmax", {}),
+    ("equalize", {"equalize": True}),
+    ("bias_correction", {"bias_correction": "empirical"}),
+    ("equalize+bias_correction", {"equalize": True, "bias_correction": "empirical"}),
+    ("adaround", {"weight_rounding": "adaround"}),
+    ("gptq", {"weight_rounding": "gptq"}),
+    ("equalize+gptq+bias_correction", {"equalize": True, "weight_rounding": "gptq", "bias_correction": "empirical"}),
+    ("data_free", {"data_free": True}),
+    ("dfq (data_free+equalize+analytical bias_correction)",
+     {"data_free": True, "equalize": True, "bias_correction": "analytical"}),
+)
+UNBALANCED_SPREAD = 300.0
 
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -507,8 +527,129 @@ def _tfmot_pruning_worker(spec: dict) -> dict:
             "num_float_ops": info.num_float_ops}
 
 
+def _trained(key: str, relu_max, epochs: int):
+    """A model of :data:`MODELS` trained as the main benchmark trains it (``relu_max`` for MobileNet-style)."""
+    import keras
+
+    import tfq
+    from tfq import examples
+
+    spec = MODELS[key]
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(image_size=spec["image_size"], seed=0)
+    keras.utils.set_random_seed(0)
+    kwargs = {"relu_max": relu_max} if key == "mobilenet_style" else {}
+    model = getattr(examples, spec["builder"])(input_shape=x_train.shape[1:], **kwargs)
+    examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    return model, (x_train, y_train), (x_test, y_test)
+
+
+def _agreement_and_sqnr(out: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Top-1 agreement with the float model, and SQNR (dB) of the outputs: 10·log10(Σ ref² / Σ (out − ref)²)
+    (None when the outputs are identical)."""
+    noise = float(np.sum((out - reference) ** 2))
+    sqnr = None if noise == 0 else 10.0 * np.log10(float(np.sum(reference ** 2)) / noise)  # None: exact
+    return float((out.argmax(-1) == reference.argmax(-1)).mean()), sqnr
+
+
+_QUICK_ROWS = ("tfq_minmax", "equalize", "gptq")
+
+
+def _method_rows(label, model, calib, x_test, y_test, threads, log, quick=False) -> list[dict]:
+    """INT8 rows through LiteRT: the plain converter, then tfq with each method, per tensor and per channel."""
+    import tfq
+    from tfq.interpreter import TFLiteModel
+
+    float_out = model.predict(x_test, verbose=0)
+    float_acc = _accuracy(float_out, y_test)
+    rows = [{"model": label, "granularity": "-", "name": "float (Keras)", "accuracy": float_acc, "drop_vs_float": 0.0,
+             "agreement": 1.0, "sqnr_db": None, "seconds": {}, "convert_seconds": 0.0}]
+
+    def row(granularity, name, content, seconds, convert_seconds):
+        out = TFLiteModel(content, num_threads=threads).predict(x_test, batch_size=256)
+        acc = _accuracy(out, y_test)
+        agreement, sqnr = _agreement_and_sqnr(out, float_out)
+        rows.append({"model": label, "granularity": granularity, "name": name, "accuracy": acc,
+                     "drop_vs_float": float_acc - acc, "agreement": agreement, "sqnr_db": sqnr,
+                     "seconds": seconds, "convert_seconds": convert_seconds, "size_bytes": len(content)})
+
+    start = time.perf_counter()
+    content = _plain_converter_int8(model, calib)
+    row("per-channel", "tflite_converter_minmax", content, {}, time.perf_counter() - start)
+    for per_channel in (False,) if quick else (False, True):
+        granularity = "per-channel" if per_channel else "per-tensor"
+        for name, kwargs in METHOD_ROWS:
+            if quick and name not in _QUICK_ROWS:
+                continue
+            log(f"methods: {label} {granularity} {name}")
+            report = tfq.MethodsReport()
+            data = None if kwargs.get("data_free") else calib
+            start = time.perf_counter()
+            content = tfq.convert(model, "int8", data, per_channel=per_channel, report=report, **kwargs)
+            row(granularity, name, content, dict(report.seconds), time.perf_counter() - start)
+    return rows
+
+
+def _w4a8_rows(label, model, calib, x_test, y_test, log, quick=False) -> list[dict]:
+    """4-bit weights, 8-bit activations, in Keras simulation (TFLite has no 4-bit kernels here)."""
+    import tfq
+
+    float_out = model.predict(x_test, verbose=0)
+    float_acc = _accuracy(float_out, y_test)
+    rows = []
+    for per_channel in (True,) if quick else (True, False):
+        for rounding in ("nearest", "gptq") if quick else ("nearest", "adaround", "gptq"):
+            log(f"methods: {label} W4A8 {'per-channel' if per_channel else 'per-tensor'} {rounding}")
+            recipe = tfq.Recipe(weights=tfq.TensorSpec(bits=4, per_channel=per_channel), allow_non_tflite=True,
+                                weight_rounding=rounding)
+            report = tfq.MethodsReport()
+            start = time.perf_counter()
+            sim = tfq.fake_quantize(model, recipe=recipe, representative_data=calib, report=report)
+            seconds = time.perf_counter() - start
+            out = sim.predict(x_test, verbose=0)
+            acc = _accuracy(out, y_test)
+            agreement, sqnr = _agreement_and_sqnr(out, float_out)
+            rows.append({"model": label, "granularity": "per-channel" if per_channel else "per-tensor",
+                         "name": f"w4a8_{rounding}", "accuracy": acc, "float_accuracy": float_acc,
+                         "drop_vs_float": float_acc - acc, "agreement": agreement, "sqnr_db": sqnr,
+                         "seconds": dict(report.seconds), "convert_seconds": seconds})
+    return rows
+
+
+def bench_methods(num_threads: int = 2, quick: bool = False, verbose: bool = True) -> dict:
+    """The methods beyond calibration against plain PTQ and the plain converter (see the module docstring).
+
+    Returns:
+        ``{"int8": [rows], "w4a8": [rows], "unbalanced_spread": 300.0, "seconds": …}``; each row has the
+        accuracy through LiteRT (Keras simulation for W4A8), the drop vs float, top-1 agreement and
+        SQNR vs the float model, the seconds of each method and of the whole conversion.
+    """
+    from tfq.examples import unbalance_channels
+
+    def log(msg):
+        if verbose:
+            print(f"[benchmark] {msg}", flush=True)
+
+    start = time.perf_counter()
+    epochs = 2 if quick else MODELS["mobilenet_style"]["epochs"]
+    log("methods: training MobileNet-style models (ReLU6 and ReLU)")
+    relu6, (x_train, _), (x_test, y_test) = _trained("mobilenet_style", 6.0, epochs)
+    relu, _, _ = _trained("mobilenet_style", None, epochs)
+    unbalanced = unbalance_channels(relu, spread=UNBALANCED_SPREAD)
+    calib = x_train[:500]
+    int8 = [] if quick else _method_rows("mobilenet_style", relu6, calib, x_test, y_test, num_threads, log)
+    int8 += _method_rows(f"mobilenet_style_relu (channels ×{UNBALANCED_SPREAD:g} apart)", unbalanced, calib, x_test,
+                         y_test, num_threads, log, quick)
+    cnn_epochs = 2 if quick else MODELS["digits_cnn"]["epochs"]
+    cnn, (cx_train, _), (cx_test, cy_test) = _trained("digits_cnn", None, cnn_epochs)
+    w4a8 = _w4a8_rows("digits_cnn", cnn, cx_train[:512], cx_test, cy_test, log, quick)
+    if not quick:
+        w4a8 += _w4a8_rows("mobilenet_style", relu6, x_train[:512], x_test, y_test, log)
+    return {"int8": int8, "w4a8": w4a8, "unbalanced_spread": UNBALANCED_SPREAD,
+            "seconds": time.perf_counter() - start}
+
+
 def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: int = 2, quick: bool = False,
-                  verbose: bool = True, compression: bool = False) -> dict:
+                  verbose: bool = True, compression: bool = False, methods: bool = True) -> dict:
     """Runs the benchmark and returns the JSON-able results.
 
     Args:
@@ -518,6 +659,7 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
         verbose: print progress.
         compression: add the compression section (digits CNN: pruning, clustering, distillation,
             tfmot pruning; about 4 minutes on 2 idle cores).
+        methods: include the methods beyond calibration (:func:`bench_methods`).
     """
     import tensorflow as tf
 
@@ -542,6 +684,8 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
     }
     if compression:
         results["compression"] = _bench_compression(num_threads, quick, log)
+    if methods:
+        results["methods"] = bench_methods(num_threads, quick, verbose)
     results["seconds"] = time.perf_counter() - start
     return results
 
@@ -581,8 +725,11 @@ def to_markdown(results: dict) -> str:
             latency = f"{row['latency_ratio']:.2f}" if "latency_ratio" in row else "–"
             lines.append(f"| {m['model']} | {row['name']}{float_ops} | {row['accuracy']:.4f} | "
                          f"{100 * row['drop_vs_float']:.2f} | {size} | {latency} |")
-    if results.get("compression"):
-        lines += ["", compression_markdown(results["compression"])]
+    if not results["models"] and not results.get("sequence_models"):
+        lines = []
+    for section, table in (("compression", compression_markdown), ("methods", methods_markdown)):
+        if results.get(section):
+            lines += ["", table(results[section])] if lines else [table(results[section])]
     return "\n".join(lines)
 
 
@@ -599,4 +746,17 @@ def compression_markdown(section: dict) -> str:
                      f"{row['size_bytes'] / 1024:.1f} | {row['gzip_bytes'] / 1024:.1f} | {row['gzip_vs_dense_int8']:.3f} | "
                      f"{100 * (row['weight_sparsity'] or 0):.1f}% | {row['max_distinct_per_channel']} | "
                      f"{row['latency_ms']:.3f} |")
+    return "\n".join(lines)
+
+
+def methods_markdown(methods: dict) -> str:
+    """The table of the methods section: accuracy, drop, agreement, SQNR and seconds per row."""
+    lines = ["| model | weights | method | accuracy | drop vs float (pt) | agreement | SQNR (dB) | method seconds "
+             "| convert seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in methods["int8"] + methods["w4a8"]:
+        seconds = ", ".join(f"{k} {v:.1f}" for k, v in row["seconds"].items()) or "–"
+        sqnr = "–" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
+        lines.append(f"| {row['model']} | {row['granularity']} | {row['name']} | {row['accuracy']:.4f} | "
+                     f"{100 * row['drop_vs_float']:.2f} | {row['agreement']:.4f} | {sqnr} | {seconds} | "
+                     f"{row['convert_seconds']:.1f} |")
     return "\n".join(lines)

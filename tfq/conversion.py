@@ -22,7 +22,7 @@ from tfq.fileio import atomic_write_bytes
 from tfq.models import SavedModelPath, is_quantized_model, is_tf_keras_model, load_model
 from tfq.recipes import MODES, Recipe, TensorSpec, load_recipe
 
-__all__ = ["convert", "ConversionError"]
+__all__ = ["convert", "ConversionError", "fake_quantize"]
 
 
 class ConversionError(ValueError):
@@ -123,14 +123,18 @@ def _with_list_inputs(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model(dict(zip(names, inputs))), name=model.name)
 
 
-def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples) -> Recipe:
+def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples,
+                  methods=None) -> Recipe:
+    """The recipe of a conversion; ``methods`` (equalize, bias_correction, …: None = not given)
+    replace the recipe's own values."""
+    methods = {k: v for k, v in (methods or {}).items() if v is not None}
     if recipe is not None:
         r = load_recipe(recipe)
         if mode is not None and mode != r.mode:
             raise ValueError(f"mode={mode!r} conflicts with the recipe's mode {r.mode!r}. Pass one of them.")
         if float_layers:
             r = r.replace(float_layers=tuple(r.float_layers) + tuple(_layer_patterns(float_layers)))
-        return r
+        return r.replace(**methods) if methods else r
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}. Received: mode={mode!r}")
     method = calibration if isinstance(calibration, str) else "minmax"
@@ -138,7 +142,33 @@ def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers
     if mode in ("int8", "int16x8", "dynamic"):
         weights = TensorSpec(per_channel=bool(per_channel))
     return Recipe(mode=mode, weights=weights, calibration=method, io_dtype=io_dtype,
-                  float_layers=tuple(_layer_patterns(float_layers)), num_calibration_samples=num_calibration_samples)
+                  float_layers=tuple(_layer_patterns(float_layers)), num_calibration_samples=num_calibration_samples,
+                  **methods)
+
+
+def _check_methods(model, r: Recipe, data, calibration, report=None) -> None:
+    """Refuses, in one line, the methods beyond calibration where they cannot apply."""
+    from tfq.ptq_methods import MethodsReport, uses_methods
+
+    if report is not None and not isinstance(report, MethodsReport):
+        raise TypeError(f"report must be a tfq.MethodsReport (or None). Received: {type(report).__name__}")
+    on = uses_methods(r)
+    if not on:
+        return
+    names = ", ".join(on)
+    if isinstance(model, SavedModelPath):
+        raise ValueError(f"{names} need a Keras model that tfq can rewrite; {str(model)!r} is a SavedModel. "
+                         f"Pass the .keras file.")
+    if is_quantized_model(model):
+        raise ValueError(f"{names} apply to a float model, and {model.name!r} is already a tfq QAT model. Apply them "
+                         f"before QAT (e.g. tfq.qat.quantize_model(tfq.equalize(model))) or convert without them.")
+    if r.data_free_method and data is not None:
+        raise ValueError("data_free takes activation ranges without data, so it excludes representative_data. "
+                         "Pass representative_data=None, or data_free=False to calibrate on your data.")
+    if isinstance(calibration, Calibration) and (r.equalize or r.data_free_method):
+        raise ValueError(f"{'equalize' if r.equalize else 'data_free'} chooses the ranges itself, so it cannot use a "
+                         f"precomputed calibration. Pass calibration as a method name, or calibrate the equalized "
+                         f"model (tfq.calibrate(tfq.equalize(model), ...)) and convert that.")
 
 
 def _layer_patterns(float_layers) -> list[str]:
@@ -168,6 +198,11 @@ def convert(
     output=None,
     calibration_params: dict | None = None,
     verbose: bool = False,
+    equalize: bool | None = None,
+    bias_correction: bool | str | None = None,
+    weight_rounding: str | None = None,
+    data_free: bool | str | None = None,
+    report=None,
 ) -> bytes:
     """Converts a Keras model to TFLite.
 
@@ -189,6 +224,20 @@ def convert(
         output: if given, the model is also written there atomically.
         calibration_params: method parameters (e.g. ``{"percentile": 99.9}``).
         verbose: show calibration progress.
+        equalize: cross-layer equalization and high-bias absorption first (:func:`tfq.equalize`);
+            int8/int16x8.
+        bias_correction: correct each layer's mean output shift from weight quantization:
+            ``"empirical"`` (calibration data), ``"analytical"`` (BatchNorm statistics) or True
+            (empirical; analytical with ``data_free``); int8.
+        weight_rounding: ``"nearest"``, ``"adaround"`` or ``"gptq"``: each weight's integer
+            learned on the calibration data, written as is into the ``.tflite``; int8.
+        data_free: ranges without calibration data, from BatchNorm statistics: True /
+            ``"synthetic"`` (ZeroQ-style synthetic inputs) or ``"bn_statistics"``; pass
+            ``representative_data=None``. int8/int16x8.
+            These four default to the recipe's values (off); given here, they replace them. They
+            are refused for float/fp16/dynamic modes, SavedModels, tfq QAT and tfmot models.
+        report: a :class:`tfq.MethodsReport` to fill in with what those methods did
+            (seconds per method, the integers chosen per layer, the bias shifts).
 
     Returns:
         The ``.tflite`` flatbuffer bytes. Same inputs give the same bytes.
@@ -200,17 +249,23 @@ def convert(
 
     Example:
         >>> tflite = tfq.convert(model, "int8", x_train[:300], calibration="kl")   # doctest: +SKIP
+        >>> tflite = tfq.convert(model, "int8", None, data_free=True, equalize=True,
+        ...                      bias_correction="analytical")                    # doctest: +SKIP
     """
+    methods = dict(equalize=equalize, bias_correction=bias_correction, weight_rounding=weight_rounding,
+                   data_free=data_free)
     model = load_model(model)
     if is_tf_keras_model(model):
         from tfq.interop import convert_tfmot_model, is_tfmot_qat_model, to_keras3
 
         if is_tfmot_qat_model(model):
             # tfmot's own fake-quant ops carry the ranges: tfq's recipe and calibration do not apply.
-            if recipe is not None or float_layers or isinstance(calibration, Calibration):
+            given = [k for k, v in methods.items() if v is not None]
+            if recipe is not None or float_layers or isinstance(calibration, Calibration) or given:
                 raise ValueError(
                     f"model {model.name!r} is a tfmot QAT model: its ranges come from tfmot's fake-quant ops, "
-                    f"so recipe, float_layers and calibration do not apply. Pass mode='int8' and io_dtype only."
+                    f"so recipe, float_layers, calibration{', ' + ', '.join(given) if given else ''} do not apply. "
+                    f"Pass mode='int8' and io_dtype only."
                 )
             content = convert_tfmot_model(model, "int8" if mode is None else mode, io_dtype)
             if output is not None:
@@ -220,18 +275,73 @@ def convert(
     from tfq._compression import strip_all
 
     model = strip_all(model)  # pruning/clustering wrappers: convert the weights they compute with
-    r = _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples)
+    r = _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples, methods)
+    _check_methods(model, r, representative_data, calibration, report)
     params = dict(r.calibration_params)
     params.update(calibration_params or {})
     if r.mode in ("float", "dynamic", "fp16"):
         content = _convert_float_family(model, r)
     elif r.mode == "int16x8":
-        content = _convert_int16x8(model, r, representative_data)
+        content = _convert_int16x8(model, r, representative_data, report)
     else:
-        content = _convert_int8(model, r, representative_data, calibration, params, verbose)
+        content = _convert_int8(model, r, representative_data, calibration, params, verbose, report)
     if output is not None:
         atomic_write_bytes(output, content)
     return content
+
+
+def fake_quantize(
+    model,
+    mode: str | None = "int8",
+    representative_data=None,
+    *,
+    recipe=None,
+    calibration="minmax",
+    per_channel: bool = True,
+    float_layers=(),
+    num_calibration_samples: int | None = None,
+    calibration_params: dict | None = None,
+    verbose: bool = False,
+    equalize: bool | None = None,
+    bias_correction: bool | str | None = None,
+    weight_rounding: str | None = None,
+    data_free: bool | str | None = None,
+    report=None,
+) -> keras.Model:
+    """The fake-quant Keras model that :func:`convert` hands to the TFLite converter, for simulation.
+
+    Same arguments as :func:`convert` (int8 and int16x8 recipes). The model computes in float with
+    every quantization simulated (weights on their integer grid, activations on their ranges), so
+    it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 4-bit weights) —
+    with the same calibration, equalization, learned rounding and bias correction as the export.
+
+    Returns:
+        A new ``keras.Model`` with fixed ranges (the caller's model is untouched).
+
+    Example:
+        >>> w4a8 = tfq.Recipe(weights=tfq.TensorSpec(bits=4), allow_non_tflite=True, weight_rounding="adaround")
+        >>> sim = tfq.fake_quantize(model, recipe=w4a8, representative_data=x_train[:256])   # doctest: +SKIP
+        >>> sim.predict(x_test)                                                              # doctest: +SKIP
+    """
+    methods = dict(equalize=equalize, bias_correction=bias_correction, weight_rounding=weight_rounding,
+                   data_free=data_free)
+    model = load_model(model)
+    if isinstance(model, SavedModelPath):
+        raise ValueError(f"fake_quantize needs a Keras model that tfq can rewrite; {str(model)!r} is a SavedModel. "
+                         f"Pass the .keras file.")
+    if is_tf_keras_model(model):
+        from tfq.interop import to_keras3
+
+        model = to_keras3(model)
+    r = _build_recipe(mode, recipe, calibration, per_channel, "float32", float_layers, num_calibration_samples,
+                      methods)
+    if r.mode not in ("int8", "int16x8"):
+        raise ValueError(f"fake_quantize simulates integer models: mode must be 'int8' or 'int16x8'. "
+                         f"Received: mode={r.mode!r}")
+    _check_methods(model, r, representative_data, calibration, report)
+    params = dict(r.calibration_params)
+    params.update(calibration_params or {})
+    return _frozen_int8_model(model, r, representative_data, calibration, params, verbose, report)
 
 
 def _strip_quantization(model):
@@ -262,13 +372,20 @@ def _require_data(data, mode):
         )
 
 
-def _convert_int16x8(model, r: Recipe, data) -> bytes:
+def _convert_int16x8(model, r: Recipe, data, report=None) -> bytes:
     from tfq.data import representative_dataset
 
+    from tfq import ptq_methods
+
     tf = _tf()
-    _require_data(data, "int16x8")
     if is_quantized_model(model):
         model = _strip_quantization(model)
+    model = ptq_methods.prepare_model(model, r, report)
+    if r.data_free_method:
+        from tfq.qat.transform import rewrite_model
+
+        data = ptq_methods.calibration_inputs(rewrite_model(model, "int8", warn_unknown=False), r, data, report)
+    _require_data(data, "int16x8")
     rep = representative_dataset(data, r.num_calibration_samples, model=None if isinstance(model, str) else model)
     converter = _keras_converter(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -280,33 +397,12 @@ def _convert_int16x8(model, r: Recipe, data) -> bytes:
     return _run_converter(converter, "int16x8", model)
 
 
-def _convert_int8(model, r: Recipe, data, calibration, params, verbose) -> bytes:
-    from tfq.qat.transform import freeze_model, quantizers_of, rewrite_model, uncovered_layers
+def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=None) -> bytes:
+    from tfq.qat.transform import uncovered_layers
 
     if isinstance(model, SavedModelPath):
         return _convert_saved_model_int8(model, r, data)
-    ranges = None
-    if is_quantized_model(model):
-        qmodel = model
-        # A trained QAT model carries its ranges; only quantizers that never saw data need calibrating.
-        needs_calibration = any(q.mode != "fixed" and float(keras.ops.convert_to_numpy(q.initialized)) < 0.5
-                                for q in quantizers_of(qmodel).values())
-    else:
-        qmodel = rewrite_model(model, r)
-        needs_calibration = not isinstance(calibration, Calibration)
-        if not needs_calibration:
-            ranges = calibration.ranges
-            missing = sorted(n for n, q in quantizers_of(qmodel).items() if q.mode != "fixed" and n not in ranges)
-            if missing:
-                raise ValueError(
-                    f"the calibration has no range for {len(missing)} tensor(s) of this model (e.g. {missing[0]!r}): "
-                    f"it was made for another model or recipe. Re-run tfq.calibrate on this model."
-                )
-    if needs_calibration:
-        _require_data(data, "int8")
-        ranges = calibrate(qmodel, data, r.calibration, num_samples=r.num_calibration_samples,
-                           verbose=verbose, **params).ranges
-    frozen = freeze_model(qmodel, ranges)
+    frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report)
     uncovered = uncovered_layers(qmodel)
     content = _int8_converter_run(frozen, r, data if uncovered else None)
     float_ops = _unexpected_float_ops(content, r)
@@ -344,6 +440,44 @@ def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
         converter.representative_dataset = representative_dataset(data, r.num_calibration_samples, model=frozen)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     return _run_converter(converter, "int8", frozen)
+
+
+def _frozen_int8_model(model, r: Recipe, data, calibration, params, verbose, report=None) -> keras.Model:
+    """The fake-quant Keras model with fixed ranges that the converter turns into the INT8 ``.tflite``."""
+    return _prepare_int8(model, r, data, calibration, params, verbose, report)[0]
+
+
+def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=None):
+    """(frozen model, the fake-quant model it was frozen from, the calibration data actually used)."""
+    from tfq import ptq_methods
+    from tfq.qat.transform import freeze_model, quantizers_of, rewrite_model
+
+    ranges = None
+    if is_quantized_model(model):
+        qmodel = model
+        # A trained QAT model carries its ranges; only quantizers that never saw data need calibrating.
+        needs_calibration = any(q.mode != "fixed" and float(keras.ops.convert_to_numpy(q.initialized)) < 0.5
+                                for q in quantizers_of(qmodel).values())
+    else:
+        qmodel = rewrite_model(ptq_methods.prepare_model(model, r, report), r)
+        needs_calibration = not isinstance(calibration, Calibration)
+        if not needs_calibration:
+            ranges = calibration.ranges
+            missing = sorted(n for n, q in quantizers_of(qmodel).items() if q.mode != "fixed" and n not in ranges)
+            if missing:
+                raise ValueError(
+                    f"the calibration has no range for {len(missing)} tensor(s) of this model (e.g. {missing[0]!r}): "
+                    f"it was made for another model or recipe. Re-run tfq.calibrate on this model."
+                )
+        data = ptq_methods.calibration_inputs(qmodel, r, data, report)
+    if needs_calibration:
+        _require_data(data, "int8")
+        ranges = calibrate(qmodel, data, r.calibration, num_samples=r.num_calibration_samples,
+                           verbose=verbose, **params).ranges
+        ranges.update(ptq_methods.data_free_ranges(qmodel, r))
+    frozen = freeze_model(qmodel, ranges)
+    ptq_methods.apply_weight_methods(frozen, r, data, report)
+    return frozen, qmodel, data
 
 
 def _unexpected_float_ops(content: bytes, r: Recipe) -> list:

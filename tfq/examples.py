@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 
 __all__ = ["PositionEmbedding", "digits_cnn", "digits_lstm", "digits_transformer", "mobilenet_style",
-           "train_digits_cnn", "train_model"]
+           "train_digits_cnn", "train_model", "unbalance_channels"]
 
 
 def digits_cnn(input_shape=(8, 8, 1), num_classes: int = 10, name: str = "digits_cnn", keras_module=None):
@@ -34,23 +34,25 @@ def digits_cnn(input_shape=(8, 8, 1), num_classes: int = 10, name: str = "digits
 
 
 def mobilenet_style(input_shape=(32, 32, 1), num_classes: int = 10, width: int = 16,
-                    name: str = "mobilenet_style", keras_module=None):
+                    name: str = "mobilenet_style", keras_module=None, relu_max: float | None = 6.0):
     """A MobileNet-like stack: depthwise-separable blocks with BN and ReLU6, global pooling.
 
-    ``keras_module`` builds the same architecture with another Keras (e.g. ``tf_keras``).
+    ``keras_module`` builds the same architecture with another Keras (e.g. ``tf_keras``);
+    ``relu_max=None`` uses plain ReLU instead of ReLU6 (positively homogeneous, so channels can be
+    rescaled without changing the function: see :func:`unbalance_channels`).
     """
     km = keras_module or keras
     inputs = km.Input(input_shape, name="image")
     x = km.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name="stem")(inputs)
     x = km.layers.BatchNormalization(name="stem_bn")(x)
-    x = km.layers.ReLU(6.0, name="stem_relu")(x)
+    x = km.layers.ReLU(relu_max, name="stem_relu")(x)
     for i, (filters, stride) in enumerate([(2 * width, 1), (4 * width, 2), (4 * width, 1), (8 * width, 2)]):
         x = km.layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=f"dw{i}")(x)
         x = km.layers.BatchNormalization(name=f"dw{i}_bn")(x)
-        x = km.layers.ReLU(6.0, name=f"dw{i}_relu")(x)
+        x = km.layers.ReLU(relu_max, name=f"dw{i}_relu")(x)
         x = km.layers.Conv2D(filters, 1, use_bias=False, name=f"pw{i}")(x)
         x = km.layers.BatchNormalization(name=f"pw{i}_bn")(x)
-        x = km.layers.ReLU(6.0, name=f"pw{i}_relu")(x)
+        x = km.layers.ReLU(relu_max, name=f"pw{i}_relu")(x)
     x = km.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = km.layers.Dense(num_classes, activation="softmax", name="probs")(x)
     return km.Model(inputs, outputs, name=name)
@@ -123,3 +125,50 @@ def train_digits_cnn(epochs: int = 8, image_size: int = 8, seed: int = 0, verbos
     model = builder(input_shape=x_train.shape[1:])
     train_model(model, x_train, y_train, epochs=epochs, seed=seed, verbose=verbose)
     return model, (x_train, y_train), (x_test, y_test)
+
+
+def unbalance_channels(model: keras.Model, spread: float = 100.0, seed: int = 0,
+                       pairs=None) -> keras.Model:
+    """A copy of a ReLU model with the same function but channel ranges ``spread``× apart.
+
+    For each ``(batchnorm, next_layer)`` pair, output channel ``c`` of the BatchNorm is multiplied
+    by ``s_c`` (its ``γ`` and ``β``) and input channel ``c`` of the next layer's kernel divided by
+    it. With a ReLU between them (``relu(s·z) = s·relu(z)`` for ``s > 0``) the function is
+    unchanged, but per-channel weight and activation ranges now differ by ``max s / min s =
+    spread``, as in trained MobileNets: per-tensor INT8 collapses. The scales are a geometric
+    series from ``spread^-½`` to ``spread^½`` in a seeded random order.
+
+    Args:
+        model: a trained model whose pairs are joined by plain ReLU (e.g.
+            ``mobilenet_style(relu_max=None)``).
+        spread: ratio of the largest to the smallest scale (> 1).
+        seed: order of the scales over the channels.
+        pairs: ``[(batchnorm name, next layer name), ...]``; default: ``mobilenet_style``'s
+            ``(dw{i}_bn, pw{i})`` blocks.
+
+    Returns:
+        A new model (the caller's is untouched).
+
+    Example:
+        >>> skewed = unbalance_channels(model, spread=300.0)     # doctest: +SKIP
+    """
+    import numpy as np
+
+    if not spread > 1:
+        raise ValueError(f"spread must be > 1. Received: spread={spread!r}")
+    if pairs is None:
+        pairs = [(f"dw{i}_bn", f"pw{i}") for i in range(4)]
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    rng = np.random.default_rng(seed)
+    for bn_name, next_name in pairs:
+        bn, nxt = copy.get_layer(bn_name), copy.get_layer(next_name)
+        channels = int(bn.gamma.shape[0])
+        s = rng.permutation(np.geomspace(spread ** -0.5, spread ** 0.5, channels))
+        bn.gamma.assign(keras.ops.convert_to_numpy(bn.gamma) * s)
+        bn.beta.assign(keras.ops.convert_to_numpy(bn.beta) * s)
+        kernel = keras.ops.convert_to_numpy(nxt.kernel)
+        shape = [1] * kernel.ndim
+        shape[-2] = -1
+        nxt.kernel.assign(kernel / s.reshape(shape))
+    return copy

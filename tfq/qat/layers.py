@@ -30,6 +30,7 @@ __all__ = [
     "Statistic",
     "WEIGHTED_LAYER_TYPES",
     "observing",
+    "tapping",
 ]
 
 RANGE_MODES = ("fixed", "moving_average", "learned")
@@ -63,6 +64,39 @@ class observing:
         global _OBSERVERS
         _OBSERVERS = None
         return False
+
+
+# While tapping (see :func:`tapping`), QuantizedLayer wrappers record what they compute.
+_TAPS: dict[int, dict] | None = None
+
+
+class tapping:
+    """Context manager: the given :class:`QuantizedLayer` wrappers record their inputs and outputs.
+
+    Each call of a tapped wrapper appends its input tensor to ``records[id(layer)]["inputs"]`` and
+    its output before the activation (after BatchNorm folding, bias added) to
+    ``records[id(layer)]["pre_activation"]``. Tensors are kept as they are (inside a
+    ``tf.GradientTape`` they carry gradients). The model must be called eagerly inside the context.
+
+    Example:
+        >>> with tapping([wrapper]) as records:          # doctest: +SKIP
+        ...     model(batch)
+        >>> x = records[id(wrapper)]["inputs"][0]       # doctest: +SKIP
+    """
+
+    def __init__(self, layers):
+        self.records = {id(layer): {"inputs": [], "pre_activation": []} for layer in layers}
+
+    def __enter__(self):
+        global _TAPS
+        _TAPS = self.records
+        return self.records
+
+    def __exit__(self, *exc):
+        global _TAPS
+        _TAPS = None
+        return False
+
 
 # Activations that TFLite fuses into the preceding op (no quantized tensor in between).
 FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
@@ -471,6 +505,10 @@ class QuantizedLayer(keras.layers.Layer):
         bn_frozen: initial value of :attr:`bn_frozen`.
         preserve: ``None``, ``"sparsity"`` or ``"clusters"``: what of the main kernel (a separable
             convolution's pointwise kernel) QAT keeps, see :meth:`init_preservation`.
+        converter_quantizes_weights: the call uses the float kernel, which the export writes
+            float for the converter to quantize (set by ``freeze_model`` on per-channel
+            Dense/EinsumDense, see :attr:`exports_float_weights`); the wrapper still describes
+            the integer weights (bits, scales) for the weight methods.
     """
 
     def __init__(
@@ -487,6 +525,7 @@ class QuantizedLayer(keras.layers.Layer):
         float_weights: bool = False,
         bn_frozen: bool = False,
         preserve: str | None = None,
+        converter_quantizes_weights: bool = False,
         **kwargs,
     ):
         if isinstance(layer, dict):
@@ -517,6 +556,7 @@ class QuantizedLayer(keras.layers.Layer):
         self.per_channel = bool(per_channel) and not isinstance(layer, _PER_TENSOR)
         self.weight_narrow_range = bool(weight_narrow_range)
         self.float_weights = bool(float_weights)
+        self.converter_quantizes_weights = bool(converter_quantizes_weights)
         self._bn_frozen_initial = bool(bn_frozen)
         self.output_quantizer = self._make_quantizer(output_quantizer, "output")
         fused = self.activation in FUSABLE_ACTIVATIONS
@@ -748,6 +788,8 @@ class QuantizedLayer(keras.layers.Layer):
         return kernel * tf.reshape(factor, shape)
 
     def _quantize_any(self, kernel, axis):
+        if self.converter_quantizes_weights:
+            return kernel  # exported float; the converter puts it on the grid this wrapper computes
         if isinstance(self.layer, keras.layers.DepthwiseConv2D):
             return self._fq_depthwise(kernel)
         if isinstance(self.layer, keras.layers.EinsumDense) and self.per_channel:
@@ -807,6 +849,9 @@ class QuantizedLayer(keras.layers.Layer):
     def call(self, inputs, training=None):
         layer = self.layer
         x = inputs
+        record = _TAPS.get(id(self)) if _TAPS is not None else None
+        if record is not None:
+            record["inputs"].append(inputs)
         separable_1d = isinstance(layer, keras.layers.SeparableConv1D)
         if separable_1d:  # computed as SeparableConv2D on a height-1 image, as TFLite runs it
             x, _ = self._causal_pad(x)
@@ -825,6 +870,8 @@ class QuantizedLayer(keras.layers.Layer):
             y = self._folded_call(x, kernel, axis, bias, training)
         if separable_1d:
             y = tf.squeeze(y, self._spatial_axis())
+        if record is not None:
+            record["pre_activation"].append(y)
         if self.pre_activation_quantizer is not None:
             y = self.pre_activation_quantizer(y, training=training)
         y = self._activation_fn(y)
@@ -900,6 +947,7 @@ class QuantizedLayer(keras.layers.Layer):
             float_weights=self.float_weights,
             bn_frozen=self.bn_frozen,
             preserve=self.preserve,
+            converter_quantizes_weights=self.converter_quantizes_weights,
         )
         return config
 

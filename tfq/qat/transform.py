@@ -867,7 +867,7 @@ def freeze_model(
             config["layer"] = _copy_layer(layer.layer)
             config["batchnorm"] = _copy_layer(layer.batchnorm) if layer.batchnorm is not None else None
             if layer.exports_float_weights and not strip:
-                config["float_weights"] = True  # the converter quantizes them per channel itself
+                config["converter_quantizes_weights"] = True  # per channel, on the grid computed here
             config["preserve"] = None  # the copy gets the preserved kernel itself (layer_weights)
             new = QuantizedLayer.from_config(config)
         elif isinstance(layer, QuantizedNormalization):
