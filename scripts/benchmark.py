@@ -1,16 +1,22 @@
 """Benchmark tfq against the plain TFLite converter and tfmot; writes the figures as JSON.
 
-    python scripts/benchmark.py --output=results.json [--models=digits_cnn,mobilenet_style] [--quick]
+    python scripts/benchmark.py --output=results.json [--models=digits_cnn,digits_transformer] [--quick] [--compression]
+    python scripts/benchmark.py --models= --methods --output=methods.json   # methods beyond calibration only
 """
 
 from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", "benchmark_results.json", "Where to write the JSON results.")
-flags.DEFINE_list("models", ["digits_cnn", "mobilenet_style"], "Models to benchmark.")
+flags.DEFINE_list("models", ["digits_cnn", "mobilenet_style", "digits_transformer", "digits_lstm"],
+                  "Models to benchmark.")
 flags.DEFINE_integer("num_threads", 2, "Interpreter threads for latency.")
 flags.DEFINE_boolean("quick", False, "Few epochs: a smoke run, figures not meaningful.")
 flags.DEFINE_string("markdown", None, "Optional path for a Markdown table of the main figures.")
+flags.DEFINE_boolean("compression", False, "Add the compression section (pruning, clustering, distillation, tfmot "
+                     "pruning on the digits CNN; ~4 minutes).")
+flags.DEFINE_boolean("methods", True, "Include the methods beyond calibration (equalization, bias correction, "
+                     "AdaRound, GPTQ, data-free) on MobileNet-style models, per tensor and per channel, and W4A8.")
 
 
 def main(argv):
@@ -23,7 +29,8 @@ def main(argv):
 
     quiet_logs()
 
-    results = run_benchmark(FLAGS.models, num_threads=FLAGS.num_threads, quick=FLAGS.quick)
+    results = run_benchmark(FLAGS.models, num_threads=FLAGS.num_threads, quick=FLAGS.quick,
+                            compression=FLAGS.compression, methods=FLAGS.methods)
     atomic_write_text(FLAGS.output, json.dumps(results, indent=1))
     table = to_markdown(results)
     print(table)

@@ -62,7 +62,7 @@ def test_evaluate_prints_table(files, trained_cnn):
 
 
 def test_scripts_help_and_export(files):
-    for script in ("export_tflite.py", "evaluate.py", "tune.py", "benchmark.py", "train_qat.py"):
+    for script in ("export_tflite.py", "evaluate.py", "tune.py", "benchmark.py", "train_qat.py", "prune_and_quantize.py"):
         proc = run(str(REPO / "scripts" / script), "--help")
         assert proc.returncode == 0, (script, proc.stderr[-1000:])
         assert "--" in proc.stdout and "python scripts/" in proc.stdout, script
@@ -99,6 +99,27 @@ def test_bad_command_lines_fail_with_one_line(args, message, tmp_path):
     assert not (tmp_path / "x.tflite").exists()
 
 
+def test_convert_method_flags_are_validated(files):
+    out = files / "bad_method.tflite"
+    proc = tfq_cmd("convert", f"--model={files / 'm.keras'}", "--mode=int8", f"--data={files / 'calib.npz'}",
+                   "--weight_rounding=optimal", f"--output={out}")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("tfq")]
+    assert len(lines) == 1 and "weight_rounding" in lines[0] and "'optimal'" in lines[0], proc.stderr[-1000:]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_convert_data_free_with_equalization_and_bias_correction(files, digits):
+    _, (x_test, y_test) = digits
+    out = files / "dfq.tflite"
+    proc = tfq_cmd("convert", f"--model={files / 'm.keras'}", "--mode=int8", "--data_free=on", "--equalize",
+                   "--bias_correction=analytical", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert tfq.inspect_tflite(out).num_float_ops == 0
+    assert tflite_accuracy(out.read_bytes(), x_test, y_test) > 0.9
+
+
 def test_corrupt_tflite_rejected(files):
     bad = files / "bad.tflite"
     bad.write_bytes(b"\x00" * 64)
@@ -120,10 +141,38 @@ def test_train_qat_script(files, digits):
     assert (out / "qat.keras").exists() and (out / "qat_epoch01.tflite").exists()
 
 
+def test_prune_and_quantize_script(files, digits):
+    (x_train, y_train), (x_test, y_test) = digits
+    np.savez(files / "train.npz", x=x_train, y=y_train)
+    out = files / "pruned.tflite"
+    proc = run(str(REPO / "scripts" / "prune_and_quantize.py"), f"--model={files / 'm.keras'}",
+               f"--data={files / 'train.npz'}", f"--eval_data={files / 'test.npz'}", "--target_sparsity=0.5",
+               "--epochs=1", "--qat_epochs=0", "--skip_layers=conv1", f"--output={out}",
+               f"--save_keras={files / 'pruned.keras'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    content = out.read_bytes()
+    info = tfq.inspect_tflite(content)
+    assert info.num_float_ops == 0
+    by_layer = {name: next(w for w in info.weights if f"/{name}" in w.name) for name in ("conv1", "conv2", "fc1")}
+    assert by_layer["conv1"].sparsity < 0.1 and by_layer["conv2"].sparsity >= 0.5 and by_layer["fc1"].sparsity >= 0.5
+    accuracy = tflite_accuracy(content, x_test, y_test)
+    assert accuracy > 0.9 and f"pruned INT8 {accuracy:.4f}" in proc.stdout
+    assert f"gzip: {info.gzip_size:,} bytes" in proc.stdout
+    import keras
+
+    pruned = keras.models.load_model(files / "pruned.keras")  # a plain Keras model: no tfq class in it
+    assert tfq.pruning.sparsity_of(pruned)["conv2"] == pytest.approx(0.5)
+    proc = run(str(REPO / "scripts" / "prune_and_quantize.py"), f"--model={files / 'm.keras'}",
+               f"--data={files / 'train.npz'}", "--target_sparsity=1.5", f"--output={files / 'bad.tflite'}")
+    assert proc.returncode == 2 and not (files / "never_written.tflite").exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("prune_and_quantize: target_sparsity must be")
+
+
 @pytest.mark.slow
 def test_benchmark_script_quick(tmp_path):
     out = tmp_path / "results.json"
-    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", f"--output={out}")
+    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", "--compression", "--nomethods",
+               f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     model = results["models"][0]
@@ -137,3 +186,28 @@ def test_benchmark_script_quick(tmp_path):
     assert ev["samples"] == 2 * len(tfq.datasets.load_digits()[1][0]) and ev["num_threads"] == 2
     assert ev["throughput_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["evaluate_seconds"])
     assert ev["ceiling_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["compute_floor_seconds"])
+    rows = {r["name"]: r for r in results["compression"]["rows"]}
+    assert set(rows) == {"float", "dense_int8", "pruned50_int8", "pruned75_int8", "pruned90_int8", "clustered16_int8",
+                         "student_labels_int8", "student_distilled_int8", "tfmot_pruned75_int8"}
+    for name in ("pruned50_int8", "pruned75_int8", "pruned90_int8"):
+        assert rows[name]["keras_sparsity"] == pytest.approx(int(name[6:8]) / 100, abs=1e-3)
+        assert rows[name]["gzip_bytes"] < rows["dense_int8"]["gzip_bytes"] and rows[name]["num_float_ops"] == 0
+    assert rows["clustered16_int8"]["max_distinct_per_channel"] <= 16
+    assert rows["pruned90_int8"]["gzip_bytes"] < rows["pruned75_int8"]["gzip_bytes"] < rows["pruned50_int8"]["gzip_bytes"]
+
+
+@pytest.mark.slow
+def test_benchmark_methods_quick(tmp_path):
+    out, table = tmp_path / "methods.json", tmp_path / "methods.md"
+    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=", f"--output={out}",
+               f"--markdown={table}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    methods = json.loads(out.read_text())["methods"]
+    names = [(r["granularity"], r["name"]) for r in methods["int8"]]
+    assert names == [("-", "float (Keras)"), ("per-channel", "tflite_converter_minmax"), ("per-tensor", "tfq_minmax"),
+                     ("per-tensor", "equalize"), ("per-tensor", "gptq")]
+    for row in methods["int8"][1:] + methods["w4a8"]:
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["agreement"] <= 1 and row["convert_seconds"] > 0
+    assert methods["int8"][3]["seconds"]["equalize"] > 0 and methods["int8"][4]["seconds"]["weight_rounding"] > 0
+    assert [r["name"] for r in methods["w4a8"]] == ["w4a8_nearest", "w4a8_gptq"]
+    assert "| weights | method |" in table.read_text()

@@ -502,13 +502,16 @@ def test_markdown_table(cnn_report, cnn_layers):
     lines = text.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["model", "accuracy", "top5", "top_k:3", "mean_confidence", "agreement", "SQNR (dB)",
-                      "size (KB)", "size ratio", "p50 (ms)", "p90 (ms)", "samples/s"]
+                      "size (KB)", "size ratio", "gzip (KB)", "sparsity", "distinct/ch", "p50 (ms)", "p90 (ms)",
+                      "samples/s"]
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + len(cnn_report.rows)
     int8 = cnn_report.row("int8")
     line = next(row for row in table if row.startswith("| int8 |"))
     assert f"{int8['accuracy']:.4f}" in line and f"{int8['size'] / 1024:.1f}" in line
     assert f"{int8['sqnr_db']:.1f}" in line and f"{int8['size_ratio']:.3f}×" in line
+    assert f"| {int8['gzip_size'] / 1024:.1f} | {100 * int8['weight_sparsity']:.1f}% | " \
+           f"{int8['max_distinct_per_channel']} |" in line
     assert "| keras * |" in text and "parameters × 4 bytes" in text and "| inf |" in text
     layer_text = cnn_layers.to_markdown()
     assert str(cnn_layers) == layer_text

@@ -63,3 +63,26 @@ def test_06_integer_arithmetic(tmp_path):
     assert number_after(text, "max abs diff:") == 0
     assert "M0 = " in text and "int32 accumulator worst case" in text
     assert "requantized in double" in text
+
+
+def test_05_prune_cluster_distill(tmp_path):
+    text, images = execute("05_prune_cluster_distill.ipynb", tmp_path)
+    assert number_after(text, "sparsity:") == 75.0
+    pruned_acc, float_acc = number_after(text, "pruned INT8 accuracy"), number_after(text, "(float")
+    assert pruned_acc >= float_acc - 0.015
+    assert number_after(text, "gzip ratio pruned/dense") < 0.5
+    assert number_after(text, "max distinct int8 values per channel:") <= 16
+    assert "weight sparsity: 7" in text  # the INT8 file's own zeros, from inspect_tflite's summary
+    assert images >= 1 and (tmp_path / "compression_sizes.png").exists()
+
+
+def test_04_data_free_and_equalization(tmp_path):
+    text, images = execute("04_data_free_and_equalization.ipynb", tmp_path)
+    float_acc = number_after(text, "float accuracy")
+    assert float_acc > 0.9
+    assert number_after(text, "per-tensor INT8 accuracy (unbalanced):") < float_acc - 0.3
+    assert number_after(text, "max output difference:") < 1e-4
+    assert number_after(text, "spread:") > 100 and number_after(text, "before,") < 2.0
+    assert number_after(text, "per-tensor INT8 accuracy after CLE:") >= float_acc - 0.015
+    assert number_after(text, "data-free per-tensor INT8 accuracy:") >= float_acc - 0.02
+    assert images >= 1 and (tmp_path / "channel_ranges.png").exists()

@@ -108,3 +108,16 @@ def test_reference_submodule_exports():
     missing = [name for name in tfq.reference.__all__ if not hasattr(tfq.reference, name)]
     assert not missing, f"tfq.reference.__all__ names missing: {missing}"
     assert callable(tfq.reference.run) and callable(tfq.reference.explain) and callable(tfq.reference.trace)
+
+
+@pytest.mark.parametrize("module", ["pruning", "clustering", "distillation", "callbacks"])
+def test_compression_modules_export_what_they_promise(module):
+    tfq = importlib.import_module("tfq")
+    mod = getattr(tfq, module)
+    assert module in tfq.__all__
+    missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+    assert not missing, f"tfq.{module}.__all__ names missing: {missing}"
+    expected = {"pruning": {"prune_low_magnitude", "strip_pruning", "PolynomialDecay", "ConstantSparsity"},
+                "clustering": {"cluster_weights", "strip_clustering"}, "distillation": {"Distiller"},
+                "callbacks": {"UpdatePruningStep", "PruningSummaries"}}[module]
+    assert expected <= set(mod.__all__)

@@ -244,10 +244,18 @@ def test_every_listed_layer_type_trains_and_converts_fully_integer(tmp_path):
                     "LOGISTIC", "ADD", "SUB", "MUL", "CONCATENATION", "MAX_POOL_2D", "AVERAGE_POOL_2D", "MEAN",
                     "REDUCE_MAX", "RESIZE_BILINEAR", "PAD", "SOFTMAX"}
     assert expected_ops <= set(info.op_types), expected_ops - set(info.op_types)
-    # Per-channel weights for convolutions, per tensor for Dense and the transposed convolution.
-    scales = {op.type: len(info.tensors[op.inputs[1]].scales) for op in info.ops
-              if op.type in ("CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED")}
-    assert scales == {"CONV_2D": 8, "TRANSPOSE_CONV": 1, "FULLY_CONNECTED": 1}
+    # Per-channel weights for convolutions and Dense, per tensor for the transposed convolution.
+    scales = {}
+    for op in info.ops:
+        if op.type in ("CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED"):
+            scales.setdefault(op.type, []).append(len(info.tensors[op.inputs[1]].scales))
+    assert sorted(scales["FULLY_CONNECTED"]) == [10, 16, 16] and scales["TRANSPOSE_CONV"] == [1]
+    assert set(scales["CONV_2D"]) == {8}
+    # Dense weights are exported float and quantized by the converter with the scale the
+    # fake-quant used: max|w| / 127 per output channel.
+    fc = next(op for op in info.ops if op.type == "FULLY_CONNECTED" and len(info.tensors[op.inputs[1]].scales) == 10)
+    kernel = qat.get_layer("logits").layer.kernel.numpy()
+    np.testing.assert_allclose(info.tensors[fc.inputs[1]].scales, np.abs(kernel).max(axis=0) / 127, rtol=1e-6)
     keras_out = qat.predict(x, verbose=0)
     tflite_out = tfq.TFLiteModel(content).predict(x)
     assert np.abs(keras_out - tflite_out).max() <= 2 / 256 + 1e-6
@@ -279,39 +287,90 @@ def test_sequential_model_and_shared_conv_output():
     assert qat.get_layer("conv").batchnorm is None and qat.get_layer("conv").activation == "linear"
 
 
-def test_unknown_layer_stays_float_with_a_warning_until_registered():
-    class Doubler(keras.layers.Layer):
+def test_custom_layer_is_decomposed_into_the_ops_it_calls():
+    class ScaleShift(keras.layers.Layer):
         def call(self, x):
-            return 2.0 * x
+            return 2.0 * x + 1.0
 
-    def build():
-        inputs = keras.Input((6,))
-        x = L.Dense(4, name="fc")(inputs)
-        x = Doubler(name="doubler")(x)
-        return keras.Model(inputs, L.Dense(2, name="out")(x))
+    inputs = keras.Input((6,))
+    x = L.Dense(4, name="fc")(inputs)
+    x = ScaleShift(name="scale_shift")(x)
+    model = keras.Model(inputs, L.Dense(2, name="out")(x))
+    data = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    qat, caught = _recording_warnings(tfq.qat.quantize_model, model, calibration_data=data)
+    assert caught == []
+    quantizers = tfq.qat.quantizers_of(qat)
+    assert {"scale_shift_multiply_fq", "scale_shift_add_fq"} <= set(quantizers)
+    # The ranges are those of 2·h and 2·h + 1, h the Dense output on the calibration data.
+    h = data @ model.get_layer("fc").kernel.numpy() + model.get_layer("fc").bias.numpy()
+    for name, values in (("scale_shift_multiply_fq", 2 * h), ("scale_shift_add_fq", 2 * h + 1)):
+        lo, hi = quantizers[name].current_range()
+        assert lo == pytest.approx(min(values.min(), 0.0), rel=1e-5, abs=1e-6)
+        assert hi == pytest.approx(max(values.max(), 0.0), rel=1e-5)
+    info = tfq.inspect_tflite(tfq.convert(qat, "int8"))  # every tensor has a tfq range: no data needed
+    assert info.num_float_ops == 0 and {"MUL", "ADD"} <= set(info.op_types)
 
-    qat, caught = _recording_warnings(tfq.qat.quantize_model, build())
-    assert len(caught) == 1
-    assert "'doubler'" in caught[0] and "Doubler" in caught[0] and "tfq.qat.register_layer" in caught[0]
-    assert any(isinstance(layer, FloatBarrier) for layer in qat.layers)
+
+class _TFOpsLayer(keras.layers.Layer):
+    """Calls TensorFlow directly: tfq cannot trace it on symbolic tensors, so it stays whole."""
+
+    def call(self, x):
+        return tf.nn.relu6(x) * tf.math.sigmoid(x)
+
+
+def _tf_ops_model():
+    inputs = keras.Input((6,))
+    x = _TFOpsLayer(name="t1")(L.Dense(8, name="fc")(inputs))
+    x = _TFOpsLayer(name="t2")(L.Dense(8, name="fc2")(x))
+    return keras.Model(inputs, L.Dense(3, name="out")(x))
+
+
+def test_untraceable_layer_is_kept_whole_and_the_converter_calibrates_inside():
+    keras.utils.set_random_seed(0)
+    model = _tf_ops_model()
+    data = np.random.default_rng(0).normal(size=(128, 6)).astype("float32")
+    qat, caught = _recording_warnings(tfq.qat.quantize_model, model, calibration_data=data)
+    assert len(caught) == 1  # one warning for the class, naming both layers and the fix
+    assert "_TFOpsLayer" in caught[0] and "'t1'" in caught[0] and "'t2'" in caught[0]
+    assert "register_layer(_TFOpsLayer, 'composite', decompose=" in caught[0]
+    assert not any(isinstance(layer, FloatBarrier) for layer in qat.layers)
+    with pytest.raises(ValueError, match=r"'t1' \(_TFOpsLayer\).*representative_data"):
+        tfq.convert(qat, "int8")
+    info = tfq.inspect_tflite(tfq.convert(qat, "int8", representative_data=data))
+    assert info.num_float_ops == 0 and "LOGISTIC" in info.op_types
+    # The fix the warning suggests works: a decomposition makes every range tfq's.
     try:
-        tfq.qat.register_layer(Doubler, "output")
-        qat, caught = _recording_warnings(tfq.qat.quantize_model, build(), calibration_data=np.ones((4, 6), "f4"))
+        tfq.qat.register_layer(_TFOpsLayer, "composite",
+                               decompose=lambda layer, x: keras.ops.relu6(x) * keras.ops.sigmoid(x))
+        qat, caught = _recording_warnings(tfq.qat.quantize_model, model, calibration_data=data)
         assert caught == []
-        assert not any(isinstance(layer, FloatBarrier) for layer in qat.layers)
+        assert "t1_multiply_fq" in tfq.qat.quantizers_of(qat)
         assert tfq.inspect_tflite(tfq.convert(qat, "int8")).num_float_ops == 0
+        # A decomposition that computes something else is refused by name.
+        tfq.qat.register_layer(_TFOpsLayer, "composite", decompose=lambda layer, x: keras.ops.relu(x))
+        with pytest.raises(ValueError, match=r"decomposition registered for _TFOpsLayer.*'t1'"):
+            tfq.qat.quantize_model(model)
     finally:
-        tfq.qat.unregister_layer(Doubler)
+        tfq.qat.unregister_layer(_TFOpsLayer)
 
 
-def test_activation_without_int8_kernel_stays_float_with_a_warning():
+def test_activation_without_int8_rule_is_left_to_the_converter():
     inputs = keras.Input((6,))
     x = L.Dense(4, activation="elu", name="fc")(inputs)
     x = L.Activation("softplus", name="soft")(x)
-    qat, caught = _recording_warnings(tfq.qat.quantize_model, keras.Model(inputs, x))
-    assert len(caught) == 2 and "'elu'" in caught[0] and "'fc'" in caught[0] and "'soft'" in caught[1]
-    assert qat.get_layer("fc").activation == "linear"  # the int8 Dense, then a float ELU
-    assert sum(isinstance(layer, FloatBarrier) for layer in qat.layers) == 2
+    model = keras.Model(inputs, x)
+    qat, caught = _recording_warnings(tfq.qat.quantize_model, model)
+    assert len(caught) == 1 and "'fc_elu'" in caught[0] and "'soft'" in caught[0] and "Activation" in caught[0]
+    assert qat.get_layer("fc").activation == "linear"  # the int8 Dense, then the ELU as its own op
+    assert not any(isinstance(layer, FloatBarrier) for layer in qat.layers)
+    data = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = tfq.inspect_tflite(tfq.convert(model, "int8", data))
+    # TFLite has no int8 ELU kernel: that one op stays float, named in one warning; softplus is int8.
+    assert [op.type for op in info.float_ops] == ["ELU"]
+    messages = [str(w.message) for w in caught if "stay float because" in str(w.message)]
+    assert len(messages) == 1 and "ELU in fc" in messages[0]
 
 
 # --- 3. training maths ------------------------------------------------------------------------------------

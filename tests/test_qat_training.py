@@ -94,8 +94,7 @@ def test_per_tensor_layers_use_one_pass_in_unfolded_mode():
         keras.utils.set_random_seed(3)
         layer, ref_layer, x, channels = _layer_and_reference("dense", np.random.default_rng(3))
         bn, _ = _batchnorms(channels, ref_layer(x).shape, np.random.default_rng(4))
-        q = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None, bn_folding=mode)  # Dense: per-tensor
-        assert not q.per_channel
+        q = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None, per_channel=False, bn_folding=mode)
         outputs[mode] = q(x, training=True).numpy()
     np.testing.assert_array_equal(outputs["unfolded"], outputs["one_pass"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,13 @@ EXPECTED_PRESETS = [
     "fp16",
     "int16x8",
     "int8",
+    "int8_dfq",
+    "int8_gptq",
     "int8_kl",
     "int8_uint8_io",
     "qat_int8",
+    "w4a8_adaround",
+    "w4a8_gptq",
 ]
 
 PER_TENSOR_W = TensorSpec(per_channel=False)
@@ -385,7 +390,7 @@ def test_missing_file_and_unknown_preset(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         load_recipe(missing)
     assert str(missing) in str(info.value) and "int8_kl" in str(info.value)
-    with pytest.raises(FileNotFoundError, match="No preset named 'int9'.*int8, int8_kl"):
+    with pytest.raises(FileNotFoundError, match="No preset named 'int9'.*int8, int8_dfq, int8_gptq, int8_kl"):
         load_recipe("int9")
     with pytest.raises(ValueError, match=r"\.txt"):
         load_recipe(tmp_path / "r.txt")
@@ -428,3 +433,59 @@ def test_save_overwrites_atomically(tmp_path):
 def test_module_imports_no_tensorflow():
     source = Path(recipes.__file__).read_text()
     assert "import tensorflow" not in source and "import keras" not in source
+
+
+# --------------------------------------------------------------------------- methods beyond calibration
+
+
+def test_method_fields_default_off_and_round_trip():
+    plain = Recipe()
+    assert (plain.equalize, plain.bias_correction, plain.weight_rounding, plain.data_free) == (False, False, "nearest",
+                                                                                              False)
+    assert plain.bias_correction_method is None and plain.data_free_method is None
+    rich = Recipe(equalize=True, bias_correction="analytical", weight_rounding="gptq", data_free="bn_statistics")
+    assert Recipe.from_dict(rich.to_dict()) == rich
+    assert Recipe.from_dict(json.loads(json.dumps(rich.to_dict()))) == rich
+
+
+def test_bias_correction_true_picks_the_method_by_data():
+    assert Recipe(bias_correction=True).bias_correction_method == "empirical"
+    assert Recipe(bias_correction=True, data_free=True).bias_correction_method == "analytical"
+    assert Recipe(data_free=True).data_free_method == "synthetic"
+
+
+def test_method_presets():
+    dfq = load_recipe("int8_dfq")
+    assert (dfq.equalize, dfq.bias_correction_method, dfq.data_free_method) == (True, "analytical", "synthetic")
+    w4 = load_recipe("w4a8_adaround")
+    assert (w4.weights.bits, w4.weight_rounding, w4.allow_non_tflite) == (4, "adaround", True)
+    assert load_recipe("w4a8_gptq").weight_rounding == "gptq"
+    assert load_recipe("int8_gptq").weight_rounding == "gptq"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(equalize="yes"), TypeError, "Recipe.equalize must be a bool"),
+        (dict(bias_correction="always"), ValueError, "Recipe.bias_correction must be one of"),
+        (dict(bias_correction=1), ValueError, "Received: bias_correction=1"),
+        (dict(weight_rounding="stochastic"), ValueError, "Recipe.weight_rounding must be one of"),
+        (dict(data_free="zeroq"), ValueError, "Recipe.data_free must be one of"),
+        (dict(mode="fp16", equalize=True), ValueError, "equalize=True applies to mode 'int8' or 'int16x8'"),
+        (dict(mode="dynamic", data_free=True), ValueError, "data_free=True applies to mode"),
+        (dict(mode="int16x8", weight_rounding="gptq"), ValueError, "weight_rounding='gptq' applies to mode 'int8'"),
+        (dict(mode="int16x8", bias_correction=True), ValueError, "bias_correction=True applies to mode 'int8'"),
+        (dict(weights=TensorSpec(narrow_range=False), allow_non_tflite=True, weight_rounding="adaround"), ValueError,
+         "narrow_range=False"),
+    ],
+)
+def test_method_fields_are_validated(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message) if "(" not in message else message):
+        Recipe(**kwargs)
+
+
+def test_method_field_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("mode: int8\nweight_rounding: round\n")
+    with pytest.raises(ValueError, match="bad.yaml.*weight_rounding"):
+        load_recipe(path)

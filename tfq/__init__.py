@@ -18,6 +18,7 @@ _EXPORTS = {
     "Calibration": "tfq.calibration",
     "ConversionError": "tfq.conversion",
     "LayerErrorReport": "tfq.report",
+    "MethodsReport": "tfq.ptq_methods",
     "Override": "tfq.recipes",
     "Recipe": "tfq.recipes",
     "Report": "tfq.report",
@@ -28,7 +29,9 @@ _EXPORTS = {
     "TuneResult": "tfq.tuning",
     "calibrate": "tfq.calibration",
     "convert": "tfq.conversion",
+    "equalize": "tfq.equalization",
     "evaluate": "tfq.evaluation",
+    "fake_quantize": "tfq.conversion",
     "inspect_tflite": "tfq.inspect",
     "layer_errors": "tfq.evaluation",
     "list_presets": "tfq.recipes",
@@ -39,7 +42,8 @@ _EXPORTS = {
     "save_recipe": "tfq.recipes",
     "tune": "tfq.tuning",
 }
-_SUBMODULES = ("callbacks", "datasets", "examples", "interop", "observers", "ops", "qat", "recipes", "reference")
+_SUBMODULES = ("callbacks", "clustering", "datasets", "distillation", "examples", "interop", "observers", "ops",
+               "pruning", "qat", "recipes", "reference")
 
 __all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
 

@@ -10,7 +10,17 @@ For each model (a digits CNN on 8×8 digits, a MobileNet-style net on digits res
   ``TF_USE_LEGACY_KERAS=1``, the only way tfmot runs next to Keras 3): accuracy and the ratio of a
   QAT training step's time to a float step's;
 * evaluator throughput: :func:`tfq.evaluate` on the INT8 model against a per-sample interpreter loop,
-  and the ceiling the kernels' own time sets on this machine.
+  and the ceiling the kernels' own time sets on this machine;
+* optionally (``compression=True``), compression on the digits CNN: dense INT8, 50/75/90 % pruned
+  INT8 (sparsity-preserving QAT), 16-cluster INT8 (cluster-preserving QAT), a distilled small
+  student INT8 next to the same student trained from labels alone, and tfmot's pruning of the same
+  architecture (tf_keras, subprocess) — accuracy, raw and gzip size, latency;
+* methods beyond calibration (:func:`bench_methods`): the MobileNet-style model as trained (ReLU6)
+  and a ReLU one whose channels were rescaled 300× apart (same function, see
+  :func:`tfq.examples.unbalance_channels`), per tensor and per channel, INT8 through LiteRT with
+  and without cross-layer equalization, bias correction, AdaRound, GPTQ and data-free ranges,
+  against the plain converter, with each method's seconds; and W4A8 (4-bit weights, simulated in
+  Keras) with nearest, AdaRound and GPTQ rounding.
 
 Every figure goes into one JSON document (:func:`run_benchmark`).
 """
@@ -26,13 +36,33 @@ import time
 
 import numpy as np
 
-__all__ = ["run_benchmark", "MODELS"]
+__all__ = ["run_benchmark", "bench_methods", "MODELS", "METHOD_ROWS", "SEQUENCE_MODELS"]
 
 MODELS = {
     "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
     "mobilenet_style": dict(builder="mobilenet_style", image_size=32, epochs=15),
 }
 PTQ_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
+# Models on the digits read as 8 rows of 8 pixels: tokens for a transformer, time steps for an LSTM.
+SEQUENCE_MODELS = {
+    "digits_transformer": dict(builder="digits_transformer", epochs=20),
+    "digits_lstm": dict(builder="digits_lstm", epochs=20),
+}
+SEQUENCE_PTQ_METHODS = ("minmax", "kl", "mse")
+# Rows of the methods section: (name, tfq.convert keywords); data_free rows get no data.
+METHOD_ROWS = (
+    ("tfq_minmax", {}),
+    ("equalize", {"equalize": True}),
+    ("bias_correction", {"bias_correction": "empirical"}),
+    ("equalize+bias_correction", {"equalize": True, "bias_correction": "empirical"}),
+    ("adaround", {"weight_rounding": "adaround"}),
+    ("gptq", {"weight_rounding": "gptq"}),
+    ("equalize+gptq+bias_correction", {"equalize": True, "weight_rounding": "gptq", "bias_correction": "empirical"}),
+    ("data_free", {"data_free": True}),
+    ("dfq (data_free+equalize+analytical bias_correction)",
+     {"data_free": True, "equalize": True, "bias_correction": "analytical"}),
+)
+UNBALANCED_SPREAD = 300.0
 
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -51,8 +81,9 @@ def _tflite_accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return _accuracy(TFLiteModel(content).predict(x, batch_size=256), y)
 
 
-def _plain_converter_int8(model, calib: np.ndarray) -> bytes:
-    """The baseline a user gets without tfq: TFLiteConverter PTQ with a representative dataset."""
+def _plain_converter_int8(model, calib: np.ndarray, allow_float: bool = False) -> bytes:
+    """The baseline a user gets without tfq: TFLiteConverter PTQ with a representative dataset
+    (``allow_float``: ops without an int8 kernel stay float, as the converter's docs suggest)."""
     import tensorflow as tf
 
     def representative():
@@ -63,6 +94,8 @@ def _plain_converter_int8(model, calib: np.ndarray) -> bytes:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if allow_float:
+        converter.target_spec.supported_ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)
     import contextlib
     import io
 
@@ -220,6 +253,80 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log) -> dict:
     return result
 
 
+def _unrolled(model):
+    """The same model with ``unroll=True`` on its recurrent layers: the only form the plain
+    converter can make int8."""
+    import keras
+
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] in ("LSTM", "GRU", "SimpleRNN"):
+            layer["config"]["unroll"] = True
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log) -> dict:
+    """A transformer or LSTM on the digits' rows: the plain converter against tfq PTQ and QAT.
+
+    tfmot has no rule for MultiHeadAttention, LayerNormalization or recurrent layers (tfmot #718,
+    #942, #1114), so it has no row here.
+    """
+    import keras
+
+    import tfq
+    from tfq import examples
+
+    epochs = 2 if quick else spec["epochs"]
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
+    x_train, x_test = x_train[..., 0], x_test[..., 0]
+    keras.utils.set_random_seed(0)
+    model = getattr(examples, spec["builder"])(input_shape=x_train.shape[1:])
+    log(f"{key}: training float model ({epochs} epochs)")
+    examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
+    float_tflite = tfq.convert(model, "float")
+    sample = x_test[:1]
+    float_latency = _latency_ms(float_tflite, sample, threads)
+    result = {"model": key, "params": int(model.count_params()), "input_shape": list(x_train.shape[1:]),
+              "float": {"keras_accuracy": float_acc, "size_bytes": len(float_tflite), "latency_ms": float_latency},
+              "ptq": []}
+    calib = x_train[:300]
+    log(f"{key}: plain converter")
+    start = time.perf_counter()
+    try:
+        content = _plain_converter_int8(model, calib, allow_float=True)
+        name = "tflite_converter_minmax"
+    except Exception as err:  # noqa: BLE001 - recorded: the converter cannot convert Keras's default LSTM
+        result["ptq"].append({"name": "tflite_converter_minmax", "error": str(err).strip().splitlines()[0][:200]})
+        start = time.perf_counter()
+        content = _plain_converter_int8(_unrolled(model), calib, allow_float=True)
+        name = "tflite_converter_minmax_unroll_true"
+    rows = [(name, content, time.perf_counter() - start)]
+    for method in SEQUENCE_PTQ_METHODS:
+        log(f"{key}: tfq PTQ {method}")
+        start = time.perf_counter()
+        content = tfq.convert(model, "int8", calib, calibration=method)
+        rows.append((f"tfq_{method}", content, time.perf_counter() - start))
+    for name, content, seconds in rows:
+        row = _ptq_row(name, content, float_acc, len(float_tflite), float_latency, x_test, y_test, sample, threads,
+                       seconds)
+        row["num_float_ops"] = tfq.inspect_tflite(content).num_float_ops
+        result["ptq"].append(row)
+    log(f"{key}: tfq QAT")
+    qat_epochs = 1 if quick else 2
+    qat = tfq.qat.quantize_model(model, calibration_data=calib)
+    examples.train_model(qat, x_train, y_train, epochs=qat_epochs, seed=0, learning_rate=2e-4)
+    qat_tflite = tfq.convert(qat, "int8")
+    qat_acc = _tflite_accuracy(qat_tflite, x_test, y_test)
+    result["qat"] = [{"name": "tfq_qat", "accuracy": qat_acc, "drop_vs_float": float_acc - qat_acc,
+                      "size_bytes": len(qat_tflite), "epochs": qat_epochs,
+                      "num_float_ops": tfq.inspect_tflite(qat_tflite).num_float_ops},
+                     {"name": "tfmot_qat", "error": "tfmot has no MultiHeadAttention/LayerNormalization/RNN rule"}]
+    return result
+
+
 def _tfmot_in_subprocess(spec: dict, epochs: int, qat_epochs: int) -> dict:
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
     args = json.dumps(dict(spec, epochs=epochs, qat_epochs=qat_epochs))
@@ -262,14 +369,297 @@ def _tfmot_worker(spec: dict) -> dict:
             "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
 
 
-def run_benchmark(models=tuple(MODELS), num_threads: int = 2, quick: bool = False, verbose: bool = True) -> dict:
+def _compression_row(name, content, float_acc, dense_gzip, x_test, y_test, sample, threads, seconds, **extra) -> dict:
+    from tfq.inspect import inspect_tflite
+
+    info = inspect_tflite(content)
+    acc = _tflite_accuracy(content, x_test, y_test)
+    return dict({
+        "name": name, "accuracy": acc, "drop_vs_float": float_acc - acc, "size_bytes": info.size,
+        "gzip_bytes": info.gzip_size, "gzip_vs_dense_int8": info.gzip_size / dense_gzip if dense_gzip else 1.0,
+        "weight_sparsity": info.weight_sparsity, "max_distinct_per_channel": info.max_distinct_per_channel,
+        "latency_ms": _latency_ms(content, sample, threads), "seconds": seconds,
+        "num_float_ops": info.num_float_ops}, **extra)
+
+
+def _small_student(input_shape, keras_module=None):
+    """The distillation student: one 4-filter convolution and a softmax (690 weights on 8×8 digits)."""
+    import keras
+
+    km = keras_module or keras
+    inp = km.Input(input_shape)
+    x = km.layers.Conv2D(4, 3, padding="same", activation="relu", name="s_conv")(inp)
+    x = km.layers.Flatten(name="s_flat")(km.layers.MaxPooling2D(name="s_pool")(x))
+    return km.Model(inp, km.layers.Dense(10, activation="softmax", name="s_probs")(x), name="student")
+
+
+def _bench_compression(threads: int, quick: bool, log) -> dict:
+    """Compression on the digits CNN, every variant exported INT8 and run through the interpreter."""
+    import keras
+
+    import tfq
+    from tfq import examples
+    from tfq.training import prune_and_quantize
+
+    epochs, prune_epochs, qat_epochs = (2, 1, 1) if quick else (10, 4, 1)
+    student_epochs = 2 if quick else 40
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
+    keras.utils.set_random_seed(0)
+    model = examples.digits_cnn(input_shape=x_train.shape[1:])
+    log(f"compression: training the float digits CNN ({epochs} epochs)")
+    examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
+    sample, calib = x_test[:1], x_train[:300]
+    start = time.perf_counter()
+    dense = tfq.convert(model, "int8", calib)
+    rows = [_compression_row("dense_int8", dense, float_acc, None, x_test, y_test, sample, threads,
+                             time.perf_counter() - start)]
+    dense_gzip = rows[0]["gzip_bytes"]
+    rows.insert(0, _compression_row("float", tfq.convert(model, "float"), float_acc, dense_gzip, x_test, y_test,
+                                    sample, threads, 0.0))
+    for target in (0.5, 0.75, 0.9):
+        log(f"compression: pruning to {target:.0%} ({prune_epochs} epochs) + sparsity-preserving QAT")
+        start = time.perf_counter()
+        _, content, summary = prune_and_quantize(model, x_train, y_train, target_sparsity=target, epochs=prune_epochs,
+                                                 qat_epochs=qat_epochs, seed=0)
+        rows.append(_compression_row(f"pruned{int(target * 100)}_int8", content, float_acc, dense_gzip, x_test, y_test,
+                                     sample, threads, time.perf_counter() - start,
+                                     keras_sparsity=summary["sparsity"]["total"]))
+    log("compression: 16 clusters (2 epochs) + cluster-preserving QAT")
+    start = time.perf_counter()
+    keras.utils.set_random_seed(0)
+    clustered = tfq.clustering.cluster_weights(model, number_of_clusters=16)
+    clustered.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    clustered.fit(x_train, y_train, epochs=1 if quick else 2, batch_size=32, verbose=0)
+    cqat = tfq.qat.quantize_model(tfq.clustering.strip_clustering(clustered), calibration_data=calib,
+                                  preserve="clusters")
+    cqat.compile(keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy")
+    cqat.fit(x_train, y_train, epochs=qat_epochs, batch_size=32, verbose=0)
+    rows.append(_compression_row("clustered16_int8", tfq.convert(cqat, "int8"), float_acc, dense_gzip, x_test, y_test,
+                                 sample, threads, time.perf_counter() - start))
+    log(f"compression: small student, labels alone vs distilled ({student_epochs} epochs each)")
+    for distill in (False, True):
+        start = time.perf_counter()
+        keras.utils.set_random_seed(1)
+        student = _small_student(x_train.shape[1:])
+        if distill:
+            trainer = tfq.distillation.Distiller(student=student, teacher=model, temperature=2.0, alpha=0.1)
+            trainer.compile(keras.optimizers.Adam(2e-3))
+        else:
+            trainer = student
+            trainer.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
+        keras.utils.set_random_seed(1)
+        trainer.fit(x_train, y_train, epochs=student_epochs, batch_size=32, verbose=0)
+        rows.append(_compression_row("student_distilled_int8" if distill else "student_labels_int8",
+                                     tfq.convert(student, "int8", calib), float_acc, dense_gzip, x_test, y_test,
+                                     sample, threads, time.perf_counter() - start,
+                                     keras_accuracy=_accuracy(student.predict(x_test, verbose=0), y_test),
+                                     params=int(student.count_params()), temperature=2.0, alpha=0.1))
+    log("compression: tfmot pruning to 75% (tf_keras, subprocess)")
+    rows.append(_tfmot_pruning_in_subprocess(dict(epochs=epochs, prune_epochs=prune_epochs), dense_gzip))
+    return {"model": "digits_cnn", "float_accuracy": float_acc, "rows": rows}
+
+
+def _tfmot_pruning_in_subprocess(spec: dict, dense_gzip: int) -> dict:
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    args = json.dumps(spec)
+    code = (f"import json, tfq.benchmark as b; "
+            f"print('TFQ_JSON' + json.dumps(b._tfmot_pruning_worker(json.loads({args!r}))))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("TFQ_JSON"):
+            row = json.loads(line[len("TFQ_JSON"):])
+            row["gzip_vs_dense_int8"] = row["gzip_bytes"] / dense_gzip
+            return row
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"name": "tfmot_pruned75_int8", "error": " | ".join(tail)}
+
+
+def _tfmot_pruning_worker(spec: dict) -> dict:
+    """tfmot's prune_low_magnitude on the same architecture (tf_keras), same schedule, then TFLite INT8 PTQ."""
+    import math
+
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    import tfq
+    from tfq import examples
+    from tfq.inspect import inspect_tflite
+
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
+    tf_keras.utils.set_random_seed(0)
+    model = examples.digits_cnn(input_shape=x_train.shape[1:], keras_module=tf_keras)
+    model.compile(tf_keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=spec["epochs"], batch_size=32, verbose=0)
+    float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
+    start = time.perf_counter()
+    steps = spec["prune_epochs"] * math.ceil(len(x_train) / 32)
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.75, begin_step=0,
+                                                    end_step=max(int(round(0.6 * steps)) - 1, 1), frequency=10)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    pruned.compile(tf_keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    pruned.fit(x_train, y_train, epochs=spec["prune_epochs"], batch_size=32, verbose=0,
+               callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    calib = x_train[:300]
+
+    def representative():
+        for i in range(len(calib)):
+            yield [calib[i:i + 1]]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        content = converter.convert()
+    info = inspect_tflite(content)
+    acc = _tflite_accuracy(content, x_test, y_test)
+    return {"name": "tfmot_pruned75_int8", "accuracy": acc, "float_accuracy_tf_keras": float_acc,
+            "drop_vs_float": float_acc - acc, "size_bytes": info.size, "gzip_bytes": info.gzip_size,
+            "gzip_vs_dense_int8": None, "weight_sparsity": info.weight_sparsity,
+            "max_distinct_per_channel": info.max_distinct_per_channel,
+            "latency_ms": _latency_ms(content, x_test[:1], 2), "seconds": time.perf_counter() - start,
+            "num_float_ops": info.num_float_ops}
+
+
+def _trained(key: str, relu_max, epochs: int):
+    """A model of :data:`MODELS` trained as the main benchmark trains it (``relu_max`` for MobileNet-style)."""
+    import keras
+
+    import tfq
+    from tfq import examples
+
+    spec = MODELS[key]
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(image_size=spec["image_size"], seed=0)
+    keras.utils.set_random_seed(0)
+    kwargs = {"relu_max": relu_max} if key == "mobilenet_style" else {}
+    model = getattr(examples, spec["builder"])(input_shape=x_train.shape[1:], **kwargs)
+    examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    return model, (x_train, y_train), (x_test, y_test)
+
+
+def _agreement_and_sqnr(out: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Top-1 agreement with the float model, and SQNR (dB) of the outputs: 10·log10(Σ ref² / Σ (out − ref)²)
+    (None when the outputs are identical)."""
+    noise = float(np.sum((out - reference) ** 2))
+    sqnr = None if noise == 0 else 10.0 * np.log10(float(np.sum(reference ** 2)) / noise)  # None: exact
+    return float((out.argmax(-1) == reference.argmax(-1)).mean()), sqnr
+
+
+_QUICK_ROWS = ("tfq_minmax", "equalize", "gptq")
+
+
+def _method_rows(label, model, calib, x_test, y_test, threads, log, quick=False) -> list[dict]:
+    """INT8 rows through LiteRT: the plain converter, then tfq with each method, per tensor and per channel."""
+    import tfq
+    from tfq.interpreter import TFLiteModel
+
+    float_out = model.predict(x_test, verbose=0)
+    float_acc = _accuracy(float_out, y_test)
+    rows = [{"model": label, "granularity": "-", "name": "float (Keras)", "accuracy": float_acc, "drop_vs_float": 0.0,
+             "agreement": 1.0, "sqnr_db": None, "seconds": {}, "convert_seconds": 0.0}]
+
+    def row(granularity, name, content, seconds, convert_seconds):
+        out = TFLiteModel(content, num_threads=threads).predict(x_test, batch_size=256)
+        acc = _accuracy(out, y_test)
+        agreement, sqnr = _agreement_and_sqnr(out, float_out)
+        rows.append({"model": label, "granularity": granularity, "name": name, "accuracy": acc,
+                     "drop_vs_float": float_acc - acc, "agreement": agreement, "sqnr_db": sqnr,
+                     "seconds": seconds, "convert_seconds": convert_seconds, "size_bytes": len(content)})
+
+    start = time.perf_counter()
+    content = _plain_converter_int8(model, calib)
+    row("per-channel", "tflite_converter_minmax", content, {}, time.perf_counter() - start)
+    for per_channel in (False,) if quick else (False, True):
+        granularity = "per-channel" if per_channel else "per-tensor"
+        for name, kwargs in METHOD_ROWS:
+            if quick and name not in _QUICK_ROWS:
+                continue
+            log(f"methods: {label} {granularity} {name}")
+            report = tfq.MethodsReport()
+            data = None if kwargs.get("data_free") else calib
+            start = time.perf_counter()
+            content = tfq.convert(model, "int8", data, per_channel=per_channel, report=report, **kwargs)
+            row(granularity, name, content, dict(report.seconds), time.perf_counter() - start)
+    return rows
+
+
+def _w4a8_rows(label, model, calib, x_test, y_test, log, quick=False) -> list[dict]:
+    """4-bit weights, 8-bit activations, in Keras simulation (TFLite has no 4-bit kernels here)."""
+    import tfq
+
+    float_out = model.predict(x_test, verbose=0)
+    float_acc = _accuracy(float_out, y_test)
+    rows = []
+    for per_channel in (True,) if quick else (True, False):
+        for rounding in ("nearest", "gptq") if quick else ("nearest", "adaround", "gptq"):
+            log(f"methods: {label} W4A8 {'per-channel' if per_channel else 'per-tensor'} {rounding}")
+            recipe = tfq.Recipe(weights=tfq.TensorSpec(bits=4, per_channel=per_channel), allow_non_tflite=True,
+                                weight_rounding=rounding)
+            report = tfq.MethodsReport()
+            start = time.perf_counter()
+            sim = tfq.fake_quantize(model, recipe=recipe, representative_data=calib, report=report)
+            seconds = time.perf_counter() - start
+            out = sim.predict(x_test, verbose=0)
+            acc = _accuracy(out, y_test)
+            agreement, sqnr = _agreement_and_sqnr(out, float_out)
+            rows.append({"model": label, "granularity": "per-channel" if per_channel else "per-tensor",
+                         "name": f"w4a8_{rounding}", "accuracy": acc, "float_accuracy": float_acc,
+                         "drop_vs_float": float_acc - acc, "agreement": agreement, "sqnr_db": sqnr,
+                         "seconds": dict(report.seconds), "convert_seconds": seconds})
+    return rows
+
+
+def bench_methods(num_threads: int = 2, quick: bool = False, verbose: bool = True) -> dict:
+    """The methods beyond calibration against plain PTQ and the plain converter (see the module docstring).
+
+    Returns:
+        ``{"int8": [rows], "w4a8": [rows], "unbalanced_spread": 300.0, "seconds": …}``; each row has the
+        accuracy through LiteRT (Keras simulation for W4A8), the drop vs float, top-1 agreement and
+        SQNR vs the float model, the seconds of each method and of the whole conversion.
+    """
+    from tfq.examples import unbalance_channels
+
+    def log(msg):
+        if verbose:
+            print(f"[benchmark] {msg}", flush=True)
+
+    start = time.perf_counter()
+    epochs = 2 if quick else MODELS["mobilenet_style"]["epochs"]
+    log("methods: training MobileNet-style models (ReLU6 and ReLU)")
+    relu6, (x_train, _), (x_test, y_test) = _trained("mobilenet_style", 6.0, epochs)
+    relu, _, _ = _trained("mobilenet_style", None, epochs)
+    unbalanced = unbalance_channels(relu, spread=UNBALANCED_SPREAD)
+    calib = x_train[:500]
+    int8 = [] if quick else _method_rows("mobilenet_style", relu6, calib, x_test, y_test, num_threads, log)
+    int8 += _method_rows(f"mobilenet_style_relu (channels ×{UNBALANCED_SPREAD:g} apart)", unbalanced, calib, x_test,
+                         y_test, num_threads, log, quick)
+    cnn_epochs = 2 if quick else MODELS["digits_cnn"]["epochs"]
+    cnn, (cx_train, _), (cx_test, cy_test) = _trained("digits_cnn", None, cnn_epochs)
+    w4a8 = _w4a8_rows("digits_cnn", cnn, cx_train[:512], cx_test, cy_test, log, quick)
+    if not quick:
+        w4a8 += _w4a8_rows("mobilenet_style", relu6, x_train[:512], x_test, y_test, log)
+    return {"int8": int8, "w4a8": w4a8, "unbalanced_spread": UNBALANCED_SPREAD,
+            "seconds": time.perf_counter() - start}
+
+
+def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: int = 2, quick: bool = False,
+                  verbose: bool = True, compression: bool = False, methods: bool = True) -> dict:
     """Runs the benchmark and returns the JSON-able results.
 
     Args:
-        models: keys of :data:`MODELS`.
+        models: keys of :data:`MODELS` and :data:`SEQUENCE_MODELS`.
         num_threads: interpreter threads for latency.
         quick: 2 training epochs and 1 QAT epoch (for smoke tests); figures are then not meaningful.
         verbose: print progress.
+        compression: add the compression section (digits CNN: pruning, clustering, distillation,
+            tfmot pruning; about 4 minutes on 2 idle cores).
+        methods: include the methods beyond calibration (:func:`bench_methods`).
     """
     import tensorflow as tf
 
@@ -279,15 +669,23 @@ def run_benchmark(models=tuple(MODELS), num_threads: int = 2, quick: bool = Fals
         if verbose:
             print(f"[benchmark] {msg}", flush=True)
 
-    unknown = [m for m in models if m not in MODELS]
+    known = {**MODELS, **SEQUENCE_MODELS}
+    unknown = [m for m in models if m not in known]
     if unknown:
-        raise ValueError(f"unknown benchmark model(s) {unknown}; choose from {list(MODELS)}")
+        raise ValueError(f"unknown benchmark model(s) {unknown}; choose from {list(known)}")
     start = time.perf_counter()
     results = {
         "tfq_version": tfq.__version__, "tensorflow": tf.__version__, "python": platform.python_version(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "num_threads": num_threads,
-        "quick": quick, "models": [_bench_model(m, MODELS[m], num_threads, quick, log) for m in models],
+        "quick": quick,
+        "models": [_bench_model(m, MODELS[m], num_threads, quick, log) for m in models if m in MODELS],
+        "sequence_models": [_bench_sequence_model(m, SEQUENCE_MODELS[m], num_threads, quick, log)
+                            for m in models if m in SEQUENCE_MODELS],
     }
+    if compression:
+        results["compression"] = _bench_compression(num_threads, quick, log)
+    if methods:
+        results["methods"] = bench_methods(num_threads, quick, verbose)
     results["seconds"] = time.perf_counter() - start
     return results
 
@@ -316,4 +714,49 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {m['model']} | tfq.evaluate throughput vs per-sample loop ({ev['samples']} samples; "
                          f"same threads ×{ev['throughput_ratio_same_threads']:.1f}; kernels' ceiling "
                          f"×{ev['ceiling_ratio']:.1f}) | ×{ev['throughput_ratio']:.1f} | | | |")
+    for m in results.get("sequence_models", []):
+        lines.append(f"| {m['model']} | float (Keras) | {m['float']['keras_accuracy']:.4f} | – | 1.00 | 1.00 |")
+        for row in m["ptq"] + m.get("qat", []):
+            if "error" in row:
+                lines.append(f"| {m['model']} | {row['name']} | fails: {row['error'][:70]} | | | |")
+                continue
+            float_ops = f", {row['num_float_ops']} float ops" if row.get("num_float_ops") else ""
+            size = f"{row['size_ratio']:.3f}" if "size_ratio" in row else "–"
+            latency = f"{row['latency_ratio']:.2f}" if "latency_ratio" in row else "–"
+            lines.append(f"| {m['model']} | {row['name']}{float_ops} | {row['accuracy']:.4f} | "
+                         f"{100 * row['drop_vs_float']:.2f} | {size} | {latency} |")
+    if not results["models"] and not results.get("sequence_models"):
+        lines = []
+    for section, table in (("compression", compression_markdown), ("methods", methods_markdown)):
+        if results.get(section):
+            lines += ["", table(results[section])] if lines else [table(results[section])]
+    return "\n".join(lines)
+
+
+def compression_markdown(section: dict) -> str:
+    """The compression section as a table: accuracy, raw and gzip size, sparsity, distinct values, latency."""
+    lines = [f"| {section['model']} (float {section['float_accuracy']:.4f}) | accuracy | drop (pt) | size (KB) | "
+             f"gzip (KB) | gzip vs dense INT8 | weight sparsity | distinct/ch | latency (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in section["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['name']} | error: {row['error'][:60]} | | | | | | | |")
+            continue
+        lines.append(f"| {row['name']} | {row['accuracy']:.4f} | {100 * row['drop_vs_float']:.2f} | "
+                     f"{row['size_bytes'] / 1024:.1f} | {row['gzip_bytes'] / 1024:.1f} | {row['gzip_vs_dense_int8']:.3f} | "
+                     f"{100 * (row['weight_sparsity'] or 0):.1f}% | {row['max_distinct_per_channel']} | "
+                     f"{row['latency_ms']:.3f} |")
+    return "\n".join(lines)
+
+
+def methods_markdown(methods: dict) -> str:
+    """The table of the methods section: accuracy, drop, agreement, SQNR and seconds per row."""
+    lines = ["| model | weights | method | accuracy | drop vs float (pt) | agreement | SQNR (dB) | method seconds "
+             "| convert seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in methods["int8"] + methods["w4a8"]:
+        seconds = ", ".join(f"{k} {v:.1f}" for k, v in row["seconds"].items()) or "–"
+        sqnr = "–" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
+        lines.append(f"| {row['model']} | {row['granularity']} | {row['name']} | {row['accuracy']:.4f} | "
+                     f"{100 * row['drop_vs_float']:.2f} | {row['agreement']:.4f} | {sqnr} | {seconds} | "
+                     f"{row['convert_seconds']:.1f} |")
     return "\n".join(lines)

@@ -242,7 +242,7 @@ def calibrate(
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
         >>> tflite = tfq.convert(model, "int8", calibration=cal)                           # doctest: +SKIP
     """
-    from tfq.data import representative_dataset
+    from tfq.data import pack_model_inputs, representative_dataset
     from tfq.models import is_quantized_model, is_tf_keras_model, load_model
     from tfq.observers import create_observer
     from tfq.qat.layers import observing
@@ -267,7 +267,10 @@ def calibrate(
     quantizers = {name: q for name, q in quantizers_of(model).items() if q.mode != "fixed"}
 
     def make_observer(name):
-        return create_observer(method, **_observer_params(method, quantizers[name], params))
+        q = quantizers[name]
+        if q.calibration == "minmax":  # a quantizer that asks for min/max whatever the method
+            return create_observer("minmax", symmetric=q.symmetric)
+        return create_observer(method, **_observer_params(method, q, params))
 
     observers = {name: make_observer(name) for name in quantizers}
     start = time.perf_counter()
@@ -278,7 +281,7 @@ def calibrate(
         by_id = {id(q): observers[name] for name, q in quantizers.items()}
         with observing(by_id):
             for batch in data.batches(batch_size):
-                model(batch if len(batch) > 1 else batch[0], training=False)
+                model(pack_model_inputs(model, batch), training=False)
                 seen += len(batch[0])
                 if bar is not None:
                     bar.update(seen)
@@ -316,6 +319,7 @@ def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observ
 
     import tensorflow as tf
 
+    from tfq.data import pack_model_inputs
     from tfq.observers import MinMaxObserver, Observer
     from tfq.qat.layers import observing
 
@@ -337,7 +341,7 @@ def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observ
                 return [tf.constant(b[r * n // k:(r + 1) * n // k]) for b in batch]
 
             values = strategy.experimental_distribute_values_from_function(slice_of)
-            strategy.run(lambda *b: model(list(b) if len(b) > 1 else b[0], training=False), args=tuple(values))
+            strategy.run(lambda *b: model(pack_model_inputs(model, b), training=False), args=tuple(values))
             if method == "moving_average":
                 _fold_step_into_average(strategy, names, per_replica, observers)
             seen += n

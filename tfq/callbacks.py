@@ -1,4 +1,7 @@
-"""Keras callbacks for quantization-aware training: freeze BN and ranges, export and evaluate TFLite.
+"""Keras callbacks for quantization-aware training and pruning.
+
+Freeze BN and ranges, export and evaluate TFLite; drive a pruning schedule
+(:class:`UpdatePruningStep`) and log per-layer sparsity (:class:`PruningSummaries`).
 
 All of them work from a plain ``model.fit(..., callbacks=[...])`` on a model returned by
 :func:`tfq.qat.quantize_model`. Epochs are counted as Keras counts them in callbacks (from 0), so
@@ -20,7 +23,8 @@ import os
 import keras
 import numpy as np
 
-__all__ = ["EvaluateTFLite", "ExportTFLite", "FreezeBatchNorm", "FreezeQuantizerRanges"]
+__all__ = ["EvaluateTFLite", "ExportTFLite", "FreezeBatchNorm", "FreezeQuantizerRanges", "PruningSummaries",
+           "UpdatePruningStep"]
 
 
 def _check_epoch(epoch) -> int:
@@ -244,3 +248,115 @@ class EvaluateTFLite(keras.callbacks.Callback):
         self.history.append((epoch, accuracy))
         if logs is not None:
             logs[self.name] = accuracy
+
+
+class UpdatePruningStep(keras.callbacks.Callback):
+    """Drives the pruning schedule of a model from :func:`tfq.pruning.prune_low_magnitude`.
+
+    Before every training batch it sets each :class:`~tfq.pruning.PruneLowMagnitude` wrapper's
+    ``pruning_step`` to the optimizer's step count (so a second ``fit`` continues the schedule);
+    at the end of every epoch it writes ``weight · mask`` into the weights, so the model's weights
+    hold the zeros. A ``"polynomial"`` schedule without ``end_step`` gets the last step of this
+    ``fit`` (``steps_per_epoch × epochs − 1`` after the current step) as its end.
+
+    Raises:
+        ValueError: the model has no pruned layer; ``steps_per_execution`` > 1 (the step would only
+            be set every few batches); an open-ended schedule in a ``fit`` of unknown length.
+
+    Example:
+        >>> pruned.fit(x, y, epochs=4, callbacks=[tfq.callbacks.UpdatePruningStep()])   # doctest: +SKIP
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.step: int | None = None
+        self._wrappers: list = []
+
+    def on_train_begin(self, logs=None):
+        from tfq.pruning import PolynomialDecay, pruned_layers_of
+
+        self._wrappers = pruned_layers_of(self.model)
+        if not self._wrappers:
+            raise ValueError(f"UpdatePruningStep needs a model from tfq.pruning.prune_low_magnitude; model "
+                             f"{self.model.name!r} has no pruned layer.")
+        spe = getattr(self.model, "steps_per_execution", 1)
+        if isinstance(spe, (int, np.integer)) and spe > 1:
+            raise ValueError(f"UpdatePruningStep sets the pruning step before every batch: compile with "
+                             f"steps_per_execution=1. Received: steps_per_execution={spe}")
+        optimizer = getattr(self.model, "optimizer", None)
+        self.step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else 0
+        open_ended = [w for w in self._wrappers if isinstance(w.schedule, PolynomialDecay) and not w.end_step_known]
+        if open_ended:
+            steps, epochs = (self.params or {}).get("steps"), (self.params or {}).get("epochs")
+            if not steps or not epochs:
+                raise ValueError(f"layer {open_ended[0].name!r} has a polynomial schedule with end_step=None, set from "
+                                 f"the length of fit, which is unknown here: pass steps_per_epoch to fit or end_step "
+                                 f"to prune_low_magnitude.")
+            end = self.step + int(steps) * int(epochs) - 1
+            for wrapper in open_ended:
+                wrapper.end_step.assign(max(end, wrapper.schedule.begin_step))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        for wrapper in self._wrappers:
+            wrapper.pruning_step.assign(self.step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        for wrapper in self._wrappers:
+            wrapper.apply_mask()
+
+
+class PruningSummaries(keras.callbacks.Callback):
+    """Puts the sparsity of every pruned layer into the epoch logs (and optionally TensorBoard).
+
+    Keys: ``sparsity`` (zeros / weights over all pruned layers) and ``sparsity/<layer name>``,
+    so they land in ``History`` and the progress bar. With ``log_dir`` they are also written as
+    TensorBoard scalars (``tf.summary``), one point per epoch.
+
+    Args:
+        log_dir: optional TensorBoard directory.
+
+    Example:
+        >>> history = pruned.fit(x, y, epochs=4, callbacks=[
+        ...     tfq.callbacks.UpdatePruningStep(), tfq.callbacks.PruningSummaries()])   # doctest: +SKIP
+        >>> history.history["sparsity"][-1]                                           # doctest: +SKIP
+        0.75
+    """
+
+    def __init__(self, log_dir: str | os.PathLike | None = None):
+        super().__init__()
+        self.log_dir = os.fspath(log_dir) if log_dir is not None else None
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        from tfq.pruning import pruned_layers_of
+
+        if not pruned_layers_of(self.model):
+            raise ValueError(f"PruningSummaries needs a model from tfq.pruning.prune_low_magnitude; model "
+                             f"{self.model.name!r} has no pruned layer.")
+        if self.log_dir is not None and self._writer is None:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        from tfq.pruning import pruned_layers_of
+
+        values, zeros, total = {}, 0, 0
+        for wrapper in pruned_layers_of(self.model):
+            mask = keras.ops.convert_to_numpy(wrapper.effective_weight(False))
+            values[f"sparsity/{wrapper.name}"] = float(np.mean(mask == 0))
+            zeros += int(np.count_nonzero(mask == 0))
+            total += mask.size
+        values["sparsity"] = zeros / total if total else 0.0
+        if logs is not None:
+            logs.update(values)
+        if self._writer is not None:
+            import tensorflow as tf
+
+            with self._writer.as_default():
+                for key, value in values.items():
+                    tf.summary.scalar(key, value, step=epoch)
+            self._writer.flush()

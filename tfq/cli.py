@@ -4,6 +4,7 @@ Usage::
 
     tfq quickstart [--output_dir=tfq_quickstart]
     tfq convert --model=m.keras --mode=int8 --data=calib.npz --calibration=kl --output=m.tflite
+    tfq convert --model=m.keras --mode=int8 --data_free=on --equalize --bias_correction=analytical --output=m.tflite
     tfq evaluate --model=float.keras --tflite=a.tflite,b.tflite --data=test.npz
     tfq inspect --tflite=m.tflite [--explain [--data=samples.npz]]
     tfq tune --model=m.keras --data=calib.npz --eval_data=val.npz --max_drop=0.005 --output_dir=out
@@ -51,8 +52,21 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_boolean("quiet", False, "Less output.")
 flags.DEFINE_boolean("explain", False, "Inspect: print each op's integer arithmetic (scales, M0·2^-n, "
                      "int32 accumulator bounds; with --data, observed accumulators and saturation).")
+flags.DEFINE_boolean("equalize", None, "Convert: cross-layer equalization and high-bias absorption first.")
+flags.DEFINE_string("bias_correction", None, "Convert: bias correction: off, on, empirical or analytical.")
+flags.DEFINE_string("weight_rounding", None, "Convert: nearest, adaround or gptq.")
+flags.DEFINE_string("data_free", None, "Convert: off, on, synthetic or bn_statistics (no --data).")
 
 COMMANDS = ("quickstart", "convert", "evaluate", "inspect", "tune")
+
+_SWITCH = {"off": False, "false": False, "no": False, "on": True, "true": True, "yes": True}
+
+
+def _switch(value):
+    """A flag that is on/off or a method name: "on"/"off" become True/False; None stays None."""
+    if value is None:
+        return None
+    return _SWITCH.get(value.lower(), value)
 
 
 def _convert() -> int:
@@ -68,7 +82,9 @@ def _convert() -> int:
         FLAGS.model, None if FLAGS.recipe else FLAGS.mode, data, recipe=FLAGS.recipe,
         calibration=FLAGS.calibration, per_channel=FLAGS.per_channel, io_dtype=FLAGS.io_dtype,
         float_layers=FLAGS.float_layers, num_calibration_samples=FLAGS.num_samples, output=FLAGS.output,
-        calibration_params=params, verbose=not FLAGS.quiet,
+        calibration_params=params, verbose=not FLAGS.quiet, equalize=FLAGS.equalize,
+        bias_correction=_switch(FLAGS.bias_correction), weight_rounding=FLAGS.weight_rounding,
+        data_free=_switch(FLAGS.data_free),
     )
     info = tfq.inspect_tflite(content)
     print(f"wrote {FLAGS.output}: {len(content):,} bytes, {len(info.ops)} ops, {info.num_float_ops} float ops, "

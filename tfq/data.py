@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RepresentativeDataset", "model_input_specs", "representative_dataset"]
+__all__ = ["RepresentativeDataset", "model_input_specs", "pack_model_inputs", "representative_dataset"]
 
 InputSpec = tuple[str, tuple, str]
 """`(name, shape without the batch axis, dtype name)` of one model input."""
@@ -790,6 +790,27 @@ def _dataset_batched(dataset: Any, num_inputs: int | None, names: list[str] | No
         return True
     shape = leaves[0].shape
     return shape.rank is not None and shape.rank >= 1 and shape[0] is None
+
+
+def pack_model_inputs(model: Any, arrays: Sequence[Any]) -> Any:
+    """One list of input arrays (in ``model.inputs`` order) in the structure ``model`` is called with.
+
+    A single-input model takes the array itself; a model built on a dict (keras-hub backbones) or
+    a list of inputs takes the same structure.
+
+    Example:
+        >>> import keras
+        >>> a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+        >>> model = keras.Model({"b": b, "a": a}, a)
+        >>> sorted(pack_model_inputs(model, [np.zeros((1, 2)), np.ones((1, 3))]))
+        ['a', 'b']
+    """
+    import keras
+
+    structure = model.input
+    if not isinstance(structure, (list, tuple, dict)):
+        return arrays[0]
+    return keras.tree.pack_sequence_as(structure, list(arrays))
 
 
 def representative_dataset(

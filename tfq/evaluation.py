@@ -37,7 +37,8 @@ _LATENCY_WARMUP = 5
 _NEEDS_DATA = ("int8", "int16x8")
 # Keys every row has; a metric may not take one of these names.
 _ROW_KEYS = ("name", "kind", "num_samples", "agreement", "sqnr_db", "max_abs_diff", "size", "size_kind",
-             "size_ratio", "latency_p50_ms", "latency_p90_ms", "throughput", "num_threads")
+             "size_ratio", "gzip_size", "weight_sparsity", "max_distinct_per_channel", "latency_p50_ms",
+             "latency_p90_ms", "throughput", "num_threads")
 _QUANTIZED_DTYPES = ("INT8", "UINT8", "INT16")
 _FLOAT_DTYPES = ("FLOAT32", "FLOAT16")
 
@@ -312,8 +313,29 @@ class _Runner:
     @property
     def size(self) -> tuple[int, str]:
         if self.keras_model is not None:
-            return int(self.keras_model.count_params()) * 4, "params_fp32"
+            from tfq._compression import strip_all
+
+            return int(strip_all(self.keras_model).count_params()) * 4, "params_fp32"
         return self.tflite.size, "flatbuffer"
+
+    def compression(self) -> dict:
+        """gzip size of the stored weights' bytes, and sparsity / distinct values per channel of the weights.
+
+        TFLite: the whole flatbuffer gzipped, and its constant weight tensors (2-D or more) as
+        stored (int8 per channel). Keras: the float32 weights (pruning/clustering wrappers stripped)
+        gzipped, and the main kernels of the weighted layers as computed with (per last axis).
+        """
+        from tfq._compression import keras_kernels, strip_all, weight_stats
+        from tfq.inspect import gzip_size, inspect_tflite
+
+        if self.keras_model is not None:
+            weights = strip_all(self.keras_model).get_weights()
+            raw = b"".join(np.asarray(w, np.float32).tobytes() for w in weights)
+            stats = weight_stats([(w, -1) for _, w in keras_kernels(self.keras_model)])
+            return dict(gzip_size=gzip_size(raw), **stats)
+        info = inspect_tflite(self.tflite.content)
+        return dict(gzip_size=info.gzip_size, weight_sparsity=info.weight_sparsity,
+                    max_distinct_per_channel=info.max_distinct_per_channel)
 
     def keras_input_names(self) -> list[str] | None:
         from tfq.data import model_input_specs
@@ -415,7 +437,10 @@ def evaluate(
       concatenated (inf when identical); ``max_abs_diff = max |ref − out|``;
     * ``size`` in bytes: the flatbuffer length for TFLite rows (``size_kind="flatbuffer"``),
       ``count_params() × 4`` for Keras rows (``size_kind="params_fp32"``); ``size_ratio`` = size /
-      reference size;
+      reference size; ``gzip_size``: the same bytes gzip-compressed (level 9), how pruned and
+      clustered models ship; ``weight_sparsity`` (zeros / weights) and ``max_distinct_per_channel``
+      (the most distinct values in one output channel) of the weight tensors (TFLite: as stored;
+      Keras: the weighted layers' kernels, pruning/clustering wrappers applied);
     * ``latency_p50_ms``/``latency_p90_ms``: batch-1 invocations after 5 warm-up runs. TFLite rows
       time ``interpreter.invoke()`` with ``num_threads``; Keras rows time an eager
       ``model(x[:1], training=False)`` call (Python and TensorFlow overhead included, so it is a
@@ -529,6 +554,7 @@ def evaluate(
                 row[metric_name] = float(fn(labels, outputs[0]))
         row.update(_agreement(runner.name, reference, ref_outputs, outputs))
         row.update(size=size, size_kind=size_kind, size_ratio=size / ref_size if ref_size else None)
+        row.update(runner.compression())
         if latency:
             times = runner.latency_ms(inputs, latency_runs)
             row.update(latency_p50_ms=float(np.percentile(times, 50)), latency_p90_ms=float(np.percentile(times, 90)))

@@ -34,13 +34,16 @@ import yaml
 from tfq.fileio import atomic_write_text
 
 __all__ = [
+    "BIAS_CORRECTION",
     "CALIBRATION_METHODS",
+    "DATA_FREE",
     "DTYPES",
     "IO_DTYPES",
     "MODES",
     "Override",
     "Recipe",
     "TensorSpec",
+    "WEIGHT_ROUNDING",
     "list_presets",
     "load_recipe",
     "save_recipe",
@@ -50,6 +53,19 @@ MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
 CALIBRATION_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
 IO_DTYPES = ("float32", "int8", "uint8", "int16")
 DTYPES = ("int8", "int16", "float16", "float32")
+# Methods beyond calibration (see tfq.equalization, tfq.bias_correction, tfq.weight_rounding,
+# tfq.data_free). True picks the default: bias correction empirical with data, analytical with
+# data_free; data_free "synthetic".
+BIAS_CORRECTION = (False, True, "empirical", "analytical")
+WEIGHT_ROUNDING = ("nearest", "adaround", "gptq")
+DATA_FREE = (False, True, "synthetic", "bn_statistics")
+# Modes each method applies to (the others refuse it at construction).
+_METHOD_MODES = {
+    "equalize": ("int8", "int16x8"),
+    "data_free": ("int8", "int16x8"),
+    "bias_correction": ("int8",),
+    "weight_rounding": ("int8",),
+}
 
 _INTEGER_DTYPES = {"int8": 8, "int16": 16}  # dtype -> most bits it holds
 _PRESET_DIR = Path(__file__).resolve().parent / "configs"
@@ -410,6 +426,18 @@ class Recipe:
         name: Free-form name (presets use their file stem).
         allow_non_tflite: Skip the TFLite-runnability checks, for simulation-only
             recipes (e.g. 4-bit weights); such a recipe cannot be exported.
+        equalize: Cross-layer equalization and high-bias absorption before
+            quantizing (`tfq.equalize`); int8 and int16x8.
+        bias_correction: Correct each layer's mean output shift caused by weight
+            quantization: "empirical" (calibration data), "analytical" (BatchNorm
+            statistics), True (empirical, or analytical with `data_free`), False; int8.
+        weight_rounding: "nearest", "adaround" or "gptq" (learned rounding of each
+            weight on calibration data, see `tfq.weight_rounding`); needs narrow-range
+            weights; int8.
+        data_free: Activation ranges without calibration data, from BatchNorm
+            statistics: "synthetic" (inputs synthesized to match them, ZeroQ), "bn_statistics"
+            (ranges from β ± 6γ where a BatchNorm precedes, synthetic elsewhere), True
+            ("synthetic") or False; int8 and int16x8.
 
     Example:
         >>> recipe = Recipe(mode="int8", float_layers=("class:Softmax",))
@@ -429,6 +457,10 @@ class Recipe:
     seed: int = 0
     name: str = ""
     allow_non_tflite: bool = False
+    equalize: bool = False
+    bias_correction: Union[bool, str] = False
+    weight_rounding: str = "nearest"
+    data_free: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         _check_choice("Recipe", "mode", self.mode, MODES)
@@ -457,6 +489,59 @@ class Recipe:
             raise TypeError(f"Recipe.name must be a str. Received: name={self.name!r}")
         _check_bool("Recipe", "allow_non_tflite", self.allow_non_tflite)
         self._check_specs()
+        self._check_methods()
+
+    def _check_methods(self) -> None:
+        """Validates equalize / bias_correction / weight_rounding / data_free and their modes."""
+        _check_bool("Recipe", "equalize", self.equalize)
+        for name, allowed in (("bias_correction", BIAS_CORRECTION), ("weight_rounding", WEIGHT_ROUNDING),
+                              ("data_free", DATA_FREE)):
+            value = getattr(self, name)
+            if not any(value is a if isinstance(a, bool) else (isinstance(value, str) and value == a)
+                       for a in allowed):
+                raise ValueError(f"Recipe.{name} must be one of {_quote_all(allowed)}. Received: {name}={value!r}")
+        for name, modes in _METHOD_MODES.items():
+            value = getattr(self, name)
+            if value not in (False, "nearest") and self.mode not in modes:
+                raise ValueError(
+                    f"Recipe.{name}={value!r} applies to mode {' or '.join(map(repr, modes))}, not "
+                    f"mode={self.mode!r}. Use mode={modes[0]!r} or leave {name} at its default."
+                )
+        if self.weight_rounding != "nearest":
+            specs = [("weights", self.weights)] + [(f"overrides[{i}].weights", o.weights)
+                                                   for i, o in enumerate(self.overrides) if o.weights is not None]
+            for where, spec in specs:
+                if spec.is_integer and not spec.narrow_range:
+                    raise ValueError(
+                        f"weight_rounding={self.weight_rounding!r} keeps TFLite's narrow weight grid "
+                        f"[-(2^(b-1)-1), 2^(b-1)-1]. Received: {where}.narrow_range=False; set it to True."
+                    )
+
+    @property
+    def bias_correction_method(self) -> str | None:
+        """The bias correction that runs: "empirical", "analytical" or None.
+
+        Example:
+            >>> Recipe(bias_correction=True, data_free=True).bias_correction_method
+            'analytical'
+        """
+        if self.bias_correction is False:
+            return None
+        if self.bias_correction is True:
+            return "analytical" if self.data_free_method else "empirical"
+        return self.bias_correction
+
+    @property
+    def data_free_method(self) -> str | None:
+        """The data-free method that runs: "synthetic", "bn_statistics" or None.
+
+        Example:
+            >>> Recipe(data_free=True).data_free_method
+            'synthetic'
+        """
+        if self.data_free is False:
+            return None
+        return "synthetic" if self.data_free is True else self.data_free
 
     def _normalize(self) -> None:
         """Fills mode defaults and freezes containers (lists from YAML/JSON become tuples)."""
@@ -598,6 +683,10 @@ class Recipe:
             "num_calibration_samples": self.num_calibration_samples,
             "seed": self.seed,
             "allow_non_tflite": self.allow_non_tflite,
+            "equalize": self.equalize,
+            "bias_correction": self.bias_correction,
+            "weight_rounding": self.weight_rounding,
+            "data_free": self.data_free,
         }
 
     @classmethod

@@ -243,7 +243,8 @@ class Report:
 
     Row keys: ``name``, ``kind`` (``"keras"``/``"tflite"``), ``num_samples``, one key per metric,
     ``agreement``, ``sqnr_db``, ``max_abs_diff``, ``size`` (bytes), ``size_kind``
-    (``"flatbuffer"`` or ``"params_fp32"``), ``size_ratio``, ``latency_p50_ms``,
+    (``"flatbuffer"`` or ``"params_fp32"``), ``size_ratio``, ``gzip_size`` (bytes),
+    ``weight_sparsity``, ``max_distinct_per_channel``, ``latency_p50_ms``,
     ``latency_p90_ms``, ``throughput`` (samples/s), ``num_threads`` (interpreter threads; None for
     Keras rows). Missing figures are None.
 
@@ -292,8 +293,8 @@ class Report:
 
     def to_markdown(self) -> str:
         """The main figures as a markdown table (metrics, agreement, SQNR, size, latency, throughput)."""
-        header = ["model"] + self.metrics + ["agreement", "SQNR (dB)", "size (KB)", "size ratio", "p50 (ms)",
-                                             "p90 (ms)", "samples/s"]
+        header = ["model"] + self.metrics + ["agreement", "SQNR (dB)", "size (KB)", "size ratio", "gzip (KB)",
+                                             "sparsity", "distinct/ch", "p50 (ms)", "p90 (ms)", "samples/s"]
         align = ["l"] + ["r"] * (len(header) - 1)
         body = []
         for r in self.rows:
@@ -306,9 +307,15 @@ class Report:
                 cells.append(_number(r.get(metric), spec))
             size = r.get("size")
             ratio = r.get("size_ratio")
+            gz = r.get("gzip_size")
+            sparsity = r.get("weight_sparsity")
             cells += [_number(r.get("agreement"), ".4f"), _number(r.get("sqnr_db"), ".1f"),
                       _number(size / 1024 if size is not None else None, ".1f"),
                       _number(ratio, ".3f") + ("×" if ratio is not None else ""),
+                      _number(gz / 1024 if gz is not None else None, ".1f"),
+                      _number(100 * sparsity if sparsity is not None else None, ".1f") + ("%" if sparsity is not None
+                                                                                         else ""),
+                      _number(r.get("max_distinct_per_channel"), "d"),
                       _number(r.get("latency_p50_ms"), ".3f"), _number(r.get("latency_p90_ms"), ".3f"),
                       _number(r.get("throughput"), ".0f")]
             body.append(cells)
@@ -317,6 +324,9 @@ class Report:
                  + "; agreement = top-1 match rate with the reference; SQNR over all outputs; latency at batch 1."]
         if any(r.get("size_kind") == "params_fp32" for r in self.rows):
             notes.append("* Keras size = parameters × 4 bytes; Keras latency = eager model(x[:1]) call.")
+        if any(r.get("gzip_size") is not None for r in self.rows):
+            notes.append("gzip = the file (Keras: the float32 weights) gzip-compressed; sparsity = zeros among the "
+                         "weight tensors; distinct/ch = most distinct weight values in one output channel.")
         return _table(header, align, body) + "\n\n" + "\n".join(notes)
 
     def to_dict(self) -> dict:

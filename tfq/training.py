@@ -1,8 +1,9 @@
-"""QAT fine-tuning as a job: load a float model and data, quantize, fit with tfq callbacks, export.
+"""Training jobs: QAT fine-tuning, and pruning then INT8 export.
 
-Used by ``scripts/train_qat.py``; all logic lives here so it is testable.
+Used by ``scripts/train_qat.py`` and ``scripts/prune_and_quantize.py``; all logic lives here so it
+is testable.
 
-The same job runs on one process or under a ``tf.distribute`` strategy (``strategy=``), e.g.
+The same QAT job runs on one process or under a ``tf.distribute`` strategy (``strategy=``), e.g.
 ``MultiWorkerMirroredStrategy`` on several machines: every worker runs the same command with its
 own ``TF_CONFIG``. Under a strategy the job trains with its own loop (``strategy.run`` per step)
 instead of ``Model.fit``, because Keras 3.15's ``fit`` fails under ``MultiWorkerMirroredStrategy``
@@ -16,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["train_qat", "worker_output_dir"]
+__all__ = ["prune_and_quantize", "train_qat", "worker_output_dir"]
 
 
 def worker_output_dir(output_dir, strategy=None) -> Path | None:
@@ -167,3 +168,97 @@ def _fit_distributed(model, strategy, x, y, epochs: int, batch_size: int, seed: 
                   flush=True)
     callback_list.on_train_end()
     return history
+
+
+def prune_and_quantize(model, x_train, y_train, *, x_val=None, y_val=None, target_sparsity: float = 0.75,
+                       schedule: str = "polynomial", epochs: int = 4, end_fraction: float = 0.6,
+                       frequency: int = 10, block_size=(1, 1), skip_layers=(), qat_epochs: int = 1,
+                       batch_size: int = 32, learning_rate: float = 1e-3, qat_learning_rate: float = 2e-4,
+                       num_calibration_samples: int = 300, output=None, seed: int = 0, verbose: int = 0):
+    """Prunes a trained float model while fine-tuning it, then exports a full-integer TFLite model.
+
+    Steps: :func:`tfq.pruning.prune_low_magnitude` (the target is reached after ``end_fraction`` of
+    the ``epochs``, the rest of the fine-tuning recovers accuracy at that sparsity) →
+    :func:`tfq.pruning.strip_pruning` → with ``qat_epochs`` > 0, sparsity-preserving QAT
+    (``tfq.qat.quantize_model(..., preserve="sparsity")``), else PTQ on ``num_calibration_samples``
+    training inputs → ``tfq.convert(..., "int8")``.
+
+    Args:
+        model: a trained Keras model (or path).
+        x_train, y_train: training data (integer class labels: sparse cross-entropy).
+        x_val, y_val: optional data for the accuracies in the summary.
+        target_sparsity: share of zeros in each pruned weight.
+        schedule: ``"polynomial"`` or ``"constant"``.
+        epochs: pruning fine-tuning epochs.
+        end_fraction: share of the pruning steps after which the target sparsity holds, in (0, 1].
+        frequency: steps between mask updates.
+        block_size: ``(rows, cols)`` pruned together.
+        skip_layers: layers left dense (names, regexes, ``class:Name``).
+        qat_epochs: sparsity-preserving QAT epochs (0: post-training quantization).
+        batch_size: batch size.
+        learning_rate: Adam learning rate while pruning.
+        qat_learning_rate: Adam learning rate in QAT.
+        num_calibration_samples: calibration inputs for the QAT ranges / PTQ.
+        output: if given, the ``.tflite`` is written there atomically.
+        seed: random seed.
+        verbose: Keras ``fit`` verbosity.
+
+    Returns:
+        ``(pruned_float_model, tflite_bytes, summary)``; ``summary`` has ``sparsity`` (per layer
+        and ``"total"``), ``size``, ``gzip_size`` and, with validation data, ``float_accuracy`` (of
+        ``model``), ``pruned_accuracy`` (the stripped float model) and ``int8_accuracy``.
+
+    Raises:
+        ValueError: a bad argument (named), or no layer to prune.
+    """
+    import math
+
+    import keras
+    import numpy as np
+
+    import tfq
+    from tfq import callbacks as cb
+    from tfq.fileio import atomic_write_bytes
+    from tfq.models import load_model
+    from tfq.pruning import prune_low_magnitude, sparsity_of, strip_pruning
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1. Received: epochs={epochs!r}")
+    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+        raise ValueError(f"qat_epochs must be an integer >= 0. Received: qat_epochs={qat_epochs!r}")
+    if not 0.0 < float(end_fraction) <= 1.0:
+        raise ValueError(f"end_fraction must be in (0, 1]. Received: end_fraction={end_fraction!r}")
+    model = load_model(model)
+    keras.utils.set_random_seed(seed)
+    steps = epochs * math.ceil(len(y_train) / batch_size)
+    end_step = max(int(round(end_fraction * steps)) - 1, 0)
+    pruned = prune_low_magnitude(model, target_sparsity, schedule, begin_step=0,
+                                 end_step=end_step if schedule == "polynomial" else None,
+                                 frequency=frequency, block_size=block_size, skip_layers=skip_layers)
+    pruned.compile(keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    pruned.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True,
+               callbacks=[cb.UpdatePruningStep(), cb.PruningSummaries()])
+    stripped = strip_pruning(pruned)
+    calib = x_train[:num_calibration_samples]
+    if qat_epochs:
+        qat = tfq.qat.quantize_model(stripped, calibration_data=calib, preserve="sparsity")
+        qat.compile(keras.optimizers.Adam(qat_learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=batch_size, verbose=verbose, shuffle=True)
+        content = tfq.convert(qat, "int8")
+    else:
+        content = tfq.convert(stripped, "int8", calib)
+    info = tfq.inspect_tflite(content)
+    summary = {"sparsity": sparsity_of(stripped), "size": info.size, "gzip_size": info.gzip_size,
+               "int8_weight_sparsity": info.weight_sparsity, "end_step": end_step, "steps": steps}
+    if x_val is not None and y_val is not None:
+        labels = np.asarray(y_val).reshape(-1)
+
+        def accuracy(predictions):
+            return float(np.mean(np.asarray(predictions).argmax(-1) == labels))
+
+        summary["float_accuracy"] = accuracy(model.predict(x_val, verbose=0))
+        summary["pruned_accuracy"] = accuracy(stripped.predict(x_val, verbose=0))
+        summary["int8_accuracy"] = accuracy(tfq.TFLiteModel(content).predict(x_val))
+    if output is not None:
+        atomic_write_bytes(output, content)
+    return stripped, content, summary

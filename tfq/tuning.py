@@ -10,9 +10,10 @@ recipe that reproduces it.
 Strategies:
 
 * ``"sensitivity"`` (after Intel Neural Compressor's *basic* strategy): first global
-  configurations in order of cost; if none meets the target, rank the layers by sensitivity (the
-  metric gained by keeping each one float alone) and fall back greedily, most sensitive first,
-  until the target is met.
+  configurations in order of cost; if none meets the target, the best of them with the methods
+  beyond calibration (equalization, then bias correction, then learned rounding); if none meets
+  it, rank the layers by sensitivity (the metric gained by keeping each one float alone) and fall
+  back greedily, most sensitive first, until the target is met.
 * ``"random"``: random configurations from the search space, seeded.
 * ``"bayesian"``: Optuna's TPE sampler (``pip install optuna`` / ``tfq[tune]``), seeded.
 
@@ -50,7 +51,14 @@ DEFAULT_SEARCH_SPACE = {
     "symmetric_activations": [False, True],
     "precision": ["int8", "int16x8"],
     "float_layers": "auto",  # candidates: the model's weighted layers
+    # Methods beyond calibration (tfq.equalize, bias correction, learned rounding, data-free):
+    # the first value of each is the plain choice. "adaround" and data_free=True can be added.
+    "equalize": [False, True],
+    "bias_correction": [False, True],
+    "weight_rounding": ["nearest", "gptq"],
+    "data_free": [False],
 }
+_METHOD_KEYS = ("equalize", "bias_correction", "weight_rounding", "data_free")
 
 _LOWER_IS_BETTER = ("mse", "mae", "loss")
 _HISTOGRAM_METHODS = ("kl", "percentile", "mse")
@@ -163,14 +171,54 @@ def _recipe_for(choices: dict, base_seed: int, num_samples: int | None) -> Recip
     if calibration in _HISTOGRAM_METHODS and choices.get("batch_aggregate") is not None:
         params["batch_aggregate"] = choices["batch_aggregate"]
     weights = TensorSpec(per_channel=bool(choices.get("per_channel", True)))
+    methods = {key: choices[key] for key in _METHOD_KEYS if key in choices}
     if mode == "int16x8":
+        methods = {k: v for k, v in methods.items() if k in ("equalize", "data_free")}
         return Recipe(mode="int16x8", weights=weights, calibration="minmax", seed=base_seed,
-                      num_calibration_samples=num_samples, name="tuned")
+                      num_calibration_samples=num_samples, name="tuned", **methods)
     activations = TensorSpec(bits=8, symmetric=bool(choices.get("symmetric_activations", False)),
                              per_channel=False, narrow_range=False, dtype="int8")
     return Recipe(mode="int8", weights=weights, activations=activations, calibration=calibration,
                   calibration_params=params, float_layers=tuple(choices.get("float_layers", ())),
-                  seed=base_seed, num_calibration_samples=num_samples, name="tuned")
+                  seed=base_seed, num_calibration_samples=num_samples, name="tuned", **methods)
+
+
+def _check_method_space(space: dict) -> None:
+    from tfq.recipes import BIAS_CORRECTION, DATA_FREE, WEIGHT_ROUNDING
+
+    allowed = {"equalize": (False, True), "bias_correction": BIAS_CORRECTION, "weight_rounding": WEIGHT_ROUNDING,
+               "data_free": DATA_FREE}
+    for key, choices in allowed.items():
+        values = space[key]
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"search_space[{key!r}] must be a non-empty list. Received: {values!r}")
+        for value in values:
+            if not any(value is a if isinstance(a, bool) else (isinstance(value, str) and value == a) for a in choices):
+                raise ValueError(f"search_space[{key!r}] values must be among {list(choices)}. Received: {value!r}")
+
+
+def _method_choices(space: dict) -> list[dict]:
+    """Method combinations to try on the best global configuration, cheapest first.
+
+    Equalization, then bias correction (with and without equalization), then each learned rounding
+    (alone, then with equalization and bias correction); only values the search space allows.
+    """
+    found = []
+
+    def add(**choice):
+        if all(value in space.get(key, [False]) for key, value in choice.items()) and choice not in found:
+            found.append(choice)
+
+    add(equalize=True)
+    add(bias_correction=True)
+    add(equalize=True, bias_correction=True)
+    for rounding in space.get("weight_rounding", []):
+        if rounding != "nearest":
+            add(weight_rounding=rounding)
+            add(equalize=True, bias_correction=True, weight_rounding=rounding)
+    if True in space.get("data_free", []):
+        add(data_free=True, equalize=True, bias_correction=True)
+    return found
 
 
 def _canonical(choices: dict) -> str:
@@ -219,7 +267,8 @@ class _Tuner:
         if key in self.contents:
             return self.contents[key]
         recipe = _recipe_for(choices, self.seed, self.num_samples)
-        content = tfq.convert(self.model, recipe=recipe, mode=None, representative_data=self.rep)
+        data = None if recipe.data_free_method else self.rep
+        content = tfq.convert(self.model, recipe=recipe, mode=None, representative_data=data)
         self.contents[key] = content
         return content
 
@@ -294,10 +343,16 @@ def _sensitivity(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
             return
         if tuner.run(choices).met:
             return
-    # Stage 2: float fallback, layer by layer, ranked by sensitivity.
+    # Stage 2: the methods beyond calibration on the best global configuration.
     base = {k: v for k, v in tuner.best().choices.items() if k != "float_layers"}
     if base.get("precision") == "int16x8":
         return
+    for methods in _method_choices(space):
+        if not tuner.budget_left():
+            return
+        if tuner.run(dict(base, **methods)).met:
+            return
+    # Stage 3: float fallback, layer by layer, ranked by sensitivity.
     gains = []
     for name in candidates:
         if not tuner.budget_left():
@@ -314,7 +369,7 @@ def _sensitivity(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
         chosen.append(name)
         if len(chosen) > 1 and tuner.run(dict(base, float_layers=list(chosen))).met:
             return
-    # Stage 3: int16 activations when float fallback could not meet the target.
+    # Stage 4: int16 activations when float fallback could not meet the target.
     if "int16x8" in space["precision"] and tuner.budget_left():
         tuner.run({"precision": "int16x8", "per_channel": base.get("per_channel", True)})
 
@@ -335,7 +390,18 @@ def _random_choices(rng: random.Random, space: dict, candidates: list[str]) -> d
     floats = sorted(n for n in candidates if rng.random() < 1.0 / max(2, len(candidates)))
     if floats:
         c["float_layers"] = floats
+    _random_methods(rng, space, c)
     return c
+
+
+def _random_methods(rng: random.Random, space: dict, c: dict) -> None:
+    """Adds drawn method choices (only those off their plain first value) to ``c``."""
+    for key in _METHOD_KEYS:
+        values = space.get(key, [])
+        if len(values) > 1:
+            value = rng.choice(values)
+            if value != values[0]:
+                c[key] = value
 
 
 def _random(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
@@ -371,6 +437,12 @@ def _bayesian(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
             floats = [n for n in candidates if trial.suggest_categorical(f"float:{n}", [False, True])]
             if floats:
                 c["float_layers"] = floats
+            for key in _METHOD_KEYS:
+                values = list(space.get(key, []))
+                if len(values) > 1:
+                    value = trial.suggest_categorical(key, values)
+                    if value != values[0]:
+                        c[key] = value
         result = tuner.run(c)
         if result.error:
             return 1e12
@@ -464,6 +536,7 @@ def tune(
         if key not in DEFAULT_SEARCH_SPACE:
             raise ValueError(f"unknown search_space key {key!r}; allowed: {sorted(DEFAULT_SEARCH_SPACE)}")
         space[key] = value
+    _check_method_space(space)
     weighted = _weighted_layer_names(model)
     candidates = weighted if space["float_layers"] == "auto" else list(space["float_layers"])
     unknown = [n for n in candidates if n not in weighted]

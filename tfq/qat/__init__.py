@@ -39,13 +39,14 @@ def quantize_model(
     calibration: str = "minmax",
     num_calibration_samples: int | None = 512,
     warn_unknown: bool = True,
+    preserve: str | None = None,
     bn_folding: str = "unfolded",
     **calibration_params,
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite will quantize; the caller's is untouched.
 
-    Weights of Conv1D/Conv2D/Depthwise/Separable convolutions are fake-quantized per output
-    channel (symmetric, narrow range), Dense and transposed convolutions per tensor; a
+    Weights of convolutions, Dense and EinsumDense layers are fake-quantized per output channel
+    (symmetric, narrow range), transposed convolutions per tensor; a
     BatchNormalization after a weighted layer is folded into it as TFLite folds it (batch
     statistics with correction in training, see :class:`QuantizedLayer`), and a following
     ReLU/ReLU6 is fused. Activations get per-tensor asymmetric ranges, tracked by moving average
@@ -55,6 +56,14 @@ def quantize_model(
     ``keras.models.load_model`` (classes registered under the package ``"tfq"``), trains under
     ``tf.distribute`` strategies (build it inside ``strategy.scope()``) and converts with
     ``tfq.convert(qat_model, "int8")`` without representative data.
+
+    ``preserve`` keeps what compression made (tfmot's PQAT/CQAT): ``"sparsity"`` fixes the zeros of
+    every weighted layer that has some (from :func:`tfq.pruning.strip_pruning`), ``"clusters"`` the
+    shared values of every kernel with at most 256 distinct ones (from
+    :func:`tfq.clustering.strip_clustering`; the shared values train, the assignment stays). BN
+    folding and per-channel fake-quant keep both, so the INT8 ``.tflite`` has the zeros and at most
+    as many distinct int8 values per output channel (:meth:`QuantizedLayer.init_preservation`). A
+    model still wrapped by ``prune_low_magnitude``/``cluster_weights`` is stripped first.
 
     Args:
         model: a built Functional or Sequential Keras 3 model (nested models allowed), a tf_keras
@@ -69,6 +78,7 @@ def quantize_model(
         calibration: method for that pass (``"minmax"``, ``"percentile"``, ``"kl"``, ``"mse"`` …).
         num_calibration_samples: cap on calibration samples.
         warn_unknown: warn about layers that stay float because tfq has no rule for them.
+        preserve: ``None``, ``"sparsity"`` or ``"clusters"`` (see above).
         **calibration_params: parameters of the calibration method.
 
     Returns:
@@ -84,16 +94,21 @@ def quantize_model(
 
     if range_mode not in ("moving_average", "learned"):
         raise ValueError(f"range_mode must be 'moving_average' or 'learned'. Received: range_mode={range_mode!r}")
+    if preserve not in (None, "sparsity", "clusters"):
+        raise ValueError(f"preserve must be None, 'sparsity' or 'clusters'. Received: preserve={preserve!r}")
     model = load_model(model)
     if is_tf_keras_model(model):
         from tfq.interop import to_keras3
 
         model = to_keras3(model)
+    from tfq._compression import strip_all
+
+    model = strip_all(model)
     r = load_recipe(recipe if recipe is not None else "qat_int8")
     if decay is None:
         decay = float(r.calibration_params.get("decay", 0.999))
     qmodel = rewrite_model(model, r, range_mode=range_mode, decay=decay, warn_unknown=warn_unknown,
-                           bn_folding=bn_folding)
+                           trainable=True, preserve=preserve, bn_folding=bn_folding)
     if calibration_data is not None:
         cal = calibrate(qmodel, calibration_data, calibration, num_samples=num_calibration_samples,
                         **calibration_params)

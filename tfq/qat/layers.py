@@ -25,12 +25,17 @@ __all__ = [
     "INT8_ACTIVATIONS",
     "QuantizedLayer",
     "QuantizedNormalization",
+    "QuantizedWeight",
     "RANGE_MODES",
+    "Statistic",
     "WEIGHTED_LAYER_TYPES",
     "observing",
+    "tapping",
 ]
 
 RANGE_MODES = ("fixed", "moving_average", "learned")
+PRESERVE_MODES = (None, "sparsity", "clusters")
+MAX_CLUSTERS = 256  # shared values a cluster-preserving kernel may hold
 
 # How a folded BatchNormalization gets its batch statistics in training (see QuantizedLayer).
 BN_FOLDING = ("unfolded", "one_pass", "two_pass")
@@ -66,6 +71,39 @@ class observing:
         _OBSERVERS = None
         return False
 
+
+# While tapping (see :func:`tapping`), QuantizedLayer wrappers record what they compute.
+_TAPS: dict[int, dict] | None = None
+
+
+class tapping:
+    """Context manager: the given :class:`QuantizedLayer` wrappers record their inputs and outputs.
+
+    Each call of a tapped wrapper appends its input tensor to ``records[id(layer)]["inputs"]`` and
+    its output before the activation (after BatchNorm folding, bias added) to
+    ``records[id(layer)]["pre_activation"]``. Tensors are kept as they are (inside a
+    ``tf.GradientTape`` they carry gradients). The model must be called eagerly inside the context.
+
+    Example:
+        >>> with tapping([wrapper]) as records:          # doctest: +SKIP
+        ...     model(batch)
+        >>> x = records[id(wrapper)]["inputs"][0]       # doctest: +SKIP
+    """
+
+    def __init__(self, layers):
+        self.records = {id(layer): {"inputs": [], "pre_activation": []} for layer in layers}
+
+    def __enter__(self):
+        global _TAPS
+        _TAPS = self.records
+        return self.records
+
+    def __exit__(self, *exc):
+        global _TAPS
+        _TAPS = None
+        return False
+
+
 # Activations that TFLite fuses into the preceding op (no quantized tensor in between).
 FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
 
@@ -87,6 +125,7 @@ WEIGHTED_LAYER_TYPES = (
     keras.layers.SeparableConv2D,
     keras.layers.Conv1DTranspose,
     keras.layers.Conv2DTranspose,
+    keras.layers.EinsumDense,
 )
 
 
@@ -109,6 +148,16 @@ def activation_name(activation) -> str:
     if isinstance(activation, str):
         return activation
     return keras.activations.serialize(activation) if not hasattr(activation, "__name__") else activation.__name__
+
+
+def preserve_mode_for(layer, preserve: str | None) -> str | None:
+    """``preserve`` if ``layer``'s main kernel has something to keep (zeros; at most 256 distinct values), else None."""
+    if preserve is None or not isinstance(layer, WEIGHTED_LAYER_TYPES):
+        return None
+    kernel = keras.ops.convert_to_numpy(layer.pointwise_kernel if isinstance(layer, _SEPARABLE) else layer.kernel)
+    if preserve == "sparsity":
+        return preserve if np.any(kernel == 0) else None
+    return preserve if len(np.unique(kernel)) <= MAX_CLUSTERS else None
 
 
 def _replica_context():
@@ -162,6 +211,9 @@ class ActivationQuantizer(keras.layers.Layer):
         mode: one of :data:`RANGE_MODES`.
         decay: moving-average decay in (0, 1).
         fixed_range: ``(min, max)``; required for ``"fixed"``, initial range otherwise.
+        calibration: ``"minmax"`` to calibrate this tensor by MinMax whatever the method (a
+            statistic such as a LayerNormalization variance, where any clipping biases whole
+            tokens); None to follow the calibration method.
     """
 
     def __init__(
@@ -172,9 +224,12 @@ class ActivationQuantizer(keras.layers.Layer):
         mode: str = "moving_average",
         decay: float = 0.999,
         fixed_range: tuple[float, float] | None = None,
+        calibration: str | None = None,
         **kwargs,
     ):
         super().__init__(**_no_autocast(kwargs))
+        if calibration not in (None, "minmax"):
+            raise ValueError(f"ActivationQuantizer calibration must be None or 'minmax'. Received: {calibration!r}")
         if mode not in RANGE_MODES:
             raise ValueError(f"ActivationQuantizer mode must be one of {RANGE_MODES}. Received: mode={mode!r}")
         if not 0.0 < float(decay) < 1.0:
@@ -193,6 +248,7 @@ class ActivationQuantizer(keras.layers.Layer):
         self.mode = mode
         self.decay = float(decay)
         self.fixed_range = fixed_range
+        self.calibration = calibration
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -300,6 +356,7 @@ class ActivationQuantizer(keras.layers.Layer):
             mode=self.mode,
             decay=self.decay,
             fixed_range=list(self.fixed_range) if self.fixed_range is not None else None,
+            calibration=self.calibration,
         )
         return config
 
@@ -320,8 +377,97 @@ class FloatBarrier(keras.layers.Layer):
         return input_shape
 
 
+class Statistic(keras.layers.Layer):
+    """Identity marking a statistic in a decomposition (a mean, a variance, its rsqrt).
+
+    The rewrite removes it and calibrates the tensor it marks by MinMax: clipping such a tensor
+    biases every value normalised by it.
+    """
+
+    def call(self, inputs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="tfq")
+class QuantizedWeight(keras.layers.Layer):
+    """A variable that an operation reads (``x * self.gamma`` in a layer tfq decomposed), held as a
+    trainable copy and fake-quantized per tensor the way TFLite stores that constant:
+
+    * ``symmetric`` (the weight of a matmul-like op): ``[−m, m]``, ``m = max|v|``, narrow range;
+    * otherwise (a constant operand of MUL, ADD …): ``[min(v, 0), max(v, 0)]``, full range.
+
+    It is called on a tensor of the graph only to be placed in it; its output is ``fq(value)``.
+
+    Args:
+        shape: the variable's shape.
+        symmetric: see above.
+        bits: integer bits.
+        float_weights: no fake-quant (float export modes).
+        value_trainable: whether the copy trains (as the variable it copies did).
+    """
+
+    def __init__(self, shape, symmetric: bool = False, bits: int = 8, float_weights: bool = False,
+                 value_trainable: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        ops.qrange(bits)
+        self.value_shape = tuple(int(d) for d in shape)
+        self.symmetric = bool(symmetric)
+        self.bits = int(bits)
+        self.float_weights = bool(float_weights)
+        self.value_trainable = bool(value_trainable)
+
+    def build(self, input_shape):
+        self.value = self.add_weight(name="value", shape=self.value_shape, initializer="zeros",
+                                     trainable=self.value_trainable)
+        self.built = True
+
+    def call(self, inputs):
+        v = tf.convert_to_tensor(self.value)
+        if self.float_weights or _OBSERVERS is not None:
+            return v
+        if self.symmetric:
+            m = tf.maximum(tf.reduce_max(tf.abs(v)), ops.MIN_RANGE)
+            return ops.fake_quant(v, -m, m, self.bits, narrow_range=True)
+        lo = tf.minimum(tf.reduce_min(v), 0.0)
+        hi = tf.maximum(tf.maximum(tf.reduce_max(v), 0.0), lo + ops.MIN_RANGE)
+        return ops.fake_quant(v, lo, hi, self.bits)
+
+    def compute_output_shape(self, input_shape):
+        return self.value_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(shape=list(self.value_shape), symmetric=self.symmetric, bits=self.bits,
+                      float_weights=self.float_weights, value_trainable=self.value_trainable)
+        return config
+
+
 _TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)
 _SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+# Weights the converter's fake-quant path takes per tensor only (TRANSPOSE_CONV).
+_PER_TENSOR = _TRANSPOSED
+# Per-channel weights the converter's fake-quant path cannot carry through the transpose it inserts
+# for FULLY_CONNECTED ("mismatched quantized axes"): exported as float weights, which the converter
+# quantizes per output channel itself, with the scale the fake-quant used (max|w| / 127).
+_EXPORT_FLOAT_PER_CHANNEL = (keras.layers.Dense, keras.layers.EinsumDense)
+
+
+def _einsum_contraction(equation: str) -> int | None:
+    """``k`` when an einsum ``x, kernel -> y`` is a matmul on 2-D views: the input's last ``k`` axes
+    are the kernel's first ``k`` (same order), and the output is the input's other axes followed
+    by the kernel's remaining ones. None otherwise."""
+    if "." in equation:
+        return None
+    inputs, output = equation.split("->")
+    x_axes, k_axes = inputs.split(",")
+    contracted = [c for c in k_axes if c not in output]
+    k = len(contracted)
+    if k == 0 or list(x_axes[len(x_axes) - k:]) != contracted or list(k_axes[:k]) != contracted:
+        return None
+    return k if output == x_axes[:len(x_axes) - k] + k_axes[k:] else None
 
 
 def _channel_axis(layer) -> int:
@@ -362,10 +508,12 @@ class QuantizedLayer(keras.layers.Layer):
     ``bn_frozen`` is held in a non-trainable variable (not a Python attribute), so freezing
     takes effect inside an already-compiled ``fit`` (see :class:`tfq.callbacks.FreezeBatchNorm`).
 
-    Weights are per output channel for convolutions (the TFLite default). Dense and transposed
-    convolutions are per tensor: the converter's fake-quant path cannot carry a per-channel axis
-    through the transpose it inserts for FULLY_CONNECTED and TRANSPOSE_CONV. Conv1D is computed
-    as a Conv2D of height 1, as TFLite runs it.
+    Weights are per output channel (the TFLite default), but per tensor for transposed
+    convolutions: the converter's fake-quant path cannot carry a per-channel axis through the
+    transpose it inserts for TRANSPOSE_CONV. For FULLY_CONNECTED (Dense, EinsumDense) it cannot
+    either, so those per-channel weights are exported float and the converter quantizes them
+    itself, per output channel with the same ``max|w| / 127`` scale (:attr:`exports_float_weights`).
+    Conv1D is computed as a Conv2D of height 1, as TFLite runs it.
 
     Args:
         layer: the float layer (one of :data:`WEIGHTED_LAYER_TYPES`); used as is (pass a copy).
@@ -383,6 +531,12 @@ class QuantizedLayer(keras.layers.Layer):
             parts of a separable convolution.
         float_weights: keep the weights float (the layer stays a float op).
         bn_frozen: initial value of :attr:`bn_frozen`.
+        preserve: ``None``, ``"sparsity"`` or ``"clusters"``: what of the main kernel (a separable
+            convolution's pointwise kernel) QAT keeps, see :meth:`init_preservation`.
+        converter_quantizes_weights: the call uses the float kernel, which the export writes
+            float for the converter to quantize (set by ``freeze_model`` on per-channel
+            Dense/EinsumDense, see :attr:`exports_float_weights`); the wrapper still describes
+            the integer weights (bits, scales) for the weight methods.
     """
 
     def __init__(
@@ -398,11 +552,15 @@ class QuantizedLayer(keras.layers.Layer):
         intermediate_quantizer: dict | None = None,
         float_weights: bool = False,
         bn_frozen: bool = False,
+        preserve: str | None = None,
+        converter_quantizes_weights: bool = False,
         bn_folding: str = "unfolded",
         **kwargs,
     ):
         if isinstance(layer, dict):
             layer = keras.saving.deserialize_keras_object(layer)
+        if preserve not in PRESERVE_MODES:
+            raise ValueError(f"preserve must be one of {PRESERVE_MODES}. Received: preserve={preserve!r}")
         if isinstance(batchnorm, dict):
             batchnorm = keras.saving.deserialize_keras_object(batchnorm)
         if not isinstance(layer, WEIGHTED_LAYER_TYPES):
@@ -418,14 +576,16 @@ class QuantizedLayer(keras.layers.Layer):
         super().__init__(**_no_autocast(kwargs))
         self.layer = layer
         self.batchnorm = batchnorm
+        self.preserve = preserve
         act = activation if activation is not None else activation_name(layer.activation)
         self.activation = activation_name(act)
         self._activation_fn = keras.activations.get(self.activation)
         ops.qrange(weight_bits)
         self.weight_bits = int(weight_bits)
-        self.per_channel = bool(per_channel) and not isinstance(layer, (keras.layers.Dense, *_TRANSPOSED))
+        self.per_channel = bool(per_channel) and not isinstance(layer, _PER_TENSOR)
         self.weight_narrow_range = bool(weight_narrow_range)
         self.float_weights = bool(float_weights)
+        self.converter_quantizes_weights = bool(converter_quantizes_weights)
         self._bn_frozen_initial = bool(bn_frozen)
         if bn_folding not in BN_FOLDING:
             raise ValueError(f"bn_folding must be one of {BN_FOLDING}. Received: bn_folding={bn_folding!r}")
@@ -451,6 +611,12 @@ class QuantizedLayer(keras.layers.Layer):
     @property
     def quantizers(self) -> list[ActivationQuantizer]:
         return [q for q in (self.intermediate_quantizer, self.pre_activation_quantizer, self.output_quantizer) if q]
+
+    @property
+    def exports_float_weights(self) -> bool:
+        """Per-channel Dense/EinsumDense weights: exported float, for the converter to quantize
+        (per output channel, ``max|w| / 127``: the scale the fake-quant uses)."""
+        return self.per_channel and not self.float_weights and isinstance(self.layer, _EXPORT_FLOAT_PER_CHANNEL)
 
     @property
     def bn_frozen(self) -> bool:
@@ -481,7 +647,71 @@ class QuantizedLayer(keras.layers.Layer):
         for q in (self.pre_activation_quantizer, self.output_quantizer):
             if q is not None:
                 q.build(out_shape)
+        self._build_preservation()
         self.built = True
+
+    # -- sparsity / cluster preservation ---------------------------------------------------------
+    def _main_variable(self):
+        layer = self.layer
+        return layer.pointwise_kernel if isinstance(layer, _SEPARABLE) else layer.kernel
+
+    def _build_preservation(self):
+        if self.preserve is None:
+            return
+        main = self._main_variable()
+        if self.preserve == "sparsity":
+            self.preserve_mask = self.add_weight(name="preserve_mask", shape=tuple(main.shape), initializer="ones",
+                                                 trainable=False)
+        elif self.preserve == "clusters":
+            main.trainable = False  # trained through the shared values
+            self.cluster_centroids = self.add_weight(name="cluster_centroids", shape=(MAX_CLUSTERS,),
+                                                     initializer="zeros", trainable=True)
+            self.cluster_indices = self.add_weight(name="cluster_indices", shape=tuple(main.shape), dtype="int32",
+                                                   initializer="zeros", trainable=False)
+
+    def init_preservation(self) -> None:
+        """Reads what to preserve from the current main kernel (call once its weights are set).
+
+        ``"sparsity"``: the mask ``kernel ≠ 0`` is fixed, and the layer computes with
+        ``kernel · mask``, so pruned weights stay exactly zero. ``"clusters"``: the kernel's distinct
+        values (at most 256) become trainable shared values and every weight a fixed index into
+        them, so the kernel keeps at most that many distinct values. Both survive what follows:
+        BN folding scales each output channel by ``γ/σ`` (zeros stay zero, equal values stay equal
+        within a channel) and symmetric per-channel fake-quant maps 0 to 0 and equal values to
+        equal integers, so the INT8 kernel keeps the zeros and at most as many distinct values per
+        output channel.
+
+        Raises:
+            ValueError: ``"clusters"`` on a kernel with more than 256 distinct values.
+        """
+        if self.preserve is None:
+            return
+        values = keras.ops.convert_to_numpy(self._main_variable())
+        if self.preserve == "sparsity":
+            self.preserve_mask.assign((values != 0).astype(values.dtype))
+        elif self.preserve == "clusters":
+            distinct, indices = np.unique(values, return_inverse=True)
+            if len(distinct) > MAX_CLUSTERS:
+                raise ValueError(f"layer {self.name!r}: preserve='clusters' needs a clustered kernel (at most "
+                                 f"{MAX_CLUSTERS} distinct values); it has {len(distinct)}. Cluster it first "
+                                 f"(tfq.clustering.cluster_weights, then strip_clustering).")
+            padded = np.concatenate([distinct, np.zeros(MAX_CLUSTERS - len(distinct), distinct.dtype)])
+            self.cluster_centroids.assign(padded.astype(values.dtype))
+            self.cluster_indices.assign(indices.reshape(values.shape).astype(np.int32))
+
+    def _preserved(self, kernel):
+        """The main kernel as QAT uses it: masked or rebuilt from the shared values."""
+        if self.preserve == "sparsity":
+            return kernel * self.preserve_mask
+        if self.preserve == "clusters":
+            return tf.gather(tf.convert_to_tensor(self.cluster_centroids), tf.convert_to_tensor(self.cluster_indices))
+        return kernel
+
+    def layer_weights(self) -> list[np.ndarray]:
+        """The wrapped layer's weights with the main kernel as used (preserved): for export and stripping."""
+        main = self._main_variable()
+        preserved = keras.ops.convert_to_numpy(self._preserved(tf.convert_to_tensor(main)))
+        return [preserved if v is main else keras.ops.convert_to_numpy(v) for v in self.layer.weights]
 
     # -- weights ---------------------------------------------------------------------------------
     def _quantize_kernel(self, kernel, axis):
@@ -557,6 +787,8 @@ class QuantizedLayer(keras.layers.Layer):
         layer = self.layer
         if isinstance(layer, keras.layers.Dense):
             return keras.ops.matmul(x, kernel)
+        if isinstance(layer, keras.layers.EinsumDense):
+            return keras.ops.einsum(layer.equation, x, kernel)
         if isinstance(layer, _SEPARABLE):
             return keras.ops.conv(x, kernel, strides=1, padding="valid", data_format=layer.data_format)
         if isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -581,13 +813,14 @@ class QuantizedLayer(keras.layers.Layer):
     def _kernel_and_scale_axis(self):
         """The kernel of the op that :meth:`_linear` runs, and its output-channel axis."""
         layer = self.layer
+        kernel = self._preserved(tf.convert_to_tensor(self._main_variable()))
         if isinstance(layer, keras.layers.SeparableConv1D):
-            return tf.expand_dims(layer.pointwise_kernel, 0), -1
+            return tf.expand_dims(kernel, 0), -1
         if isinstance(layer, _SEPARABLE):
-            return layer.pointwise_kernel, -1
+            return kernel, -1
         if _is_conv1d(layer):
-            return tf.expand_dims(layer.kernel, 0), -1
-        return layer.kernel, _channel_axis(layer)
+            return tf.expand_dims(kernel, 0), -1
+        return kernel, _channel_axis(layer)
 
     def _scale_kernel(self, kernel, factor, axis):
         """Multiplies the kernel by a per-output-channel factor."""
@@ -600,9 +833,59 @@ class QuantizedLayer(keras.layers.Layer):
         return kernel * tf.reshape(factor, shape)
 
     def _quantize_any(self, kernel, axis):
+        if self.converter_quantizes_weights:
+            return kernel  # exported float; the converter puts it on the grid this wrapper computes
         if isinstance(self.layer, keras.layers.DepthwiseConv2D):
             return self._fq_depthwise(kernel)
+        if isinstance(self.layer, keras.layers.EinsumDense) and self.per_channel:
+            return self._fq_einsum(kernel)
         return self._quantize_kernel(kernel, axis)
+
+    def _contracted_axes(self) -> int | None:
+        """Input axes a Dense/EinsumDense contracts when it is a matmul on 2-D views (see
+        :func:`_einsum_contraction`); None for other layers and other einsums."""
+        if isinstance(self.layer, keras.layers.Dense):
+            return 1
+        if isinstance(self.layer, keras.layers.EinsumDense):
+            return _einsum_contraction(self.layer.equation)
+        return None
+
+    def _einsum_is_matmul(self, x) -> bool:
+        k = self._contracted_axes()
+        if k is None or (isinstance(self.layer, keras.layers.Dense) and len(x.shape) <= 2):
+            return False
+        return all(d is not None for d in x.shape[1:len(x.shape) - k])
+
+    def _einsum_matmul(self, x, kernel, bias):
+        """A Dense on more than 2 axes, or an einsum that contracts the input's last axes with the
+        kernel's first ones, as TFLite runs it: one FULLY_CONNECTED on 2-D views, its bias added
+        before the output is reshaped (a bias over several output axes would otherwise be a
+        separate ADD on an unquantized tensor)."""
+        k = self._contracted_axes()
+        rows = int(np.prod(kernel.shape[:k]))
+        cols = int(np.prod(kernel.shape[k:]))
+        y = tf.matmul(tf.reshape(x, [-1, rows]), tf.reshape(kernel, [rows, cols]))
+        if bias is not None:
+            y = y + tf.reshape(tf.broadcast_to(bias, kernel.shape[k:]), [cols])
+        return tf.reshape(y, [-1, *x.shape[1:len(x.shape) - k], *kernel.shape[k:]])
+
+    def _fq_einsum(self, kernel):
+        """Per output channel: one scale per combination of the kernel axes the output keeps (the
+        rows of the FULLY_CONNECTED weight the converter makes of the einsum)."""
+        if self.float_weights or _OBSERVERS is not None:
+            return kernel
+        inputs, output = self.layer.equation.split("->")
+        kernel_axes = inputs.split(",")[1]
+        kept = [i for i, c in enumerate(kernel_axes) if c in output]
+        if not kept:
+            return self._quantize_kernel(kernel, -1)
+        contracted = [i for i in range(len(kernel_axes)) if i not in kept]
+        perm = contracted + kept
+        shape = kernel.shape
+        moved = tf.transpose(kernel, perm)
+        flat = tf.reshape(moved, [-1, int(np.prod([shape[i] for i in kept]))])
+        q = tf.reshape(self._quantize_kernel(flat, -1), [shape[i] for i in perm])
+        return tf.transpose(q, np.argsort(perm))
 
     def _spatial_axis(self) -> int:
         """Where a 1-D layer's input gets its extra height-1 axis."""
@@ -611,6 +894,9 @@ class QuantizedLayer(keras.layers.Layer):
     def call(self, inputs, training=None):
         layer = self.layer
         x = inputs
+        record = _TAPS.get(id(self)) if _TAPS is not None else None
+        if record is not None:
+            record["inputs"].append(inputs)
         separable_1d = isinstance(layer, keras.layers.SeparableConv1D)
         if separable_1d:  # computed as SeparableConv2D on a height-1 image, as TFLite runs it
             x, _ = self._causal_pad(x)
@@ -618,8 +904,10 @@ class QuantizedLayer(keras.layers.Layer):
         if isinstance(layer, _SEPARABLE):
             x = self._separable_depthwise(x, training)
         kernel, axis = self._kernel_and_scale_axis()
-        bias = layer.bias if layer.use_bias else None
-        if self.batchnorm is None:
+        bias = getattr(layer, "bias", None) if getattr(layer, "use_bias", True) else None
+        if self.batchnorm is None and self._einsum_is_matmul(x):
+            y = self._einsum_matmul(x, self._quantize_any(kernel, axis), bias)
+        elif self.batchnorm is None:
             y = self._linear(x, self._quantize_any(kernel, axis))
             if bias is not None:
                 y = y + self._channel_vector(bias, len(y.shape))
@@ -627,6 +915,8 @@ class QuantizedLayer(keras.layers.Layer):
             y = self._folded_call(x, kernel, axis, bias, training)
         if separable_1d:
             y = tf.squeeze(y, self._spatial_axis())
+        if record is not None:
+            record["pre_activation"].append(y)
         if self.pre_activation_quantizer is not None:
             y = self.pre_activation_quantizer(y, training=training)
         y = self._activation_fn(y)
@@ -740,6 +1030,8 @@ class QuantizedLayer(keras.layers.Layer):
             ),
             float_weights=self.float_weights,
             bn_frozen=self.bn_frozen,
+            preserve=self.preserve,
+            converter_quantizes_weights=self.converter_quantizes_weights,
             bn_folding=self.bn_folding,
         )
         return config

@@ -23,10 +23,12 @@ weights.
 from __future__ import annotations
 
 import collections
+import re
 import warnings
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 
 from tfq.qat import registry
 from tfq.qat.layers import (
@@ -37,11 +39,15 @@ from tfq.qat.layers import (
     FloatBarrier,
     QuantizedLayer,
     QuantizedNormalization,
+    QuantizedWeight,
+    Statistic,
     activation_name,
+    preserve_mode_for,
 )
 from tfq.recipes import Recipe, TensorSpec, load_recipe
 
-__all__ = ["batchnorm_layers_of", "freeze_model", "quantized_layers_of", "quantizers_of", "rewrite_model"]
+__all__ = ["batchnorm_layers_of", "freeze_model", "opaque_message", "quantized_layers_of", "quantizers_of",
+           "rewrite_model", "uncovered_layers"]
 
 _FUSABLE_LAYERS = (keras.layers.ReLU, keras.layers.Activation)
 _MAX_PASSES = 4
@@ -100,18 +106,30 @@ class _Produced:
 
 
 class _Rewriter:
-    def __init__(self, recipe: Recipe, range_mode: str, decay: float, warn_unknown: bool,
-                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset(), bn_folding: str = "unfolded"):
+    def __init__(self, recipe: Recipe, range_mode: str, decay: float, inline_cache: dict,
+                 no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset(),
+                 preserve: str | None = None, bn_folding: str = "unfolded"):
+        self.preserve = preserve  # QuantizedLayer(preserve=...) for the layers whose kernel has it
         self.recipe = recipe
         self.bn_folding = bn_folding
         self.range_mode = range_mode
         self.decay = decay
-        self.warn_unknown = warn_unknown
+        # id(original layer) → the functional graph of its call (None: cannot be inlined). Shared
+        # by the passes, so that every pass sees the same inlined layers and ids.
+        self.inline_cache = inline_cache
+        self.names: dict[int, str] = {}  # id(operation of an inlined graph) → stable unique name
+        self.opaque: dict[str, list[str]] = {}  # class → layers kept whole: the converter calibrates inside
+        self.reasons: dict[str, str] = {}  # layer kept whole → why it could not be decomposed
+        self.unrolled: dict[str, list[str]] = {}  # class → recurrent layers unrolled
+        self.shared: list = []  # layers that could not be copied, used as they are
+        self.constants: dict[int, tuple] = {}  # id(variable read by an op) → (QuantizedWeight, variable)
+        self.quantizer_of: dict[int, ActivationQuantizer] = {}  # id(new tensor) → the quantizer that made it
+        self.output_quantizers: dict[tuple, ActivationQuantizer] = {}  # (id(layer), output) → its quantizer
+        self.wrappers: dict[tuple, QuantizedLayer] = {}  # (id(layer), id(BN), activation) → its wrapper
         self.no_fuse = no_fuse  # {(id(weighted layer), "bn" | "act")}: fusions that would duplicate a layer
         self.produced: dict[int, _Produced] = {}
         self.nested: dict[int, keras.Model] = {}
         self.copies: dict[int, object] = {}
-        self.warnings: dict[str, str] = {}
         self.barriers: dict[int, object] = {}
         self.uses: collections.Counter = collections.Counter()  # id(new tensor) → consumers
         self.fusions: list[tuple[int, tuple[int, str]]] = []  # (id(fused-away tensor), no_fuse key)
@@ -129,21 +147,18 @@ class _Rewriter:
 
     def feeding_only_concatenations(self) -> set:
         """Original layers whose output is consumed by concatenations only (and is no model output)."""
-        found = set()
-        for tensor_id, layers in self.consumers.items():
-            if tensor_id in self.producer and self.uses[tensor_id] == len(layers) and all(map(_is_concat, layers)):
-                found.add(self.producer[tensor_id])
-        return found
+        only_concat: dict[int, bool] = {}  # a shared layer qualifies only if every call's output does
+        for tensor_id, producer in self.producer.items():
+            layers = self.consumers.get(tensor_id, [])
+            fed = bool(layers) and self.uses[tensor_id] == len(layers) and all(map(_is_concat, layers))
+            only_concat[producer] = only_concat.get(producer, True) and fed
+        return {producer for producer, fed in only_concat.items() if fed}
 
     def _output_config(self, spec: TensorSpec | None, fixed_range=None) -> dict | None:
         """Config of the quantizer on the current layer's output (None where the concat's range rules)."""
         if fixed_range is None and self.current is not None and id(self.current) in self.concat_fed:
             return None
         return self._quantizer_config(spec, fixed_range)
-
-    def _warn(self, layer, message: str) -> None:
-        if self.warn_unknown and layer.name not in self.warnings:
-            self.warnings[layer.name] = message
 
     # -- quantizer configs ------------------------------------------------------------------------
     def _quantizer_config(self, spec: TensorSpec | None, fixed_range=None) -> dict | None:
@@ -161,7 +176,7 @@ class _Rewriter:
         integer mode its output is still quantized so that the ops after it stay integer
         (TFLite's selective quantization: DEQUANTIZE → float op → QUANTIZE).
         """
-        weights, activations = self.recipe.spec_for(layer.name, type(layer).__name__)
+        weights, activations = self.recipe.spec_for(self._name(layer), type(layer).__name__)
         if weights is None and activations is None and self.recipe.mode in ("int8", "int16x8"):
             activations = self.recipe.activations
         return weights, activations
@@ -216,36 +231,45 @@ class _Rewriter:
                 self.nested[key] = self.rewrite(layer, quantize_inputs=False)
             return self.nested[key](*args, **kwargs)
 
+        if isinstance(layer, Statistic):
+            quantizer = self.quantizer_of.get(id(args[0]))
+            if quantizer is not None:
+                quantizer.calibration = "minmax"
+            return args[0]
+        name = self._name(layer)
+        class_name = type(layer).__name__
         self.current = layer
+        if not isinstance(layer, keras.layers.Layer):
+            args, kwargs = self._quantize_variable_args(layer, name, args, kwargs)
         kind = registry.layer_kind(layer)
         weights_spec, act_spec = self._specs(layer)
-        is_float = self.recipe.is_float_layer(layer.name, type(layer).__name__)
-        if kind is None:
-            self._warn(layer, (
-                f"tfq: layer {layer.name!r} ({type(layer).__name__}) has no quantization rule and stays "
-                f"float. Register one with tfq.qat.register_layer({type(layer).__name__}, 'output') (or "
-                f"'passthrough'), or list it in float_layers to silence this."
-            ))
-            is_float = True
+        is_float = self.recipe.is_float_layer(name, class_name)
+        if kind in (None, "composite") and not is_float:
+            out = self._inline(layer, name, args, kwargs)
+            if out is not None:
+                return out
+            if registry.has_decomposition(layer):
+                raise ValueError(
+                    f"the decomposition registered for {class_name} does not compute what layer {name!r} computes "
+                    f"(or cannot be traced on symbolic tensors): fix the function given to "
+                    f"tfq.qat.register_layer({class_name}, 'composite', decompose=...)."
+                )
+            kind = "opaque"
+        elif kind in (None, "composite"):
             kind = "output"
         if kind == "float":
-            if not registry.is_registered(layer) and not is_float:
-                self._warn(layer, (
-                    f"tfq: layer {layer.name!r} ({type(layer).__name__}) has no int8 TFLite kernel and stays "
-                    f"float (DEQUANTIZE → float op → QUANTIZE). List it in float_layers (recipe and "
-                    f"tfq.convert) to accept this, or replace it."
-                ))
             is_float = True
             kind = "output"
         if isinstance(layer, keras.layers.Activation) and not is_float \
                 and activation_name(layer.activation) not in INT8_ACTIVATIONS:
-            self._warn(layer, _float_activation_message(layer.name, activation_name(layer.activation)))
-            is_float = True
+            # No int8 rule of tfq's: the converter calibrates it (and keeps it float if TFLite has
+            # no int8 kernel for it).
+            kind = "opaque"
 
         if is_float and self.recipe.mode in ("int8", "int16x8") and kind != "passthrough":
             args = keras.tree.map_structure(self._barrier, args)
         source = args[0] if args else None
-        produced = self.produced.get(id(source)) if source is not None and not kwargs.get("mask") else None
+        produced = self.produced.get(id(source)) if source is not None and kwargs.get("mask") is None else None
 
         if kind == "weighted":
             return self._weighted(layer, source, weights_spec, act_spec, float_layer=is_float)
@@ -271,50 +295,148 @@ class _Rewriter:
             if isinstance(layer, keras.layers.Average):
                 return self._average(layer, source, act_spec)
 
-        new_layer = self._copy(layer)
-        out = new_layer(*args, **kwargs)
-        _copy_weights(layer, new_layer)
-        if kind == "passthrough":
+        out = self._call_copy(layer, args, kwargs)
+        if kind == "opaque":
+            self.opaque.setdefault(class_name, []).append(name)
+        if kind == "passthrough" and not _makes_float(args, kwargs, out):
             return out
         fixed = registry.fixed_output_range(layer) if kind == "fixed" else None
         config = self._output_config(act_spec, fixed_range=fixed)
         if config is None:
             return out
-        return keras.tree.map_structure(
-            lambda t: ActivationQuantizer(name=f"{layer.name}_fq", **config)(t), out
-        )
+        return self._quantize_outputs(out, name, config, key=id(layer))
+
+    def _name(self, layer) -> str:
+        """The layer's name, or the stable name given to an operation of an inlined layer."""
+        return self.names.get(id(layer), layer.name)
+
+    def _quantize_outputs(self, out, name: str, config: dict, key=None):
+        """An output quantizer on every float tensor of ``out`` (``name_fq``, ``name_fq_1`` …).
+
+        A shared layer (``key``: its id) reuses its quantizers: its outputs share their ranges.
+        """
+        count = [0]
+
+        def quantize(t):
+            if not str(getattr(t, "dtype", "")).startswith("float"):
+                return t
+            index = count[0]
+            count[0] += 1
+            quantizer = self.output_quantizers.get((key, index)) if key is not None else None
+            if quantizer is None:
+                quantizer = ActivationQuantizer(name=f"{name}_fq" + (f"_{index}" if index else ""), **config)
+                if key is not None:
+                    self.output_quantizers[(key, index)] = quantizer
+            y = quantizer(t)
+            self.quantizer_of[id(y)] = quantizer
+            return y
+
+        return keras.tree.map_structure(quantize, out)
+
+    def _call_copy(self, layer, args, kwargs):
+        """Calls a copy of ``layer`` with its weights; the layer itself if it cannot be copied.
+
+        A layer whose config does not round-trip through ``from_config`` is used as is (shared
+        with the caller's model): export never trains it, and QAT refuses it by name.
+        """
+        new_layer = self._copy(layer)
+        if new_layer is not layer:
+            try:
+                out = new_layer(*args, **kwargs)
+                _copy_weights(layer, new_layer)
+                return out
+            except Exception:  # noqa: BLE001 - any failure of a copy means: use the layer itself
+                self.copies[id(layer)] = layer
+        if isinstance(layer, keras.layers.Layer) and layer.weights:
+            self.shared.append(layer)  # no weights: sharing a stateless layer changes nothing
+        return layer(*args, **kwargs)
+
+    def _quantize_variable_args(self, op, name, args, kwargs):
+        """An operation that reads a variable (``x * self.gamma`` inside an inlined layer) reads a
+        trainable copy of it, fake-quantized as TFLite stores that constant."""
+        leaves = keras.tree.flatten((args, kwargs))
+        anchor = next((t for t in leaves if isinstance(t, keras.KerasTensor)), None)
+        if anchor is None or not any(_is_float_variable(v) for v in leaves):
+            return args, kwargs
+        symmetric = type(op).__name__ in _WEIGHT_OPS
+        count = [0]
+
+        def replace(v):
+            if not _is_float_variable(v):
+                return v
+            key = id(v)
+            if key not in self.constants:
+                suffix = f"_{count[0]}" if count[0] else ""
+                count[0] += 1
+                self.constants[key] = (QuantizedWeight(
+                    shape=tuple(v.shape), symmetric=symmetric, value_trainable=bool(v.trainable),
+                    float_weights=self.recipe.mode not in ("int8", "int16x8"), name=f"{name}_weight{suffix}"), v)
+            layer, variable = self.constants[key]
+            out = layer(anchor)
+            layer.set_weights([keras.ops.convert_to_numpy(variable)])
+            return out
+
+        return keras.tree.map_structure(replace, args), keras.tree.map_structure(replace, kwargs)
+
+    def _inline(self, layer, name, args, kwargs):
+        """Rewrites a layer tfq has no rule for as the graph of its ``call`` (sublayers and ops).
+
+        Returns None when the layer's ``call`` cannot be traced on symbolic tensors or the traced
+        graph does not compute what the layer computes: the layer then stays whole (opaque).
+        """
+        key = id(layer)
+        if key not in self.inline_cache:
+            self.inline_cache[key] = _inline_graph(layer, args, kwargs)
+        sub, reason = self.inline_cache[key]
+        if sub is None:
+            self.reasons[name] = reason
+            return None
+        if isinstance(layer, keras.layers.RNN):
+            self.unrolled.setdefault(type(layer).__name__, []).append(name)
+        counts: collections.Counter = collections.Counter()
+        for op in sub.operations:
+            if isinstance(op, keras.layers.InputLayer):
+                continue
+            base = re.sub(r"_\d+$", "", op.name)
+            self.names[id(op)] = f"{name}_{base}" + (f"_{counts[base]}" if counts[base] else "")
+            counts[base] += 1
+        if id(sub) not in self.nested:
+            self.nested[id(sub)] = self.rewrite(sub, quantize_inputs=False)
+        return self.nested[id(sub)](_tensor_leaves((args, kwargs)))
 
     def _normalization(self, layer, x, act_spec):
         """A standalone BatchNormalization or a Normalization: MUL then ADD, both quantized."""
         config = self._quantizer_config(act_spec)
         inner = _copy_layer(layer)
         out = QuantizedNormalization(inner, intermediate_quantizer=config,
-                                     output_quantizer=self._output_config(act_spec), name=layer.name)(x)
+                                     output_quantizer=self._output_config(act_spec), name=self._name(layer))(x)
         _copy_weights(layer, inner)
         return out
 
     def _average(self, layer, inputs, act_spec):
         """``(x₁ + … + xₙ) / n`` is ADD then MUL in TFLite: each output gets a quantizer."""
         config = self._quantizer_config(act_spec)
-        total = keras.layers.Add(name=f"{layer.name}_sum")(list(inputs))
-        total = ActivationQuantizer(name=f"{layer.name}_sum_fq", **config)(total)
-        y = keras.layers.Rescaling(1.0 / len(inputs), name=f"{layer.name}_scale")(total)
+        name = self._name(layer)
+        total = keras.layers.Add(name=f"{name}_sum")(list(inputs))
+        total = ActivationQuantizer(name=f"{name}_sum_fq", **config)(total)
+        y = keras.layers.Rescaling(1.0 / len(inputs), name=f"{name}_scale")(total)
         out_config = self._output_config(act_spec)
-        return ActivationQuantizer(name=f"{layer.name}_fq", **out_config)(y) if out_config else y
+        return ActivationQuantizer(name=f"{name}_fq", **out_config)(y) if out_config else y
 
     def _rescaling(self, layer, x, act_spec):
         """``x·scale + offset`` is two TFLite ops (MUL, ADD): each output gets a quantizer."""
         config = self._quantizer_config(act_spec)
-        y = keras.layers.Rescaling(layer.scale, 0.0, name=f"{layer.name}_scale")(x)
+        name = self._name(layer)
+        y = keras.layers.Rescaling(layer.scale, 0.0, name=f"{name}_scale")(x)
         offset = layer.offset
         has_offset = not (isinstance(offset, (int, float)) and float(offset) == 0.0)
         scale_config = config if has_offset else self._output_config(act_spec)
         if scale_config:
-            y = ActivationQuantizer(name=f"{layer.name}_scale_fq", **scale_config)(y)
+            y = ActivationQuantizer(name=f"{name}_scale_fq", **scale_config)(y)
         if has_offset:
-            y = keras.layers.Rescaling(1.0, offset, name=f"{layer.name}_offset")(y)
+            y = keras.layers.Rescaling(1.0, offset, name=f"{name}_offset")(y)
             out_config = self._output_config(act_spec)
-            y = ActivationQuantizer(name=f"{layer.name}_fq", **out_config)(y) if out_config else y
+            y = ActivationQuantizer(name=f"{name}_fq", **out_config)(y) if out_config else y
         return y
 
     def _barrier(self, t):
@@ -328,7 +450,10 @@ class _Rewriter:
     def _copy(self, layer):
         key = id(layer)  # a shared layer stays shared in the copy
         if key not in self.copies:
-            self.copies[key] = _copy_layer(layer)
+            try:
+                self.copies[key] = _copy_layer(layer)
+            except Exception:  # noqa: BLE001 - a config that does not round-trip: see _call_copy
+                self.copies[key] = layer
         return self.copies[key]
 
     @staticmethod
@@ -341,14 +466,21 @@ class _Rewriter:
                                                                if _single_output(layer) else False)
 
     def _weighted(self, layer, x, weights_spec, act_spec, batchnorm=None, activation=None, float_layer=False):
+        key = (id(layer), id(batchnorm), activation)
+        if key in self.wrappers:  # a shared layer: one wrapper, one set of weights and ranges
+            out = self.wrappers[key](x)
+            if activation is None and batchnorm is None:
+                self.produced[id(out)] = _Produced(layer, x, batchnorm, self.wrappers[key].activation)
+            return out
+        name = self._name(layer)
         inner = _copy_layer(layer)
         bn = _copy_layer(batchnorm) if batchnorm is not None else None
         act = activation if activation is not None else activation_name(layer.activation)
-        float_act = None
+        split_act = None
         if act not in INT8_ACTIVATIONS and not float_layer:
-            # The op is int8; the activation after it has no int8 kernel and stays float.
-            self._warn(layer, _float_activation_message(layer.name, act))
-            float_act, act = act, "linear"
+            # The op is int8; tfq has no int8 rule for the activation after it: it becomes its own
+            # op, which the converter calibrates (and keeps float if TFLite has no int8 kernel).
+            split_act, act = act, "linear"
         out_fixed = registry._FIXED_RANGES.get(act) if act not in FUSABLE_ACTIVATIONS else None
         wrapper = QuantizedLayer(
             inner,
@@ -358,24 +490,127 @@ class _Rewriter:
             per_channel=weights_spec.per_channel if weights_spec else True,
             weight_narrow_range=weights_spec.narrow_range if weights_spec else True,
             float_weights=weights_spec is None,
-            output_quantizer=(self._quantizer_config(act_spec) if float_act is not None
+            output_quantizer=(self._quantizer_config(act_spec) if split_act is not None
                               else self._output_config(act_spec, fixed_range=out_fixed)),
             pre_activation_quantizer=self._quantizer_config(act_spec),
-            name=(batchnorm.name if batchnorm is not None and activation is None else layer.name)
-            if activation is None else layer.name,
+            preserve=preserve_mode_for(layer, self.preserve),
+            name=(self._name(batchnorm) if batchnorm is not None and activation is None else name),
             bn_folding=self.bn_folding,
         )
         out = wrapper(x)
         _copy_weights(layer, inner)
         if bn is not None:
             _copy_weights(batchnorm, bn)
-        if float_act is not None:
-            y = keras.layers.Activation(float_act, name=f"{layer.name}_{float_act}")(self._barrier(out))
+        wrapper.init_preservation()
+        if split_act is None:
+            self.wrappers[key] = wrapper
+        if split_act is not None:
+            function = layer.activation if activation is None else split_act
+            y = keras.layers.Activation(function, name=f"{name}_{split_act}")(out)
+            self.opaque.setdefault("Activation", []).append(f"{name}_{split_act}")
             config = self._output_config(act_spec)
-            return ActivationQuantizer(name=f"{layer.name}_{float_act}_fq", **config)(y) if config else y
+            return ActivationQuantizer(name=f"{name}_{split_act}_fq", **config)(y) if config else y
         if act == "linear" or (activation is None and batchnorm is None):
             self.produced[id(out)] = _Produced(layer, x, batchnorm, act)
         return out
+
+
+# Operations that use a variable operand as a weight (symmetric int8 in TFLite, like a kernel).
+_WEIGHT_OPS = ("Matmul", "Einsum", "Dot", "Tensordot")
+_VERIFY_ATOL = 1e-4
+
+
+def _is_float(t) -> bool:
+    return str(getattr(t, "dtype", "")).startswith("float")
+
+
+def _makes_float(args, kwargs, out) -> bool:
+    """Whether an op makes a float tensor from no float tensor (a cast of a mask): a new range."""
+    inputs = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
+    return any(map(_is_float, keras.tree.flatten(out))) and not any(map(_is_float, inputs))
+
+
+def _is_float_variable(v) -> bool:
+    return isinstance(v, keras.Variable) and str(v.dtype).startswith("float")
+
+
+def _tensor_leaves(structure) -> list:
+    """The distinct symbolic tensors in a structure of call arguments, in order."""
+    seen, found = set(), []
+    for leaf in keras.tree.flatten(structure):
+        if isinstance(leaf, keras.KerasTensor) and id(leaf) not in seen:
+            seen.add(id(leaf))
+            found.append(leaf)
+    return found
+
+
+def _probe_value(t, rng):
+    """A small batch of data for a symbolic tensor: normal floats, ones for integers and booleans."""
+    shape = [d if d is not None else 2 for d in t.shape]
+    if str(t.dtype).startswith("float"):
+        return rng.standard_normal(shape).astype(t.dtype)
+    return np.ones(shape, dtype=t.dtype)
+
+
+def _built_copy(layer, args, kwargs):
+    """A copy of a layer with its weights, built by one call; the layer itself if it cannot be copied.
+
+    Tracing a copy keeps the caller's sublayers free of the traced graph's nodes.
+    """
+    try:
+        new = layer.__class__.from_config(layer.get_config())
+        new(*args, **kwargs)
+        new.set_weights(layer.get_weights())
+        return new
+    except Exception:  # noqa: BLE001 - a config that does not round-trip: trace the layer itself
+        return layer
+
+
+def _inline_graph(layer, args, kwargs) -> tuple[keras.Model | None, str]:
+    """The layer's ``call`` traced on fresh symbolic inputs as a functional model, or None and why.
+
+    The model takes the distinct symbolic tensors of ``(args, kwargs)`` as a flat list. It is
+    kept only if it computes what the layer computes on probe data (max abs difference below
+    ``_VERIFY_ATOL`` relative to the output scale): a ``call`` with Python control flow on values,
+    backend-specific ops or state would otherwise be rewritten wrongly.
+    """
+    tensors = _tensor_leaves((args, kwargs))
+    if not tensors or isinstance(layer, keras.Model):
+        return None, "it takes no tensor"
+    fresh = {id(t): keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors}
+    new_args, new_kwargs = keras.tree.map_structure(lambda v: fresh.get(id(v), v), (args, kwargs))
+    decompose = registry.decomposition(layer)
+    rng = np.random.default_rng(0)
+    probe = [_probe_value(t, rng) for t in tensors]
+    by_id = {id(t): p for t, p in zip(tensors, probe)}
+    p_args, p_kwargs = keras.tree.map_structure(lambda v: by_id.get(id(v), v), (args, kwargs))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = keras.tree.flatten(layer(*p_args, **p_kwargs))
+            target = _built_copy(layer, p_args, p_kwargs)
+            out = decompose(target, *new_args, **new_kwargs)
+            if not all(isinstance(t, keras.KerasTensor) for t in keras.tree.flatten(out)):
+                return None, "its call returns something other than tensors"
+            sub = keras.Model([fresh[id(t)] for t in tensors], out, name=f"{layer.name}_inlined")
+            if len(sub.operations) <= len(tensors):  # nothing but the inputs: no graph to rewrite
+                return None, "its call has no op"
+            got = keras.tree.flatten(sub(probe))
+    except Exception as err:  # noqa: BLE001 - any failure to trace means the layer stays whole
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        return None, f"{type(err).__name__}: {first}" if first else type(err).__name__
+    for e, g in zip(expected, got):
+        e, g = keras.ops.convert_to_numpy(e), keras.ops.convert_to_numpy(g)
+        if e.shape != g.shape:
+            return None, f"the traced graph gives shape {g.shape}, the layer {e.shape}"
+        if e.size and np.issubdtype(e.dtype, np.floating):
+            scale = max(float(np.max(np.abs(e))), 1.0)
+            diff = float(np.max(np.abs(e - g))) if np.all(np.isfinite(g)) else float("inf")
+            if diff > _VERIFY_ATOL * scale:
+                return None, f"the traced graph differs from the layer by {diff:.3g}"
+        elif e.size and not np.array_equal(e, g):
+            return None, "the traced graph differs from the layer"
+    return sub, ""
 
 
 def _is_concat(layer) -> bool:
@@ -433,6 +668,8 @@ def rewrite_model(
     decay: float = 0.999,
     quantize_inputs: bool = True,
     warn_unknown: bool = True,
+    trainable: bool = False,
+    preserve: str | None = None,
     bn_folding: str = "unfolded",
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite quantizes (see module docstring).
@@ -444,12 +681,22 @@ def rewrite_model(
             ``"learned"``; ranges start uninitialised).
         decay: moving-average decay.
         quantize_inputs: add quantizers on the model inputs.
-        warn_unknown: warn about layers that stay float because tfq has no rule for them.
-        bn_folding: how a folded BatchNormalization gets its batch statistics in training,
-            ``"one_pass"`` or ``"two_pass"`` (see :class:`~tfq.qat.QuantizedLayer`).
+        warn_unknown: warn (once per layer class) about layers tfq keeps whole because it has no
+            rule for them and cannot decompose them: the TFLite converter calibrates their inner
+            tensors from representative data.
+        trainable: the result will be trained (QAT): refuse layers that cannot be copied, which
+            would otherwise share their weights with ``model``.
+        preserve: ``"sparsity"``/``"clusters"``: weighted layers whose kernel has zeros / at most 256
+            distinct values keep them (:meth:`QuantizedLayer.init_preservation`).
+        bn_folding: how a folded BatchNormalization trains, ``"unfolded"``, ``"one_pass"`` or
+            ``"two_pass"`` (see :class:`~tfq.qat.QuantizedLayer`).
 
     Returns:
         A new ``keras.Model``; the caller's model is untouched.
+
+    Raises:
+        ValueError: with ``trainable``, a layer tfq must keep whole whose config does not
+            round-trip through ``from_config`` (it cannot be copied).
     """
     recipe = load_recipe(recipe if recipe is not None else "int8")
     if bn_folding not in BN_FOLDING:
@@ -461,8 +708,10 @@ def rewrite_model(
     # Each pass can only remove fusions or quantizers, so this settles within a few passes.
     no_fuse: frozenset = frozenset()
     concat_fed: frozenset = frozenset()
+    inline_cache: dict = {}
     for _ in range(_MAX_PASSES):
-        rewriter = _Rewriter(recipe, range_mode, decay, warn_unknown, no_fuse, concat_fed, bn_folding)
+        rewriter = _Rewriter(recipe, range_mode, decay, inline_cache, no_fuse, concat_fed, preserve=preserve,
+                             bn_folding=bn_folding)
         try:
             new = rewriter.rewrite(model, quantize_inputs=quantize_inputs)
         except ValueError:
@@ -479,9 +728,46 @@ def rewrite_model(
     else:
         raise ValueError(f"tfq could not settle the rewrite of model {model.name!r} in {_MAX_PASSES} passes; "
                          f"please report this model's architecture.")
-    for message in rewriter.warnings.values():
-        warnings.warn(message, stacklevel=3)
+    if trainable and rewriter.shared:
+        layer = rewriter.shared[0]
+        raise ValueError(
+            f"layer {layer.name!r} ({type(layer).__name__}) cannot be copied for QAT: its get_config() does not "
+            f"round-trip through from_config(), and training would change your model's weights. Make its "
+            f"get_config() return every constructor argument, or use PTQ (tfq.convert), which does not train it."
+        )
+    if warn_unknown:
+        for class_name, names in sorted(rewriter.opaque.items()):
+            warnings.warn(opaque_message(class_name, names, rewriter.reasons), stacklevel=3)
+    for class_name, names in sorted(rewriter.unrolled.items()):
+        warnings.warn(
+            f"tfq: {class_name} layer(s) {', '.join(repr(n) for n in names)} unrolled over their time steps (TFLite "
+            f"has no int8 kernel for the loop the converter makes of them): one int8 op per step and gate.",
+            stacklevel=3,
+        )
     return new
+
+
+def opaque_message(class_name: str, names: list[str], reasons: dict | None = None) -> str:
+    """The one-line warning for the layers of one class that tfq keeps whole."""
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    reason = (reasons or {}).get(names[0])
+    if class_name in ("LSTM", "GRU", "SimpleRNN", "RNN"):
+        return (
+            f"tfq: {len(names)} recurrent layer(s) of class {class_name} ({shown}) cannot be unrolled ({reason}): "
+            f"the converter makes a while loop of them, which TFLite cannot run as int8. Give the model a fixed "
+            f"number of time steps (keras.Input(shape=(steps, features))), without masking, and not stateful."
+        )
+    if class_name == "Activation":
+        fix = "use an activation tfq quantizes (relu, relu6, sigmoid, tanh, swish, hard_swish, gelu, …)"
+    else:
+        fix = (f"write its call with keras.ops so tfq can trace it, or register how it computes: "
+               f"tfq.qat.register_layer({class_name}, 'composite', decompose=fn)")
+    return (
+        f"tfq: {len(names)} layer(s) of class {class_name} ({shown}) have no tfq quantization rule and could "
+        f"not be decomposed: tfq quantizes their outputs and the TFLite converter calibrates what is inside "
+        f"them from representative_data (MinMax; float only where TFLite has no int8 kernel). To choose those "
+        f"ranges with tfq's calibration (and train them in QAT), {fix}."
+    )
 
 
 def _walk_layers(model):
@@ -489,6 +775,36 @@ def _walk_layers(model):
         yield layer
         if isinstance(layer, keras.Model):
             yield from _walk_layers(layer)
+
+
+_TFQ_LAYERS = (ActivationQuantizer, QuantizedLayer, QuantizedNormalization, QuantizedWeight, FloatBarrier,
+               Statistic)
+
+
+def _walk_operations(model):
+    for op in model.operations:
+        if isinstance(op, keras.Model):
+            yield from _walk_operations(op)
+        elif not isinstance(op, keras.layers.InputLayer):
+            yield op
+
+
+def uncovered_layers(model: keras.Model) -> dict[str, list[str]]:
+    """Layers of a rewritten model whose inner tensors tfq does not quantize, by class.
+
+    They were kept whole (no rule, not decomposable) or are activations without an int8 rule of
+    tfq's: converting such a model needs representative data, from which the TFLite converter
+    calibrates their inner tensors.
+    """
+    found: dict[str, list[str]] = {}
+    for op in _walk_operations(model):
+        if isinstance(op, _TFQ_LAYERS):
+            continue
+        kind = registry.layer_kind(op)
+        if kind in (None, "composite") or (
+                isinstance(op, keras.layers.Activation) and activation_name(op.activation) not in INT8_ACTIVATIONS):
+            found.setdefault(type(op).__name__, []).append(op.name)
+    return found
 
 
 def quantizers_of(model: keras.Model) -> dict[str, ActivationQuantizer]:
@@ -572,6 +888,9 @@ def freeze_model(
                     config[key] = fixed(q)
             config["layer"] = _copy_layer(layer.layer, float32=True)
             config["batchnorm"] = _copy_layer(layer.batchnorm, float32=True) if layer.batchnorm is not None else None
+            if layer.exports_float_weights and not strip:
+                config["converter_quantizes_weights"] = True  # per channel, on the grid computed here
+            config["preserve"] = None  # the copy gets the preserved kernel itself (layer_weights)
             new = QuantizedLayer.from_config(_float32_config(layer, config))
         elif isinstance(layer, QuantizedNormalization):
             config = layer.get_config()
@@ -582,7 +901,10 @@ def freeze_model(
             config["layer"] = _copy_layer(layer.layer, float32=True)
             new = QuantizedNormalization.from_config(_float32_config(layer, config))
         else:
-            new = _copy_layer(layer, float32=True)
+            try:
+                new = _copy_layer(layer, float32=True)
+            except Exception:  # noqa: BLE001 - a config that does not round-trip: export uses the layer itself
+                new = layer
         sources[id(new)] = layer
         return new
 
@@ -599,7 +921,7 @@ def freeze_model(
             return out
         out = layer(*args, **kwargs)
         if isinstance(layer, QuantizedLayer):
-            _copy_weights(source.layer, layer.layer)
+            layer.layer.set_weights(source.layer_weights())
             if source.batchnorm is not None:
                 _copy_weights(source.batchnorm, layer.batchnorm)
         elif isinstance(layer, QuantizedNormalization):
@@ -617,7 +939,7 @@ def _float_call(wrapper: QuantizedLayer, x):
     config["activation"] = "linear"
     inner = wrapper.layer.__class__.from_config(config)
     y = inner(x)
-    _copy_weights(wrapper.layer, inner)
+    inner.set_weights(wrapper.layer_weights())
     if wrapper.batchnorm is not None:
         bn = _copy_layer(wrapper.batchnorm, float32=True)
         y = bn(y)
