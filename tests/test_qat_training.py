@@ -100,8 +100,12 @@ def test_per_tensor_layers_use_one_pass_in_unfolded_mode():
 
 
 def _op_types(layer, x) -> list[str]:
+    """Op types of a training call's graph, with those of its cond branches (function library)."""
     graph = tf.function(lambda v: layer(v, training=True)).get_concrete_function(x).graph
-    return [op.type for op in graph.get_operations()]
+    types = [op.type for op in graph.get_operations()]
+    for function in graph.as_graph_def().library.function:
+        types += [node.op for node in function.node_def]
+    return types
 
 
 def test_frozen_layers_are_traced_without_batch_statistics_and_fit_retraces_once(trained_cnn, digits):
@@ -110,10 +114,14 @@ def test_frozen_layers_are_traced_without_batch_statistics_and_fit_retraces_once
     bn, _ = _batchnorms(channels, ref_layer(x).shape, rng)
     q = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None)
     live = _op_types(q, x)
-    assert live.count("Mean") == 2 and "AssignVariableOp" in live  # moments, moving statistics
+    # one conv; a cond on the frozen flag between two fused BN kernels (batch statistics, or the
+    # moving ones); the moving statistics are updated
+    assert live.count("FusedBatchNormV3") == 2 and live.count("Conv2D") == 1 and "AssignVariableOp" in live
+    assert {"If", "StatelessIf"} & set(live) and "Mean" not in live
     q.bn_frozen = True
     frozen = _op_types(q, x)
-    assert "Mean" not in frozen and "AssignVariableOp" not in frozen and frozen.count("Conv2D") == 1
+    assert frozen.count("Conv2D") == 1 and "AssignVariableOp" not in frozen
+    assert not {"If", "StatelessIf", "FusedBatchNormV3", "Mean"} & set(frozen)
 
     model, _ = trained_cnn
     (x_train, y_train), _ = digits
@@ -141,6 +149,69 @@ def test_bn_folding_is_validated_and_saved(trained_cnn, digits):
     (x_train, _), _ = digits
     frozen = tfq.qat.freeze_model(tfq.qat.quantize_model(model, calibration_data=x_train[:64], bn_folding="one_pass"))
     assert frozen.get_layer("conv1").bn_folding == "one_pass"
+
+
+# --- cheaper gradients --------------------------------------------------------------------------------
+def test_identity_gradient_fake_quant_is_the_same_op_with_the_gradient_passed_through():
+    x = tf.constant(np.random.default_rng(6).uniform(-1.0, 1.0, (4, 3)).astype("float32"))
+    m = tf.reduce_max(tf.abs(x), axis=0)  # the weights' own per-channel range: the STE mask is all ones
+    upstream = tf.constant(np.arange(12, dtype="float32").reshape(4, 3))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, m])
+        plain = tfq.ops.fake_quant(x, -m, m, narrow_range=True, per_channel=True)
+        fast = tfq.ops.fake_quant(x, -m, m, narrow_range=True, per_channel=True, identity_gradient=True)
+        loss = tf.reduce_sum(fast * upstream)
+    np.testing.assert_array_equal(fast.numpy(), plain.numpy())
+    np.testing.assert_array_equal(tape.gradient(loss, x).numpy(), upstream.numpy())
+    assert tape.gradient(loss, m) is None  # the range gets no gradient
+    # A layer's training step has no fake-quant gradient op for its (narrow-range) weights.
+    layer = QuantizedLayer(L.Conv2D(4, 3), output_quantizer=None)
+    images = tf.zeros((2, 5, 5, 3))
+    layer(images)
+
+    @tf.function
+    def step(v):
+        with tf.GradientTape() as t:
+            out = tf.reduce_sum(layer(v, training=True))
+        return t.gradient(out, layer.layer.kernel)
+
+    types = [op.type for op in step.get_concrete_function(images).graph.get_operations()]
+    assert "FakeQuantWithMinMaxVarsPerChannel" in types
+    assert "FakeQuantWithMinMaxVarsPerChannelGradient" not in types
+
+
+@pytest.mark.parametrize("cap", [None, 6.0])
+def test_relu_fake_quant_equals_relu_then_the_quantizer(cap):
+    """One gradient op for ReLU/ReLU6 → moving-average fake-quant: same values, ranges and gradients."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(1.0, 3.0, (64, 9)).astype("float32")
+    hi = 4.0
+    x[np.abs(x - hi) < 0.05] = 0.5  # away from the range's nudged end, where the two masks may differ
+    act = (lambda v: tf.nn.relu(v)) if cap is None else (lambda v: tf.nn.relu6(v))
+    fast, reference = (tfq.qat.ActivationQuantizer(mode="moving_average", decay=0.9) for _ in range(2))
+    for q in (fast, reference):
+        q.build(None)
+        q.set_range(0.0, hi)
+    assert fast.takes_relu(True) and not fast.takes_relu(False)
+    upstream = tf.constant(rng.normal(size=x.shape).astype("float32"))
+    v = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(v)
+        ours = fast.relu_fake_quant(v, cap)
+        theirs = reference(act(v), training=True)
+        loss_ours, loss_theirs = tf.reduce_sum(ours * upstream), tf.reduce_sum(theirs * upstream)
+    np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    assert fast.current_range() == reference.current_range()
+    # by hand: max 0.9·4 + 0.1·min(max(x), cap); the minimum of a ReLU output is 0
+    expected_max = 0.9 * hi + 0.1 * min(float(x.max()), cap or np.inf)
+    assert float(fast.range_max.numpy()) == pytest.approx(expected_max, rel=1e-6) and float(fast.range_min.numpy()) == 0
+    grad = tape.gradient(loss_ours, v).numpy()
+    np.testing.assert_array_equal(grad, tape.gradient(loss_theirs, v).numpy())
+    top = min(float(fast.range_max.numpy()), cap or np.inf)
+    np.testing.assert_array_equal(grad != 0, (x > 0) & (x < top))  # the gradient passes where 0 < x < top
+    # Symmetric quantizers (int16 activations) and learned ranges keep the generic path.
+    assert not tfq.qat.ActivationQuantizer(mode="moving_average", symmetric=True).takes_relu(True)
+    assert not tfq.qat.ActivationQuantizer(mode="learned").takes_relu(True)
 
 
 # --- mixed precision ------------------------------------------------------------------------------------

@@ -369,6 +369,180 @@ def _tfmot_worker(spec: dict) -> dict:
             "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
 
 
+# --------------------------------------------------------------------------- QAT cost (issue 16)
+# MobileNetV2 (keras.applications, weights=None) on the digits, grayscale, resized: the
+# architecture tfmot's published QAT numbers use, at sizes a 2-core machine trains in minutes.
+QAT_COST_MODELS = {
+    "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
+    "mobilenet_v2_a0.35_32px": dict(builder="mobilenet_v2", alpha=0.35, image_size=32, epochs=15),
+    "mobilenet_v2_a1.0_32px": dict(builder="mobilenet_v2", alpha=1.0, image_size=32, epochs=15),
+    "mobilenet_v2_a0.35_96px": dict(builder="mobilenet_v2", alpha=0.35, image_size=96, epochs=8),
+    "mobilenet_v2_a1.0_96px": dict(builder="mobilenet_v2", alpha=1.0, image_size=96, epochs=8),
+}
+
+
+def _qat_cost_model(spec: dict, input_shape, keras_module):
+    from tfq import examples
+
+    if spec["builder"] == "mobilenet_v2":
+        model = keras_module.applications.MobileNetV2(input_shape=tuple(input_shape), alpha=spec["alpha"],
+                                                      weights=None, classes=10)
+        for layer in model.layers:  # momentum 0.999 needs thousands of steps; an epoch here has 45
+            if isinstance(layer, keras_module.layers.BatchNormalization):
+                layer.momentum = 0.9
+        return model
+    return getattr(examples, spec["builder"])(input_shape=tuple(input_shape), keras_module=keras_module)
+
+
+def _save_weights_by_layer(model, path) -> None:
+    arrays = {f"{layer.name}/{i}": w for layer in model.layers for i, w in enumerate(layer.get_weights())}
+    np.savez(path, **arrays)
+
+
+def _load_weights_by_layer(model, path) -> None:
+    """Sets every layer's weights from :func:`_save_weights_by_layer` (Keras 3 ↔ tf_keras, same names)."""
+    saved = np.load(path)
+    for layer in model.layers:
+        weights = [saved[f"{layer.name}/{i}"] for i in range(len(layer.get_weights()))]
+        if weights:
+            layer.set_weights(weights)
+
+
+def _interleaved_epochs(float_model, qat_model, x, y, rounds: int, batch_size: int = 32, on_epoch=None) -> dict:
+    """Epoch times of float and QAT training, alternated in one process after a warm-up epoch each.
+
+    Round ``r`` times one float epoch and one QAT epoch back to back (in alternating order), so
+    both see the same machine load. ``step_time_ratio`` is the ratio of the fastest QAT epoch to
+    the fastest float epoch (best of ``rounds``, the least disturbed by other processes);
+    ``round_ratios`` are the per-round ratios (their spread shows the noise); ``cpu_time_ratio``
+    is the same best-of ratio on process CPU time. ``qat_model`` trains ``1 + rounds`` epochs.
+    """
+    def epoch(model):
+        start, cpu = time.perf_counter(), time.process_time()
+        model.fit(x, y, epochs=1, batch_size=batch_size, verbose=0, shuffle=True)
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    epoch(float_model)
+    epoch(qat_model)
+    if on_epoch is not None:
+        on_epoch(0)
+    float_s, qat_s = [], []
+    for r in range(rounds):
+        if r % 2:
+            qat_s.append(epoch(qat_model))
+            float_s.append(epoch(float_model))
+        else:
+            float_s.append(epoch(float_model))
+            qat_s.append(epoch(qat_model))
+        if on_epoch is not None:
+            on_epoch(r + 1)
+    wall_f, cpu_f = [f[0] for f in float_s], [f[1] for f in float_s]
+    wall_q, cpu_q = [q[0] for q in qat_s], [q[1] for q in qat_s]
+    ratios = [q / f for q, f in zip(wall_q, wall_f)]
+    return {"step_time_ratio": min(wall_q) / min(wall_f), "cpu_time_ratio": min(cpu_q) / min(cpu_f),
+            "median_round_ratio": float(np.median(ratios)), "round_ratios": [round(r, 3) for r in ratios],
+            "float_epoch_s": min(wall_f), "qat_epoch_s": min(wall_q), "rounds": rounds, "qat_epochs": rounds + 1}
+
+
+def _qat_cost_data(spec: dict):
+    """The digits at the spec's size; three channels (grey repeated) for MobileNetV2."""
+    import tfq
+
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(image_size=spec["image_size"], seed=0)
+    if spec["builder"] == "mobilenet_v2":
+        x_train, x_test = np.repeat(x_train, 3, axis=-1), np.repeat(x_test, 3, axis=-1)
+    return (x_train, y_train), (x_test, y_test)
+
+
+def _tfq_qat_cost(spec: dict, weights_path, rounds: int, learning_rate: float = 2e-4, jit_compile=False,
+                  freeze_bn_round: int | None = None, **quantize_options) -> dict:
+    """tfq QAT from the saved float weights: interleaved step-time ratio, then INT8 accuracy through LiteRT."""
+    import keras
+
+    import tfq
+    import tfq.callbacks
+
+    (x_train, y_train), (x_test, y_test) = _qat_cost_data(spec)
+    keras.utils.set_random_seed(0)
+    model = _qat_cost_model(spec, x_train.shape[1:], keras)
+    _load_weights_by_layer(model, weights_path)
+    float_model = keras.models.clone_model(model)
+    float_model.set_weights(model.get_weights())
+    float_model.compile(keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy",
+                        jit_compile=jit_compile)
+    qat = tfq.qat.quantize_model(model, calibration_data=x_train[:512], warn_unknown=False, **quantize_options)
+    qat.compile(keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy", jit_compile=jit_compile)
+
+    def on_epoch(r):
+        if freeze_bn_round is not None and r + 1 == freeze_bn_round:
+            for layer in tfq.qat.batchnorm_layers_of(qat):
+                layer.bn_frozen = True
+            qat.make_train_function(force=True)
+
+    keras.utils.set_random_seed(0)
+    timing = _interleaved_epochs(float_model, qat, x_train, y_train, rounds, on_epoch=on_epoch)
+    content = tfq.convert(qat, "int8")
+    return {"name": "tfq_qat", **quantize_options, "jit_compile": jit_compile, "freeze_bn_round": freeze_bn_round,
+            **timing, "accuracy": _tflite_accuracy(content, x_test, y_test),
+            "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
+
+
+def _tfmot_qat_cost(spec: dict, weights_path, rounds: int, learning_rate: float = 2e-4) -> dict:
+    """tfmot's default QAT (tf_keras; run with TF_USE_LEGACY_KERAS=1 in a subprocess), same protocol."""
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    import tfq
+
+    (x_train, y_train), (x_test, y_test) = _qat_cost_data(spec)
+    tf_keras.utils.set_random_seed(0)
+    model = _qat_cost_model(spec, x_train.shape[1:], tf_keras)
+    _load_weights_by_layer(model, weights_path)
+    float_model = tf_keras.models.clone_model(model)
+    float_model.set_weights(model.get_weights())
+    float_model.compile(tf_keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy")
+    qat = tfmot.quantization.keras.quantize_model(model)
+    qat.compile(tf_keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy")
+    tf_keras.utils.set_random_seed(0)
+    timing = _interleaved_epochs(float_model, qat, x_train, y_train, rounds)
+    converter = tf.lite.TFLiteConverter.from_keras_model(qat)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    content = converter.convert()
+    return {"name": "tfmot_qat", **timing, "accuracy": _tflite_accuracy(content, x_test, y_test),
+            "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
+
+
+def _in_subprocess(function: str, *args, legacy_keras: bool = False, **kwargs) -> dict:
+    """``tfq.benchmark.<function>(*args, **kwargs)`` in a fresh Python (JSON in, JSON out)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if legacy_keras:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    payload = json.dumps([list(args), kwargs])
+    code = (f"import json, tfq.benchmark as b; a, k = json.loads({payload!r}); "
+            f"print('TFQ_JSON' + json.dumps(b.{function}(*a, **k)))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=7200)
+    for line in proc.stdout.splitlines():
+        if line.startswith("TFQ_JSON"):
+            return json.loads(line[len("TFQ_JSON"):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"name": function, "error": " | ".join(tail)}
+
+
+def _train_float_for_qat_cost(spec: dict, weights_path, epochs: int) -> dict:
+    import keras
+
+    from tfq import examples
+
+    (x_train, y_train), (x_test, y_test) = _qat_cost_data(spec)
+    keras.utils.set_random_seed(0)
+    model = _qat_cost_model(spec, x_train.shape[1:], keras)
+    examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    _save_weights_by_layer(model, weights_path)
+    return {"float_accuracy": _accuracy(model.predict(x_test, verbose=0), y_test), "float_epochs": epochs,
+            "params": int(model.count_params())}
+
+
 def _compression_row(name, content, float_acc, dense_gzip, x_test, y_test, sample, threads, seconds, **extra) -> dict:
     from tfq.inspect import inspect_tflite
 

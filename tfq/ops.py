@@ -296,13 +296,20 @@ def fake_quant_numpy(x, min_val, max_val, bits: int = 8, narrow_range: bool = Fa
     return np.where(both_zero, np.float32(0.0), y).astype(np.float32)
 
 
-def fake_quant(x, min_val, max_val, bits: int = 8, narrow_range: bool = False, per_channel: bool = False):
+def fake_quant(x, min_val, max_val, bits: int = 8, narrow_range: bool = False, per_channel: bool = False,
+               identity_gradient: bool = False):
     """TensorFlow fake-quant op with a straight-through gradient.
 
     Built on ``tf.quantization.fake_quant_with_min_max_vars`` (or its ``_per_channel`` form, over
     the last axis), which the TFLite converter turns into the tensor's quantization parameters.
     Gradients pass straight through inside the nudged range and are zero outside; ``min_val`` and
     ``max_val`` receive the gradient of the clipped values, so ranges can be learned.
+
+    With ``identity_gradient`` the gradient passes to ``x`` unchanged and ``min``/``max`` get none:
+    for a tensor that lies inside its range by construction (weights on their own ``max|w|``
+    range), where the straight-through mask is all ones, this skips the gradient op (which also
+    reduces the whole tensor for the range's gradients). Use it in training graphs only: the
+    forward op is the same, wrapped for the custom gradient.
 
     Args:
         x: float tensor.
@@ -311,6 +318,7 @@ def fake_quant(x, min_val, max_val, bits: int = 8, narrow_range: bool = False, p
         bits: 2..16.
         narrow_range: grid ``[1, 2^b - 1]``.
         per_channel: ranges are per last-axis channel.
+        identity_gradient: ``d fake_quant(x) / dx = 1`` (see above).
 
     Returns:
         A float tensor of the shape of ``x``.
@@ -318,8 +326,21 @@ def fake_quant(x, min_val, max_val, bits: int = 8, narrow_range: bool = False, p
     import tensorflow as tf
 
     _check_bits(bits)
-    if per_channel:
-        return tf.quantization.fake_quant_with_min_max_vars_per_channel(
-            x, min_val, max_val, num_bits=bits, narrow_range=narrow_range
-        )
-    return tf.quantization.fake_quant_with_min_max_vars(x, min_val, max_val, num_bits=bits, narrow_range=narrow_range)
+
+    def forward(v):
+        if per_channel:
+            return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                v, min_val, max_val, num_bits=bits, narrow_range=narrow_range
+            )
+        return tf.quantization.fake_quant_with_min_max_vars(v, min_val, max_val, num_bits=bits,
+                                                            narrow_range=narrow_range)
+
+    if not identity_gradient:
+        return forward(x)
+
+    @tf.custom_gradient
+    def straight_through(v):
+        return forward(v), lambda dy: dy
+
+    min_val, max_val = tf.stop_gradient(min_val), tf.stop_gradient(max_val)
+    return straight_through(x)

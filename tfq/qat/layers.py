@@ -40,8 +40,6 @@ MAX_CLUSTERS = 256  # shared values a cluster-preserving kernel may hold
 # How a folded BatchNormalization gets its batch statistics in training (see QuantizedLayer).
 BN_FOLDING = ("unfolded", "one_pass", "two_pass")
 _TINY = 1e-30
-import os as _os
-_EXPERIMENT = {k: True for k in _os.environ.get("TFQ_EXP", "").split(",") if k}
 
 # While calibrating (see :func:`observing`), quantizers feed observers and pass data through
 # unchanged, and weights stay float: statistics are those of the float model, as in TFLite.
@@ -312,27 +310,55 @@ class ActivationQuantizer(keras.layers.Layer):
             lo, hi = ops.prepare_range(*self.fixed_range, symmetric=self.symmetric,
                                        narrow_range=self.narrow_range, bits=self.bits)
             return ops.fake_quant(x, float(lo), float(hi), self.bits, self.narrow_range)
-        if training and _EXPERIMENT.get("noafq"):
-            return x
         if training and self.mode == "moving_average":
             # The update initialises the range on the first batch, so no pass-through select.
-            lo, hi = self._usable_range(*self._update_moving_average(x))
+            x_ = tf.stop_gradient(x)
+            lo, hi = self._usable_range(*self._update_moving_average(tf.reduce_min(x_), tf.reduce_max(x_)))
             return ops.fake_quant(x, lo, hi, self.bits, self.narrow_range)
         lo, hi = self._usable_range(tf.convert_to_tensor(self.range_min), tf.convert_to_tensor(self.range_max))
         quantized = ops.fake_quant(x, lo, hi, self.bits, self.narrow_range)
         return tf.where(self.initialized > 0.5, quantized, x)
 
-    def _update_moving_average(self, x):
-        """Updates the range from the batch and returns it (min, max), not differentiated."""
-        batch_min = tf.reduce_min(tf.stop_gradient(x))
-        batch_max = tf.reduce_max(tf.stop_gradient(x))
+    def takes_relu(self, training) -> bool:
+        """Whether :meth:`relu_fake_quant` can stand for ``self(relu(x), training)`` (see there)."""
+        return bool(training) and self.mode == "moving_average" and not self.symmetric and _OBSERVERS is None
+
+    def relu_fake_quant(self, x, cap: float | None = None):
+        """``self(min(max(x, 0), cap), training=True)`` with one gradient op for the pair.
+
+        For a ReLU (``cap`` None) or ReLU6 (``cap`` 6) fused before this (asymmetric,
+        moving-average) quantizer. The ReLU's output minimum is taken as 0 (its range's lower
+        end is 0 whatever it is) and its maximum is ``clip(max(x), 0, cap)``, so ``x`` is reduced
+        once; the gradient of ReLU then straight-through fake-quant, which passes where
+        ``0 < x < min(hi, cap)`` (up to the nudging of ``hi``), is one ``Relu6Grad`` on ``x``
+        rescaled, instead of the fake-quant gradient op (which also reduces the tensor for the
+        range's gradients, unused here) and the ReLU's.
+        """
+        batch_max = tf.maximum(tf.reduce_max(tf.stop_gradient(x)), 0.0)
+        if cap is not None:
+            batch_max = tf.minimum(batch_max, cap)
+        lo, hi = self._usable_range(*self._update_moving_average(tf.zeros([]), batch_max))
+        lo, hi = tf.stop_gradient(lo), tf.stop_gradient(hi)
+        top = hi if cap is None else tf.minimum(hi, cap)
+        bits, narrow = self.bits, self.narrow_range
+
+        @tf.custom_gradient
+        def relu_then_fake_quant(v):
+            y = ops.fake_quant(tf.nn.relu(v) if cap is None else tf.minimum(tf.nn.relu(v), cap), lo, hi, bits, narrow)
+            return y, lambda dy: tf.raw_ops.Relu6Grad(gradients=dy, features=v * (6.0 / top))
+
+        return relu_then_fake_quant(x)
+
+    def _update_moving_average(self, batch_min, batch_max):
+        """Updates the range from the batch's min/max and returns it (min, max), not differentiated."""
         # Under tf.distribute every replica sees its own slice of the batch: use the global
         # min/max so that all replicas keep the same range.
         if _replica_context() is not None:
             batch_min = -_replica_max(-batch_min)
             batch_max = _replica_max(batch_max)
         # weight of the old range: 0 on the first batch (even if frozen), 1 once frozen, else decay
-        old_weight = tf.where(self.initialized < 0.5, 0.0, tf.where(self.frozen > 0.5, 1.0, self.decay))
+        # (the flags are 0.0 or 1.0)
+        old_weight = self.initialized * tf.maximum(self.frozen, self.decay)
         new_min = old_weight * self.range_min + (1.0 - old_weight) * batch_min
         new_max = old_weight * self.range_max + (1.0 - old_weight) * batch_max
         self.range_min.assign(new_min)
@@ -714,18 +740,23 @@ class QuantizedLayer(keras.layers.Layer):
         return [preserved if v is main else keras.ops.convert_to_numpy(v) for v in self.layer.weights]
 
     # -- weights ---------------------------------------------------------------------------------
-    def _quantize_kernel(self, kernel, axis):
-        """Symmetric fake-quant of ``kernel``, per channel along ``axis``."""
-        if self.float_weights or _OBSERVERS is not None or _EXPERIMENT.get("nowfq"):
+    def _quantize_kernel(self, kernel, axis, training=False):
+        """Symmetric fake-quant of ``kernel``, per channel along ``axis``.
+
+        The range ``[-max|W|, max|W|]`` follows the weights but is not differentiated. With a
+        narrow grid no weight lies outside it, so in training the gradient passes to the kernel
+        unchanged (:func:`tfq.ops.fake_quant` with ``identity_gradient``: no gradient op).
+        """
+        if self.float_weights or _OBSERVERS is not None:
             return kernel
         bits, narrow = self.weight_bits, self.weight_narrow_range
         qmin, qmax = ops.qrange(bits, signed=True, narrow_range=narrow)
         ratio = qmax / -qmin
-        # The range follows the weights but is not differentiated: straight-through, as the
-        # gradient of max|W| would only add ops on the kernel (no weight lies outside it).
+        identity = bool(training) and ratio == 1.0
         if not self.per_channel:
             m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(kernel)), ops.MIN_RANGE))
-            return ops.fake_quant(kernel, -m, m * ratio, bits, narrow)
+            return ops.fake_quant(kernel, -m, m if ratio == 1.0 else m * ratio, bits, narrow,
+                                  identity_gradient=identity)
         rank = len(kernel.shape)
         axis = axis % rank
         perm = None
@@ -733,18 +764,19 @@ class QuantizedLayer(keras.layers.Layer):
             perm = [i for i in range(rank) if i != axis] + [axis]
             kernel = tf.transpose(kernel, perm)
         m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(kernel), axis=list(range(rank - 1))), ops.MIN_RANGE))
-        q = ops.fake_quant(kernel, -m, m * ratio, bits, narrow, per_channel=True)
+        q = ops.fake_quant(kernel, -m, m if ratio == 1.0 else m * ratio, bits, narrow, per_channel=True,
+                           identity_gradient=identity)
         if perm is not None:
             q = tf.transpose(q, np.argsort(perm))
         return q
 
-    def _fq_depthwise(self, kernel):
+    def _fq_depthwise(self, kernel, training=False):
         """Depthwise kernels ``(..., in, multiplier)`` are per channel over ``in × multiplier``."""
         if self.float_weights or _OBSERVERS is not None:
             return kernel
         k = kernel.shape
         flat = tf.reshape(kernel, list(k[:-2]) + [k[-2] * k[-1]])
-        return tf.reshape(self._quantize_kernel(flat, -1), k)
+        return tf.reshape(self._quantize_kernel(flat, -1, training), k)
 
     # -- the op ---------------------------------------------------------------------------------
     def _conv_args(self):
@@ -832,14 +864,14 @@ class QuantizedLayer(keras.layers.Layer):
         shape[axis % rank] = -1
         return kernel * tf.reshape(factor, shape)
 
-    def _quantize_any(self, kernel, axis):
+    def _quantize_any(self, kernel, axis, training=False):
         if self.converter_quantizes_weights:
             return kernel  # exported float; the converter puts it on the grid this wrapper computes
         if isinstance(self.layer, keras.layers.DepthwiseConv2D):
-            return self._fq_depthwise(kernel)
+            return self._fq_depthwise(kernel, training)
         if isinstance(self.layer, keras.layers.EinsumDense) and self.per_channel:
-            return self._fq_einsum(kernel)
-        return self._quantize_kernel(kernel, axis)
+            return self._fq_einsum(kernel, training)
+        return self._quantize_kernel(kernel, axis, training)
 
     def _contracted_axes(self) -> int | None:
         """Input axes a Dense/EinsumDense contracts when it is a matmul on 2-D views (see
@@ -869,7 +901,7 @@ class QuantizedLayer(keras.layers.Layer):
             y = y + tf.reshape(tf.broadcast_to(bias, kernel.shape[k:]), [cols])
         return tf.reshape(y, [-1, *x.shape[1:len(x.shape) - k], *kernel.shape[k:]])
 
-    def _fq_einsum(self, kernel):
+    def _fq_einsum(self, kernel, training=False):
         """Per output channel: one scale per combination of the kernel axes the output keeps (the
         rows of the FULLY_CONNECTED weight the converter makes of the einsum)."""
         if self.float_weights or _OBSERVERS is not None:
@@ -878,13 +910,13 @@ class QuantizedLayer(keras.layers.Layer):
         kernel_axes = inputs.split(",")[1]
         kept = [i for i, c in enumerate(kernel_axes) if c in output]
         if not kept:
-            return self._quantize_kernel(kernel, -1)
+            return self._quantize_kernel(kernel, -1, training)
         contracted = [i for i in range(len(kernel_axes)) if i not in kept]
         perm = contracted + kept
         shape = kernel.shape
         moved = tf.transpose(kernel, perm)
         flat = tf.reshape(moved, [-1, int(np.prod([shape[i] for i in kept]))])
-        q = tf.reshape(self._quantize_kernel(flat, -1), [shape[i] for i in perm])
+        q = tf.reshape(self._quantize_kernel(flat, -1, training), [shape[i] for i in perm])
         return tf.transpose(q, np.argsort(perm))
 
     def _spatial_axis(self) -> int:
@@ -906,9 +938,9 @@ class QuantizedLayer(keras.layers.Layer):
         kernel, axis = self._kernel_and_scale_axis()
         bias = getattr(layer, "bias", None) if getattr(layer, "use_bias", True) else None
         if self.batchnorm is None and self._einsum_is_matmul(x):
-            y = self._einsum_matmul(x, self._quantize_any(kernel, axis), bias)
+            y = self._einsum_matmul(x, self._quantize_any(kernel, axis, training), bias)
         elif self.batchnorm is None:
-            y = self._linear(x, self._quantize_any(kernel, axis))
+            y = self._linear(x, self._quantize_any(kernel, axis, training))
             if bias is not None:
                 y = y + self._channel_vector(bias, len(y.shape))
         else:
@@ -919,6 +951,9 @@ class QuantizedLayer(keras.layers.Layer):
             record["pre_activation"].append(y)
         if self.pre_activation_quantizer is not None:
             y = self.pre_activation_quantizer(y, training=training)
+        if self.activation in ("relu", "relu6") and self.output_quantizer is not None \
+                and self.output_quantizer.takes_relu(training):
+            return self.output_quantizer.relu_fake_quant(y, 6.0 if self.activation == "relu6" else None)
         y = self._activation_fn(y)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y, training=training)
@@ -935,7 +970,7 @@ class QuantizedLayer(keras.layers.Layer):
                         padding="valid" if layer.padding == "causal" else layer.padding,
                         data_format=layer.data_format)
         dtype = _compute_dtype(layer)
-        y = keras.ops.depthwise_conv(tf.cast(x, dtype), tf.cast(self._fq_depthwise(dk), dtype), **args)
+        y = keras.ops.depthwise_conv(tf.cast(x, dtype), tf.cast(self._fq_depthwise(dk, training), dtype), **args)
         y = tf.cast(y, tf.float32)
         if self.intermediate_quantizer is not None:
             y = self.intermediate_quantizer(y, training=training)
@@ -949,29 +984,32 @@ class QuantizedLayer(keras.layers.Layer):
         moving_var = tf.convert_to_tensor(bn.moving_variance)
         b = bias if bias is not None else tf.zeros_like(moving_mean)
         factor = gamma * tf.math.rsqrt(moving_var + bn.epsilon)  # γ / σ
-        if not training or self._bn_frozen_initial:
-            # As exported (and once frozen): W·γ/σ folded into the weights, one op, no statistics.
-            # A frozen layer is traced without the batch-statistics ops; the flag variable
-            # still rules inside a step traced before the freeze (see the branches below).
-            y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis))
+
+        def folded():
+            # As exported: W·γ/σ folded into the weights, one op, no statistics.
+            y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis, training))
             return y + self._channel_vector(beta + (b - moving_mean) * factor, len(y.shape))
+
+        if not training or self._bn_frozen_initial:
+            # A layer frozen before tracing is traced without the batch-statistics ops; the flag
+            # variable still rules inside a step traced before the freeze (the conds below).
+            return folded()
         mode = self.bn_folding
         if mode == "unfolded" and not (self.per_channel or self.float_weights):
             mode = "one_pass"  # per-tensor weights: fq(W)·γ/σ is not on the grid of fq(W·γ/σ)
         frozen = self.bn_frozen_flag > 0.5
         if mode == "unfolded":
             # BN after the op on fq(W), as Keras trains it: per output channel fq(W)·γ/σ equals
-            # fq(W·γ/σ) (the channel's scale absorbs the factor), so this is the folded layer.
-            y = self._linear(x, self._quantize_any(kernel, axis))
-            rank = len(y.shape)
+            # fq(W·γ/σ) (the channel's scale absorbs the factor), so this is the folded layer with
+            # batch statistics, and with the moving ones (frozen) the folded layer as exported.
+            y = self._linear(x, self._quantize_any(kernel, axis, training))
             if bias is not None:
-                y = y + self._channel_vector(bias, rank)
-            mean, var = tf.nn.moments(y, axes=self._reduce_axes(rank))
+                y = y + self._channel_vector(bias, len(y.shape))
+            y, mean, var = tf.cond(frozen, lambda: self._batch_normalize(y, gamma, beta, moving_mean, moving_var),
+                                   lambda: self._batch_normalize(y, gamma, beta))
             self._update_moving_statistics(frozen, mean, var, moving_mean, moving_var)
-            mean, var = tf.where(frozen, moving_mean, mean), tf.where(frozen, moving_var, var)
-            scale = gamma * tf.math.rsqrt(var + bn.epsilon)
-            return y * self._channel_vector(scale, rank) + self._channel_vector(beta - mean * scale, rank)
-        y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis))
+            return y
+        y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis, training))
         rank = len(y.shape)
         if mode == "one_pass":
             # y = (x ⊛ W)·γ/σ up to weight rounding: its moments are the batch's, scaled by γ/σ.
@@ -991,6 +1029,34 @@ class QuantizedLayer(keras.layers.Layer):
         inv_sigma_b = tf.math.rsqrt(var + bn.epsilon)
         y = y * self._channel_vector(inv_sigma_b / tf.math.rsqrt(moving_var + bn.epsilon), rank)  # σ / σ_B
         return y + self._channel_vector(beta + (b - mean) * gamma * inv_sigma_b, rank)
+
+    def _batch_normalize(self, y, gamma, beta, mean=None, var=None):
+        """``γ·(y − μ)/sqrt(σ² + ε) + β``; returns ``(out, μ, σ²)``.
+
+        With ``mean``/``var`` None, ``μ``/``σ²`` are the batch moments of ``y`` (the biased variance,
+        as Keras keeps). Channels-last outputs of rank 2 to 4 take one fused kernel
+        (``FusedBatchNormV3``, forward and gradient), as tf_keras trains BN; its batch variance
+        is unbiased and is rescaled. Other layouts use ``tf.nn.moments``.
+        """
+        bn = self.batchnorm
+        rank = len(y.shape)
+        channels = y.shape[-1]
+        training = mean is None
+        if self._channels_last() and 2 <= rank <= 4 and channels is not None:
+            y4 = y if rank == 4 else tf.reshape(y, [-1, 1, 1 if rank == 2 else tf.shape(y)[1], channels])
+            out, batch_mean, batch_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=y4, scale=gamma, offset=beta, mean=tf.zeros([0]) if training else mean,
+                variance=tf.zeros([0]) if training else var, epsilon=bn.epsilon, exponential_avg_factor=1.0,
+                data_format="NHWC", is_training=training)
+            out = out if rank == 4 else tf.reshape(out, tf.shape(y))
+            if not training:
+                return out, mean, var
+            count = tf.cast(tf.size(y4) // channels, tf.float32)
+            return out, batch_mean, batch_var * ((count - 1.0) / tf.maximum(count, 1.0))  # unbiased → biased
+        if training:
+            mean, var = tf.nn.moments(y, axes=self._reduce_axes(rank))
+        scale = gamma * tf.math.rsqrt(var + bn.epsilon)
+        return y * self._channel_vector(scale, rank) + self._channel_vector(beta - mean * scale, rank), mean, var
 
     def _reduce_axes(self, rank: int) -> list[int]:
         channel_axis = rank - 1 if self._channels_last() else 1
