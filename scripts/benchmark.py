@@ -2,6 +2,8 @@
 
     python scripts/benchmark.py --output=results.json [--models=digits_cnn,digits_transformer] [--quick] [--compression]
     python scripts/benchmark.py --models= --methods --output=methods.json   # methods beyond calibration only
+    python scripts/benchmark.py --models= --nomethods --nocalibration \
+        --qat_cost=digits_cnn,mobilenet_v2_a0.35_32px,mobilenet_v2_a1.0_96px --output=qat.json  # QAT cost only
 """
 
 from absl import flags
@@ -17,6 +19,12 @@ flags.DEFINE_boolean("compression", False, "Add the compression section (pruning
                      "pruning on the digits CNN; ~4 minutes).")
 flags.DEFINE_boolean("methods", True, "Include the methods beyond calibration (equalization, bias correction, "
                      "AdaRound, GPTQ, data-free) on MobileNet-style models, per tensor and per channel, and W4A8.")
+flags.DEFINE_list("qat_cost", ["mobilenet_v2_a0.35_96px"], "QAT step-time ratio and INT8 accuracy, tfq against tfmot "
+                  "from the same float weights, on these models (tfq.benchmark.QAT_COST_MODELS: digits_cnn, "
+                  "mobilenet_v2_a{0.35,1.0}_{32,96}px); empty to skip.")
+flags.DEFINE_integer("qat_cost_rounds", None, "Timed float/QAT epoch pairs per QAT-cost run (default: per model).")
+flags.DEFINE_boolean("calibration", True, "Calibration throughput (samples/s) per method and memory against the "
+                     "number of samples (5,000 and 50,000).")
 
 
 def main(argv):
@@ -30,7 +38,8 @@ def main(argv):
     quiet_logs()
 
     results = run_benchmark(FLAGS.models, num_threads=FLAGS.num_threads, quick=FLAGS.quick,
-                            compression=FLAGS.compression, methods=FLAGS.methods)
+                            compression=FLAGS.compression, methods=FLAGS.methods, qat_cost=FLAGS.qat_cost,
+                            qat_cost_rounds=FLAGS.qat_cost_rounds, calibration=FLAGS.calibration)
     atomic_write_text(FLAGS.output, json.dumps(results, indent=1))
     table = to_markdown(results)
     print(table)

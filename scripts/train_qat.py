@@ -19,29 +19,22 @@ flags.DEFINE_integer("epochs", 3, "QAT epochs.")
 flags.DEFINE_integer("batch_size", 32, "Batch size (global under a strategy).")
 flags.DEFINE_float("learning_rate", 2e-4, "Adam learning rate.")
 flags.DEFINE_integer("freeze_bn_epoch", 1, "Freeze BatchNorm statistics after this epoch.")
-flags.DEFINE_enum("bn_folding", "unfolded", ["unfolded", "one_pass", "two_pass"], "Batch statistics of folded BatchNorms.")
-flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker"],
-                  "tf.distribute strategy: none, mirrored (local devices) or multi_worker (TF_CONFIG).")
+flags.DEFINE_enum("bn_folding", "unfolded", ["unfolded", "two_pass"],
+                  "How folded BatchNorms train before the freeze (see tfq.qat.quantize_model).")
+flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy: none, mirrored (local devices), multi_worker (TF_CONFIG) or tpu "
+                  "(TPUStrategy; see README).")
+flags.DEFINE_string("tpu", "", "With --strategy=tpu: the TPU name or address ('' = this TPU VM / pod slice).")
 flags.DEFINE_string("output_dir", "qat_out", "Output directory (other workers than the chief write to a subdirectory).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
-def _strategy(name: str):
-    """Created first thing: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op."""
-    if name == "none":
-        return None
-    import tensorflow as tf
-
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.MultiWorkerMirroredStrategy()
-
-
 def main(argv):
     del argv
-    strategy = _strategy(FLAGS.strategy)
+    from tfq.training import make_strategy, train_qat, worker_output_dir
+
+    strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)  # first: MultiWorkerMirroredStrategy needs it
     from tfq.app import load_npz, quiet_logs
-    from tfq.training import train_qat, worker_output_dir
 
     quiet_logs()
 

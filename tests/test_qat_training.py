@@ -1,4 +1,4 @@
-"""QAT training paths: the three BatchNorm folding modes, frozen-BN tracing, mixed precision.
+"""QAT training paths: the BatchNorm folding modes, frozen-BN tracing, mixed precision.
 
 Folding modes are checked against Keras' own Conv → BatchNormalization (float weights, so the
 results must agree to float32 rounding); mixed-precision QAT is checked by exporting and running
@@ -88,15 +88,22 @@ def test_unfolded_training_sees_the_weights_the_folded_layer_exports():
     assert np.abs(trained_form - exported_form).max() < 1e-3 * step * np.abs(x).sum(axis=(1, 2, 3)).max()
 
 
-def test_per_tensor_layers_use_one_pass_in_unfolded_mode():
-    outputs = {}
-    for mode in ("unfolded", "one_pass"):
-        keras.utils.set_random_seed(3)
-        layer, ref_layer, x, channels = _layer_and_reference("dense", np.random.default_rng(3))
-        bn, _ = _batchnorms(channels, ref_layer(x).shape, np.random.default_rng(4))
-        q = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None, per_channel=False, bn_folding=mode)
-        outputs[mode] = q(x, training=True).numpy()
-    np.testing.assert_array_equal(outputs["unfolded"], outputs["one_pass"])
+def test_per_tensor_unfolded_trains_as_keras_on_the_folded_quantized_weights():
+    """Per-tensor weights run the folded op on fq(W·γ/σ): BN then normalises x ⊛ W' + b, with
+    W' = fq(W·γ/σ)·σ/γ the effective weights, exactly as Keras' Conv(W') → BatchNormalization."""
+    rng = np.random.default_rng(3)
+    layer, ref_layer, x, channels = _layer_and_reference("conv", rng)
+    bn, ref_bn = _batchnorms(channels, ref_layer(x).shape, rng)
+    q = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None, per_channel=False)
+    factor = (bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)).astype("float32")
+    folded = layer.kernel.numpy() * factor
+    m = np.abs(folded).max()
+    effective = tfq.ops.fake_quant_numpy(folded, -m, m, narrow_range=True) / factor
+    ref_layer.kernel.assign(effective)
+    np.testing.assert_allclose(q(x, training=True).numpy(), ref_bn(ref_layer(x), training=True).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), ref_bn.moving_mean.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), ref_bn.moving_variance.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def _op_types(layer, x) -> list[str]:
@@ -137,7 +144,7 @@ def test_frozen_layers_are_traced_without_batch_statistics_and_fit_retraces_once
 
 def test_bn_folding_is_validated_and_saved(trained_cnn, digits):
     model, _ = trained_cnn
-    with pytest.raises(ValueError, match="bn_folding must be one of \\('unfolded', 'one_pass', 'two_pass'\\). "
+    with pytest.raises(ValueError, match="bn_folding must be one of \\('unfolded', 'two_pass'\\). "
                                          "Received: bn_folding='fused'"):
         tfq.qat.quantize_model(model, bn_folding="fused")
     with pytest.raises(ValueError, match="bn_folding='x'"):
@@ -147,8 +154,8 @@ def test_bn_folding_is_validated_and_saved(trained_cnn, digits):
     assert layer.bn_folding == "two_pass"
     assert QuantizedLayer.from_config(layer.get_config()).bn_folding == "two_pass"
     (x_train, _), _ = digits
-    frozen = tfq.qat.freeze_model(tfq.qat.quantize_model(model, calibration_data=x_train[:64], bn_folding="one_pass"))
-    assert frozen.get_layer("conv1").bn_folding == "one_pass"
+    frozen = tfq.qat.freeze_model(tfq.qat.quantize_model(model, calibration_data=x_train[:64], bn_folding="two_pass"))
+    assert frozen.get_layer("conv1").bn_folding == "two_pass"
 
 
 # --- cheaper gradients --------------------------------------------------------------------------------

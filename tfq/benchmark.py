@@ -20,7 +20,12 @@ For each model (a digits CNN on 8×8 digits, a MobileNet-style net on digits res
   :func:`tfq.examples.unbalance_channels`), per tensor and per channel, INT8 through LiteRT with
   and without cross-layer equalization, bias correction, AdaRound, GPTQ and data-free ranges,
   against the plain converter, with each method's seconds; and W4A8 (4-bit weights, simulated in
-  Keras) with nearest, AdaRound and GPTQ rounding.
+  Keras) with nearest, AdaRound and GPTQ rounding;
+* QAT cost (:func:`bench_qat_cost`): tfq's and tfmot's QAT epoch time over float epoch time (float
+  and QAT epochs alternated in one process) and INT8 accuracy, from the same float weights, on the
+  digits CNN and ``keras.applications.MobileNetV2`` (α 0.35 and 1.0, 32 and 96 px);
+* calibration cost (:func:`bench_calibration`): samples/s of each calibration method, and the
+  memory calibration adds for 5,000 and 50,000 streamed samples.
 
 Every figure goes into one JSON document (:func:`run_benchmark`).
 """
@@ -36,7 +41,8 @@ import time
 
 import numpy as np
 
-__all__ = ["run_benchmark", "bench_methods", "MODELS", "METHOD_ROWS", "SEQUENCE_MODELS"]
+__all__ = ["run_benchmark", "bench_calibration", "bench_methods", "bench_qat_cost", "MODELS", "METHOD_ROWS",
+           "QAT_COST_MODELS", "SEQUENCE_MODELS"]
 
 MODELS = {
     "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
@@ -372,13 +378,15 @@ def _tfmot_worker(spec: dict) -> dict:
 # --------------------------------------------------------------------------- QAT cost (issue 16)
 # MobileNetV2 (keras.applications, weights=None) on the digits, grayscale, resized: the
 # architecture tfmot's published QAT numbers use, at sizes a 2-core machine trains in minutes.
+# ``rounds``: timed float/QAT epoch pairs (more for short epochs, whose times are noisier).
 QAT_COST_MODELS = {
-    "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
-    "mobilenet_v2_a0.35_32px": dict(builder="mobilenet_v2", alpha=0.35, image_size=32, epochs=15),
-    "mobilenet_v2_a1.0_32px": dict(builder="mobilenet_v2", alpha=1.0, image_size=32, epochs=15),
-    "mobilenet_v2_a0.35_96px": dict(builder="mobilenet_v2", alpha=0.35, image_size=96, epochs=8),
-    "mobilenet_v2_a1.0_96px": dict(builder="mobilenet_v2", alpha=1.0, image_size=96, epochs=8),
+    "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10, rounds=16),
+    "mobilenet_v2_a0.35_32px": dict(builder="mobilenet_v2", alpha=0.35, image_size=32, epochs=15, rounds=6),
+    "mobilenet_v2_a1.0_32px": dict(builder="mobilenet_v2", alpha=1.0, image_size=32, epochs=15, rounds=4),
+    "mobilenet_v2_a0.35_96px": dict(builder="mobilenet_v2", alpha=0.35, image_size=96, epochs=8, rounds=4),
+    "mobilenet_v2_a1.0_96px": dict(builder="mobilenet_v2", alpha=1.0, image_size=96, epochs=8, rounds=3),
 }
+DEFAULT_QAT_COST_MODELS = ("mobilenet_v2_a0.35_96px",)
 
 
 def _qat_cost_model(spec: dict, input_shape, keras_module):
@@ -541,6 +549,172 @@ def _train_float_for_qat_cost(spec: dict, weights_path, epochs: int) -> dict:
     _save_weights_by_layer(model, weights_path)
     return {"float_accuracy": _accuracy(model.predict(x_test, verbose=0), y_test), "float_epochs": epochs,
             "params": int(model.count_params())}
+
+
+def bench_qat_cost(models=tuple(QAT_COST_MODELS), rounds: int | None = None, quick: bool = False, tfmot: bool = True,
+                   variants=({},), verbose: bool = True) -> dict:
+    """QAT step-time ratio and INT8 accuracy, tfq against tfmot, from the same float weights.
+
+    For each model a float model is trained once (Keras 3) and its weights saved by layer name;
+    tfq QAT and tfmot's default QAT (tf_keras, ``TF_USE_LEGACY_KERAS=1``) each start from them in
+    a fresh process, with the same optimizer (Adam 2e-4), batch size (32) and epochs
+    (``1 + rounds``), BatchNorm statistics live throughout (as tfmot trains). Each process times
+    float and QAT epochs alternately (:func:`_interleaved_epochs`), then converts to INT8 and
+    measures accuracy through LiteRT.
+
+    Args:
+        models: keys of :data:`QAT_COST_MODELS`.
+        rounds: timed float/QAT epoch pairs after the warm-up pair (None: the model's ``rounds``).
+        quick: 2 float epochs, 1 round (smoke test; figures not meaningful).
+        tfmot: include tfmot.
+        variants: ``tfq.qat.quantize_model`` keywords, one tfq row each (e.g.
+            ``({}, {"bn_folding": "two_pass"})``); a ``freeze_bn_round`` key freezes the BN
+            statistics before that timed round instead.
+
+    Returns:
+        ``{"models": [{"model", "rounds", "float_accuracy", "params", "rows": [...]}]}``; each
+        row has ``step_time_ratio`` (fastest QAT epoch / fastest float epoch), ``round_ratios``,
+        ``cpu_time_ratio``, the epoch seconds and ``accuracy`` (INT8, LiteRT).
+    """
+    import tempfile
+
+    def log(msg):
+        if verbose:
+            print(f"[benchmark] {msg}", flush=True)
+
+    out = {"models": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in models:
+            spec = QAT_COST_MODELS[key]
+            spec_rounds = 1 if quick else rounds or spec["rounds"]
+            weights = os.path.join(tmp, f"{key}.npz")
+            log(f"QAT cost: {key}: training the float model")
+            entry = {"model": key, "rounds": spec_rounds, "rows": [],
+                     **_in_subprocess("_train_float_for_qat_cost", spec, weights, 2 if quick else spec["epochs"])}
+            for options in variants:
+                options = dict(options)
+                log(f"QAT cost: {key}: tfq {options or ''}")
+                entry["rows"].append(_in_subprocess("_tfq_qat_cost", spec, weights, spec_rounds, **options))
+            if tfmot:
+                log(f"QAT cost: {key}: tfmot (tf_keras, subprocess)")
+                entry["rows"].append(_in_subprocess("_tfmot_qat_cost", spec, weights, spec_rounds, legacy_keras=True))
+            out["models"].append(entry)
+    return out
+
+
+def qat_cost_markdown(section: dict) -> str:
+    """The QAT-cost section as a table."""
+    lines = ["| model | QAT | step time ×float (best epochs) | per-round ratios | INT8 accuracy | float accuracy |",
+             "|---|---|---|---|---|---|"]
+    for m in section["models"]:
+        for row in m["rows"]:
+            name = row.get("name", "?")
+            extra = ", ".join(f"{k}={row[k]}" for k in ("bn_folding", "freeze_bn_round") if row.get(k) is not None)
+            if "error" in row:
+                lines.append(f"| {m['model']} | {name} | error: {row['error'][:60]} | | | |")
+                continue
+            ratios = row["round_ratios"]
+            lines.append(f"| {m['model']} | {name}{f' ({extra})' if extra else ''} | ×{row['step_time_ratio']:.2f} | "
+                         f"{min(ratios):.2f}–{max(ratios):.2f} | {row['accuracy']:.4f} | {m['float_accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ calibration cost
+CALIBRATION_METHODS_BENCHED = PTQ_METHODS + ("mse_batch_median",)
+
+
+def _calibration_model(input_shape):
+    """The MobileNet-style example (untrained: calibration cost does not depend on the weights)."""
+    import keras
+
+    from tfq import examples
+
+    keras.utils.set_random_seed(0)
+    return examples.mobilenet_style(input_shape=tuple(input_shape))
+
+
+def _method_params(name: str) -> tuple[str, dict]:
+    return ("mse", {"batch_aggregate": "median"}) if name == "mse_batch_median" else (name, {})
+
+
+def _streamed(x: np.ndarray, num_samples: int, batch_size: int = 32):
+    """A function giving ``num_samples`` samples (``x`` tiled with noise) in batches, never held at once."""
+    def batches():
+        rng = np.random.default_rng(0)
+        for start in range(0, num_samples, batch_size):
+            idx = np.arange(start, min(start + batch_size, num_samples)) % len(x)
+            yield (x[idx] + rng.normal(0.0, 0.01, x[idx].shape)).astype(np.float32)
+    return batches
+
+
+def _calibration_throughput(num_samples: int, batch_size: int = 32) -> list[dict]:
+    """Samples per second of :func:`tfq.calibrate` for each method, on the same model and data."""
+    import tfq
+
+    (x, _), _ = tfq.datasets.load_digits(image_size=32, seed=0)
+    model = _calibration_model(x.shape[1:])
+    tfq.calibrate(model, x[:64], "minmax")  # builds the rewritten model once (not timed)
+    rows = []
+    for name in CALIBRATION_METHODS_BENCHED:
+        method, params = _method_params(name)
+        data = _streamed(x, num_samples, batch_size)
+        start = time.perf_counter()
+        cal = tfq.calibrate(model, data, method, batch_size=batch_size, **params)
+        seconds = time.perf_counter() - start
+        rows.append({"method": name, "samples": cal.num_samples, "seconds": seconds,
+                     "samples_per_s": cal.num_samples / seconds})
+    return rows
+
+
+def _calibration_memory(method: str, num_samples: int) -> dict:
+    """Peak resident memory added by calibrating ``num_samples`` streamed samples (run in a fresh process)."""
+    import resource
+
+    import tfq
+
+    (x, _), _ = tfq.datasets.load_digits(image_size=32, seed=0)
+    model = _calibration_model(x.shape[1:])
+    name, params = _method_params(method)
+    tfq.calibrate(model, _streamed(x, 256), name, **params)  # warm-up: traces, allocates
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cal = tfq.calibrate(model, _streamed(x, num_samples), name, **params)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"method": method, "samples": cal.num_samples, "peak_rss_growth_mb": (after - before) / 1024.0}
+
+
+def bench_calibration(num_samples: int = 2000, memory_samples=(5_000, 50_000), quick: bool = False,
+                      verbose: bool = True) -> dict:
+    """Calibration throughput (samples/s) per method, and memory against the number of samples.
+
+    Throughput: :func:`tfq.calibrate` on ``num_samples`` streamed 32×32 digits, MobileNet-style
+    model, batches of 32, after one untimed call. Memory: in a fresh process per point, the peak
+    resident set added by calibrating ``memory_samples`` streamed samples after a warm-up
+    calibration — flat in the sample count when observers keep fixed-size state.
+    """
+    def log(msg):
+        if verbose:
+            print(f"[benchmark] {msg}", flush=True)
+
+    if quick:
+        num_samples, memory_samples = 256, (512, 1024)
+    log(f"calibration throughput ({num_samples} samples per method)")
+    result = {"throughput": _calibration_throughput(num_samples), "memory": []}
+    for method in ("minmax", "kl", "mse_batch_median"):
+        for n in memory_samples:
+            log(f"calibration memory: {method}, {n} samples (subprocess)")
+            result["memory"].append(_in_subprocess("_calibration_memory", method, n))
+    return result
+
+
+def calibration_markdown(section: dict) -> str:
+    lines = ["| calibration method | samples/s | peak RSS growth by samples |", "|---|---|---|"]
+    memory = {}
+    for row in section["memory"]:
+        if "error" not in row:
+            memory.setdefault(row["method"], []).append(f"{row['samples']:,}: +{row['peak_rss_growth_mb']:.1f} MB")
+    for row in section["throughput"]:
+        lines.append(f"| {row['method']} | {row['samples_per_s']:,.0f} | {'; '.join(memory.get(row['method'], [])) or '–'} |")
+    return "\n".join(lines)
 
 
 def _compression_row(name, content, float_acc, dense_gzip, x_test, y_test, sample, threads, seconds, **extra) -> dict:
@@ -823,7 +997,9 @@ def bench_methods(num_threads: int = 2, quick: bool = False, verbose: bool = Tru
 
 
 def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: int = 2, quick: bool = False,
-                  verbose: bool = True, compression: bool = False, methods: bool = True) -> dict:
+                  verbose: bool = True, compression: bool = False, methods: bool = True,
+                  qat_cost=DEFAULT_QAT_COST_MODELS, qat_cost_rounds: int | None = None,
+                  calibration: bool = True) -> dict:
     """Runs the benchmark and returns the JSON-able results.
 
     Args:
@@ -834,6 +1010,10 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
         compression: add the compression section (digits CNN: pruning, clustering, distillation,
             tfmot pruning; about 4 minutes on 2 idle cores).
         methods: include the methods beyond calibration (:func:`bench_methods`).
+        qat_cost: keys of :data:`QAT_COST_MODELS` for the QAT step-time section
+            (:func:`bench_qat_cost`); empty to skip.
+        qat_cost_rounds: timed epoch pairs per QAT-cost run (None: each model's default).
+        calibration: include calibration throughput and memory (:func:`bench_calibration`).
     """
     import tensorflow as tf
 
@@ -847,6 +1027,9 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
     unknown = [m for m in models if m not in known]
     if unknown:
         raise ValueError(f"unknown benchmark model(s) {unknown}; choose from {list(known)}")
+    unknown = [m for m in qat_cost if m not in QAT_COST_MODELS]
+    if unknown:
+        raise ValueError(f"unknown QAT-cost model(s) {unknown}; choose from {list(QAT_COST_MODELS)}")
     start = time.perf_counter()
     results = {
         "tfq_version": tfq.__version__, "tensorflow": tf.__version__, "python": platform.python_version(),
@@ -860,6 +1043,10 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
         results["compression"] = _bench_compression(num_threads, quick, log)
     if methods:
         results["methods"] = bench_methods(num_threads, quick, verbose)
+    if qat_cost:
+        results["qat_cost"] = bench_qat_cost(qat_cost, rounds=qat_cost_rounds, quick=quick, verbose=verbose)
+    if calibration:
+        results["calibration"] = bench_calibration(quick=quick, verbose=verbose)
     results["seconds"] = time.perf_counter() - start
     return results
 
@@ -901,7 +1088,8 @@ def to_markdown(results: dict) -> str:
                          f"{100 * row['drop_vs_float']:.2f} | {size} | {latency} |")
     if not results["models"] and not results.get("sequence_models"):
         lines = []
-    for section, table in (("compression", compression_markdown), ("methods", methods_markdown)):
+    for section, table in (("compression", compression_markdown), ("methods", methods_markdown),
+                           ("qat_cost", qat_cost_markdown), ("calibration", calibration_markdown)):
         if results.get(section):
             lines += ["", table(results[section])] if lines else [table(results[section])]
     return "\n".join(lines)

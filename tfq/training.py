@@ -17,7 +17,40 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["prune_and_quantize", "train_qat", "worker_output_dir"]
+__all__ = ["STRATEGIES", "make_strategy", "prune_and_quantize", "train_qat", "worker_output_dir"]
+
+STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
+
+
+def make_strategy(name: str, tpu: str = ""):
+    """The ``tf.distribute`` strategy a QAT job runs under; call it first thing in the program.
+
+    ``"none"`` gives None (one process, ``Model.fit``); ``"mirrored"``: the local devices;
+    ``"multi_worker"``: ``MultiWorkerMirroredStrategy``, the cluster and this worker's task from
+    ``TF_CONFIG`` (it must exist before TensorFlow runs any op); ``"tpu"``: ``TPUStrategy`` on the
+    TPU named ``tpu`` (``""``: the local TPU VM / pod slice, found by ``TPUClusterResolver``).
+
+    Raises:
+        ValueError: an unknown name.
+
+    Example:
+        >>> strategy = make_strategy("multi_worker")  # doctest: +SKIP
+        >>> qat, tflite, history = train_qat(model, x, y, strategy=strategy)  # doctest: +SKIP
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}. Received: strategy={name!r}")
+    if name == "none":
+        return None
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def worker_output_dir(output_dir, strategy=None) -> Path | None:

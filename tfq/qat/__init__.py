@@ -47,9 +47,9 @@ def quantize_model(
 
     Weights of convolutions, Dense and EinsumDense layers are fake-quantized per output channel
     (symmetric, narrow range), transposed convolutions per tensor; a
-    BatchNormalization after a weighted layer is folded into it as TFLite folds it (batch
-    statistics with correction in training, see :class:`QuantizedLayer`), and a following
-    ReLU/ReLU6 is fused. Activations get per-tensor asymmetric ranges, tracked by moving average
+    BatchNormalization after a weighted layer is folded into it as TFLite folds it (in training
+    it uses batch statistics until frozen, see ``bn_folding`` and :class:`QuantizedLayer`), and
+    a following ReLU/ReLU6 is fused. Activations get per-tensor asymmetric ranges, tracked by moving average
     (``r ← decay·r + (1 − decay)·batch_min/max``) or learned by gradient. Layers without an int8
     TFLite kernel stay float with a warning. Nested models (a ``keras.applications`` base in a
     transfer model) are rewritten too. The result saves and loads with ``model.save`` /
@@ -79,13 +79,19 @@ def quantize_model(
         num_calibration_samples: cap on calibration samples.
         warn_unknown: warn about layers that stay float because tfq has no rule for them.
         preserve: ``None``, ``"sparsity"`` or ``"clusters"`` (see above).
+        bn_folding: how folded BatchNorms train until :class:`tfq.callbacks.FreezeBatchNorm`
+            freezes their statistics: ``"unfolded"`` (default; BN after the op on the
+            fake-quantized weights, one fused kernel, the cost of float BN) or ``"two_pass"``
+            (Krishnamoorthi's batch-statistics correction, statistics from a second, float op:
+            one more convolution per step). See README "QAT cost" for the trade-off measured.
         **calibration_params: parameters of the calibration method.
 
     Returns:
         A new ``keras.Model`` ready for ``compile``/``fit``.
 
     Raises:
-        ValueError: bad ``range_mode``; a subclassed model (no graph to rewrite).
+        ValueError: bad ``range_mode``, ``preserve`` or ``bn_folding``; a subclassed model (no graph
+            to rewrite).
         TypeError: ``model`` is not a model or a path.
     """
     from tfq.calibration import calibrate

@@ -37,8 +37,8 @@ RANGE_MODES = ("fixed", "moving_average", "learned")
 PRESERVE_MODES = (None, "sparsity", "clusters")
 MAX_CLUSTERS = 256  # shared values a cluster-preserving kernel may hold
 
-# How a folded BatchNormalization gets its batch statistics in training (see QuantizedLayer).
-BN_FOLDING = ("unfolded", "one_pass", "two_pass")
+# How a folded BatchNormalization trains before its statistics freeze (see QuantizedLayer).
+BN_FOLDING = ("unfolded", "two_pass")
 _TINY = 1e-30
 
 # While calibrating (see :func:`observing`), quantizers feed observers and pass data through
@@ -523,16 +523,29 @@ class QuantizedLayer(keras.layers.Layer):
         W_fold = W · γ / σ              (per output channel)
         b_fold = β + (b − μ) · γ / σ
 
-    In training, unless the batch-norm statistics are frozen (:attr:`bn_frozen`), batch
-    statistics are used with the correction of Krishnamoorthi (2018): the op runs on
-    ``fq(W · γ / σ)``, its output is rescaled by ``σ / σ_B`` and the bias is
-    ``β + (b − μ_B) · γ / σ_B`` (``μ_B``, ``σ_B²``: moments of the unfolded ``x ⊛ W + b`` over
-    the batch); the BN's moving statistics are updated with its momentum
-    (``μ ← m·μ + (1 − m)·μ_B``, same for the variance). Under ``tf.distribute`` the moving
-    statistics are updated with the moments of the global batch, so replicas stay equal.
+    In training, until the batch-norm statistics are frozen (:attr:`bn_frozen`), BN uses the
+    batch's statistics and updates its moving ones with its momentum (``μ ← m·μ + (1 − m)·μ_B``,
+    same for the variance; under ``tf.distribute`` with the moments of the global batch, so
+    replicas stay equal). ``bn_folding`` chooses how:
 
-    ``bn_frozen`` is held in a non-trainable variable (not a Python attribute), so freezing
-    takes effect inside an already-compiled ``fit`` (see :class:`tfq.callbacks.FreezeBatchNorm`).
+    * ``"unfolded"`` (default, as tfmot and ``torch.ao`` train): the op runs on ``fq(W)`` and BN
+      follows with the batch moments of ``u = x ⊛ fq(W) + b``, in one fused kernel. Per output
+      channel the fake-quant's scale absorbs ``γ/σ``: ``fq(W)·γ/σ = fq(W·γ/σ)``, so this is the
+      folded layer with batch statistics, and frozen, exactly the exported one. (Per-tensor
+      weights have no such identity: the op then runs on ``fq(W·γ/σ)``, with the moments of
+      its output scaled back.)
+    * ``"two_pass"``: the correction of Krishnamoorthi (2018): the op runs on ``fq(W · γ / σ)``,
+      its output is rescaled by ``σ / σ_B`` and the bias is ``β + (b − μ_B) · γ / σ_B`` with
+      ``μ_B``, ``σ_B²`` the moments of the float ``x ⊛ W + b``, from a second op (a second
+      convolution per step until the freeze).
+
+    Once frozen, training runs the folded form (one op, no statistics). ``bn_frozen`` is held in
+    a non-trainable variable, so freezing takes effect inside an already-compiled ``fit``
+    (``tf.cond`` on it); :class:`tfq.callbacks.FreezeBatchNorm` also re-traces the step so that
+    frozen layers carry no batch-statistics ops at all.
+
+    Under a mixed-precision policy (``mixed_float16``/``mixed_bfloat16``) the op runs in the
+    layer's compute dtype; ranges, fake-quant and BN stay float32 and the output is float32.
 
     Weights are per output channel (the TFLite default), but per tensor for transposed
     convolutions: the converter's fake-quant path cannot carry a per-channel axis through the
@@ -557,6 +570,7 @@ class QuantizedLayer(keras.layers.Layer):
             parts of a separable convolution.
         float_weights: keep the weights float (the layer stays a float op).
         bn_frozen: initial value of :attr:`bn_frozen`.
+        bn_folding: ``"unfolded"`` or ``"two_pass"``: how BN trains before its freeze (above).
         preserve: ``None``, ``"sparsity"`` or ``"clusters"``: what of the main kernel (a separable
             convolution's pointwise kernel) QAT keeps, see :meth:`init_preservation`.
         converter_quantizes_weights: the call uses the float kernel, which the export writes
@@ -994,11 +1008,9 @@ class QuantizedLayer(keras.layers.Layer):
             # A layer frozen before tracing is traced without the batch-statistics ops; the flag
             # variable still rules inside a step traced before the freeze (the conds below).
             return folded()
-        mode = self.bn_folding
-        if mode == "unfolded" and not (self.per_channel or self.float_weights):
-            mode = "one_pass"  # per-tensor weights: fq(W)·γ/σ is not on the grid of fq(W·γ/σ)
         frozen = self.bn_frozen_flag > 0.5
-        if mode == "unfolded":
+        per_tensor = not (self.per_channel or self.float_weights)
+        if self.bn_folding == "unfolded" and not per_tensor:
             # BN after the op on fq(W), as Keras trains it: per output channel fq(W)·γ/σ equals
             # fq(W·γ/σ) (the channel's scale absorbs the factor), so this is the folded layer with
             # batch statistics, and with the moving ones (frozen) the folded layer as exported.
@@ -1011,8 +1023,10 @@ class QuantizedLayer(keras.layers.Layer):
             return y
         y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis, training))
         rank = len(y.shape)
-        if mode == "one_pass":
-            # y = (x ⊛ W)·γ/σ up to weight rounding: its moments are the batch's, scaled by γ/σ.
+        if self.bn_folding == "unfolded":
+            # Per-tensor weights: fq(W)·γ/σ is not on the grid of fq(W·γ/σ), so the op runs on the
+            # folded fq(W·γ/σ) = W'·γ/σ and BN normalises with the batch moments of x ⊛ W' + b,
+            # which are those of y = (x ⊛ W')·γ/σ scaled back: one op, as unfolded.
             # σ/σ_B = |γ| / sqrt(var_y + ε·(γ/σ)²) needs no division by γ (γ = 0 gives y = 0).
             mean_y, var_y = tf.nn.moments(y, axes=self._reduce_axes(rank))
             factor2 = tf.square(factor)

@@ -688,8 +688,8 @@ def rewrite_model(
             would otherwise share their weights with ``model``.
         preserve: ``"sparsity"``/``"clusters"``: weighted layers whose kernel has zeros / at most 256
             distinct values keep them (:meth:`QuantizedLayer.init_preservation`).
-        bn_folding: how a folded BatchNormalization trains, ``"unfolded"``, ``"one_pass"`` or
-            ``"two_pass"`` (see :class:`~tfq.qat.QuantizedLayer`).
+        bn_folding: how a folded BatchNormalization trains, ``"unfolded"`` or ``"two_pass"`` (see
+            :class:`~tfq.qat.QuantizedLayer`).
 
     Returns:
         A new ``keras.Model``; the caller's model is untouched.
