@@ -42,7 +42,7 @@ _EXPORTS = {
     "tune": "tfq.tuning",
 }
 _SUBMODULES = ("callbacks", "clustering", "datasets", "distillation", "examples", "interop", "observers", "ops",
-               "pruning", "qat", "recipes", "reference")
+               "outliers", "pruning", "qat", "recipes", "reference")
 
 __all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
 

@@ -4,6 +4,10 @@
 the tensors are exactly those TFLite will quantize), feeds one observer per tensor, and returns
 a :class:`Calibration`: ranges by tensor name, JSON-saveable, accepted by :func:`tfq.convert` so
 a model is not calibrated twice.
+
+Every tensor is also summarised per sample (:mod:`tfq.outliers`): samples far outside the rest
+are named in one warning, whatever the method, and the default method, ``"robust_minmax"``, sets
+them aside (MinMax over the other samples).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import keras
 import numpy as np
 
 from tfq.fileio import atomic_write_text
-from tfq.recipes import CALIBRATION_METHODS
+from tfq.recipes import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 
 __all__ = ["Calibration", "calibrate", "load_calibration"]
 
@@ -36,6 +40,8 @@ class Calibration:
         num_samples: samples seen.
         model_name: the model calibrated.
         seconds: wall time of calibration.
+        outlier_samples: positions of the samples found far outside the rest (:mod:`tfq.outliers`);
+            ``"robust_minmax"`` set them aside, other methods kept them.
     """
 
     ranges: dict[str, tuple[float, float]]
@@ -44,6 +50,7 @@ class Calibration:
     num_samples: int = 0
     model_name: str = ""
     seconds: float = 0.0
+    outlier_samples: tuple[int, ...] = ()
 
     def __getitem__(self, name: str) -> tuple[float, float]:
         return self.ranges[name]
@@ -60,6 +67,7 @@ class Calibration:
             "model_name": self.model_name,
             "seconds": self.seconds,
             "ranges": {k: [float(v[0]), float(v[1])] for k, v in self.ranges.items()},
+            "outlier_samples": [int(i) for i in self.outlier_samples],
         }
 
     @classmethod
@@ -78,7 +86,8 @@ class Calibration:
             ranges[name] = (float(value[0]), float(value[1]))
         return cls(ranges=ranges, method=d.get("method", ""), params=d.get("params", {}),
                    num_samples=int(d.get("num_samples", 0)), model_name=d.get("model_name", ""),
-                   seconds=float(d.get("seconds", 0.0)))
+                   seconds=float(d.get("seconds", 0.0)),
+                   outlier_samples=tuple(int(i) for i in d.get("outlier_samples", ())))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes JSON atomically."""
@@ -112,14 +121,38 @@ def _observer_params(method: str, quantizer, params: dict) -> dict:
     return out
 
 
+_FIRST_BATCH = 32
+_MAX_BATCH = 1024
+_BATCH_BYTES = 256 << 20  # observed activations per forward pass, for batch_size=None
+
+
+def _batches(data, batch_size, method: str, samples):
+    """Batches of ``batch_size``; with None, 32, then (MinMax methods) as many as fit in ``_BATCH_BYTES``
+    of the activations the first batch showed (``samples.batch_bytes``)."""
+    if batch_size is not None or method not in ("minmax", "robust_minmax"):
+        yield from data.batches(_FIRST_BATCH if batch_size is None else batch_size)
+        return
+    pending, count, target = [], 0, _FIRST_BATCH
+    for batch in data.batches(_FIRST_BATCH):
+        pending.append(batch)
+        count += len(batch[0])
+        if count >= target:
+            yield [np.concatenate(parts) for parts in zip(*pending)] if len(pending) > 1 else pending[0]
+            per_sample = samples.batch_bytes / max(count, 1)
+            target = int(min(max(_BATCH_BYTES // max(per_sample, 1.0), _FIRST_BATCH), _MAX_BATCH))
+            pending, count = [], 0
+    if pending:
+        yield [np.concatenate(parts) for parts in zip(*pending)] if len(pending) > 1 else pending[0]
+
+
 def calibrate(
     model,
     representative_data,
-    method: str = "kl",
+    method: str = DEFAULT_CALIBRATION,
     *,
     recipe=None,
     num_samples: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     verbose: bool = False,
     **params,
 ) -> Calibration:
@@ -130,12 +163,19 @@ def calibrate(
             or used as is if it already is a tfq-quantized model.
         representative_data: arrays, dict of arrays, ``tf.data.Dataset`` or callable (see
             :func:`tfq.representative_dataset`).
-        method: ``"minmax"``, ``"moving_average"``, ``"kl"``, ``"percentile"`` or ``"mse"``.
+        method: ``"robust_minmax"`` (default: MinMax over the samples that are not far outside the
+            rest, see :mod:`tfq.outliers`), ``"minmax"``, ``"moving_average"``, ``"kl"``,
+            ``"percentile"`` or ``"mse"``. Whatever the method, samples far outside the rest are
+            named in one warning.
         recipe: recipe (or preset name) deciding which tensors are quantized; default int8.
         num_samples: cap on samples used (None: all).
-        batch_size: samples per forward pass.
+        batch_size: samples per forward pass. None (default): 32 for the methods whose ranges
+            depend on how the data is split (moving average, histograms); for ``"minmax"`` and
+            ``"robust_minmax"``, which do not, 32 for the first pass and then as many as fit
+            in about 256 MB of observed activations (at most 1024): fewer, larger passes.
         verbose: show a progress bar.
-        **params: method parameters (``percentile=99.99``, ``decay=0.9``, ``num_bins=2048`` …).
+        **params: method parameters (``percentile=99.99``, ``decay=0.9``, ``num_bins=2048``,
+            ``outlier_factor=8.0`` for ``"robust_minmax"`` …).
 
     Returns:
         A :class:`Calibration`.
@@ -146,7 +186,8 @@ def calibrate(
     """
     from tfq.data import pack_model_inputs, representative_dataset
     from tfq.models import is_quantized_model, is_tf_keras_model, load_model
-    from tfq.observers import create_observer
+    from tfq.observers import MinMaxObserver, create_observer
+    from tfq.outliers import DEFAULT_OUTLIER_FACTOR, SampleRanges, find_outlier_samples, warn_outlier_samples
     from tfq.qat.layers import observing
     from tfq.qat.transform import quantizers_of, rewrite_model
     from tfq.recipes import load_recipe
@@ -162,27 +203,45 @@ def calibrate(
         model = rewrite_model(model, load_recipe(recipe if recipe is not None else "int8"))
     data = representative_dataset(representative_data, num_samples, model=model)
     quantizers = {name: q for name, q in quantizers_of(model).items() if q.mode != "fixed"}
+    robust = method == "robust_minmax"
+    factor = params.pop("outlier_factor", DEFAULT_OUTLIER_FACTOR) if robust else DEFAULT_OUTLIER_FACTOR
+    if robust and params:
+        raise ValueError(f"calibration 'robust_minmax' takes only outlier_factor. Received: {sorted(params)}")
+    find_outlier_samples({}, factor)  # validates the factor before the pass over the data
     observers = {
-        name: create_observer("minmax", symmetric=q.symmetric) if q.calibration == "minmax"
+        name: create_observer("minmax", symmetric=q.symmetric) if q.calibration == "minmax" or robust
         else create_observer(method, **_observer_params(method, q, params))
         for name, q in quantizers.items()
     }
-    by_id = {id(q): observers[name] for name, q in quantizers.items()}
+    samples = SampleRanges()  # per-sample ranges of every tensor: the outlier test
+    by_id = {id(q): samples.tap(name, observers[name]) for name, q in quantizers.items()}
     start = time.perf_counter()
     total = len(data)
     bar = keras.utils.Progbar(total, unit_name="sample") if verbose else None
     seen = 0
     with observing(by_id):
-        for batch in data.batches(batch_size):
+        for batch in _batches(data, batch_size, method, samples):
+            samples.begin_batch(len(batch[0]))
             model(pack_model_inputs(model, batch), training=False)
             seen += len(batch[0])
             if bar is not None:
                 bar.update(seen)
     if seen == 0:
         raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
+    per_sample = samples.ranges()
+    outliers = find_outlier_samples(per_sample, factor)
+    warn_outlier_samples(outliers, method, set_aside=robust)
+    keep = np.ones(samples.num_samples, dtype=bool)
+    keep[list(outliers.indices)] = False
     ranges = {}
     for name, observer in observers.items():
+        if robust and outliers and name in per_sample:  # MinMax over the samples not set aside
+            observer = MinMaxObserver(symmetric=observer.symmetric)
+            observer.update([per_sample[name][0][keep].min(), per_sample[name][1][keep].max()])
         lo, hi = observer.compute_range()
         ranges[name] = (float(np.min(lo)), float(np.max(hi)))
+    if robust and factor != DEFAULT_OUTLIER_FACTOR:
+        params = dict(params, outlier_factor=factor)
     return Calibration(ranges=ranges, method=method, params=dict(params), num_samples=seen,
-                       model_name=model.name, seconds=time.perf_counter() - start)
+                       model_name=model.name, seconds=time.perf_counter() - start,
+                       outlier_samples=outliers.indices)

@@ -30,7 +30,8 @@ flags.DEFINE_string("model", None, "Keras model: .keras/.h5 file or SavedModel d
 flags.DEFINE_string("mode", "int8", "Export mode: float, dynamic, fp16, int8 or int16x8.")
 flags.DEFINE_string("data", None, ".npz with 'x' (and optionally 'y'): calibration data, or test data for evaluate.")
 flags.DEFINE_string("eval_data", None, ".npz with 'x' and 'y': evaluation data for tune.")
-flags.DEFINE_string("calibration", "minmax", "Calibration: minmax, moving_average, kl, percentile, mse.")
+flags.DEFINE_string("calibration", "robust_minmax", "Calibration: robust_minmax (MinMax, samples far outside the rest "
+                    "set aside), minmax, moving_average, kl, percentile, mse.")
 flags.DEFINE_float("percentile", None, "Percentile for --calibration=percentile (e.g. 99.99).")
 flags.DEFINE_string("recipe", None, "Recipe preset name or .yaml/.json file (overrides --mode etc.).")
 flags.DEFINE_string("io_dtype", "float32", "Model input/output type: float32, int8, uint8, int16.")

@@ -20,7 +20,7 @@ import keras
 from tfq.calibration import Calibration, calibrate
 from tfq.fileio import atomic_write_bytes
 from tfq.models import SavedModelPath, is_quantized_model, is_tf_keras_model, load_model
-from tfq.recipes import MODES, Recipe, TensorSpec, load_recipe
+from tfq.recipes import DEFAULT_CALIBRATION, MODES, Recipe, TensorSpec, load_recipe
 
 __all__ = ["convert", "ConversionError", "fake_quantize"]
 
@@ -190,7 +190,7 @@ def convert(
     representative_data=None,
     *,
     recipe=None,
-    calibration="minmax",
+    calibration=DEFAULT_CALIBRATION,
     per_channel: bool = True,
     io_dtype: str = "float32",
     float_layers=(),
@@ -214,8 +214,12 @@ def convert(
             ``tf.data.Dataset`` or callable). Not needed for a trained QAT model.
         recipe: a :class:`~tfq.recipes.Recipe`, preset name or file; overrides the keyword
             choices below except ``float_layers`` (added to the recipe's).
-        calibration: a method name (``"minmax"``, ``"moving_average"``, ``"kl"``,
-            ``"percentile"``, ``"mse"``) or a :class:`~tfq.Calibration` from :func:`tfq.calibrate`.
+        calibration: a method name or a :class:`~tfq.Calibration` from :func:`tfq.calibrate`.
+            The default, ``"robust_minmax"``, takes each range by MinMax over the calibration
+            samples, setting aside (with a warning naming them) the samples far outside the rest
+            (:mod:`tfq.outliers`); the rest of the conversion does not see them either.
+            ``"minmax"`` keeps every sample; ``"moving_average"``, ``"kl"``, ``"percentile"``,
+            ``"mse"`` choose ranges from histograms or averages. Every method warns about such samples.
         per_channel: per-output-channel weight scales for convolutions.
         io_dtype: model input/output type: ``"float32"``, ``"int8"``, ``"uint8"`` (int8 mode) or
             ``"int16"`` (int16x8 mode).
@@ -282,7 +286,7 @@ def convert(
     if r.mode in ("float", "dynamic", "fp16"):
         content = _convert_float_family(model, r)
     elif r.mode == "int16x8":
-        content = _convert_int16x8(model, r, representative_data, report)
+        content = _convert_int16x8(model, r, representative_data, report, params)
     else:
         content = _convert_int8(model, r, representative_data, calibration, params, verbose, report)
     if output is not None:
@@ -296,7 +300,7 @@ def fake_quantize(
     representative_data=None,
     *,
     recipe=None,
-    calibration="minmax",
+    calibration=DEFAULT_CALIBRATION,
     per_channel: bool = True,
     float_layers=(),
     num_calibration_samples: int | None = None,
@@ -372,7 +376,7 @@ def _require_data(data, mode):
         )
 
 
-def _convert_int16x8(model, r: Recipe, data, report=None) -> bytes:
+def _convert_int16x8(model, r: Recipe, data, report=None, params=None) -> bytes:
     from tfq.data import representative_dataset
 
     from tfq import ptq_methods
@@ -387,6 +391,7 @@ def _convert_int16x8(model, r: Recipe, data, report=None) -> bytes:
         data = ptq_methods.calibration_inputs(rewrite_model(model, "int8", warn_unknown=False), r, data, report)
     _require_data(data, "int16x8")
     rep = representative_dataset(data, r.num_calibration_samples, model=None if isinstance(model, str) else model)
+    rep = _screened_inputs(rep, r, params)
     converter = _keras_converter(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = rep
@@ -401,8 +406,8 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=N
     from tfq.qat.transform import uncovered_layers
 
     if isinstance(model, SavedModelPath):
-        return _convert_saved_model_int8(model, r, data)
-    frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report)
+        return _convert_saved_model_int8(model, r, data, params)
+    frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report, in_place=True)
     uncovered = uncovered_layers(qmodel)
     content = _int8_converter_run(frozen, r, data if uncovered else None)
     float_ops = _unexpected_float_ops(content, r)
@@ -430,9 +435,10 @@ def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
     whole — and keeps float only the ops that have no int8 kernel.
     """
     from tfq.data import representative_dataset
+    from tfq.graph_converter import keras_graph_converter
 
     tf = _tf()
-    converter = _keras_converter(frozen)
+    converter = keras_graph_converter(frozen)  # one trace, no SavedModel export: see tfq.graph_converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.inference_input_type = _io_type(r.io_dtype)
     converter.inference_output_type = _io_type(r.io_dtype)
@@ -447,10 +453,13 @@ def _frozen_int8_model(model, r: Recipe, data, calibration, params, verbose, rep
     return _prepare_int8(model, r, data, calibration, params, verbose, report)[0]
 
 
-def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=None):
-    """(frozen model, the fake-quant model it was frozen from, the calibration data actually used)."""
+def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=None, in_place=False):
+    """(frozen model, the fake-quant model it was frozen from, the calibration data actually used).
+
+    ``in_place``: a model rewritten here is fixed in place rather than copied (for the converter only).
+    """
     from tfq import ptq_methods
-    from tfq.qat.transform import freeze_model, quantizers_of, rewrite_model
+    from tfq.qat.transform import fix_ranges_in_place, freeze_model, quantizers_of, rewrite_model
 
     ranges = None
     if is_quantized_model(model):
@@ -472,10 +481,18 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         data = ptq_methods.calibration_inputs(qmodel, r, data, report)
     if needs_calibration:
         _require_data(data, "int8")
-        ranges = calibrate(qmodel, data, r.calibration, num_samples=r.num_calibration_samples,
-                           verbose=verbose, **params).ranges
+        cal = calibrate(qmodel, data, r.calibration, num_samples=r.num_calibration_samples, verbose=verbose, **params)
+        ranges = cal.ranges
         ranges.update(ptq_methods.data_free_ranges(qmodel, r))
-    frozen = freeze_model(qmodel, ranges)
+        if cal.method == DEFAULT_CALIBRATION and cal.outlier_samples:
+            from tfq.outliers import without_samples
+
+            # Set aside for what follows too: weight methods, the converter's calibration inside opaque layers.
+            data = without_samples(data, cal.outlier_samples, r.num_calibration_samples, model=qmodel)
+    if in_place and qmodel is not model:
+        frozen = fix_ranges_in_place(qmodel, ranges)  # rewritten here: no one else holds it
+    else:
+        frozen = freeze_model(qmodel, ranges)
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     return frozen, qmodel, data
 
@@ -512,20 +529,35 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
+def _screened_inputs(rep, r: Recipe, params=None):
+    """The data the TFLite converter calibrates with, after the outlier test on the model inputs
+    (:func:`tfq.outliers.input_outlier_samples`): warned about, and set aside with the default calibration.
+    For conversions where the converter runs the model itself (SavedModel, int16x8)."""
+    from tfq.data import representative_dataset
+    from tfq.outliers import DEFAULT_OUTLIER_FACTOR, input_outlier_samples, warn_outlier_samples, without_samples
+
+    outliers = input_outlier_samples(rep, float((params or {}).get("outlier_factor", DEFAULT_OUTLIER_FACTOR)))
+    set_aside = r.calibration == DEFAULT_CALIBRATION
+    warn_outlier_samples(outliers, "minmax" if not set_aside else r.calibration, set_aside=set_aside, stacklevel=5)
+    return representative_dataset(without_samples(rep, outliers.indices)) if set_aside and outliers else rep
+
+
+def _convert_saved_model_int8(path, r: Recipe, data, params=None) -> bytes:
     """A SavedModel has no Keras graph to rewrite: the converter's own MinMax calibration is used."""
     from tfq.data import representative_dataset
 
     tf = _tf()
     _require_data(data, "int8")
-    if r.calibration != "minmax":
+    if r.calibration not in ("minmax", DEFAULT_CALIBRATION):
         raise ValueError(
             f"calibration={r.calibration!r} needs a Keras model (.keras) that tfq can rewrite; a SavedModel is "
-            f"calibrated by the TFLite converter with 'minmax' only. Pass the .keras file or calibration='minmax'."
+            f"calibrated by the TFLite converter with MinMax only ('minmax', or {DEFAULT_CALIBRATION!r}, which also "
+            f"sets aside samples whose inputs are far outside the rest). Pass the .keras file or one of those."
         )
+    rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r, params)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset(data, r.num_calibration_samples)
+    converter.representative_dataset = rep
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = _io_type(r.io_dtype)
     converter.inference_output_type = _io_type(r.io_dtype)

@@ -37,6 +37,7 @@ __all__ = [
     "BIAS_CORRECTION",
     "CALIBRATION_METHODS",
     "DATA_FREE",
+    "DEFAULT_CALIBRATION",
     "DTYPES",
     "IO_DTYPES",
     "MODES",
@@ -50,7 +51,9 @@ __all__ = [
 ]
 
 MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
-CALIBRATION_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
+CALIBRATION_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse", "robust_minmax")
+#: What tfq.convert / tfq.calibrate / Recipe use when no calibration is named (see tfq.outliers).
+DEFAULT_CALIBRATION = "robust_minmax"
 IO_DTYPES = ("float32", "int8", "uint8", "int16")
 DTYPES = ("int8", "int16", "float16", "float32")
 # Methods beyond calibration (see tfq.equalization, tfq.bias_correction, tfq.weight_rounding,
@@ -324,6 +327,7 @@ _CALIBRATION_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
         "batch_aggregate": _BATCH_AGGREGATE,
     },
     "mse": {"num_bins": _NUM_BINS, "batch_aggregate": _BATCH_AGGREGATE},
+    "robust_minmax": {"outlier_factor": (lambda v: _is_number(v) and v > 1, "a number > 1, e.g. 8.0")},
 }
 
 
@@ -411,11 +415,13 @@ class Recipe:
         activations: Global activations spec. None takes the mode's default:
             int8 asymmetric per-tensor (int8), int16 symmetric per-tensor
             (int16x8), else float32.
-        calibration: Range estimator: "minmax", "moving_average", "kl",
-            "percentile" or "mse".
+        calibration: Range estimator: "robust_minmax" (default: MinMax over the
+            samples not far outside the rest, see `tfq.outliers`), "minmax",
+            "moving_average", "kl", "percentile" or "mse".
         calibration_params: Method parameters: {"decay"} for moving_average,
             {"num_bins", "batch_aggregate"} for kl and mse, {"percentile", "num_bins",
-            "batch_aggregate"} for percentile, none for minmax. Stored read-only.
+            "batch_aggregate"} for percentile, {"outlier_factor"} for robust_minmax,
+            none for minmax. Stored read-only.
         io_dtype: Model input/output dtype: "float32"; "int8"/"uint8" with mode
             int8; "int16" with mode int16x8.
         float_layers: Layers kept float: layer-name regexes (`re.fullmatch`) or
@@ -448,7 +454,7 @@ class Recipe:
     mode: str = "int8"
     weights: TensorSpec | None = None
     activations: TensorSpec | None = None
-    calibration: str = "minmax"
+    calibration: str = DEFAULT_CALIBRATION
     calibration_params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     io_dtype: str = "float32"
     float_layers: tuple[str, ...] = ()

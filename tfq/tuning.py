@@ -44,7 +44,7 @@ STRATEGIES = ("sensitivity", "random", "bayesian")
 OBJECTIVES = ("size", "latency")
 
 DEFAULT_SEARCH_SPACE = {
-    "calibration": ["minmax", "percentile", "kl", "mse"],
+    "calibration": ["robust_minmax", "percentile", "kl", "mse"],  # robust_minmax: MinMax, outlier samples set aside
     "percentile": [99.99, 99.9, 99.0],
     "batch_aggregate": [None, "median"],  # kl/percentile/mse: pooled histogram, or median of per-batch ranges
     "per_channel": [True, False],
@@ -166,7 +166,7 @@ def _int8_weight_fraction(content: bytes) -> float:
 
 def _recipe_for(choices: dict, base_seed: int, num_samples: int | None) -> Recipe:
     mode = choices.get("precision", "int8")
-    calibration = choices.get("calibration", "minmax")
+    calibration = choices.get("calibration", "robust_minmax")
     params = {"percentile": float(choices["percentile"])} if calibration == "percentile" else {}
     if calibration in _HISTOGRAM_METHODS and choices.get("batch_aggregate") is not None:
         params["batch_aggregate"] = choices["batch_aggregate"]

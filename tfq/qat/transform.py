@@ -45,7 +45,7 @@ from tfq.qat.layers import (
 )
 from tfq.recipes import Recipe, TensorSpec, load_recipe
 
-__all__ = ["batchnorm_layers_of", "freeze_model", "opaque_message", "quantized_layers_of", "quantizers_of",
+__all__ = ["batchnorm_layers_of", "fix_ranges_in_place", "freeze_model", "opaque_message", "quantized_layers_of", "quantizers_of",
            "rewrite_model", "uncovered_layers"]
 
 _FUSABLE_LAYERS = (keras.layers.ReLU, keras.layers.Activation)
@@ -937,3 +937,35 @@ def _clone_nested(model, clone_function, call_function):
         return layer if isinstance(layer, keras.Model) else clone_function(layer)
 
     return keras.models.clone_model(model, clone_function=clone, call_function=call)
+
+
+def fix_ranges_in_place(model: keras.Model, ranges: dict[str, tuple[float, float]]) -> keras.Model:
+    """Fixes every quantizer of a model tfq rewrote for PTQ to its range, in place, and returns it.
+
+    The same graph as :func:`freeze_model` (fake-quant ops with constant ranges; Dense kernels the
+    converter quantizes marked as such) without copying every layer: for :func:`tfq.convert`, whose
+    rewritten model nobody else holds. The range variables stay, unused: save
+    :func:`freeze_model`'s copy instead if the model is to be kept.
+
+    Args:
+        model: a model from :func:`rewrite_model` (never the caller's model).
+        ranges: quantizer name → ``(min, max)`` for every quantizer that is not fixed yet.
+
+    Raises:
+        ValueError: a quantizer with no range in ``ranges``, or a range that is not finite with min <= max.
+    """
+    for name, quantizer in quantizers_of(model).items():
+        if quantizer.mode == "fixed":
+            continue
+        if name not in ranges:
+            raise ValueError(f"quantizer {name!r} has no range: calibrate it first. Received ranges for "
+                             f"{len(ranges)} other tensor(s).")
+        lo, hi = (float(v) for v in ranges[name])
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+            raise ValueError(f"range of {name!r} must be finite with min <= max. Received: {ranges[name]!r}")
+        quantizer.fixed_range = (lo, hi)
+        quantizer.mode = "fixed"
+    for layer in quantized_layers_of(model):
+        if layer.exports_float_weights:
+            layer.converter_quantizes_weights = True  # per channel, on the grid computed here
+    return model
