@@ -161,7 +161,8 @@ def spiky():
     data[:, 3] = 0.0
     calibration = data.copy()
     calibration[:3, 3] = 1.0
-    return model, data, convert(model, "int8", calibration)
+    # MinMax keeps the 3 samples (the default would set them aside) and breaks the spike layer's range.
+    return model, data, convert(model, "int8", calibration, calibration="minmax")
 
 
 # --------------------------------------------------------------------------------------------

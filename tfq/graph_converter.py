@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import logging
 
 import keras
 import numpy as np
@@ -73,13 +74,16 @@ def keras_graph_converter(model: keras.Model):
 
     function = tf.function(serve, input_signature=specs, autograph=False)
     concrete = function.get_concrete_function()
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel("ERROR")  # the converter logs that this path (no trackable object) is deprecated
+    # The converter logs (through absl) that this path, without a trackable object, is deprecated.
+    loggers = [logging.getLogger("absl"), tf.get_logger()]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         converter = _converter_class().from_concrete_functions([concrete])
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     converter.tfq_signature = ([s.name for s in specs], _output_keys(model))
     return converter
 
