@@ -217,3 +217,35 @@ def test_convert_in_place_equals_the_frozen_copy(trained_cnn, digits):
     frozen = tfq.fake_quantize(model, "int8", x_train[:64])  # the copy freeze_model makes
     r = _build_recipe("int8", None, "robust_minmax", True, "int8", (), None)
     assert _int8_converter_run(frozen, r, None) == content
+
+
+# ------------------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_default_within_half_a_point_on_mobilenet_style_clean_and_corrupt(trained_mobilenet):
+    model, (x_train, _), (x_test, y_test), float_acc = trained_mobilenet
+    calib = x_train[:300].copy()
+    for corrupt_it in (False, True):
+        if corrupt_it:
+            calib[BAD] *= 100.0
+        content, messages = _warnings(tfq.convert, model, "int8", calib)
+        assert [_named(m) for m in messages] == ([BAD] if corrupt_it else [])
+        assert tflite_accuracy(content, x_test, y_test) >= float_acc - 0.005, corrupt_it
+    minmax, _ = _warnings(tfq.convert, model, "int8", calib, calibration="minmax")
+    assert tflite_accuracy(minmax, x_test, y_test) < float_acc - 0.05
+
+
+@pytest.mark.slow
+def test_converter_calibrated_paths_screen_their_inputs(trained_cnn, corrupt, digits, tmp_path):
+    """A SavedModel (and int16x8) is calibrated by the TFLite converter: tfq tests the inputs alone."""
+    model, float_acc = trained_cnn
+    _, (x_test, y_test) = digits
+    model.export(str(tmp_path / "sm"), verbose=False)
+    content, messages = _warnings(tfq.convert, str(tmp_path / "sm"), "int8", corrupt)
+    assert len(messages) == 1 and _named(messages[0]) == BAD and "set aside" in messages[0]
+    assert tflite_accuracy(content, x_test, y_test) >= float_acc - 0.005
+    kept, messages = _warnings(tfq.convert, str(tmp_path / "sm"), "int8", corrupt, calibration="minmax")
+    assert len(messages) == 1 and "keeps them" in messages[0]
+    assert tflite_accuracy(kept, x_test, y_test) < float_acc - 0.05
+    int16, messages = _warnings(tfq.convert, model, "int16x8", corrupt)
+    assert len(messages) == 1 and _named(messages[0]) == BAD
+    assert tflite_accuracy(int16, x_test, y_test) >= float_acc - 0.005
