@@ -14,6 +14,10 @@ The signature is added by rebuilding the flatbuffer with LiteRT's schema
 (``ai_edge_litert.schema_py_generated``), every constant buffer 16-byte aligned as the
 converter writes them.
 
+TF 2.21 logs that a concrete function without a trackable object takes a "deprecated
+conversion path" (silenced here); ``tf.lite`` as a whole is deprecated (TF #102071). Should the
+path go, :func:`keras_graph_converter` is the one place to change back to ``from_keras_model``.
+
 Example:
     >>> converter = keras_graph_converter(model)                           # doctest: +SKIP
     >>> converter.optimizations = [tf.lite.Optimize.DEFAULT]               # doctest: +SKIP
