@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from tfq.calibration_methods import get_calibration_method
 from tfq.fileio import atomic_write_text
-from tfq.recipes import CALIBRATION_METHODS
 
 __all__ = ["Calibration", "calibrate", "load_calibration"]
 
@@ -107,9 +108,44 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 def _observer_params(method: str, quantizer, params: dict) -> dict:
     out = dict(params)
     out.setdefault("symmetric", quantizer.symmetric)
-    if method in ("kl", "mse"):
+    if get_calibration_method(method).uses_bits:
         out.setdefault("bits", quantizer.bits)
     return out
+
+
+def _constant_value(observer):
+    """The single value a tensor took on all the calibration data, or None (from the observer's public state)."""
+    stats = observer.get_state()["stats"]
+    lo, hi = stats.get("min"), stats.get("max")
+    if lo is None or hi is None:
+        return None
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    return float(lo.ravel()[0]) if lo.size and np.all(lo == hi) and np.all(lo == lo.ravel()[0]) else None
+
+
+def _warn_degenerate(observers: dict, ranges: dict, model_name: str) -> None:
+    """One warning listing the tensors that took a single value on the calibration data (constant or all zeros).
+
+    Such a tensor's range is empty (all zeros: widened to :data:`tfq.ops.MIN_RANGE`) or ends at that
+    value: any other value it takes at inference saturates. The layer is the quantizer's name
+    without its ``_fq`` suffix.
+    """
+    degenerate = []
+    for name, observer in observers.items():
+        value = _constant_value(observer)
+        if value is not None or ranges[name][1] - ranges[name][0] <= 0.0:
+            degenerate.append((name, value if value is not None else ranges[name][0]))
+    if not degenerate:
+        return
+    described = ", ".join(f"{name!r} (layer {name.rsplit('_fq', 1)[0]!r}, always {value:g})"
+                          for name, value in degenerate[:6])
+    more = f" and {len(degenerate) - 6} more" if len(degenerate) > 6 else ""
+    warnings.warn(
+        f"tfq.calibrate: {len(degenerate)} tensor(s) of model {model_name!r} took a single value on the calibration "
+        f"data: {described}{more}. Their range is degenerate, so any other value saturates at inference: calibrate "
+        f"on typical inputs, not constant or all-zero ones.",
+        stacklevel=3,
+    )
 
 
 def calibrate(
@@ -145,19 +181,15 @@ def calibrate(
         >>> tflite = tfq.convert(model, "int8", calibration=cal)                           # doctest: +SKIP
     """
     from tfq.data import pack_model_inputs, representative_dataset
-    from tfq.models import is_quantized_model, is_tf_keras_model, load_model
+    from tfq.interop import load_keras_model
+    from tfq.models import is_quantized_model
     from tfq.observers import create_observer
     from tfq.qat.layers import observing
     from tfq.qat.transform import quantizers_of, rewrite_model
     from tfq.recipes import load_recipe
 
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}. Received: method={method!r}")
-    model = load_model(model)
-    if is_tf_keras_model(model):
-        from tfq.interop import to_keras3
-
-        model = to_keras3(model)
+    get_calibration_method(method, "method").check_params(params, "params")
+    model = load_keras_model(model)
     if not is_quantized_model(model):
         model = rewrite_model(model, load_recipe(recipe if recipe is not None else "int8"))
     data = representative_dataset(representative_data, num_samples, model=model)
@@ -184,5 +216,6 @@ def calibrate(
     for name, observer in observers.items():
         lo, hi = observer.compute_range()
         ranges[name] = (float(np.min(lo)), float(np.max(hi)))
+    _warn_degenerate(observers, ranges, model.name)
     return Calibration(ranges=ranges, method=method, params=dict(params), num_samples=seen,
                        model_name=model.name, seconds=time.perf_counter() - start)

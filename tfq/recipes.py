@@ -31,6 +31,8 @@ from typing import Any, Union
 
 import yaml
 
+from tfq.calibration_methods import calibration_method_names, get_calibration_method
+from tfq.export_modes import export_mode_names, get_export_mode, io_dtype_names
 from tfq.fileio import atomic_write_text
 
 __all__ = [
@@ -49,9 +51,8 @@ __all__ = [
     "save_recipe",
 ]
 
-MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
-CALIBRATION_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
-IO_DTYPES = ("float32", "int8", "uint8", "int16")
+# MODES, CALIBRATION_METHODS and IO_DTYPES are read from the registries at use (module __getattr__
+# below): tfq.export_modes and tfq.calibration_methods, where a new mode or method is one registration.
 DTYPES = ("int8", "int16", "float16", "float32")
 # Methods beyond calibration (see tfq.equalization, tfq.bias_correction, tfq.weight_rounding,
 # tfq.data_free). True picks the default: bias correction empirical with data, analytical with
@@ -59,37 +60,27 @@ DTYPES = ("int8", "int16", "float16", "float32")
 BIAS_CORRECTION = (False, True, "empirical", "analytical")
 WEIGHT_ROUNDING = ("nearest", "adaround", "gptq")
 DATA_FREE = (False, True, "synthetic", "bn_statistics")
-# Modes each method applies to (the others refuse it at construction).
-_METHOD_MODES = {
-    "equalize": ("int8", "int16x8"),
-    "data_free": ("int8", "int16x8"),
-    "bias_correction": ("int8",),
-    "weight_rounding": ("int8",),
+# The methods beyond calibration: a mode that does not honour one refuses it at construction.
+_METHOD_FIELDS = ("equalize", "data_free", "bias_correction", "weight_rounding")
+
+_REGISTRY_CONSTANTS = {
+    "MODES": export_mode_names,
+    "CALIBRATION_METHODS": calibration_method_names,
+    "IO_DTYPES": io_dtype_names,
 }
+
+
+def __getattr__(name: str):
+    """MODES, CALIBRATION_METHODS and IO_DTYPES, read from the registries (registered ones included)."""
+    if name in _REGISTRY_CONSTANTS:
+        return _REGISTRY_CONSTANTS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _INTEGER_DTYPES = {"int8": 8, "int16": 16}  # dtype -> most bits it holds
 _PRESET_DIR = Path(__file__).resolve().parent / "configs"
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _CLASS_PREFIX = "class:"
-
-# Inputs/outputs a mode can have: integer I/O exists only in full-integer models.
-_IO_DTYPES_BY_MODE = {
-    "float": ("float32",),
-    "dynamic": ("float32",),
-    "fp16": ("float32",),
-    "int8": ("float32", "int8", "uint8"),
-    "int16x8": ("float32", "int16"),
-}
-
-# Which kind of dtype each mode stores a tensor in (checked even with
-# allow_non_tflite): (weights dtypes, activations dtypes).
-_DTYPES_BY_MODE = {
-    "float": (("float32",), ("float32",)),
-    "dynamic": (("int8", "int16"), ("float32",)),
-    "fp16": (("float16",), ("float32",)),
-    "int8": (("int8", "int16"), ("int8", "int16")),
-    "int16x8": (("int8", "int16"), ("int8", "int16")),
-}
 
 _ALLOW_NON_TFLITE_HINT = "Set allow_non_tflite=True to simulate it anyway (the model will not export)."
 
@@ -100,10 +91,6 @@ def _quote_all(values: Any) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_bool(owner: str, name: str, value: Any) -> None:
@@ -311,41 +298,18 @@ class Override:
         return _override_from_dict(d, "override")
 
 
-# Allowed calibration parameters per method: name -> (check, description).
-_NUM_BINS = (lambda v: _is_int(v) and v >= 16, "an int >= 16")
-_BATCH_AGGREGATE = (lambda v: v in (None, "median"), "None or 'median'")
-_CALIBRATION_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
-    "minmax": {},
-    "moving_average": {"decay": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")},
-    "kl": {"num_bins": _NUM_BINS, "batch_aggregate": _BATCH_AGGREGATE},
-    "percentile": {
-        "percentile": (lambda v: _is_number(v) and 0 < v <= 100, "a number in (0, 100]"),
-        "num_bins": _NUM_BINS,
-        "batch_aggregate": _BATCH_AGGREGATE,
-    },
-    "mse": {"num_bins": _NUM_BINS, "batch_aggregate": _BATCH_AGGREGATE},
-}
-
-
 def _default_weights(mode: str) -> TensorSpec:
-    if mode == "fp16":
-        return TensorSpec(dtype="float16")
-    if mode == "float":
-        return TensorSpec(dtype="float32")
-    return TensorSpec()  # int8, symmetric, per-channel, narrow range: TFLite's int8 weights.
+    return TensorSpec(**get_export_mode(mode).default_weights)
 
 
 def _default_activations(mode: str) -> TensorSpec:
-    if mode == "int8":
-        return TensorSpec(symmetric=False, per_channel=False, narrow_range=False)
-    if mode == "int16x8":
-        return TensorSpec(bits=16, dtype="int16", symmetric=True, per_channel=False)
-    return TensorSpec(dtype="float32")
+    return TensorSpec(**get_export_mode(mode).default_activations)
 
 
 def _check_dtype_kind(mode: str, role: str, spec: TensorSpec, where: str) -> None:
     """Checks that a mode stores `role` tensors in a dtype of the right kind."""
-    allowed = _DTYPES_BY_MODE[mode][0 if role == "weights" else 1]
+    entry = get_export_mode(mode)
+    allowed = entry.weight_dtypes if role == "weights" else entry.activation_dtypes
     if spec.dtype not in allowed:
         hint = " To keep a layer float, list it in float_layers." if spec.dtype.startswith("float") else ""
         raise ValueError(
@@ -463,15 +427,16 @@ class Recipe:
     data_free: Union[bool, str] = False
 
     def __post_init__(self) -> None:
-        _check_choice("Recipe", "mode", self.mode, MODES)
+        _check_choice("Recipe", "mode", self.mode, export_mode_names())
         self._normalize()
-        _check_choice("Recipe", "calibration", self.calibration, CALIBRATION_METHODS)
-        self._check_calibration_params()
-        _check_choice("Recipe", "io_dtype", self.io_dtype, IO_DTYPES)
-        if self.io_dtype not in _IO_DTYPES_BY_MODE[self.mode]:
+        _check_choice("Recipe", "calibration", self.calibration, calibration_method_names())
+        get_calibration_method(self.calibration).check_params(self.calibration_params)
+        _check_choice("Recipe", "io_dtype", self.io_dtype, io_dtype_names())
+        mode_io = get_export_mode(self.mode).io_dtypes
+        if self.io_dtype not in mode_io:
             raise ValueError(
                 f"With mode={self.mode!r}, io_dtype must be one of "
-                f"{_quote_all(_IO_DTYPES_BY_MODE[self.mode])} (integer inputs/outputs exist only in "
+                f"{_quote_all(mode_io)} (integer inputs/outputs exist only in "
                 f"full-integer models: int8/uint8 with mode='int8', int16 with mode='int16x8'). "
                 f"Received: io_dtype={self.io_dtype!r}"
             )
@@ -500,8 +465,9 @@ class Recipe:
             if not any(value is a if isinstance(a, bool) else (isinstance(value, str) and value == a)
                        for a in allowed):
                 raise ValueError(f"Recipe.{name} must be one of {_quote_all(allowed)}. Received: {name}={value!r}")
-        for name, modes in _METHOD_MODES.items():
+        for name in _METHOD_FIELDS:
             value = getattr(self, name)
+            modes = [m for m in export_mode_names() if name in get_export_mode(m).honours]
             if value not in (False, "nearest") and self.mode not in modes:
                 raise ValueError(
                     f"Recipe.{name}={value!r} applies to mode {' or '.join(map(repr, modes))}, not "
@@ -573,22 +539,6 @@ class Recipe:
                         f"Recipe.{name}[{i}] must be a {item_type.__name__}. Received: {item!r}"
                     )
             object.__setattr__(self, name, tuple(value))
-
-    def _check_calibration_params(self) -> None:
-        allowed = _CALIBRATION_PARAMS[self.calibration]
-        for key, value in self.calibration_params.items():
-            if key not in allowed:
-                names = _quote_all(sorted(allowed)) if allowed else "none"
-                raise ValueError(
-                    f"Unknown calibration_params key {key!r} for calibration={self.calibration!r}. "
-                    f"Allowed keys: {names}. Received: {key}={value!r}"
-                )
-            check, description = allowed[key]
-            if not check(value):
-                raise ValueError(
-                    f"calibration_params[{key!r}] for calibration={self.calibration!r} must be "
-                    f"{description}. Received: {key}={value!r}"
-                )
 
     def _check_specs(self) -> None:
         specs = [("weights", self.weights, "weights"), ("activations", self.activations, "activations")]
