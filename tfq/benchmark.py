@@ -36,13 +36,15 @@ import time
 
 import numpy as np
 
+from tfq.calibration_methods import calibration_method_names
+
 __all__ = ["run_benchmark", "bench_methods", "MODELS", "METHOD_ROWS", "SEQUENCE_MODELS"]
 
 MODELS = {
     "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
     "mobilenet_style": dict(builder="mobilenet_style", image_size=32, epochs=15),
 }
-PTQ_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
+PTQ_METHODS = calibration_method_names()  # every registered calibration method gets a row
 # Models on the digits read as 8 rows of 8 pixels: tokens for a transformer, time steps for an LSTM.
 SEQUENCE_MODELS = {
     "digits_transformer": dict(builder="digits_transformer", epochs=20),

@@ -45,7 +45,9 @@ def _with_list_inputs(model: keras.Model) -> keras.Model:
     refuses; the wrapper's inputs keep the dict's names (the ``.tflite`` signature's input names)
     in ``model.inputs`` order, so representative data in that order fits it.
     """
-    structure = model.input if isinstance(model, keras.Model) else None
+    if not isinstance(model, keras.Model) or isinstance(model, keras.Sequential):
+        return model  # a Sequential model has one input (and no .input until called in Keras 3)
+    structure = model.input
     if not isinstance(structure, dict):
         return model
     names = sorted(structure)

@@ -67,10 +67,23 @@ def _fusable_activation(layer) -> str | None:
     return None
 
 
+def copy_layer(layer, config: dict | None = None):
+    """A new layer of ``layer``'s class built from its config (``config`` if given).
+
+    A ``Lambda`` layer is rebuilt with ``safe_mode=False``: its function is the caller's, already
+    running in this process, not code deserialized from a file, so Keras's safe-mode refusal (which
+    would blame "the loading function") does not apply to tfq's internal copies.
+    """
+    config = layer.get_config() if config is None else config
+    if isinstance(layer, keras.layers.Lambda):
+        return layer.__class__.from_config(config, safe_mode=False)
+    return layer.__class__.from_config(config)
+
+
 def _copy_layer(layer):
     if not isinstance(layer, keras.layers.Layer):  # a stateless keras.ops operation node
         return layer
-    return layer.__class__.from_config(layer.get_config())
+    return copy_layer(layer)
 
 
 def _copy_weights(src, dst) -> None:
@@ -124,6 +137,7 @@ class _Rewriter:
         self.producer: dict[int, int] = {}  # id(new tensor) → id(original layer that made it)
         self.consumers: dict[int, list] = collections.defaultdict(list)  # id(new tensor) → original layers
         self.current = None  # the original layer being rewritten
+        self.barrier_names: set[str] = set()
         self.seen: dict[str, str] = {}  # every layer (or inlined op) name the recipe was asked about -> class
         self.alive: list = []  # every new tensor seen, so that no id above is reused during the pass
 
@@ -256,7 +270,7 @@ class _Rewriter:
             kind = "opaque"
 
         if is_float and self.recipe.mode in ("int8", "int16x8") and kind != "passthrough":
-            args = keras.tree.map_structure(self._barrier, args)
+            args = keras.tree.map_structure(lambda t: self._barrier(t, name), args)
         source = args[0] if args else None
         produced = self.produced.get(id(source)) if source is not None and kwargs.get("mask") is None else None
 
@@ -428,12 +442,19 @@ class _Rewriter:
             y = ActivationQuantizer(name=f"{name}_fq", **out_config)(y) if out_config else y
         return y
 
-    def _barrier(self, t):
+    def _barrier(self, t, owner: str = "layer"):
         if not hasattr(t, "dtype") or not str(t.dtype).startswith("float"):
             return t
         key = id(t)
         if key not in self.barriers:
-            self.barriers[key] = FloatBarrier()(t)
+            # Named after the float layer it feeds: Keras's global name counter would make two
+            # conversions of one model differ in their tensor names (and bytes).
+            name, suffix = f"{owner}_float_in", 1
+            while name in self.barrier_names:
+                suffix += 1
+                name = f"{owner}_float_in_{suffix}"
+            self.barrier_names.add(name)
+            self.barriers[key] = FloatBarrier(name=name)(t)
         return self.barriers[key]
 
     def _copy(self, layer):
@@ -546,7 +567,7 @@ def _built_copy(layer, args, kwargs):
     Tracing a copy keeps the caller's sublayers free of the traced graph's nodes.
     """
     try:
-        new = layer.__class__.from_config(layer.get_config())
+        new = copy_layer(layer)
         new(*args, **kwargs)
         new.set_weights(layer.get_weights())
         return new
