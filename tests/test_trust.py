@@ -506,3 +506,15 @@ def test_one_tie_rule_for_quantizing_data():
     detail = {"dtype": np.int8, "quantization": (1.0, 0)}
     assert _quantize_input(x, detail).tolist() == [1, 2, 3, -1, -3]
     assert quantize_to(x, 1.0, 0, np.int8).tolist() == [1, 2, 3, -1, -3]
+
+
+def test_converter_errors_keep_the_cause_not_the_mlir_location():
+    import keras
+
+    inputs = keras.Input((None, 4))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.LSTM(8)(inputs)))
+    with pytest.raises(tfq.ConversionError) as info:
+        tfq.convert(model, "float")
+    assert_one_line(str(info.value), "'tf.TensorListReserve' op requires element_shape to be static",
+                    "recurrent layer", "mode 'float'")
+    assert "loc(" not in str(info.value) and "int8" not in str(info.value)

@@ -41,8 +41,8 @@ _EXPORTS = {
     "save_recipe": "tfq.recipes",
     "tune": "tfq.tuning",
 }
-_SUBMODULES = ("callbacks", "clustering", "datasets", "distillation", "examples", "interop", "observers", "ops",
-               "pruning", "qat", "recipes", "reference")
+_SUBMODULES = ("calibration_methods", "callbacks", "clustering", "datasets", "distillation", "examples", "export_modes",
+               "interop", "observers", "ops", "pruning", "qat", "recipes", "reference")
 
 __all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
 

@@ -380,7 +380,8 @@ class MovingAverageMinMaxObserver(_RangeObserver):
     """
 
     def __init__(self, decay: float = 0.9, symmetric: bool = False, per_channel: bool = False, axis: int = -1):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating)) or not 0.0 < decay < 1.0:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)) \
+                or not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be a number in (0, 1), e.g. 0.9. Received: decay={decay!r}")
         self.decay = float(decay)
         super().__init__(symmetric=symmetric, per_channel=per_channel, axis=axis)
@@ -501,7 +502,7 @@ class HistogramObserver(Observer):
             raise ValueError(f"num_bins must be an int >= 16, e.g. 2048. Received: num_bins={num_bins!r}")
         if (
             isinstance(percentile, bool)
-            or not isinstance(percentile, (int, float, np.floating))
+            or not isinstance(percentile, (int, float, np.integer, np.floating))
             or not 50.0 < percentile <= 100.0
         ):
             raise ValueError(

@@ -34,6 +34,7 @@ import yaml
 from tfq.calibration_methods import calibration_method_names, get_calibration_method
 from tfq.export_modes import export_mode_names, get_export_mode, io_dtype_names
 from tfq.fileio import atomic_write_text
+from tfq.messages import short_repr
 
 __all__ = [
     "BIAS_CORRECTION",
@@ -93,15 +94,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _escape(text: Any) -> str:
+    """``text`` with newlines and other control characters escaped: messages stay on one line."""
+    return str(text).encode("unicode_escape").decode("ascii") if not str(text).isprintable() else str(text)
+
+
 def _check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{owner}.{name} must be a bool (True or False). Received: {name}={value!r}")
+        raise TypeError(f"{owner}.{name} must be a bool (True or False). Received: {name}={short_repr(value)}")
 
 
 def _check_choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(
-            f"{owner}.{name} must be one of {_quote_all(allowed)}. Received: {name}={value!r}"
+            f"{owner}.{name} must be one of {_quote_all(allowed)}. Received: {name}={short_repr(value)}"
         )
 
 
@@ -671,10 +677,10 @@ def _at(path: str) -> Iterator[None]:
 
 def _check_mapping(d: Any, path: str, allowed: tuple[str, ...]) -> None:
     if not isinstance(d, Mapping):
-        raise TypeError(f"{path} must be a mapping. Received: {d!r} ({type(d).__name__})")
+        raise TypeError(f"{path} must be a mapping. Received: {short_repr(d)} ({type(d).__name__})")
     for key in d:
         if key not in allowed:
-            raise ValueError(f"Unknown key '{path}.{key}'. Allowed keys: {', '.join(sorted(allowed))}.")
+            raise ValueError(f"Unknown key '{path}.{_escape(key)}'. Allowed keys: {', '.join(sorted(allowed))}.")
 
 
 def _field_names(cls: type) -> tuple[str, ...]:
@@ -708,7 +714,7 @@ def _recipe_from_dict(d: Any, path: str) -> Recipe:
         kwargs[key] = _optional_spec(d, key, path)
     overrides = d.get("overrides") or []
     if not isinstance(overrides, (list, tuple)):
-        raise TypeError(f"{path}.overrides must be a list. Received: {overrides!r}")
+        raise TypeError(f"{path}.overrides must be a list. Received: {short_repr(overrides)}")
     kwargs["overrides"] = tuple(_override_from_dict(o, f"{path}.overrides[{i}]") for i, o in enumerate(overrides))
     for key in ("float_layers", "calibration_params"):
         if key in kwargs and kwargs[key] is None:  # An empty YAML key reads as None.
@@ -742,7 +748,7 @@ def _read_file(path: Path) -> Any:
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         detail = " ".join(str(e).split())
-        raise ValueError(f"{path}: not valid {kind}: {detail}") from None
+        raise ValueError(f"{_escape(path)}: not valid {kind}: {detail}") from None
 
 
 def load_recipe(source: RecipeSource) -> Recipe:
@@ -774,7 +780,7 @@ def load_recipe(source: RecipeSource) -> Recipe:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             "load_recipe expects a Recipe, a dict, a preset name or a path to a .yaml/.json file. "
-            f"Received: {source!r} ({type(source).__name__})"
+            f"Received: {short_repr(source)} ({type(source).__name__})"
         )
     path = Path(source)
     if isinstance(source, str) and not path.suffix and os.sep not in source:
@@ -785,16 +791,17 @@ def load_recipe(source: RecipeSource) -> Recipe:
             )
         path = _PRESET_DIR / f"{source}.yaml"
     if path.suffix not in _FILE_SUFFIXES:
-        raise ValueError(f"{path}: a recipe file must end in {', '.join(_FILE_SUFFIXES)}. Received: {str(path)!r}")
+        raise ValueError(f"{_escape(path)}: a recipe file must end in {', '.join(_FILE_SUFFIXES)}. "
+                         f"Received: {str(path)!r}")
     if not path.is_file():
         raise FileNotFoundError(f"Recipe file not found: {str(path)!r}. Presets: {', '.join(list_presets())}.")
     data = _read_file(path)
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: a recipe file must hold a mapping of keys. Received: {data!r}")
+        raise ValueError(f"{_escape(path)}: a recipe file must hold a mapping of keys. Received: {short_repr(data)}")
     try:
         return Recipe.from_dict(data)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{_escape(path)}: {e}") from None
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:

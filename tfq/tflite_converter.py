@@ -43,9 +43,9 @@ def summarize_converter_error(text: str, mode: str, model=None) -> str:
         rnns = [f"{layer.name!r} ({type(layer).__name__})" for layer in _all_layers(model)
                 if _is_rnn(layer)] if model is not None else []
         where = f"recurrent layer {rnns[0]}" if rnns else "a recurrent layer"
-        return (f"{where} loops over a sequence of unknown length, which TFLite cannot run as int8 (the converter "
-                f"said: {cause}). Give the model a fixed number of time steps (keras.Input(shape=(steps, "
-                f"features))): tfq then unrolls it.")
+        return (f"{where} loops over a sequence of unknown length, which the TFLite converter cannot export in "
+                f"mode {mode!r} (it said: {cause}). Give the model a fixed number of time steps "
+                f"(keras.Input(shape=(steps, features))): tfq then unrolls it.")
     op = re.search(r"'(tfl?\.\w+)' op", text)
     op_name = op.group(1) if op else None
     if "neither a custom op nor a flex op" in text or "is not supported" in text or "Failed to" in text:
@@ -55,17 +55,40 @@ def summarize_converter_error(text: str, mode: str, model=None) -> str:
     return f"the TFLite converter failed: {cause}"
 
 
-_LOCATION = re.compile(r"^\s*(?:loc\(.*?\)|[^\s:]+:\d+:\d+):\s*")
+def strip_location(text: str) -> str:
+    """``text`` without a leading MLIR location: ``loc(callsite(fused[...] at ...)): cause`` → ``cause``.
+
+    The location's parentheses are matched (quoted strings skipped), so a location of any length
+    goes and the cause stays whole.
+
+    Example:
+        >>> strip_location("loc(callsite(f(x) at g)): op 'tf.A' failed")
+        "op 'tf.A' failed"
+    """
+    text = text.strip()
+    if not text.startswith("loc("):
+        return text
+    depth, quoted = 0, False
+    for i, char in enumerate(text):
+        if char == '"' and text[i - 1] != "\\":
+            quoted = not quoted
+        elif not quoted and char == "(":
+            depth += 1
+        elif not quoted and char == ")":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:].lstrip(" :")
+    return text
 
 
 def first_error_line(text: str, limit: int = 300) -> str:
     """The converter's first error, without the MLIR location that precedes it (at most ``limit`` characters)."""
     for line in text.splitlines():
         if "error:" in line:
-            cause = " ".join(line.split("error:", 1)[1].split())
+            cause = " ".join(strip_location(line.split("error:", 1)[1]).split())
             return cause if len(cause) <= limit else cause[:limit - 1] + "…"
-    lines = [_LOCATION.sub("", line).strip() for line in text.splitlines() if line.strip()]
-    first = lines[0] if lines else "no message"
+    lines = [strip_location(line) for line in text.splitlines() if line.strip()]
+    first = " ".join(lines[0].split()) if lines else "no message"
     return first if len(first) <= limit else first[:limit - 1] + "…"
 
 
