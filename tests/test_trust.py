@@ -518,3 +518,28 @@ def test_converter_errors_keep_the_cause_not_the_mlir_location():
     assert_one_line(str(info.value), "'tf.TensorListReserve' op requires element_shape to be static",
                     "recurrent layer", "mode 'float'")
     assert "loc(" not in str(info.value) and "int8" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_int16x8_cannot_take_tfq_ranges_so_they_are_refused(trained_cnn, digits):
+    """Why int16x8 refuses tfq's calibration methods: the converter accepts 16-bit fake-quant ranges (the
+    int8 route's mechanism), but LiteRT's 16x8 kernels then compute wrong results. If this ever gives the
+    float accuracy, int16x8 can honour calibration= through that route."""
+    import tensorflow as tf
+
+    from tests.conftest import tflite_accuracy
+    from tfq.conversion import _build_recipe, _frozen_int8_model, _keras_converter
+    from tfq.tflite_converter import run_converter
+
+    model, float_accuracy = trained_cnn
+    (x_train, _), (x_test, y_test) = digits
+    recipe = _build_recipe("int16x8", None, "kl", True, "float32", (), None)
+    frozen = _frozen_int8_model(model, recipe, x_train[:200], "kl", {}, False)
+    converter = _keras_converter(frozen)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    content = run_converter(converter, "int16x8", frozen)
+    info = tfq.inspect_tflite(content)
+    assert any(t.dtype == "INT16" for t in info.tensors) and info.num_float_ops == 0  # it converts ...
+    assert tflite_accuracy(content, x_test, y_test) < 0.5 < float_accuracy  # ... but computes wrongly
+    assert tflite_accuracy(tfq.convert(model, "int16x8", x_train[:200]), x_test, y_test) > float_accuracy - 0.02
