@@ -249,8 +249,9 @@ def test_recurrent_layers_with_keras_defaults_convert_to_int8(kind):
     assert sqnr_db(reference, run_tflite(content, x[64:])) >= sqnr_db(reference, run_tflite(plain, x[64:])) - 1.0
     # QAT: the unrolled steps share one set of weights, which trains; the export needs no data.
     qat = tfq.qat.quantize_model(model, calibration_data=x[:64])
-    weights = [w for w in qat.trainable_weights if "recurrent_kernel" in w.path]
-    assert len(weights) == 2  # one recurrent kernel per recurrent layer, shared by its steps
+    weights = [w for w in qat.trainable_weights if "recurrent" in w.path and w.path.endswith("/kernel")]
+    # Recurrent kernels shared by the steps: one per layer (GRU: the gates' and the candidate's).
+    assert len(weights) == 2 * (2 if kind == "GRU" else 1)
     before = weights[0].numpy().copy()
     qat.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     qat.fit(x[:64], np.arange(64) % 10, epochs=1, batch_size=32, verbose=0)
