@@ -232,6 +232,21 @@ def _unrolled_copy(model):
     return copy
 
 
+@pytest.mark.parametrize("mode,atol", [("float", 1e-5), pytest.param("dynamic", 0.02, marks=pytest.mark.slow),
+                                       pytest.param("fp16", 0.01, marks=pytest.mark.slow),
+                                       pytest.param("int16x8", 0.02, marks=pytest.mark.slow)])
+def test_recurrent_layers_export_in_float_modes_too(mode, atol):
+    """The converter cannot lower Keras 3's recurrent loop in any mode: tfq exports an unrolled copy,
+    says so, and leaves the caller's layers as they were."""
+    keras.utils.set_random_seed(0)
+    model = digits_lstm(units=16)
+    x = np.random.default_rng(0).normal(size=(48, 8, 8)).astype("float32")
+    content, caught = tfq_warnings(tfq.convert, model, mode, x if mode == "int16x8" else None)
+    assert any("unrolled over their time steps" in c and mode in c for c in caught)
+    np.testing.assert_allclose(run_tflite(content, x[:16]), model.predict(x[:16], verbose=0), atol=atol)
+    assert not model.get_layer("lstm1").unroll
+
+
 @pytest.mark.parametrize("kind", ["LSTM", pytest.param("GRU", marks=pytest.mark.slow),
                                   pytest.param("SimpleRNN", marks=pytest.mark.slow)])
 def test_recurrent_layers_with_keras_defaults_convert_to_int8(kind):

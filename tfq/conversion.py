@@ -46,7 +46,7 @@ def _summarize_converter_error(text: str, mode: str, model=None) -> str:
         rnns = [f"{layer.name!r} ({type(layer).__name__})" for layer in _all_layers(model)
                 if isinstance(layer, keras.layers.RNN)] if model is not None else []
         where = f"recurrent layer {rnns[0]}" if rnns else "a recurrent layer"
-        return (f"{where} loops over a sequence of unknown length, which TFLite cannot run as int8 (the converter "
+        return (f"{where} loops over a sequence of unknown length, which TFLite cannot run in {mode} (the converter "
                 f"said: {cause}). Give the model a fixed number of time steps (keras.Input(shape=(steps, "
                 f"features))): tfq then unrolls it.")
     op = re.search(r"'(tfl?\.\w+)' op", text)
@@ -355,6 +355,7 @@ def _convert_float_family(model, r: Recipe) -> bytes:
     tf = _tf()
     if is_quantized_model(model):
         model = _strip_quantization(model)
+    model = _with_unrolled_rnns(model, r.mode)
     converter = _keras_converter(model)
     if r.mode == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -362,6 +363,46 @@ def _convert_float_family(model, r: Recipe) -> bytes:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     return _run_converter(converter, r.mode, model)
+
+
+def _with_unrolled_rnns(model, mode: str):
+    """``model`` with its recurrent layers copied as ``unroll=True`` where the number of time steps
+    is static: the converter cannot lower Keras 3's recurrent loop (TensorList ops) in any mode.
+    Other layers are shared, not copied; the caller's model is untouched."""
+    if not isinstance(model, keras.Model):
+        return model
+    loops = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.RNN) and not layer.unroll
+             and _static_steps(layer)]
+    if not loops:
+        return model
+    pairs = []
+
+    def clone(layer):
+        if isinstance(layer, keras.Model) and any(inner in loops for inner in _all_layers(layer)):
+            return keras.models.clone_model(layer, clone_function=clone)
+        if layer in loops:
+            copy = layer.__class__.from_config(dict(layer.get_config(), unroll=True))
+            pairs.append((layer, copy))
+            return copy
+        return layer
+
+    unrolled = keras.models.clone_model(model, clone_function=clone)
+    for layer, copy in pairs:
+        copy.set_weights(layer.get_weights())
+    warnings.warn(
+        f"tfq: {type(loops[0]).__name__} layer(s) {', '.join(repr(layer.name) for layer in loops[:4])} unrolled over "
+        f"their time steps for {mode} export (the converter cannot lower Keras's recurrent loop).",
+        stacklevel=4,
+    )
+    return unrolled
+
+
+def _static_steps(layer) -> bool:
+    try:
+        shape = layer.input.shape
+    except (AttributeError, ValueError):
+        return False
+    return len(shape) >= 2 and shape[1] is not None
 
 
 def _require_data(data, mode):
@@ -387,7 +428,7 @@ def _convert_int16x8(model, r: Recipe, data, report=None) -> bytes:
         data = ptq_methods.calibration_inputs(rewrite_model(model, "int8", warn_unknown=False), r, data, report)
     _require_data(data, "int16x8")
     rep = representative_dataset(data, r.num_calibration_samples, model=None if isinstance(model, str) else model)
-    converter = _keras_converter(model)
+    converter = _keras_converter(_with_unrolled_rnns(model, "int16x8"))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = rep
     converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
