@@ -432,9 +432,50 @@ def _convert_float_family(model, r: Recipe) -> bytes:
     """Modes the TFLite converter makes alone without data (float, fp16, dynamic): the mode's driver."""
     if is_quantized_model(model):
         model = _strip_quantization(model)
+    model = _with_unrolled_rnns(model, r.mode)
     converter = _keras_converter(model)
     get_export_mode(r.mode).configure(converter, r.io_dtype, None)
     return run_converter(converter, r.mode, model)
+
+
+def _with_unrolled_rnns(model, mode: str):
+    """``model`` with its recurrent layers copied as ``unroll=True`` where the number of time steps
+    is static: the converter cannot lower Keras 3's recurrent loop (TensorList ops) in any mode.
+    Other layers are shared, not copied; the caller's model is untouched."""
+    if not isinstance(model, keras.Model):
+        return model
+    loops = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.RNN) and not layer.unroll
+             and _static_steps(layer)]
+    if not loops:
+        return model
+    pairs = []
+
+    def clone(layer):
+        if isinstance(layer, keras.Model) and any(inner in loops for inner in _all_layers(layer)):
+            return keras.models.clone_model(layer, clone_function=clone)
+        if layer in loops:
+            copy = layer.__class__.from_config(dict(layer.get_config(), unroll=True))
+            pairs.append((layer, copy))
+            return copy
+        return layer
+
+    unrolled = keras.models.clone_model(model, clone_function=clone)
+    for layer, copy in pairs:
+        copy.set_weights(layer.get_weights())
+    warnings.warn(
+        f"tfq: {type(loops[0]).__name__} layer(s) {', '.join(repr(layer.name) for layer in loops[:4])} unrolled over "
+        f"their time steps for {mode} export (the converter cannot lower Keras's recurrent loop).",
+        stacklevel=4,
+    )
+    return unrolled
+
+
+def _static_steps(layer) -> bool:
+    try:
+        shape = layer.input.shape
+    except (AttributeError, ValueError):
+        return False
+    return len(shape) >= 2 and shape[1] is not None
 
 
 def _require_data(data, mode):
@@ -460,7 +501,7 @@ def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> 
     _require_data(data, r.mode)
     rep = representative_dataset(data, r.num_calibration_samples,
                                  model=None if isinstance(model, SavedModelPath) else model)
-    converter = _keras_converter(model)
+    converter = _keras_converter(_with_unrolled_rnns(model, r.mode))
     get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
     return run_converter(converter, r.mode, model)
 
