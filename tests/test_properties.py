@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 import tfq
 from tfq.calibration_methods import calibration_method_names, get_calibration_method
-from tfq.export_modes import export_mode_names
 
 # derandomize: the same examples on every run (a reproducible suite); database=None: no .hypothesis folder.
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,

@@ -76,9 +76,6 @@ def _float_layer_patterns(float_layers) -> list[str]:
     return out
 
 
-_layer_patterns = _float_layer_patterns  # the name other modules used
-
-
 def _check_keywords(calibration, calibration_params, per_channel, verbose, output) -> None:
     """Types of the keyword options, checked before any work (one line each)."""
     if not isinstance(calibration, (str, Calibration)):
