@@ -372,7 +372,7 @@ def _tfmot_worker(spec: dict) -> dict:
 
 
 def _compression_row(name, content, float_acc, dense_gzip, x_test, y_test, sample, threads, seconds, **extra) -> dict:
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     info = inspect_tflite(content)
     acc = _tflite_accuracy(content, x_test, y_test)
@@ -487,7 +487,7 @@ def _tfmot_pruning_worker(spec: dict) -> dict:
 
     import tfq
     from tfq import examples
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
     tf_keras.utils.set_random_seed(0)

@@ -180,7 +180,7 @@ def calibrate(
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
         >>> tflite = tfq.convert(model, "int8", calibration=cal)                           # doctest: +SKIP
     """
-    from tfq.data import pack_model_inputs, representative_dataset
+    from tfq.representative import pack_model_inputs, representative_dataset
     from tfq.interop import load_keras_model
     from tfq.models import is_quantized_model
     from tfq.observers import create_observer

@@ -486,7 +486,7 @@ def _require_data(data, mode):
 def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> bytes:
     """Modes whose ranges the TFLite converter chooses from representative data (int16x8): the mode's driver."""
     from tfq import ptq_methods
-    from tfq.data import representative_dataset
+    from tfq.representative import representative_dataset
 
     if is_quantized_model(model):
         model = _strip_quantization(model)
@@ -535,7 +535,7 @@ def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
     calibrates (MinMax) every tensor that has no fake-quant range — the inside of layers tfq keeps
     whole — and keeps float only the ops that have no int8 kernel.
     """
-    from tfq.data import representative_dataset
+    from tfq.representative import representative_dataset
 
     converter = _keras_converter(frozen)
     rep = None if data is None else representative_dataset(data, r.num_calibration_samples, model=frozen)
@@ -582,7 +582,7 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
 
 def _unexpected_float_ops(content: bytes, r: Recipe) -> list:
     """Float compute ops of an INT8 model, unless the recipe keeps some layers float."""
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     if r.float_layers or any(o.float for o in r.overrides):
         return []
@@ -615,7 +615,7 @@ def _all_layers(model):
 def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
     """A SavedModel has no Keras graph to rewrite: the converter's own MinMax calibration is used
     (:func:`_check_options` has refused every option that would need tfq's rewrite)."""
-    from tfq.data import representative_dataset
+    from tfq.representative import representative_dataset
 
     tf = _tf()
     _require_data(data, r.mode)

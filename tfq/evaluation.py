@@ -216,7 +216,7 @@ def _as_arrays(data, what: str = "data") -> tuple[list[np.ndarray], list[str] | 
 
 def _keras_input_order(name: str, model, arrays, names) -> list[np.ndarray]:
     """The data in ``model.inputs`` order, checked against the input shapes."""
-    from tfq.data import model_input_specs
+    from tfq.representative import model_input_specs
 
     specs = model_input_specs(model)
     if len(specs) != len(arrays):
@@ -332,7 +332,7 @@ class _Runner:
         gzipped, and the main kernels of the weighted layers as computed with (per last axis).
         """
         from tfq._compression import keras_kernels, strip_all, weight_stats
-        from tfq.inspect import gzip_size, inspect_tflite
+        from tfq.tflite_info import gzip_size, inspect_tflite
 
         if self.keras_model is not None:
             weights = strip_all(self.keras_model).get_weights()
@@ -344,7 +344,7 @@ class _Runner:
                     max_distinct_per_channel=info.max_distinct_per_channel)
 
     def keras_input_names(self) -> list[str] | None:
-        from tfq.data import model_input_specs
+        from tfq.representative import model_input_specs
 
         return [s[0] for s in model_input_specs(self.keras_model)] if self.keras_model is not None else None
 
@@ -849,8 +849,8 @@ def layer_errors(
         >>> errors.outliers[0]["tensor"]                                   # doctest: +SKIP
     """
     from tfq.conversion import convert
-    from tfq.data import model_input_specs
-    from tfq.inspect import inspect_tflite
+    from tfq.representative import model_input_specs
+    from tfq.tflite_info import inspect_tflite
 
     if is_tf_keras_model(keras_model):
         from tfq.interop import load_keras_model

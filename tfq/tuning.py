@@ -162,7 +162,7 @@ def _weighted_layer_names(model) -> list[str]:
 
 def _int8_weight_fraction(content: bytes) -> float:
     """Share of weight elements (constant tensors, biases excluded) stored as int8."""
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     info = inspect_tflite(content)
     int8 = other = 0
@@ -589,7 +589,7 @@ def tune(
         >>> result.save("tuned/")                                                     # doctest: +SKIP
     """
     import tfq
-    from tfq.data import representative_dataset
+    from tfq.representative import representative_dataset
     from tfq.interop import load_keras_model
 
     if output_dir is not None:

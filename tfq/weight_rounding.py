@@ -551,7 +551,7 @@ def round_weights(model, data, method: str, *, num_samples: int | None = None, s
     Example:
         >>> results = round_weights(frozen, x_train[:256], "gptq")     # doctest: +SKIP
     """
-    from tfq.data import representative_dataset
+    from tfq.representative import representative_dataset
     from tfq.qat.transform import quantized_layers_of
 
     if method not in WEIGHT_ROUNDING_METHODS:

@@ -156,7 +156,7 @@ def _extract_inputs(element: Any, num_inputs: int | None) -> Any:
 
 
 def _tensorflow() -> Any:
-    """The `tensorflow` module if it has been imported, else None (tfq.data never imports it)."""
+    """The `tensorflow` module if it has been imported, else None (tfq.representative never imports it)."""
     return sys.modules.get("tensorflow")
 
 
