@@ -13,7 +13,7 @@ import pytest
 
 from tfq.conversion import convert
 from tfq.evaluation import evaluate, layer_errors, sqnr_db
-from tfq.inspect import inspect_tflite
+from tfq.tflite_info import inspect_tflite
 from tfq.report import LayerErrorReport, Report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

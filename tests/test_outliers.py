@@ -90,7 +90,7 @@ def test_find_outlier_samples_against_a_direct_computation():
     sparse = np.zeros(50)
     sparse[3] = 1.0
     assert not find_outlier_samples({"s": (np.zeros(50), sparse)})
-    with pytest.raises(ValueError, match=r"outlier_factor must be a number > 1.*Received: 1"):
+    with pytest.raises(ValueError, match=r"factor must be a number > 1.*Received: factor=1"):
         find_outlier_samples(ranges, factor=1)
 
 
@@ -145,18 +145,14 @@ def test_robust_minmax_is_minmax_without_the_samples_set_aside(trained_cnn, corr
     assert loaded.outlier_samples == robust.outlier_samples and loaded.ranges == robust.ranges
 
 
-def test_robust_minmax_options_are_checked(trained_cnn, corrupt):
+def test_robust_minmax_is_the_default_everywhere_and_takes_no_parameter(trained_cnn, corrupt):
     model, _ = trained_cnn
-    with pytest.raises(ValueError, match=r"robust_minmax' takes only outlier_factor.*\['num_bins'\]"):
-        tfq.calibrate(model, corrupt[:20], num_bins=128)
-    with pytest.raises(ValueError, match=r"outlier_factor must be a number > 1.*Received: 0.5"):
-        tfq.calibrate(model, corrupt[:20], outlier_factor=0.5)
-    with pytest.raises(ValueError, match=r"calibration_params\['outlier_factor'\].*a number > 1"):
-        tfq.Recipe(calibration_params={"outlier_factor": "8"})
     assert tfq.Recipe().calibration == "robust_minmax" == tfq.load_recipe("int8").calibration
-    # A higher threshold keeps them (the ×100 samples reach 78–128× here).
-    cal, messages = _warnings(tfq.calibrate, model, corrupt, outlier_factor=500.0)
-    assert not messages and cal.params == {"outlier_factor": 500.0}
+    assert tfq.calibrate(model, corrupt[:20]).method == "robust_minmax"
+    with pytest.raises(ValueError, match=r"Unknown params key 'num_bins' for calibration='robust_minmax'.*none"):
+        tfq.calibrate(model, corrupt[:20], num_bins=128)
+    with pytest.raises(ValueError, match=r"Unknown calibration_params key 'percentile'.*robust_minmax"):
+        tfq.convert(model, "int8", corrupt[:20], calibration_params={"percentile": 99.0})
 
 
 def test_default_convert_within_half_a_point_on_corrupt_digits(trained_cnn, corrupt, digits):

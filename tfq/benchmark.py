@@ -42,6 +42,8 @@ import time
 
 import numpy as np
 
+from tfq.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names
+
 __all__ = ["run_benchmark", "bench_methods", "calibration_markdown", "MODELS", "METHOD_ROWS", "PTQ_VARIANTS",
            "SEQUENCE_MODELS"]
 
@@ -49,16 +51,10 @@ MODELS = {
     "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
     "mobilenet_style": dict(builder="mobilenet_style", image_size=32, epochs=15),
 }
-# (row name, calibration, calibration_params); the first is tfq's default.
-PTQ_VARIANTS = (
-    ("tfq_robust_minmax", "robust_minmax", None),
-    ("tfq_minmax", "minmax", None),
-    ("tfq_moving_average", "moving_average", None),
-    ("tfq_kl", "kl", None),
-    ("tfq_percentile", "percentile", None),
-    ("tfq_mse", "mse", None),
-    ("tfq_mse_batch_median", "mse", {"batch_aggregate": "median"}),
-)
+# (row name, calibration, calibration_params): tfq's default first, then every other registered method.
+PTQ_VARIANTS = tuple((f"tfq_{m}", m, None) for m in (DEFAULT_CALIBRATION, *(
+    m for m in calibration_method_names() if m != DEFAULT_CALIBRATION))) + (
+    ("tfq_mse_batch_median", "mse", {"batch_aggregate": "median"}),)
 PTQ_METHODS = tuple(dict.fromkeys(method for _, method, _ in PTQ_VARIANTS))
 OUTLIER_SAMPLES = (10, 150, 290)  # of the 300 calibration samples, scaled ×100
 # Models on the digits read as 8 rows of 8 pixels: tokens for a transformer, time steps for an LSTM.
@@ -66,7 +62,7 @@ SEQUENCE_MODELS = {
     "digits_transformer": dict(builder="digits_transformer", epochs=20),
     "digits_lstm": dict(builder="digits_lstm", epochs=20),
 }
-SEQUENCE_PTQ_VARIANTS = (("tfq_robust_minmax", "robust_minmax", None), ("tfq_minmax", "minmax", None),
+SEQUENCE_PTQ_VARIANTS = ((f"tfq_{DEFAULT_CALIBRATION}", DEFAULT_CALIBRATION, None), ("tfq_minmax", "minmax", None),
                          ("tfq_kl", "kl", None), ("tfq_mse", "mse", None))
 # Rows of the methods section: (name, tfq.convert keywords); data_free rows get no data.
 METHOD_ROWS = (
@@ -367,10 +363,7 @@ def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log, 
     log(f"{key}: training float model ({epochs} epochs)")
     examples.train_model(model, x_train, y_train, epochs=epochs, seed=0)
     float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
-    try:
-        float_tflite = tfq.convert(model, "float")
-    except tfq.ConversionError:  # Keras's default LSTM: the converter needs it unrolled, in float too
-        float_tflite = tfq.convert(_unrolled(model), "float")
+    float_tflite = tfq.convert(model, "float")
     sample = x_test[:1]
     float_latency = _latency_ms(float_tflite, sample, threads)
     result = {"model": key, "params": int(model.count_params()), "input_shape": list(x_train.shape[1:]),
@@ -452,7 +445,7 @@ def _tfmot_worker(spec: dict) -> dict:
 
 
 def _compression_row(name, content, float_acc, dense_gzip, x_test, y_test, sample, threads, seconds, **extra) -> dict:
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     info = inspect_tflite(content)
     acc = _tflite_accuracy(content, x_test, y_test)
@@ -567,7 +560,7 @@ def _tfmot_pruning_worker(spec: dict) -> dict:
 
     import tfq
     from tfq import examples
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
     tf_keras.utils.set_random_seed(0)

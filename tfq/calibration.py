@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from tfq.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.fileio import atomic_write_text
-from tfq.recipes import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 
 __all__ = ["Calibration", "calibrate", "load_calibration"]
 
@@ -116,7 +117,7 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 def _observer_params(method: str, quantizer, params: dict) -> dict:
     out = dict(params)
     out.setdefault("symmetric", quantizer.symmetric)
-    if method in ("kl", "mse"):
+    if get_calibration_method(method).uses_bits:
         out.setdefault("bits", quantizer.bits)
     return out
 
@@ -143,6 +144,41 @@ def _batches(data, batch_size, method: str, samples):
             pending, count = [], 0
     if pending:
         yield [np.concatenate(parts) for parts in zip(*pending)] if len(pending) > 1 else pending[0]
+
+
+def _constant_value(observer):
+    """The single value a tensor took on all the calibration data, or None (from the observer's public state)."""
+    stats = observer.get_state()["stats"]
+    lo, hi = stats.get("min"), stats.get("max")
+    if lo is None or hi is None:
+        return None
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    return float(lo.ravel()[0]) if lo.size and np.all(lo == hi) and np.all(lo == lo.ravel()[0]) else None
+
+
+def _warn_degenerate(observers: dict, ranges: dict, model_name: str) -> None:
+    """One warning listing the tensors that took a single value on the calibration data (constant or all zeros).
+
+    Such a tensor's range is empty (all zeros: widened to :data:`tfq.ops.MIN_RANGE`) or ends at that
+    value: any other value it takes at inference saturates. The layer is the quantizer's name
+    without its ``_fq`` suffix.
+    """
+    degenerate = []
+    for name, observer in observers.items():
+        value = _constant_value(observer)
+        if value is not None or ranges[name][1] - ranges[name][0] <= 0.0:
+            degenerate.append((name, value if value is not None else ranges[name][0]))
+    if not degenerate:
+        return
+    described = ", ".join(f"{name!r} (layer {name.rsplit('_fq', 1)[0]!r}, always {value:g})"
+                          for name, value in degenerate[:6])
+    more = f" and {len(degenerate) - 6} more" if len(degenerate) > 6 else ""
+    warnings.warn(
+        f"tfq.calibrate: {len(degenerate)} tensor(s) of model {model_name!r} took a single value on the calibration "
+        f"data: {described}{more}. Their range is degenerate, so any other value saturates at inference: calibrate "
+        f"on typical inputs, not constant or all-zero ones.",
+        stacklevel=3,
+    )
 
 
 def calibrate(
@@ -174,8 +210,7 @@ def calibrate(
             ``"robust_minmax"``, which do not, 32 for the first pass and then as many as fit
             in about 256 MB of observed activations (at most 1024): fewer, larger passes.
         verbose: show a progress bar.
-        **params: method parameters (``percentile=99.99``, ``decay=0.9``, ``num_bins=2048``,
-            ``outlier_factor=8.0`` for ``"robust_minmax"`` …).
+        **params: method parameters (``percentile=99.99``, ``decay=0.9``, ``num_bins=2048`` …).
 
     Returns:
         A :class:`Calibration`.
@@ -184,30 +219,22 @@ def calibrate(
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
         >>> tflite = tfq.convert(model, "int8", calibration=cal)                           # doctest: +SKIP
     """
-    from tfq.data import pack_model_inputs, representative_dataset
-    from tfq.models import is_quantized_model, is_tf_keras_model, load_model
+    from tfq.interop import load_keras_model
+    from tfq.models import is_quantized_model
     from tfq.observers import MinMaxObserver, create_observer
     from tfq.outliers import DEFAULT_OUTLIER_FACTOR, SampleRanges, find_outlier_samples, warn_outlier_samples
+    from tfq.representative import pack_model_inputs, representative_dataset
     from tfq.qat.layers import observing
     from tfq.qat.transform import quantizers_of, rewrite_model
     from tfq.recipes import load_recipe
 
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}. Received: method={method!r}")
-    model = load_model(model)
-    if is_tf_keras_model(model):
-        from tfq.interop import to_keras3
-
-        model = to_keras3(model)
+    get_calibration_method(method, "method").check_params(params, "params")
+    model = load_keras_model(model)
     if not is_quantized_model(model):
         model = rewrite_model(model, load_recipe(recipe if recipe is not None else "int8"))
     data = representative_dataset(representative_data, num_samples, model=model)
     quantizers = {name: q for name, q in quantizers_of(model).items() if q.mode != "fixed"}
-    robust = method == "robust_minmax"
-    factor = params.pop("outlier_factor", DEFAULT_OUTLIER_FACTOR) if robust else DEFAULT_OUTLIER_FACTOR
-    if robust and params:
-        raise ValueError(f"calibration 'robust_minmax' takes only outlier_factor. Received: {sorted(params)}")
-    find_outlier_samples({}, factor)  # validates the factor before the pass over the data
+    robust = method == DEFAULT_CALIBRATION  # MinMax, the samples far outside the rest set aside
     observers = {
         name: create_observer("minmax", symmetric=q.symmetric) if q.calibration == "minmax" or robust
         else create_observer(method, **_observer_params(method, q, params))
@@ -229,7 +256,7 @@ def calibrate(
     if seen == 0:
         raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
     per_sample = samples.ranges()
-    outliers = find_outlier_samples(per_sample, factor)
+    outliers = find_outlier_samples(per_sample, DEFAULT_OUTLIER_FACTOR)
     warn_outlier_samples(outliers, method, set_aside=robust)
     keep = np.ones(samples.num_samples, dtype=bool)
     keep[list(outliers.indices)] = False
@@ -240,8 +267,7 @@ def calibrate(
             observer.update([per_sample[name][0][keep].min(), per_sample[name][1][keep].max()])
         lo, hi = observer.compute_range()
         ranges[name] = (float(np.min(lo)), float(np.max(hi)))
-    if robust and factor != DEFAULT_OUTLIER_FACTOR:
-        params = dict(params, outlier_factor=factor)
+    _warn_degenerate(observers, ranges, model.name)
     return Calibration(ranges=ranges, method=method, params=dict(params), num_samples=seen,
                        model_name=model.name, seconds=time.perf_counter() - start,
                        outlier_samples=outliers.indices)

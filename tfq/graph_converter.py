@@ -68,7 +68,7 @@ def keras_graph_converter(model: keras.Model):
     Returns:
         A ``tf.lite.TFLiteConverter`` subclass; ``convert()`` returns ``.tflite`` bytes with the serving signature.
     """
-    from tfq.data import pack_model_inputs
+    from tfq.representative import pack_model_inputs
 
     tf = _tf()
     specs = _input_specs(model)

@@ -214,7 +214,7 @@ def find_outlier_samples(ranges: dict, factor: float = DEFAULT_OUTLIER_FACTOR) -
         (3, 7)
     """
     if isinstance(factor, bool) or not isinstance(factor, (int, float, np.floating)) or not factor > 1:
-        raise ValueError(f"outlier_factor must be a number > 1, e.g. {DEFAULT_OUTLIER_FACTOR:g}. Received: {factor!r}")
+        raise ValueError(f"factor must be a number > 1, e.g. {DEFAULT_OUTLIER_FACTOR:g}. Received: factor={factor!r}")
     sizes = {len(lo) for lo, _ in ranges.values()}
     if len(sizes) > 1:
         raise ValueError(f"per-sample ranges must have one entry per sample for every tensor. Received lengths "
@@ -253,7 +253,7 @@ def without_samples(data, indices, num_samples: int | None = None, model=None):
         model: the model the data is for (input order and checks).
 
     Returns:
-        ``data`` itself when ``indices`` is empty, else a :class:`tfq.data.RepresentativeDataset`
+        ``data`` itself when ``indices`` is empty, else a :class:`tfq.representative.RepresentativeDataset`
         that yields the other samples in the same order.
 
     Example:
@@ -261,7 +261,7 @@ def without_samples(data, indices, num_samples: int | None = None, model=None):
         >>> [b[0].ravel().tolist() for b in rep.batches(8)]
         [[0.0, 2.0, 4.0]]
     """
-    from tfq.data import representative_dataset
+    from tfq.representative import representative_dataset
 
     drop = {int(i) for i in indices}
     if not drop:
@@ -285,11 +285,11 @@ def input_outlier_samples(data, factor: float = DEFAULT_OUTLIER_FACTOR) -> Outli
     (a SavedModel, converted by the TFLite converter).
 
     Args:
-        data: a :class:`tfq.data.RepresentativeDataset`.
+        data: a :class:`tfq.representative.RepresentativeDataset`.
         factor: the test's factor.
 
     Example:
-        >>> from tfq.data import representative_dataset
+        >>> from tfq.representative import representative_dataset
         >>> x = np.ones((20, 3), np.float32); x[5] *= 1000
         >>> input_outlier_samples(representative_dataset(x)).indices
         (5,)
