@@ -19,6 +19,9 @@ per sample and tensor.
 
 ``calibration="robust_minmax"`` (tfq's default) sets such samples aside: each range is the
 MinMax range of the other samples; every other method keeps them, and tfq warns either way.
+Calibration uses the factor 8; to test with another, call :func:`find_outlier_samples` on the
+per-sample ranges yourself. Where the TFLite converter calibrates (a SavedModel, int16x8),
+tfq can only see the model inputs: :func:`input_outlier_samples` tests them alone.
 
 Example:
     >>> rec = SampleRanges()
@@ -38,7 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DEFAULT_OUTLIER_FACTOR", "OutlierSamples", "SampleRanges", "find_outlier_samples", "warn_outlier_samples"]
+__all__ = ["DEFAULT_OUTLIER_FACTOR", "OutlierSamples", "SampleRanges", "find_outlier_samples", "input_outlier_samples",
+           "warn_outlier_samples", "without_samples"]
 
 #: ``factor`` of the test: a sample is far outside when its magnitude exceeds this many times the 90th percentile.
 DEFAULT_OUTLIER_FACTOR = 8.0
