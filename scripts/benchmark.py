@@ -1,6 +1,7 @@
 """Benchmark tfq against the plain TFLite converter and tfmot; writes the figures as JSON.
 
     python scripts/benchmark.py --output=results.json [--models=digits_cnn,digits_transformer] [--quick] [--compression]
+        [--timing_repeats=3]
     python scripts/benchmark.py --models= --methods --output=methods.json   # methods beyond calibration only
     python scripts/benchmark.py --models= --nomethods --nocalibration \
         --qat_cost=digits_cnn,mobilenet_v2_a0.35_32px,mobilenet_v2_a1.0_96px --output=qat.json  # QAT cost only
@@ -17,6 +18,8 @@ flags.DEFINE_boolean("quick", False, "Few epochs: a smoke run, figures not meani
 flags.DEFINE_string("markdown", None, "Optional path for a Markdown table of the main figures.")
 flags.DEFINE_boolean("compression", False, "Add the compression section (pruning, clustering, distillation, tfmot "
                      "pruning on the digits CNN; ~4 minutes).")
+flags.DEFINE_integer("timing_repeats", None, "Timed (plain converter, tfq) pairs per calibration method: the time "
+                     "ratios are their median and spread (default 3; 1 with --quick).")
 flags.DEFINE_boolean("methods", True, "Include the methods beyond calibration (equalization, bias correction, "
                      "AdaRound, GPTQ, data-free) on MobileNet-style models, per tensor and per channel, and W4A8.")
 flags.DEFINE_list("qat_cost", ["mobilenet_v2_a0.35_96px"], "QAT step-time ratio and INT8 accuracy, tfq against tfmot "
@@ -39,7 +42,8 @@ def main(argv):
 
     results = run_benchmark(FLAGS.models, num_threads=FLAGS.num_threads, quick=FLAGS.quick,
                             compression=FLAGS.compression, methods=FLAGS.methods, qat_cost=FLAGS.qat_cost,
-                            qat_cost_rounds=FLAGS.qat_cost_rounds, calibration=FLAGS.calibration)
+                            qat_cost_rounds=FLAGS.qat_cost_rounds, calibration=FLAGS.calibration,
+                            timing_repeats=FLAGS.timing_repeats)
     atomic_write_text(FLAGS.output, json.dumps(results, indent=1))
     table = to_markdown(results)
     print(table)

@@ -291,8 +291,10 @@ def test_exact_zeros_do_not_change_kl_or_mse(method):
 
 
 def _kl_reference(counts: np.ndarray, i: int, levels: int, point_mass=None) -> float:
-    """KL(P‖Q) for keeping ``i`` bins, written as a plain loop (the algorithm's textbook form).
+    """Smoothed KL(P‖Q) for keeping ``i`` bins, written as a plain loop (the algorithm's textbook form).
 
+    ``Q`` spreads each level's sum over the occupied bins of ``P`` (the outliers' bin included),
+    and a ``P > 0`` bin with ``Q = 0`` gets ``Q = ε`` counts (MXNet / ONNX Runtime smoothing).
     Point masses are extra atoms: exact (the same in P and Q) inside the range, folded into the
     last bin beyond it.
     """
@@ -303,14 +305,14 @@ def _kl_reference(counts: np.ndarray, i: int, levels: int, point_mass=None) -> f
     q = np.zeros(i)
     level = np.arange(i) * levels // i
     for j in range(levels):
-        members = (level == j) & (c[:i] > 0)
-        if members.any():
-            q[members] = c[:i][members].sum() / members.sum()
+        members = (level == j) & (p > 0)
+        level_sum = c[:i][level == j].sum()
+        if members.any() and level_sum > 0:
+            q[members] = level_sum / members.sum()
+    q[(p > 0) & (q == 0)] = observers.KL_EPSILON
     p, q = np.concatenate([p, s[:i]]), np.concatenate([q, s[:i]])
     p, q = p / p.sum(), q / q.sum()
     support = p > 0
-    if (q[support] == 0).any():
-        return np.inf
     return float(np.sum(p[support] * np.log(p[support] / q[support])))
 
 
@@ -318,12 +320,13 @@ def _kl_reference(counts: np.ndarray, i: int, levels: int, point_mass=None) -> f
 def test_kl_vectorized_matches_loop(seed):
     rng = np.random.default_rng(seed)
     counts = np.bincount(np.abs(rng.standard_normal(20_000) * 40).astype(int), minlength=300)[:300]
-    counts[rng.integers(0, 300, 20)] = 0  # gaps: P > 0 = Q bins make some candidates infinite
+    counts[rng.integers(0, 300, 20)] = 0  # gaps: candidates ending in an empty bin need the smoothing
     counts[-1] += 3  # outliers
     levels = 16
     chosen = observers._kl_threshold_bins(counts, levels)
     reference = [_kl_reference(counts, i, levels) for i in range(levels, 301)]
-    assert _kl_reference(counts, chosen, levels) == pytest.approx(min(reference), rel=1e-9, abs=1e-12)
+    # The vectorized form leaves ε out of Q's total: a relative difference of ε / Σc.
+    assert _kl_reference(counts, chosen, levels) == pytest.approx(min(reference), rel=1e-7, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -337,7 +340,7 @@ def test_kl_with_point_masses_matches_loop(seed):
     last = int(np.flatnonzero(counts + point_mass)[-1]) + 1  # no candidate beyond the data
     reference = [_kl_reference(counts, i, levels, point_mass) for i in range(levels, last + 1)]
     assert _kl_reference(counts, chosen, levels, point_mass) == pytest.approx(
-        min(reference), rel=1e-9, abs=1e-12)
+        min(reference), rel=1e-7, abs=1e-12)
 
 
 def test_split_point_masses_finds_spikes_and_only_spikes():
@@ -681,7 +684,7 @@ def test_create_observer(method, cls, hist_method):
 
 
 def test_create_observer_errors():
-    with pytest.raises(ValueError, match=r"Expected one of \['minmax', 'moving_average', 'kl', 'percentile', 'mse'\]"):
+    with pytest.raises(ValueError, match=r"method must be one of 'minmax', 'moving_average', 'kl', 'percentile', 'mse'"):
         create_observer("entropy")
     with pytest.raises(ValueError, match=r"Unknown parameter\(s\) \['percentile'\] for observer method 'kl'. Allowed:"):
         create_observer("kl", percentile=99.0)
@@ -707,3 +710,59 @@ def test_create_observer_errors():
 def test_histogram_argument_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HistogramObserver(**kwargs)
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """MXNet's ``_smooth_distribution``: ε into empty bins, taken evenly from the occupied ones."""
+    zeros = p == 0
+    eps1 = eps * zeros.sum() / (~zeros).sum()
+    return p + eps * zeros - eps1 * ~zeros
+
+
+def _mxnet_style_threshold(abs_x: np.ndarray, width: float, levels: int = 128) -> float:
+    """Smoothed entropy calibration as MXNet / ONNX Runtime write it, on |x| binned at ``width``.
+
+    Independent of tfq's code: its own histogram (np.histogram), both distributions smoothed
+    exactly (MXNet's ``_smooth_distribution``), KL by scipy-style normalised sums, one candidate
+    at a time.
+    """
+    n = int(np.floor(abs_x.max() / width)) + 1
+    hist = np.histogram(abs_x, bins=np.arange(n + 1) * width)[0].astype(np.float64)
+    best, best_i = np.inf, None
+    for i in range(levels, n + 1):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        occupied = p > 0
+        level = np.arange(i) * levels // i
+        sums = np.bincount(level, weights=hist[:i], minlength=levels)
+        members = np.bincount(level, weights=occupied, minlength=levels)
+        q = np.where(occupied & (members[level] > 0), sums[level] / np.maximum(members[level], 1), 0.0)
+        ps, qs = _smooth(p), _smooth(q)
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        kl = float(np.sum(ps * np.log(ps / qs)))
+        if kl < best:
+            best, best_i = kl, i
+    return best_i * width
+
+
+def test_kl_clips_far_outliers_like_smoothed_entropy_calibration():
+    # 10 values near 60 among 10^6 N(0, 1) values, shuffled and fed in 32 batches as calibrate feeds
+    # them. Unsmoothed, every candidate ending in an empty bin below 60 is infinite and the range kept
+    # the outliers: (-4.68, 60.1). Smoothed (MXNet, ONNX Runtime), the outliers are clipped.
+    rng = np.random.default_rng(0)
+    x = rng.permutation(np.concatenate([rng.standard_normal(10**6), 60 + 0.1 * rng.standard_normal(10)]))
+    obs = HistogramObserver("kl")
+    for batch in np.array_split(x, 32):
+        obs.update(batch)
+    lo, hi = obs.compute_range()
+    assert lo == pytest.approx(x.min())  # the negative side holds no outlier: its data minimum
+    assert 4.0 <= hi <= 8.1, (lo, hi)
+    reference = _mxnet_style_threshold(np.abs(x), obs._width)
+    assert hi == pytest.approx(reference, abs=2 * obs._width)
+    # Symmetric: the same rule on |x|.
+    sym = HistogramObserver("kl", symmetric=True)
+    for batch in np.array_split(x, 32):
+        sym.update(batch)
+    t = sym.compute_range()[1]
+    assert 4.0 <= t <= 8.1
+    assert t == pytest.approx(_mxnet_style_threshold(np.abs(x), sym._width), abs=2 * sym._width)

@@ -73,7 +73,7 @@ def test_preset_loads_round_trips_and_is_documented(name, tmp_path):
 
 def test_preset_contents():
     int8 = load_recipe("int8")
-    assert (int8.mode, int8.io_dtype, int8.calibration) == ("int8", "float32", "minmax")
+    assert (int8.mode, int8.io_dtype, int8.calibration) == ("int8", "float32", "robust_minmax")
     assert int8.weights == TensorSpec(bits=8, symmetric=True, per_channel=True, narrow_range=True)
     assert int8.activations == TensorSpec(symmetric=False, per_channel=False, narrow_range=False)
     assert int8 == Recipe(name="int8")  # The preset spells out the defaults.
@@ -253,11 +253,12 @@ def test_tensor_spec_rejects(kwargs, error, fragments):
         ({"weights": TensorSpec(dtype="float32")}, ["float_layers", "weights.dtype='float32'"]),
         ({"calibration": "entropy"}, ["'minmax', 'moving_average', 'kl', 'percentile', 'mse'", "calibration='entropy'"]),
         ({"calibration": "percentile", "calibration_params": {"percentile": 150}},
-         ["(0, 100]", "percentile=150"]),
+         ["(50, 100]", "percentile=150"]),
         ({"calibration": "percentile", "calibration_params": {"percentile": 0}}, ["percentile=0"]),
         ({"calibration": "moving_average", "calibration_params": {"decay": 1.0}}, ["(0, 1)", "decay=1.0"]),
         ({"calibration": "kl", "calibration_params": {"num_bins": 8}}, [">= 16", "num_bins=8"]),
-        ({"calibration_params": {"decay": 0.9}}, ["'decay'", "calibration='minmax'", "Allowed keys: none"]),
+        ({"calibration_params": {"decay": 0.9}}, ["'decay'", "calibration='robust_minmax'", "Allowed keys: none"]),
+        ({"calibration": "minmax", "calibration_params": {"decay": 0.9}}, ["calibration='minmax'", "Allowed keys: none"]),
         ({"calibration": "kl", "calibration_params": {"percentile": 99.0}}, ["'percentile'", "'num_bins'"]),
         ({"float_layers": ("conv(",)}, ["float_layers[0]", "regular expression", "'conv('"]),
         ({"float_layers": ("class:",)}, ["float_layers[0]", "'class:'"]),
@@ -356,7 +357,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
         ("mode: int8\ncalibration: entropy\n", ["calibration='entropy'", "'minmax'"]),
         ("mode: int8\nweights:\n  symmetric: false\n", ["weights.symmetric=False"]),
         ("mode: dynamic\nio_dtype: uint8\n", ["io_dtype='uint8'"]),
-        ("calibration: percentile\ncalibration_params:\n  percentile: 101\n", ["percentile=101", "(0, 100]"]),
+        ("calibration: percentile\ncalibration_params:\n  percentile: 101\n", ["percentile=101", "(50, 100]"]),
         ("mode: int8\nseed: '3'\n", ["seed='3'"]),
         ("- int8\n", ["mapping"]),
         ("mode: [int8\n", ["not valid YAML"]),

@@ -232,6 +232,21 @@ def _unrolled_copy(model):
     return copy
 
 
+@pytest.mark.parametrize("mode,atol", [("float", 1e-5), pytest.param("dynamic", 0.02, marks=pytest.mark.slow),
+                                       pytest.param("fp16", 0.01, marks=pytest.mark.slow),
+                                       pytest.param("int16x8", 0.02, marks=pytest.mark.slow)])
+def test_recurrent_layers_export_in_float_modes_too(mode, atol):
+    """The converter cannot lower Keras 3's recurrent loop in any mode: tfq exports an unrolled copy,
+    says so, and leaves the caller's layers as they were."""
+    keras.utils.set_random_seed(0)
+    model = digits_lstm(units=16)
+    x = np.random.default_rng(0).normal(size=(48, 8, 8)).astype("float32")
+    content, caught = tfq_warnings(tfq.convert, model, mode, x if mode == "int16x8" else None)
+    assert any("unrolled over their time steps" in c and mode in c for c in caught)
+    np.testing.assert_allclose(run_tflite(content, x[:16]), model.predict(x[:16], verbose=0), atol=atol)
+    assert not model.get_layer("lstm1").unroll
+
+
 @pytest.mark.parametrize("kind", ["LSTM", pytest.param("GRU", marks=pytest.mark.slow),
                                   pytest.param("SimpleRNN", marks=pytest.mark.slow)])
 def test_recurrent_layers_with_keras_defaults_convert_to_int8(kind):
@@ -249,8 +264,9 @@ def test_recurrent_layers_with_keras_defaults_convert_to_int8(kind):
     assert sqnr_db(reference, run_tflite(content, x[64:])) >= sqnr_db(reference, run_tflite(plain, x[64:])) - 1.0
     # QAT: the unrolled steps share one set of weights, which trains; the export needs no data.
     qat = tfq.qat.quantize_model(model, calibration_data=x[:64])
-    weights = [w for w in qat.trainable_weights if "recurrent_kernel" in w.path]
-    assert len(weights) == 2  # one recurrent kernel per recurrent layer, shared by its steps
+    weights = [w for w in qat.trainable_weights if "recurrent" in w.path and w.path.endswith("/kernel")]
+    # Recurrent kernels shared by the steps: one per layer (GRU: the gates' and the candidate's).
+    assert len(weights) == 2 * (2 if kind == "GRU" else 1)
     before = weights[0].numpy().copy()
     qat.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     qat.fit(x[:64], np.arange(64) % 10, epochs=1, batch_size=32, verbose=0)

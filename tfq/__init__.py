@@ -22,8 +22,8 @@ _EXPORTS = {
     "Override": "tfq.recipes",
     "Recipe": "tfq.recipes",
     "Report": "tfq.report",
-    "RepresentativeDataset": "tfq.data",
-    "TFLiteInfo": "tfq.inspect",
+    "RepresentativeDataset": "tfq.representative",
+    "TFLiteInfo": "tfq.tflite_info",
     "TFLiteModel": "tfq.interpreter",
     "TensorSpec": "tfq.recipes",
     "TuneResult": "tfq.tuning",
@@ -32,18 +32,18 @@ _EXPORTS = {
     "equalize": "tfq.equalization",
     "evaluate": "tfq.evaluation",
     "fake_quantize": "tfq.conversion",
-    "inspect_tflite": "tfq.inspect",
+    "inspect_tflite": "tfq.tflite_info",
     "layer_errors": "tfq.evaluation",
     "list_presets": "tfq.recipes",
     "load_calibration": "tfq.calibration",
     "load_recipe": "tfq.recipes",
     "merge_calibrations": "tfq.calibration",
-    "representative_dataset": "tfq.data",
+    "representative_dataset": "tfq.representative",
     "save_recipe": "tfq.recipes",
     "tune": "tfq.tuning",
 }
-_SUBMODULES = ("callbacks", "clustering", "datasets", "distillation", "examples", "interop", "observers", "ops",
-               "pruning", "qat", "recipes", "reference")
+_SUBMODULES = ("calibration_methods", "callbacks", "clustering", "datasets", "distillation", "examples", "export_modes",
+               "interop", "observers", "ops", "outliers", "pruning", "qat", "recipes", "reference")
 
 __all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
 

@@ -11,7 +11,7 @@ import inspect
 import keras
 import numpy as np
 
-from tfq.inspect import distinct_per_channel
+from tfq.tflite_info import distinct_per_channel
 from tfq.qat.transform import _as_functional, _clone_nested, _copy_layer, _walk_layers
 from tfq.recipes import _matches
 

@@ -16,27 +16,46 @@ class UsageError(ValueError):
 
 
 def load_npz(path: str | None, what: str, need_labels: bool = False):
-    """Reads ``x`` (and ``y``) from an .npz file."""
+    """Reads ``x`` (and ``y``) from an .npz file, or ``x`` alone from an .npy file.
+
+    Every failure is a one-line :class:`UsageError` naming the flag and the file: a missing file,
+    a directory, a corrupt or truncated archive, a text or pickled file, an archive without ``x``.
+    """
+    import zipfile
+
     import numpy as np
 
     if not path:
         raise UsageError(f"--{what} is required: an .npz file with 'x'{' and y' if need_labels else ''}.")
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"--{what} file not found: {path!r}")
+    if not p.is_file():
+        raise UsageError(f"--{what}={path!r} is a directory; give an .npz file (np.savez(path, x=..., y=...)).")
+    hint = "save it with np.savez(path, x=..., y=...)"
     try:
-        with np.load(p, allow_pickle=False) as f:
-            keys = list(f.keys())
-            if "x" not in keys:
-                raise UsageError(f"--{what}={path!r} has no array 'x' (found {keys}); save it with np.savez(path, x=..., y=...).")
-            x = f["x"]
-            y = f["y"] if "y" in keys else None
-    except (OSError, ValueError) as err:
-        if isinstance(err, UsageError):
-            raise
-        raise UsageError(f"--{what}={path!r} is not a readable .npz file ({err}).") from None
+        with open(p, "rb") as f:
+            magic = f.read(6)
+        if magic.startswith(b"PK"):
+            with np.load(p, allow_pickle=False) as f:
+                keys = list(f.keys())
+                if "x" not in keys:
+                    raise UsageError(f"--{what}={path!r} has no array 'x' (found {keys}); {hint}.")
+                x = f["x"]
+                y = f["y"] if "y" in keys else None
+        elif magic == b"\x93NUMPY":
+            x, y = np.load(p, allow_pickle=False), None
+        else:
+            raise UsageError(f"--{what}={path!r} is not an .npz (or .npy) file: it looks like "
+                             f"{'text' if magic.isascii() else 'another binary format'}; {hint}.")
+    except UsageError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        detail = " ".join(str(err).split())[:160] or type(err).__name__
+        raise UsageError(f"--{what}={path!r} is not a readable .npz file ({detail}); the file is corrupt or "
+                         f"truncated: {hint}.") from None
     if need_labels and y is None:
-        raise UsageError(f"--{what}={path!r} has no labels 'y'; they are needed here.")
+        raise UsageError(f"--{what}={path!r} has no labels 'y'; they are needed here ({hint}).")
     return x, y
 
 

@@ -4,8 +4,14 @@ For each model (a digits CNN on 8×8 digits, a MobileNet-style net on digits res
 
 * float Keras model and float TFLite: accuracy, size, latency;
 * plain TFLite converter PTQ (representative dataset, MinMax — the converter's only calibration);
-* tfq PTQ with each calibration method (minmax, moving_average, kl, percentile, mse), and with a
-  calibration set containing outliers (3 of the samples scaled ×100) for both tools;
+* tfq PTQ with its default calibration (robust_minmax) and each other method (minmax,
+  moving_average, kl, percentile, mse, mse with the batch median), on clean calibration data and
+  on data with 3 of 300 samples scaled ×100, for both tools: accuracy, whether tfq warned about
+  those samples (the indices it named), and the time of calibrate+convert
+  (``tfq.convert(model, "int8", x, calibration=...)``) as a ratio to the plain converter's time on
+  the same model and data, measured in pairs (converter, then tfq) repeated ``timing_repeats``
+  times in this one process: the median ratio and its spread (min, max) — other processes on the
+  machine slow both alike within a pair;
 * tfq QAT (fine-tune from the float model) and tfmot QAT (tf_keras, in a subprocess with
   ``TF_USE_LEGACY_KERAS=1``, the only way tfmot runs next to Keras 3): accuracy and the ratio of a
   QAT training step's time to a float step's;
@@ -41,20 +47,29 @@ import time
 
 import numpy as np
 
-__all__ = ["run_benchmark", "bench_calibration", "bench_methods", "bench_qat_cost", "MODELS", "METHOD_ROWS",
+from tfq.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names
+
+__all__ = ["run_benchmark", "bench_calibration", "bench_methods", "bench_qat_cost", "calibration_markdown",
+           "calibration_throughput_markdown", "qat_cost_markdown", "MODELS", "METHOD_ROWS", "PTQ_VARIANTS",
            "QAT_COST_MODELS", "SEQUENCE_MODELS"]
 
 MODELS = {
     "digits_cnn": dict(builder="digits_cnn", image_size=8, epochs=10),
     "mobilenet_style": dict(builder="mobilenet_style", image_size=32, epochs=15),
 }
-PTQ_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
+# (row name, calibration, calibration_params): tfq's default first, then every other registered method.
+PTQ_VARIANTS = tuple((f"tfq_{m}", m, None) for m in (DEFAULT_CALIBRATION, *(
+    m for m in calibration_method_names() if m != DEFAULT_CALIBRATION))) + (
+    ("tfq_mse_batch_median", "mse", {"batch_aggregate": "median"}),)
+PTQ_METHODS = tuple(dict.fromkeys(method for _, method, _ in PTQ_VARIANTS))
+OUTLIER_SAMPLES = (10, 150, 290)  # of the 300 calibration samples, scaled ×100
 # Models on the digits read as 8 rows of 8 pixels: tokens for a transformer, time steps for an LSTM.
 SEQUENCE_MODELS = {
     "digits_transformer": dict(builder="digits_transformer", epochs=20),
     "digits_lstm": dict(builder="digits_lstm", epochs=20),
 }
-SEQUENCE_PTQ_METHODS = ("minmax", "kl", "mse")
+SEQUENCE_PTQ_VARIANTS = ((f"tfq_{DEFAULT_CALIBRATION}", DEFAULT_CALIBRATION, None), ("tfq_minmax", "minmax", None),
+                         ("tfq_kl", "kl", None), ("tfq_mse", "mse", None))
 # Rows of the methods section: (name, tfq.convert keywords); data_free rows get no data.
 METHOD_ROWS = (
     ("tfq_minmax", {}),
@@ -107,6 +122,76 @@ def _plain_converter_int8(model, calib: np.ndarray, allow_float: bool = False) -
 
     with contextlib.redirect_stdout(io.StringIO()):
         return converter.convert()
+
+
+def _outlier_calibration(x: np.ndarray) -> np.ndarray:
+    """The first 300 samples of ``x`` with :data:`OUTLIER_SAMPLES` scaled ×100 (a bad crop, a mis-scaled image)."""
+    calib = x[:300].copy()
+    calib[list(OUTLIER_SAMPLES)] *= 100.0
+    return calib
+
+
+def _timed_ptq_rows(model, data, variants, repeats: int, log, label: str, converter_kwargs=None,
+                    converter_model=None) -> list[dict]:
+    """The plain converter and tfq with each calibration variant on ``data``, timed in interleaved pairs.
+
+    For each variant, ``repeats`` times: the plain converter, then ``tfq.convert`` (calibrate and
+    convert); the ratio of the two is taken per pair. Rows: ``{"name", "content", "seconds",
+    "converter_seconds", "time_ratio", "time_ratio_min", "time_ratio_max", "warned_samples"}``
+    (``content`` is popped by the caller; ``warned_samples`` are the indices tfq's warning named).
+    """
+    import warnings
+
+    import tfq
+
+    converter_model = converter_model if converter_model is not None else model
+    converter_kwargs = converter_kwargs or {}
+
+    def plain():
+        start = time.perf_counter()
+        content = _plain_converter_int8(converter_model, data, **converter_kwargs)
+        return content, time.perf_counter() - start
+
+    def run_tfq(method, params):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.perf_counter()
+            content = tfq.convert(model, "int8", data, calibration=method, calibration_params=params)
+            seconds = time.perf_counter() - start
+        named = [str(w.message) for w in caught if "calibration samples lie far outside" in str(w.message)]
+        return content, seconds, _named_indices(named[0]) if named else []
+
+    # Warm-up: the first conversion of a process pays for imports and initialization.
+    plain()
+    run_tfq("minmax", None)
+    rows = []
+    converter_content, converter_times = None, []
+    for name, method, params in variants:
+        log(f"{label}: {name} ({repeats} timed pairs with the plain converter)")
+        ratios, tfq_times, pair_converter_times = [], [], []
+        for _ in range(repeats):
+            converter_content, t_conv = plain()
+            content, t_tfq, warned = run_tfq(method, params)
+            ratios.append(t_tfq / t_conv)
+            tfq_times.append(t_tfq)
+            pair_converter_times.append(t_conv)
+        converter_times += pair_converter_times
+        rows.append({"name": name, "calibration": method, "calibration_params": params or {}, "content": content,
+                     "seconds": float(np.median(tfq_times)), "converter_seconds": float(np.median(pair_converter_times)),
+                     "time_ratio": float(np.median(ratios)), "time_ratio_min": float(np.min(ratios)),
+                     "time_ratio_max": float(np.max(ratios)), "warned_samples": warned, "timing_repeats": repeats})
+    rows.insert(0, {"name": "tflite_converter_minmax", "content": converter_content,
+                    "seconds": float(np.median(converter_times)), "converter_seconds": float(np.median(converter_times)),
+                    "time_ratio": 1.0, "warned_samples": []})
+    return rows
+
+
+def _named_indices(message: str) -> list[int]:
+    """The sample indices a tfq outlier warning lists (``indices 10, 150, 290``)."""
+    import re
+
+    found = re.search(r"indices ([0-9, ]+)", message)
+    return [int(v) for v in found.group(1).split(",") if v.strip()] if found else []
 
 
 def _step_time_ms(model, x, y, batch_size: int = 32, steps: int = 30) -> float:
@@ -192,7 +277,7 @@ def _evaluator_throughput(content: bytes, x_test, y_test, threads: int, repeats:
     }
 
 
-def _bench_model(key: str, spec: dict, threads: int, quick: bool, log) -> dict:
+def _bench_model(key: str, spec: dict, threads: int, quick: bool, log, timing_repeats: int = 3) -> dict:
     import keras
 
     import tfq
@@ -215,25 +300,17 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log) -> dict:
                   "size_bytes": len(float_tflite), "latency_ms": float_latency},
         "ptq": [], "ptq_outliers": [],
     }
-    calib = x_train[:500]
-    outlier_calib = x_train[:300].copy()
-    outlier_calib[[10, 150, 290]] *= 100.0
-    for label, data, rows in (("clean", calib, result["ptq"]), ("outliers", outlier_calib, result["ptq_outliers"])):
-        log(f"{key}: PTQ on {label} calibration data")
-        start = time.perf_counter()
-        content = _plain_converter_int8(model, data)
-        rows.append(_ptq_row("tflite_converter_minmax", content, float_acc, len(float_tflite), float_latency,
-                             x_test, y_test, sample, threads, time.perf_counter() - start))
-        variants = [(m, m, {}) for m in PTQ_METHODS] + [("mse_batch_median", "mse", {"batch_aggregate": "median"})]
-        for name, method, params in variants:
-            if method == "percentile" and label == "outliers":
-                params = {"percentile": 99.0}
-            start = time.perf_counter()
-            cal = tfq.calibrate(model, data, method=method, **params)
-            seconds = time.perf_counter() - start
-            content = tfq.convert(model, "int8", calibration=cal)
-            rows.append(_ptq_row(f"tfq_{name}", content, float_acc, len(float_tflite), float_latency,
-                                 x_test, y_test, sample, threads, seconds))
+    calib = x_train[:500]  # evaluator and QAT
+    for label, data, rows in (("clean", x_train[:300], result["ptq"]), ("outliers", _outlier_calibration(x_train),
+                                                                         result["ptq_outliers"])):
+        # 3 of 300 samples ×100 are 1 % of the values: the percentile must sit below 99.
+        variants = [(n, m, {"percentile": 99.0} if m == "percentile" and label == "outliers" else p)
+                    for n, m, p in PTQ_VARIANTS]
+        for row in _timed_ptq_rows(model, data, variants, timing_repeats, log, f"{key} {label}"):
+            content = row.pop("content")
+            row.update(_ptq_row(row["name"], content, float_acc, len(float_tflite), float_latency, x_test, y_test,
+                                sample, threads, row["seconds"]))
+            rows.append(row)
 
     # Evaluator throughput vs a per-sample interpreter loop, same INT8 model and data.
     int8 = tfq.convert(model, "int8", calib)
@@ -273,7 +350,7 @@ def _unrolled(model):
     return copy
 
 
-def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log) -> dict:
+def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log, timing_repeats: int = 3) -> dict:
     """A transformer or LSTM on the digits' rows: the plain converter against tfq PTQ and QAT.
 
     tfmot has no rule for MultiHeadAttention, LayerNormalization or recurrent layers (tfmot #718,
@@ -300,26 +377,24 @@ def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log) 
               "ptq": []}
     calib = x_train[:300]
     log(f"{key}: plain converter")
-    start = time.perf_counter()
+    converter_model = model
     try:
-        content = _plain_converter_int8(model, calib, allow_float=True)
-        name = "tflite_converter_minmax"
+        _plain_converter_int8(model, calib[:10], allow_float=True)
     except Exception as err:  # noqa: BLE001 - recorded: the converter cannot convert Keras's default LSTM
         result["ptq"].append({"name": "tflite_converter_minmax", "error": str(err).strip().splitlines()[0][:200]})
-        start = time.perf_counter()
-        content = _plain_converter_int8(_unrolled(model), calib, allow_float=True)
-        name = "tflite_converter_minmax_unroll_true"
-    rows = [(name, content, time.perf_counter() - start)]
-    for method in SEQUENCE_PTQ_METHODS:
-        log(f"{key}: tfq PTQ {method}")
-        start = time.perf_counter()
-        content = tfq.convert(model, "int8", calib, calibration=method)
-        rows.append((f"tfq_{method}", content, time.perf_counter() - start))
-    for name, content, seconds in rows:
-        row = _ptq_row(name, content, float_acc, len(float_tflite), float_latency, x_test, y_test, sample, threads,
-                       seconds)
-        row["num_float_ops"] = tfq.inspect_tflite(content).num_float_ops
-        result["ptq"].append(row)
+        converter_model = _unrolled(model)
+    result["ptq_outliers"] = []
+    for label, data, rows in (("clean", calib, result["ptq"]), ("outliers", _outlier_calibration(x_train),
+                                                                 result["ptq_outliers"])):
+        for row in _timed_ptq_rows(model, data, SEQUENCE_PTQ_VARIANTS, timing_repeats, log,
+                                   f"{key} {label}", {"allow_float": True}, converter_model):
+            content = row.pop("content")
+            if row["name"] == "tflite_converter_minmax" and converter_model is not model:
+                row["name"] = "tflite_converter_minmax_unroll_true"
+            row.update(_ptq_row(row["name"], content, float_acc, len(float_tflite), float_latency, x_test, y_test,
+                                sample, threads, row["seconds"]))
+            row["num_float_ops"] = tfq.inspect_tflite(content).num_float_ops
+            rows.append(row)
     log(f"{key}: tfq QAT")
     qat_epochs = 1 if quick else 2
     qat = tfq.qat.quantize_model(model, calibration_data=calib)
@@ -699,14 +774,14 @@ def bench_calibration(num_samples: int = 2000, memory_samples=(5_000, 50_000), q
         num_samples, memory_samples = 256, (512, 1024)
     log(f"calibration throughput ({num_samples} samples per method)")
     result = {"throughput": _calibration_throughput(num_samples), "memory": []}
-    for method in ("minmax", "kl", "mse_batch_median"):
+    for method in ("robust_minmax", "minmax", "kl", "mse_batch_median"):
         for n in memory_samples:
             log(f"calibration memory: {method}, {n} samples (subprocess)")
             result["memory"].append(_in_subprocess("_calibration_memory", method, n))
     return result
 
 
-def calibration_markdown(section: dict) -> str:
+def calibration_throughput_markdown(section: dict) -> str:
     lines = ["| calibration method | samples/s | peak RSS growth by samples |", "|---|---|---|"]
     memory = {}
     for row in section["memory"]:
@@ -718,7 +793,7 @@ def calibration_markdown(section: dict) -> str:
 
 
 def _compression_row(name, content, float_acc, dense_gzip, x_test, y_test, sample, threads, seconds, **extra) -> dict:
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     info = inspect_tflite(content)
     acc = _tflite_accuracy(content, x_test, y_test)
@@ -833,7 +908,7 @@ def _tfmot_pruning_worker(spec: dict) -> dict:
 
     import tfq
     from tfq import examples
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
     tf_keras.utils.set_random_seed(0)
@@ -932,7 +1007,8 @@ def _method_rows(label, model, calib, x_test, y_test, threads, log, quick=False)
             report = tfq.MethodsReport()
             data = None if kwargs.get("data_free") else calib
             start = time.perf_counter()
-            content = tfq.convert(model, "int8", data, per_channel=per_channel, report=report, **kwargs)
+            content = tfq.convert(model, "int8", data, per_channel=per_channel, calibration="minmax", report=report,
+                                  **kwargs)
             row(granularity, name, content, dict(report.seconds), time.perf_counter() - start)
     return rows
 
@@ -999,7 +1075,7 @@ def bench_methods(num_threads: int = 2, quick: bool = False, verbose: bool = Tru
 def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: int = 2, quick: bool = False,
                   verbose: bool = True, compression: bool = False, methods: bool = True,
                   qat_cost=DEFAULT_QAT_COST_MODELS, qat_cost_rounds: int | None = None,
-                  calibration: bool = True) -> dict:
+                  calibration: bool = True, timing_repeats: int | None = None) -> dict:
     """Runs the benchmark and returns the JSON-able results.
 
     Args:
@@ -1014,6 +1090,7 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
             (:func:`bench_qat_cost`); empty to skip.
         qat_cost_rounds: timed epoch pairs per QAT-cost run (None: each model's default).
         calibration: include calibration throughput and memory (:func:`bench_calibration`).
+        timing_repeats: timed (converter, tfq) pairs per calibration variant (default 3; 1 with ``quick``).
     """
     import tensorflow as tf
 
@@ -1030,13 +1107,17 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
     unknown = [m for m in qat_cost if m not in QAT_COST_MODELS]
     if unknown:
         raise ValueError(f"unknown QAT-cost model(s) {unknown}; choose from {list(QAT_COST_MODELS)}")
+    if timing_repeats is None:
+        timing_repeats = 1 if quick else 3
+    if isinstance(timing_repeats, bool) or not isinstance(timing_repeats, int) or timing_repeats < 1:
+        raise ValueError(f"timing_repeats must be an int >= 1. Received: timing_repeats={timing_repeats!r}")
     start = time.perf_counter()
     results = {
         "tfq_version": tfq.__version__, "tensorflow": tf.__version__, "python": platform.python_version(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "num_threads": num_threads,
-        "quick": quick,
-        "models": [_bench_model(m, MODELS[m], num_threads, quick, log) for m in models if m in MODELS],
-        "sequence_models": [_bench_sequence_model(m, SEQUENCE_MODELS[m], num_threads, quick, log)
+        "quick": quick, "timing_repeats": timing_repeats, "outlier_samples": list(OUTLIER_SAMPLES),
+        "models": [_bench_model(m, MODELS[m], num_threads, quick, log, timing_repeats) for m in models if m in MODELS],
+        "sequence_models": [_bench_sequence_model(m, SEQUENCE_MODELS[m], num_threads, quick, log, timing_repeats)
                             for m in models if m in SEQUENCE_MODELS],
     }
     if compression:
@@ -1046,7 +1127,7 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
     if qat_cost:
         results["qat_cost"] = bench_qat_cost(qat_cost, rounds=qat_cost_rounds, quick=quick, verbose=verbose)
     if calibration:
-        results["calibration"] = bench_calibration(quick=quick, verbose=verbose)
+        results["calibration_throughput"] = bench_calibration(quick=quick, verbose=verbose)
     results["seconds"] = time.perf_counter() - start
     return results
 
@@ -1088,10 +1169,41 @@ def to_markdown(results: dict) -> str:
                          f"{100 * row['drop_vs_float']:.2f} | {size} | {latency} |")
     if not results["models"] and not results.get("sequence_models"):
         lines = []
+    else:
+        lines += ["", calibration_markdown(results)]
     for section, table in (("compression", compression_markdown), ("methods", methods_markdown),
-                           ("qat_cost", qat_cost_markdown), ("calibration", calibration_markdown)):
+                           ("qat_cost", qat_cost_markdown), ("calibration_throughput", calibration_throughput_markdown)):
         if results.get(section):
             lines += ["", table(results[section])] if lines else [table(results[section])]
+    return "\n".join(lines)
+
+
+def calibration_markdown(results: dict) -> str:
+    """Every calibration method on clean and corrupt calibration data: INT8 accuracy, the samples tfq's warning
+    named, and calibrate+convert time as a ratio to the plain converter's (median [min–max] of the timed pairs)."""
+    bad = ", ".join(str(i) for i in results.get("outlier_samples", OUTLIER_SAMPLES))
+    lines = [f"| model (float) | method | clean | corrupt (samples {bad} ×100) | samples tfq warned about | "
+             f"time / converter, clean | time / converter, corrupt |", "|---|---|---|---|---|---|---|"]
+
+    def ratio(row):
+        if "time_ratio_min" not in row:
+            return "1 (reference)" if row["name"].startswith("tflite_converter") else "–"
+        return f"{row['time_ratio']:.2f} [{row['time_ratio_min']:.2f}–{row['time_ratio_max']:.2f}]"
+
+    for m in results["models"] + results.get("sequence_models", []):
+        corrupt = {r["name"]: r for r in m.get("ptq_outliers", [])}
+        for row in m["ptq"]:
+            if "error" in row:
+                continue
+            other = corrupt.get(row["name"], {})
+            name = row["name"] + (" (default)" if row["name"] == PTQ_VARIANTS[0][0] else "")
+            if row.get("calibration_params"):
+                name += " " + ", ".join(f"{k}={v}" for k, v in row["calibration_params"].items())
+            warned = ", ".join(map(str, other.get("warned_samples", []))) or "none"
+            corrupt_acc = f"{other['accuracy']:.4f}" if "accuracy" in other else "–"
+            lines.append(f"| {m['model']} ({m['float']['keras_accuracy']:.4f}) | {name} | {row['accuracy']:.4f} | "
+                         f"{corrupt_acc} | {warned if not name.startswith('tflite') else '–'} | {ratio(row)} | "
+                         f"{ratio(other) if other else '–'} |")
     return "\n".join(lines)
 
 

@@ -147,7 +147,7 @@ def _apply(wrapper, delta: np.ndarray) -> bool:
 
 def _empirical_shifts(model, wrappers, data, num_samples, batch_size, references) -> dict:
     """``Δ`` per wrapper: mean of ``x ⊛ ε`` over the calibration data, inputs from the fake-quant model."""
-    from tfq.data import representative_dataset
+    from tfq.representative import representative_dataset
     from tfq.qat.layers import tapping
 
     errors = {}

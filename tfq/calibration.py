@@ -13,6 +13,10 @@ Calibration scales out two ways, with the same result as one process on the same
 * **A tf.distribute strategy**: ``calibrate(..., strategy=strategy)`` splits every batch over
   the replicas, each replica observing its slice, and merges the replicas' observers (across
   workers too, under ``MultiWorkerMirroredStrategy``).
+
+Every tensor is also summarised per sample (:mod:`tfq.outliers`): samples far outside the rest
+are named in one warning, whatever the method, and the default method, ``"robust_minmax"``, sets
+them aside (MinMax over the other samples).
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from tfq.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.fileio import atomic_write_text
-from tfq.recipes import CALIBRATION_METHODS
 
 __all__ = ["Calibration", "calibrate", "load_calibration", "merge_calibrations"]
 
@@ -48,6 +53,8 @@ class Calibration:
         observers: the observers' states by tensor name (:meth:`tfq.observers.Observer.get_state`),
             kept with ``calibrate(..., keep_observers=True)`` so that calibrations of shards can be
             merged (:meth:`merge`); None otherwise.
+        outlier_samples: positions of the samples found far outside the rest (:mod:`tfq.outliers`);
+            ``"robust_minmax"`` set them aside, other methods kept them.
     """
 
     ranges: dict[str, tuple[float, float]]
@@ -57,6 +64,7 @@ class Calibration:
     model_name: str = ""
     seconds: float = 0.0
     observers: dict[str, dict] | None = None
+    outlier_samples: tuple[int, ...] = ()
 
     def __getitem__(self, name: str) -> tuple[float, float]:
         return self.ranges[name]
@@ -74,6 +82,7 @@ class Calibration:
             "seconds": self.seconds,
             "ranges": {k: [float(v[0]), float(v[1])] for k, v in self.ranges.items()},
             **({"observers": self.observers} if self.observers is not None else {}),
+            "outlier_samples": [int(i) for i in self.outlier_samples],
         }
 
     @classmethod
@@ -96,7 +105,8 @@ class Calibration:
                              f"Received: {type(observers).__name__} with keys {sorted(observers)[:5] if isinstance(observers, dict) else ''}")
         return cls(ranges=ranges, method=d.get("method", ""), params=d.get("params", {}),
                    num_samples=int(d.get("num_samples", 0)), model_name=d.get("model_name", ""),
-                   seconds=float(d.get("seconds", 0.0)), observers=observers)
+                   seconds=float(d.get("seconds", 0.0)), observers=observers,
+                   outlier_samples=tuple(int(i) for i in d.get("outlier_samples", ())))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes JSON atomically."""
@@ -162,14 +172,16 @@ def merge_calibrations(calibrations) -> Calibration:
 
 
 def _calibration_from(observers: dict, method: str, params: dict, num_samples: int, model_name: str,
-                      seconds: float, keep_observers: bool) -> Calibration:
+                      seconds: float, keep_observers: bool, outlier_samples=()) -> Calibration:
     ranges = {}
     for name, observer in observers.items():
         lo, hi = observer.compute_range()
         ranges[name] = (float(np.min(lo)), float(np.max(hi)))
+    _warn_degenerate(observers, ranges, model_name)
     states = {name: observer.get_state() for name, observer in observers.items()} if keep_observers else None
     return Calibration(ranges=ranges, method=method, params=dict(params), num_samples=num_samples,
-                       model_name=model_name, seconds=seconds, observers=states)
+                       model_name=model_name, seconds=seconds, observers=states,
+                       outlier_samples=tuple(outlier_samples))
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -190,19 +202,78 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 def _observer_params(method: str, quantizer, params: dict) -> dict:
     out = dict(params)
     out.setdefault("symmetric", quantizer.symmetric)
-    if method in ("kl", "mse"):
+    if get_calibration_method(method).uses_bits:
         out.setdefault("bits", quantizer.bits)
     return out
+
+
+_FIRST_BATCH = 32
+_MAX_BATCH = 1024
+_BATCH_BYTES = 256 << 20  # observed activations per forward pass, for batch_size=None
+
+
+def _batches(data, batch_size, method: str, samples):
+    """Batches of ``batch_size``; with None, 32, then (MinMax methods) as many as fit in ``_BATCH_BYTES``
+    of the activations the first batch showed (``samples.batch_bytes``)."""
+    if batch_size is not None or method not in ("minmax", "robust_minmax"):
+        yield from data.batches(_FIRST_BATCH if batch_size is None else batch_size)
+        return
+    pending, count, target = [], 0, _FIRST_BATCH
+    for batch in data.batches(_FIRST_BATCH):
+        pending.append(batch)
+        count += len(batch[0])
+        if count >= target:
+            yield [np.concatenate(parts) for parts in zip(*pending)] if len(pending) > 1 else pending[0]
+            per_sample = samples.batch_bytes / max(count, 1)
+            target = int(min(max(_BATCH_BYTES // max(per_sample, 1.0), _FIRST_BATCH), _MAX_BATCH))
+            pending, count = [], 0
+    if pending:
+        yield [np.concatenate(parts) for parts in zip(*pending)] if len(pending) > 1 else pending[0]
+
+
+def _constant_value(observer):
+    """The single value a tensor took on all the calibration data, or None (from the observer's public state)."""
+    stats = observer.get_state()["stats"]
+    lo, hi = stats.get("min"), stats.get("max")
+    if lo is None or hi is None:
+        return None
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    return float(lo.ravel()[0]) if lo.size and np.all(lo == hi) and np.all(lo == lo.ravel()[0]) else None
+
+
+def _warn_degenerate(observers: dict, ranges: dict, model_name: str) -> None:
+    """One warning listing the tensors that took a single value on the calibration data (constant or all zeros).
+
+    Such a tensor's range is empty (all zeros: widened to :data:`tfq.ops.MIN_RANGE`) or ends at that
+    value: any other value it takes at inference saturates. The layer is the quantizer's name
+    without its ``_fq`` suffix.
+    """
+    degenerate = []
+    for name, observer in observers.items():
+        value = _constant_value(observer)
+        if value is not None or ranges[name][1] - ranges[name][0] <= 0.0:
+            degenerate.append((name, value if value is not None else ranges[name][0]))
+    if not degenerate:
+        return
+    described = ", ".join(f"{name!r} (layer {name.rsplit('_fq', 1)[0]!r}, always {value:g})"
+                          for name, value in degenerate[:6])
+    more = f" and {len(degenerate) - 6} more" if len(degenerate) > 6 else ""
+    warnings.warn(
+        f"tfq.calibrate: {len(degenerate)} tensor(s) of model {model_name!r} took a single value on the calibration "
+        f"data: {described}{more}. Their range is degenerate, so any other value saturates at inference: calibrate "
+        f"on typical inputs, not constant or all-zero ones.",
+        stacklevel=4,
+    )
 
 
 def calibrate(
     model,
     representative_data,
-    method: str = "kl",
+    method: str = DEFAULT_CALIBRATION,
     *,
     recipe=None,
     num_samples: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     verbose: bool = False,
     keep_observers: bool = False,
     strategy=None,
@@ -215,10 +286,17 @@ def calibrate(
             or used as is if it already is a tfq-quantized model.
         representative_data: arrays, dict of arrays, ``tf.data.Dataset`` or callable (see
             :func:`tfq.representative_dataset`).
-        method: ``"minmax"``, ``"moving_average"``, ``"kl"``, ``"percentile"`` or ``"mse"``.
+        method: ``"robust_minmax"`` (default: MinMax over the samples that are not far outside the
+            rest, see :mod:`tfq.outliers`), ``"minmax"``, ``"moving_average"``, ``"kl"``,
+            ``"percentile"`` or ``"mse"``. Whatever the method, samples far outside the rest are
+            named in one warning.
         recipe: recipe (or preset name) deciding which tensors are quantized; default int8.
         num_samples: cap on samples used (None: all).
-        batch_size: samples per forward pass (per replica with ``strategy``).
+        batch_size: samples per forward pass (per replica with ``strategy``). None (default): 32
+            for the methods whose ranges depend on how the data is split (moving average,
+            histograms) and under a strategy; for ``"minmax"`` and ``"robust_minmax"``, which do
+            not, 32 for the first pass and then as many as fit in about 256 MB of observed
+            activations (at most 1024): fewer, larger passes.
         verbose: show a progress bar.
         keep_observers: keep the observers' states in the result, so that calibrations of
             shards of the data merge (:func:`merge_calibrations`). They are saved with it.
@@ -242,33 +320,36 @@ def calibrate(
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
         >>> tflite = tfq.convert(model, "int8", calibration=cal)                           # doctest: +SKIP
     """
-    from tfq.data import pack_model_inputs, representative_dataset
-    from tfq.models import is_quantized_model, is_tf_keras_model, load_model
-    from tfq.observers import create_observer
+    from tfq.interop import load_keras_model
+    from tfq.models import is_quantized_model
+    from tfq.observers import MinMaxObserver, create_observer
+    from tfq.outliers import DEFAULT_OUTLIER_FACTOR, SampleRanges, find_outlier_samples, warn_outlier_samples
+    from tfq.representative import pack_model_inputs, representative_dataset
     from tfq.qat.layers import observing
     from tfq.qat.transform import quantizers_of, rewrite_model
     from tfq.recipes import load_recipe
 
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}. Received: method={method!r}")
+    get_calibration_method(method, "method").check_params(params, "params")
     if strategy is not None and params.get("batch_aggregate") is not None:
         raise ValueError(
             f"batch_aggregate={params['batch_aggregate']!r} takes one range per batch, but with strategy every replica "
             f"sees a slice of each batch: calibrate without strategy, or without batch_aggregate."
         )
-    model = load_model(model)
-    if is_tf_keras_model(model):
-        from tfq.interop import to_keras3
-
-        model = to_keras3(model)
+    if strategy is not None and method == DEFAULT_CALIBRATION:
+        raise ValueError(
+            f"method={method!r} (the default) tests every sample against the others, which replicas observing "
+            f"slices of a batch cannot do: with strategy pass method='minmax' (or another method)."
+        )
+    model = load_keras_model(model)
     if not is_quantized_model(model):
         model = rewrite_model(model, load_recipe(recipe if recipe is not None else "int8"))
     data = representative_dataset(representative_data, num_samples, model=model)
     quantizers = {name: q for name, q in quantizers_of(model).items() if q.mode != "fixed"}
+    robust = method == DEFAULT_CALIBRATION  # MinMax, the samples far outside the rest set aside
 
     def make_observer(name):
         q = quantizers[name]
-        if q.calibration == "minmax":  # a quantizer that asks for min/max whatever the method
+        if q.calibration == "minmax" or robust:  # a quantizer that asks for min/max whatever the method
             return create_observer("minmax", symmetric=q.symmetric)
         return create_observer(method, **_observer_params(method, q, params))
 
@@ -277,21 +358,37 @@ def calibrate(
     total = len(data)
     bar = keras.utils.Progbar(total, unit_name="sample") if verbose else None
     seen = 0
-    if strategy is None:
-        by_id = {id(q): observers[name] for name, q in quantizers.items()}
-        with observing(by_id):
-            for batch in data.batches(batch_size):
-                model(pack_model_inputs(model, batch), training=False)
-                seen += len(batch[0])
-                if bar is not None:
-                    bar.update(seen)
-    else:
-        seen = _observe_with_strategy(model, data, batch_size, strategy, quantizers, observers, make_observer,
-                                      method, bar)
+    if strategy is not None:
+        seen = _observe_with_strategy(model, data, batch_size or _FIRST_BATCH, strategy, quantizers, observers,
+                                      make_observer, method, bar)
+        if seen == 0:
+            raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
+        return _calibration_from(observers, method, params, seen, model.name, time.perf_counter() - start,
+                                 keep_observers)
+    samples = SampleRanges()  # per-sample ranges of every tensor: the outlier test
+    by_id = {id(q): samples.tap(name, observers[name]) for name, q in quantizers.items()}
+    with observing(by_id):
+        for batch in _batches(data, batch_size, method, samples):
+            samples.begin_batch(len(batch[0]))
+            model(pack_model_inputs(model, batch), training=False)
+            seen += len(batch[0])
+            if bar is not None:
+                bar.update(seen)
     if seen == 0:
         raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
+    per_sample = samples.ranges()
+    outliers = find_outlier_samples(per_sample, DEFAULT_OUTLIER_FACTOR)
+    warn_outlier_samples(outliers, method, set_aside=robust)
+    if robust and outliers:  # MinMax over the samples not set aside (also what a shard's kept state holds)
+        keep = np.ones(samples.num_samples, dtype=bool)
+        keep[list(outliers.indices)] = False
+        for name in list(observers):
+            if name in per_sample:
+                observer = MinMaxObserver(symmetric=observers[name].symmetric)
+                observer.update(np.array([per_sample[name][0][keep].min(), per_sample[name][1][keep].max()]))
+                observers[name] = observer
     return _calibration_from(observers, method, params, seen, model.name, time.perf_counter() - start,
-                             keep_observers)
+                             keep_observers, outlier_samples=outliers.indices)
 
 
 class _ReplicaObservers:
@@ -319,7 +416,7 @@ def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observ
 
     import tensorflow as tf
 
-    from tfq.data import pack_model_inputs
+    from tfq.representative import pack_model_inputs
     from tfq.observers import MinMaxObserver, Observer
     from tfq.qat.layers import observing
 

@@ -14,26 +14,31 @@ Usage::
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 from absl import app, flags
 
 from tfq.app import UsageError, help_requested, load_npz, print_help, quiet_logs
+from tfq.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names
+from tfq.export_modes import export_mode_names, io_dtype_names
 
 __all__ = ["main", "run", "COMMANDS"]
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model", None, "Keras model: .keras/.h5 file or SavedModel directory.")
-flags.DEFINE_string("mode", "int8", "Export mode: float, dynamic, fp16, int8 or int16x8.")
+flags.DEFINE_string("mode", "int8", f"Export mode: {', '.join(export_mode_names())}.")
 flags.DEFINE_string("data", None, ".npz with 'x' (and optionally 'y'): calibration data, or test data for evaluate.")
 flags.DEFINE_string("eval_data", None, ".npz with 'x' and 'y': evaluation data for tune.")
-flags.DEFINE_string("calibration", "minmax", "Calibration: minmax, moving_average, kl, percentile, mse.")
+flags.DEFINE_string("calibration", DEFAULT_CALIBRATION, f"Calibration: {', '.join(calibration_method_names())} "
+                    f"({DEFAULT_CALIBRATION}: MinMax, samples far outside the rest set aside).")
 flags.DEFINE_float("percentile", None, "Percentile for --calibration=percentile (e.g. 99.99).")
 flags.DEFINE_string("recipe", None, "Recipe preset name or .yaml/.json file (overrides --mode etc.).")
-flags.DEFINE_string("io_dtype", "float32", "Model input/output type: float32, int8, uint8, int16.")
+flags.DEFINE_string("io_dtype", "float32", f"Model input/output type: {', '.join(io_dtype_names())}.")
 flags.DEFINE_list("float_layers", [], "Comma-separated layer names/regexes kept float.")
 flags.DEFINE_boolean("per_channel", True, "Per-channel conv weight scales.")
 flags.DEFINE_integer("num_samples", None, "Cap on calibration samples.")
@@ -69,13 +74,40 @@ def _switch(value):
     return _SWITCH.get(value.lower(), value)
 
 
+def model_keys(paths) -> list[str]:
+    """Report names for model files, one per file and all distinct.
+
+    A file is named by its stem; files sharing a stem (``m.keras`` and ``m.tflite``) by their file
+    name; files sharing a name in different folders by their path as given; the same path given
+    twice gets `` #2``, `` #3`` …, so no file is dropped and no model is compared with itself
+    under another's name.
+
+    Example:
+        >>> model_keys(["m.keras", "m.tflite", "a/q.tflite", "b/q.tflite", "x.tflite"])
+        ['m.keras', 'm.tflite', 'a/q.tflite', 'b/q.tflite', 'x']
+    """
+    paths = [Path(p) for p in paths]
+    keys = [p.stem for p in paths]
+    for wider in (lambda p: p.name, lambda p: str(p)):
+        counts = collections.Counter(keys)
+        keys = [wider(p) if counts[k] > 1 else k for p, k in zip(paths, keys)]
+    seen: collections.Counter = collections.Counter()
+    unique = []
+    for key in keys:
+        seen[key] += 1
+        unique.append(key if seen[key] == 1 else f"{key} #{seen[key]}")
+    return unique
+
+
 def _convert() -> int:
     import tfq
+    from tfq.fileio import check_writable
 
     if not FLAGS.model:
         raise UsageError("--model is required (a .keras file or SavedModel directory).")
     if not FLAGS.output:
         raise UsageError("--output is required (where to write the .tflite).")
+    check_writable(FLAGS.output, "--output")
     data = load_npz(FLAGS.data, "data")[0] if FLAGS.data else None
     params = {"percentile": FLAGS.percentile} if FLAGS.percentile is not None else None
     content = tfq.convert(
@@ -95,16 +127,22 @@ def _convert() -> int:
 def _evaluate() -> int:
     import tfq
 
-    x, y = load_npz(FLAGS.data, "data")
-    models = {}
-    if FLAGS.model:
-        from tfq.models import load_model
-
-        models[Path(FLAGS.model).stem] = load_model(FLAGS.model)
-    for path in FLAGS.tflite:
-        models[Path(path).stem] = path
-    if not models:
+    if not FLAGS.model and not FLAGS.tflite:
         raise UsageError("give --model and/or --tflite=a.tflite,b.tflite to evaluate.")
+    if FLAGS.output:
+        from tfq.fileio import check_writable
+
+        check_writable(FLAGS.output, "--output")
+    x, y = load_npz(FLAGS.data, "data")
+    paths = ([FLAGS.model] if FLAGS.model else []) + list(FLAGS.tflite)
+    models = {}
+    for i, (key, path) in enumerate(zip(model_keys(paths), paths)):
+        if i == 0 and FLAGS.model:
+            from tfq.interop import load_keras_model
+
+            models[key] = load_keras_model(path, where="--model")
+        else:
+            models[key] = path
     report = tfq.evaluate(models, x, y, num_threads=FLAGS.num_threads, max_samples=FLAGS.max_samples)
     print(report.to_markdown())
     if FLAGS.output:
@@ -131,8 +169,10 @@ def _inspect() -> int:
 
 
 def _quickstart() -> int:
+    from tfq.fileio import check_writable_dir
     from tfq.quickstart import run_quickstart
 
+    check_writable_dir(FLAGS.output_dir or "tfq_quickstart", "--output_dir")
     report = run_quickstart(output_dir=FLAGS.output_dir or "tfq_quickstart", epochs=FLAGS.epochs,
                             qat_epochs=FLAGS.qat_epochs, seed=FLAGS.seed, verbose=not FLAGS.quiet)
     print(report.to_markdown())
@@ -144,6 +184,10 @@ def _tune() -> int:
 
     if not FLAGS.model:
         raise UsageError("--model is required.")
+    if FLAGS.output_dir:
+        from tfq.fileio import check_writable_dir
+
+        check_writable_dir(FLAGS.output_dir, "--output_dir")
     x_cal, _ = load_npz(FLAGS.data, "data")
     x_val, y_val = load_npz(FLAGS.eval_data, "eval_data", need_labels=True)
     result = tfq.tune(FLAGS.model, x_cal, x_val, y_val, max_drop=FLAGS.max_drop, objective=FLAGS.objective,
@@ -172,9 +216,21 @@ def main(argv) -> int:
     quiet_logs()
     try:
         return _HANDLERS[argv[1]]()
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"tfq {argv[1]}: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, LookupError, ImportError, zipfile.BadZipFile, OSError) as err:
+        # Bad input (values, files, archives): status 2. An I/O failure while working: status 1.
+        status = 1 if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) else 2
+        print(f"tfq {argv[1]}: {_one_line(err)}", file=sys.stderr)
+        return status
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (an OSError as its strerror and file name)."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
+        text = f"{err.strerror}: {err.filename!r}" if err.filename else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 600 else text[:599] + "…"
 
 
 def run_command(command: str | None = None, doc: str | None = None) -> None:

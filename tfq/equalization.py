@@ -35,6 +35,7 @@ import keras
 import numpy as np
 
 from tfq.model_graph import GraphNode, ModelGraph, as_functional
+from tfq.qat.transform import copy_layer
 
 __all__ = ["equalize", "equalization_scales", "absorption_amount", "fold_batchnorm", "channel_ranges",
            "RELU6_MODES"]
@@ -488,14 +489,10 @@ def equalize(
         >>> balanced = tfq.equalize(model)                                     # doctest: +SKIP
         >>> tflite = tfq.convert(balanced, "int8", x_train[:300], per_channel=False)  # doctest: +SKIP
     """
-    from tfq.models import is_tf_keras_model, load_model
+    from tfq.interop import load_keras_model
 
     _check_options(relu6, high_bias_absorption, fold_batchnorm, max_iterations, tolerance)
-    model = load_model(model)
-    if is_tf_keras_model(model):
-        from tfq.interop import to_keras3
-
-        model = to_keras3(model)
+    model = load_keras_model(model)
     if not isinstance(model, keras.Model):
         raise TypeError(f"equalize expects a keras.Model or a path to one. Received: {type(model).__name__}")
     options = dict(relu6=relu6, high_bias_absorption=high_bias_absorption, fold_batchnorm=fold_batchnorm,
@@ -537,7 +534,7 @@ def _equalize_level(model: keras.Model, options: dict, done: dict) -> keras.Mode
             config["max_value"] = None
         elif id(layer) in replace_relu6 and isinstance(layer, keras.layers.Activation):
             config["activation"] = "relu"
-        new = layer.__class__.from_config(config)
+        new = copy_layer(layer, config)
         sources[id(new)] = layer
         return new
 

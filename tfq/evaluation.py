@@ -24,7 +24,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from tfq.input_order import order_by_name
 from tfq.interpreter import TFLiteModel, available_cores, interpreter_class, load_tflite_bytes
+from tfq.models import is_tf_keras_model
+from tfq.ops import round_half_away
 from tfq.report import LayerErrorReport, Report
 
 __all__ = ["evaluate", "layer_errors", "sqnr_db", "METRIC_NAMES"]
@@ -34,7 +37,6 @@ METRIC_NAMES = ("accuracy", "top5", "top_k:K", "mse", "mae")
 
 _DEFAULT_BATCH_SIZE = 64
 _LATENCY_WARMUP = 5
-_NEEDS_DATA = ("int8", "int16x8")
 # Keys every row has; a metric may not take one of these names.
 _ROW_KEYS = ("name", "kind", "num_samples", "agreement", "sqnr_db", "max_abs_diff", "size", "size_kind",
              "size_ratio", "gzip_size", "weight_sparsity", "max_distinct_per_channel", "latency_p50_ms",
@@ -87,7 +89,17 @@ def _class_indices(y_true: np.ndarray, y_pred: np.ndarray, metric: str) -> np.nd
             f"{metric}: labels of shape {y_true.shape} do not fit the first output of shape {y_pred.shape}. "
             f"Pass integer labels of shape {target} or one-hot labels of shape {y_pred.shape}."
         )
-    return y_true.reshape(target).astype(np.int64)
+    classes = y_pred.shape[-1]
+    if y_true.size and not np.issubdtype(y_true.dtype, np.number) and y_true.dtype != bool:
+        raise ValueError(f"{metric}: labels must be class indices (integers). Received dtype {y_true.dtype}.")
+    labels = y_true.reshape(target).astype(np.float64)
+    if labels.size and (not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels))
+                        or labels.min() < 0 or labels.max() >= classes):
+        bad = labels[~(np.isfinite(labels) & (labels == np.round(labels)) & (labels >= 0) & (labels < classes))]
+        raise ValueError(f"{metric}: labels must be class indices in [0, {classes}) for a first output of {classes} "
+                         f"classes; {bad.size} label(s) are not (e.g. {bad.ravel()[0].item():g}). Check the labels "
+                         f"belong to this model (and are not one-hot or 1-based).")
+    return labels.astype(np.int64)
 
 
 def _accuracy(y_true, y_pred) -> float:
@@ -98,6 +110,10 @@ def _accuracy(y_true, y_pred) -> float:
     if y_true.size != y_pred.size:
         raise ValueError(f"accuracy: labels of shape {y_true.shape} do not fit the first output of shape "
                          f"{y_pred.shape}. Pass one 0/1 label per sample.")
+    flat = y_true.ravel().astype(np.float64) if y_true.dtype != object else None
+    if flat is None or (flat.size and (not np.all(np.isfinite(flat)) or flat.min() < 0 or flat.max() > 1)):
+        raise ValueError(f"accuracy: a one-unit output is a binary classifier, so labels must be 0/1 (or "
+                         f"probabilities in [0, 1]). Received values outside [0, 1] (dtype {y_true.dtype}).")
     return float(np.mean((y_pred.ravel() > 0.5) == (y_true.ravel() > 0.5)))
 
 
@@ -111,9 +127,6 @@ def _top_k(y_true, y_pred, k: int) -> float:
     labels = _class_indices(y_true, y_pred, f"top_k:{k}")
     scores = y_pred.reshape(-1, y_pred.shape[-1])
     labels = labels.reshape(-1)
-    if labels.min() < 0 or labels.max() >= scores.shape[1]:
-        raise ValueError(f"top_k:{k}: labels must be class indices in [0, {scores.shape[1]}). "
-                         f"Received values in [{labels.min()}, {labels.max()}].")
     true_scores = scores[np.arange(len(labels)), labels]
     rank = np.sum(scores > true_scores[:, None], axis=1)
     return float(np.mean(rank < k))
@@ -203,7 +216,7 @@ def _as_arrays(data, what: str = "data") -> tuple[list[np.ndarray], list[str] | 
 
 def _keras_input_order(name: str, model, arrays, names) -> list[np.ndarray]:
     """The data in ``model.inputs`` order, checked against the input shapes."""
-    from tfq.data import model_input_specs
+    from tfq.representative import model_input_specs
 
     specs = model_input_specs(model)
     if len(specs) != len(arrays):
@@ -212,12 +225,8 @@ def _keras_input_order(name: str, model, arrays, names) -> list[np.ndarray]:
             f"array(s). Pass one array per model input (a list in model.inputs order, or a dict by name)."
         )
     if names is not None and len(arrays) > 1:
-        spec_names = [s[0] for s in specs]
-        if sorted(names) != sorted(spec_names):
-            raise ValueError(f"data keys {names} do not match the inputs of models[{name!r}]: {spec_names}. "
-                             f"Key the data by input name.")
-        by_name = dict(zip(names, arrays))
-        arrays = [by_name[n] for n in spec_names]
+        arrays = order_by_name(dict(zip(names, arrays)), [s[0] for s in specs], data="the data",
+                               target=f"models[{name!r}]", fix="key the data by input name")
     for array, (input_name, shape, _) in zip(arrays, specs):
         got = array.shape[1:]
         if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
@@ -263,12 +272,9 @@ def _tflite_input_order(where: str, input_names, arrays, names, strict: bool) ->
     """The data in the interpreter's input order: by signature name when it can, else by position."""
     if names is None or input_names is None or len(arrays) == 1:
         return arrays
-    by_name = dict(zip(names, arrays))
-    if sorted(by_name) == sorted(input_names):
-        return [by_name[n] for n in input_names]
-    if strict:
-        raise ValueError(f"data keys {names} do not match the inputs of {where}: {input_names}. "
-                         f"Key the data by the model's input names.")
+    if strict or sorted(names) == sorted(input_names):
+        return order_by_name(dict(zip(names, arrays)), input_names, data="the data", target=where,
+                             fix="key the data by the model's input names")
     return arrays
 
 
@@ -287,14 +293,14 @@ class _Runner:
         self.name = name
         self.keras_model = None
         self.tflite = None
-        if isinstance(model, keras.Model):
-            self.keras_model = model
-            self.kind = "keras"
-            return
-        if isinstance(model, (str, os.PathLike)) and Path(model).suffix in (".keras", ".h5"):
-            from tfq.models import load_model
+        if isinstance(model, keras.Model) or is_tf_keras_model(model) or (
+                isinstance(model, (str, os.PathLike)) and Path(model).suffix in (".keras", ".h5", ".hdf5")):
+            from tfq.interop import load_keras_model
 
-            self.keras_model = load_model(model)
+            try:
+                self.keras_model = load_keras_model(model, where=f"models[{name!r}]")
+            except (ValueError, FileNotFoundError) as err:
+                raise type(err)(f"models[{name!r}]: {err}") from None
             self.kind = "keras"
             return
         if not isinstance(model, (bytes, bytearray, memoryview, str, os.PathLike)):
@@ -326,7 +332,7 @@ class _Runner:
         gzipped, and the main kernels of the weighted layers as computed with (per last axis).
         """
         from tfq._compression import keras_kernels, strip_all, weight_stats
-        from tfq.inspect import gzip_size, inspect_tflite
+        from tfq.tflite_info import gzip_size, inspect_tflite
 
         if self.keras_model is not None:
             weights = strip_all(self.keras_model).get_weights()
@@ -338,7 +344,7 @@ class _Runner:
                     max_distinct_per_channel=info.max_distinct_per_channel)
 
     def keras_input_names(self) -> list[str] | None:
-        from tfq.data import model_input_specs
+        from tfq.representative import model_input_specs
 
         return [s[0] for s in model_input_specs(self.keras_model)] if self.keras_model is not None else None
 
@@ -376,24 +382,24 @@ class _Runner:
 
 def _convert_variants(model, variants, representative_data, verbose) -> dict:
     from tfq.conversion import convert
-    from tfq.recipes import MODES
+    from tfq.export_modes import export_mode_names, get_export_mode
 
     if isinstance(variants, str):
         variants = (variants,)
     variants = tuple(variants)
     if not variants:
-        raise ValueError("variants is empty. Pass at least one of " + ", ".join(map(repr, MODES)) + ".")
+        raise ValueError("variants is empty. Pass at least one of " + ", ".join(map(repr, export_mode_names())) + ".")
     for variant in variants:
-        if variant not in MODES:
-            raise ValueError(f"variants must be among {MODES}. Received: {variant!r}")
-    missing = [v for v in variants if v in _NEEDS_DATA]
+        get_export_mode(variant, "variants value")
+    needs_data = [v for v in variants if get_export_mode(v).needs_data]
+    missing = needs_data
     if missing and representative_data is None:
         raise ValueError(f"variant {missing[0]!r} needs representative_data (calibration inputs, e.g. "
                          f"x_train[:300]): pass it or drop {missing[0]!r} from variants.")
     models = {"keras": model}
     for variant in variants:
         start = time.perf_counter()
-        data = representative_data if variant in _NEEDS_DATA else None
+        data = representative_data if variant in needs_data else None
         models[f"tflite_{variant}"] = convert(model, variant, data)
         if verbose:
             print(f"tfq.evaluate: converted {variant} in {time.perf_counter() - start:.1f} s")
@@ -510,6 +516,10 @@ def evaluate(
     batch_size = batch_size or _DEFAULT_BATCH_SIZE
 
     converted = {}
+    if is_tf_keras_model(models):
+        from tfq.interop import load_keras_model
+
+        models = load_keras_model(models)
     if isinstance(models, keras.Model):
         # Fail on data that does not fit before spending time on conversions.
         _keras_input_order("keras", models, arrays, names)
@@ -752,7 +762,7 @@ def _fake_quantize(x: np.ndarray, tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(x̃, clipped)``: ``x`` quantized with the tensor's own parameters and back, and where it clipped."""
     info = np.iinfo(tensor.dtype.lower())
     scales, zero_points = _broadcast_qparams(tensor, x.ndim)
-    q = np.round(x / scales) + zero_points
+    q = round_half_away(x / scales) + zero_points  # tfq's one tie rule (tfq.ops)
     clipped = (q < info.min) | (q > info.max)
     return (np.clip(q, info.min, info.max) - zero_points) * scales, clipped
 
@@ -839,9 +849,13 @@ def layer_errors(
         >>> errors.outliers[0]["tensor"]                                   # doctest: +SKIP
     """
     from tfq.conversion import convert
-    from tfq.data import model_input_specs
-    from tfq.inspect import inspect_tflite
+    from tfq.representative import model_input_specs
+    from tfq.tflite_info import inspect_tflite
 
+    if is_tf_keras_model(keras_model):
+        from tfq.interop import load_keras_model
+
+        keras_model = load_keras_model(keras_model)
     if not isinstance(keras_model, keras.Model):
         raise TypeError(f"keras_model must be the float Keras model the INT8 model was made from. Received: "
                         f"{type(keras_model).__name__}")

@@ -23,7 +23,7 @@ import re
 
 import keras
 
-__all__ = ["convert_tfmot_model", "is_tfmot_qat_model", "to_keras3"]
+__all__ = ["convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "to_keras3"]
 
 TFMOT_QAT_CLASSES = frozenset({"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"})
 _FUNCTIONAL = "Functional"
@@ -36,9 +36,6 @@ _CODE_LAYERS = {
     "SlicingOpLambda": "a tensor slice (x[...]) on a Keras tensor",
 }
 _REBUILD = "rebuild the model with Keras 3 layers (keras.layers / keras.ops)"
-_TFMOT_MODES = ("int8",)
-_PLAIN_MODES = ("float", "dynamic", "fp16")
-_IO_DTYPES = ("float32", "int8", "uint8")
 
 
 def _class_names(obj) -> set[str]:
@@ -68,6 +65,38 @@ def is_tfmot_qat_model(model) -> bool:
     if not is_tf_keras_model(model):
         return False
     return any(_class_names(layer) & TFMOT_QAT_CLASSES for layer in _sublayers(model))
+
+
+def load_keras_model(model, *, where: str = "model", saved_model: bool = False, tfmot: bool = False):
+    """The one way tfq loads a model: a Keras 3 model from a model, a tf_keras model or a path.
+
+    ``.keras``/``.h5`` files are loaded (:func:`tfq.models.load_model`), tf_keras models rebuilt in
+    Keras 3 (:func:`to_keras3`). A SavedModel directory is returned as a
+    :class:`~tfq.models.SavedModelPath` only with ``saved_model=True``, a tfmot QAT model as is only
+    with ``tfmot=True``; otherwise each is refused with one line.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: an unreadable file, a SavedModel or tfmot model where it does not apply, a
+            tf_keras model Keras 3 cannot rebuild.
+        TypeError: neither a model nor a path.
+
+    Example:
+        >>> model = load_keras_model("model.keras")   # doctest: +SKIP
+    """
+    from tfq.models import SavedModelPath, is_tf_keras_model, load_model
+
+    model = load_model(model)
+    if isinstance(model, SavedModelPath):
+        if saved_model:
+            return model
+        raise ValueError(f"{where} {str(model)!r} is a SavedModel directory, which tfq cannot rewrite or run as Keras; "
+                         f"pass the .keras file (or tfq.convert the SavedModel with the converter's own calibration).")
+    if is_tf_keras_model(model):
+        if tfmot and is_tfmot_qat_model(model):
+            return model
+        return to_keras3(model)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,30 +481,27 @@ def convert_tfmot_model(model, mode: str = "int8", io_dtype: str = "float32") ->
     """
     import tensorflow as tf
 
-    from tfq.conversion import _io_type, _run_converter
+    from tfq.export_modes import export_mode_names, get_export_mode
     from tfq.models import is_tf_keras_model
+    from tfq.tflite_converter import run_converter
 
     if not is_tf_keras_model(model):
         raise TypeError(f"convert_tfmot_model expects a tf_keras (tfmot) model; for Keras 3 models use "
                         f"tfq.convert. Received: {type(model).__name__}")
     qat = is_tfmot_qat_model(model)
-    modes = _TFMOT_MODES if qat else _PLAIN_MODES
+    # A tfmot QAT model carries its ranges: int8 only. A plain model: the modes the converter makes alone.
+    modes = ("int8",) if qat else tuple(m for m in export_mode_names()
+                                        if not get_export_mode(m).needs_data and not get_export_mode(m).tfq_ranges)
     if mode not in modes:
         kind = "a tfmot QAT model" if qat else "a tf_keras model without tfmot quantization"
         hint = ("its fake-quant ops make it an INT8 model" if qat else
                 f"for INT8 use tfq.convert(model, {mode!r}, representative_data), which calibrates it")
         raise ValueError(f"mode must be one of {modes} for {kind} ({hint}). Received: mode={mode!r}")
-    allowed_io = _IO_DTYPES if mode == "int8" else ("float32",)
+    allowed_io = get_export_mode(mode).io_dtypes
     if io_dtype not in allowed_io:
         raise ValueError(f"io_dtype must be one of {allowed_io} in mode {mode!r}. Received: io_dtype={io_dtype!r}")
     function = tf.function(lambda inputs: model(inputs, training=False))
     concrete = function.get_concrete_function(_input_signature(model))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
-    if mode in ("int8", "dynamic", "fp16"):
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "fp16":
-        converter.target_spec.supported_types = [tf.float16]
-    if mode == "int8" and io_dtype != "float32":
-        converter.inference_input_type = _io_type(io_dtype)
-        converter.inference_output_type = _io_type(io_dtype)
-    return _run_converter(converter, mode)
+    get_export_mode(mode).configure(converter, io_dtype, None)  # the mode's driver; ranges from tfmot's ops
+    return run_converter(converter, mode)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tfq.input_order import order_by_name
+from tfq.ops import quantize_to
+
 __all__ = ["TFLiteModel", "load_tflite_bytes", "interpreter_class"]
 
 
@@ -67,9 +70,7 @@ def _quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
         scale, zero_point = detail["quantization"]
         if scale == 0:
             return np.asarray(x).astype(dtype)
-        info = np.iinfo(dtype)
-        q = np.round(np.asarray(x, np.float32) / scale) + zero_point
-        return np.clip(q, info.min, info.max).astype(dtype)
+        return quantize_to(x, scale, zero_point, dtype)
     return np.asarray(x).astype(dtype)
 
 
@@ -180,13 +181,9 @@ class TFLiteModel:
         if not self.input_names:
             raise ValueError("this TFLite model has no signature with input names; pass a list of arrays in "
                              "input order instead of a dict.")
-        unknown = sorted(set(inputs) - set(self.input_names))
-        missing = sorted(set(self.input_names) - set(inputs))
-        if unknown or missing:
-            raise ValueError(f"dict inputs must be exactly the model's inputs {sorted(self.input_names)}; "
-                             f"unknown keys {unknown}, missing {missing}.")
-        by_index = {self.input_names[k]: v for k, v in inputs.items()}
-        return [by_index[d["index"]] for d in self.input_details]
+        name_of = {index: name for name, index in self.input_names.items()}
+        return order_by_name(inputs, [name_of[d["index"]] for d in self.input_details], data="the inputs",
+                             target="the TFLite model", fix="key them by the model's signature input names")
 
     def _set_batch(self, batch: int) -> None:
         if self._batch == batch:

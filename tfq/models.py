@@ -57,10 +57,38 @@ def load_model(model):
         return SavedModelPath(str(path))
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ValueError(f"unsupported model file {str(path)!r}: expected .keras, .h5 or a SavedModel directory.")
+    _check_archive(path)
     import tfq.qat.layers  # noqa: F401 - registers tfq's serializable classes
 
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as err:  # keras raises many types for unreadable files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"could not load model {str(path)!r}: {first}. Is the file complete and a Keras model?") from None
+        if "File not found" in first:  # what Keras says of an archive it cannot read: the file is there
+            first = "Keras cannot read the archive"
+        raise ValueError(f"could not load model {str(path)!r}: {first[:300]}. Is the file complete and a Keras "
+                         f"model?") from None
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_archive(path: Path) -> None:
+    """A ``.keras`` file is a zip archive, a ``.h5`` file an HDF5 file: a one-line error otherwise."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if path.suffix == ".keras":
+            ok = zipfile.is_zipfile(path)
+            kind = "a .keras archive (a zip file)"
+        else:
+            ok = head == _HDF5_SIGNATURE
+            kind = "an HDF5 file"
+    except OSError as err:
+        raise ValueError(f"could not read model {str(path)!r}: {err.strerror or err}.") from None
+    if not ok:
+        size = path.stat().st_size
+        raise ValueError(f"model file {str(path)!r} ({size} bytes) is not {kind}: it is corrupt or truncated. "
+                         f"Save the model again (model.save({path.name!r})).")

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from tfq import ops
+from tfq.calibration_methods import calibration_method_names, get_calibration_method
 
 __all__ = [
     "Observer",
@@ -427,7 +428,8 @@ class MovingAverageMinMaxObserver(_RangeObserver):
     """
 
     def __init__(self, decay: float = 0.9, symmetric: bool = False, per_channel: bool = False, axis: int = -1):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating)) or not 0.0 < decay < 1.0:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)) \
+                or not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be a number in (0, 1), e.g. 0.9. Received: decay={decay!r}")
         self.decay = float(decay)
         super().__init__(symmetric=symmetric, per_channel=per_channel, axis=axis)
@@ -517,8 +519,10 @@ class HistogramObserver(Observer):
       ``Q`` merges the first ``i`` (unfolded) bins into ``L`` levels (bin ``k`` in level
       ``floor(k·L / i)``, as pytorch-quantization does, rather than TensorRT's remainder-in-the-
       last-level) and spreads each level's mass evenly over its non-empty bins;
-      the threshold ``i·w`` minimizes ``KL(P ‖ Q) = Σ P/ΣP · ln((P/ΣP) / (Q/ΣQ))`` (infinite when
-      a ``P > 0`` bin has ``Q = 0``). Evaluated for all candidates at once with cumulative sums.
+      the threshold ``i·w`` minimizes ``KL(P ‖ Q) = Σ P/ΣP · ln((P/ΣP) / (Q/ΣQ))``, smoothed as
+      MXNet and ONNX Runtime do (a ``P > 0`` bin with ``Q = 0`` gets ``Q = 10⁻⁴`` counts, so
+      clipping far outliers into an empty bin has a finite cost; see :func:`_kl_threshold_bins`).
+      Evaluated for all candidates at once with cumulative sums.
       Point masses (a bin far above its neighbours, e.g. one channel's constant output over an
       image's empty background after BN and ReLU6) are split off first and kept exact, like the
       zeros: the grid maps each to a single value, so they lose no information inside the range
@@ -595,7 +599,7 @@ class HistogramObserver(Observer):
             raise ValueError(f"num_bins must be an int >= 16, e.g. 2048. Received: num_bins={num_bins!r}")
         if (
             isinstance(percentile, bool)
-            or not isinstance(percentile, (int, float, np.floating))
+            or not isinstance(percentile, (int, float, np.integer, np.floating))
             or not 50.0 < percentile <= 100.0
         ):
             raise ValueError(
@@ -919,19 +923,33 @@ def _split_point_masses(counts: np.ndarray, ratio: float = 8.0, window: int = 4)
     return c - point_mass, point_mass
 
 
-def _kl_threshold_bins(counts: np.ndarray, levels: int, point_mass: np.ndarray | None = None) -> int:
-    """TensorRT entropy calibration: the number of bins ``i`` minimizing ``KL(P_i ‖ Q_i)``.
+#: Smoothing of the KL divergence (MXNet, ONNX Runtime): a bin where ``P > 0`` and ``Q = 0`` gets
+#: ``Q = KL_EPSILON`` counts instead of an infinite divergence.
+KL_EPSILON = 1e-4
 
-    With ``T = Σ c + Σ s`` (``s`` the point masses), ``C_i = Σ_{k<i} c_k``, ``S_i = Σ_{k<i} s_k``,
-    outliers ``o = Σ_{k≥i} (c_k + s_k)`` and ``Q`` constant over the non-empty bins of each
-    level ``j`` (``Q = A_j / n_j``, level sum over non-empty-bin count)::
+
+def _kl_threshold_bins(counts: np.ndarray, levels: int, point_mass: np.ndarray | None = None) -> int:
+    """Smoothed TensorRT entropy calibration: the number of bins ``i`` minimizing ``KL(P_i ‖ Q_i)``.
+
+    ``P`` is the first ``i`` bins with the outliers ``o = Σ_{k≥i} (c_k + s_k)`` folded into bin
+    ``i-1`` (``s`` the point masses). ``Q`` merges the first ``i`` (unfolded) bins into ``L``
+    levels and spreads each level's sum ``A_j`` evenly over its ``n_j`` occupied bins of ``P``
+    (the outliers' bin counts as occupied, as in MXNet and ONNX Runtime). With ``T = Σ c + Σ s``,
+    ``C_i = Σ_{k<i} c_k``, ``S_i = Σ_{k<i} s_k``::
 
         T·KL = Σ_{k<i} P_k ln P_k - Σ_j A_j ln(A_j / n_j) - o·ln(Q_{i-1}) + T·ln((C_i + S_i) / T)
 
-    where ``P_k = c_k`` except ``P_{i-1} = c_{i-1} + o``. A point mass inside the range is its
-    own atom in both ``P`` and ``Q`` (the grid maps it to one value: no information is lost, so
-    it adds nothing but normalization); beyond the range it is clipped like any outlier. All
-    candidates ``i = levels .. last occupied bin + 1`` are evaluated at once from cumulative sums.
+    where ``P_k = c_k`` except ``P_{i-1} = c_{i-1} + o``, and ``Q_{i-1} = A_{L-1} / n_{L-1}``, or
+    :data:`KL_EPSILON` when that level is empty: the smoothing of MXNet's and ONNX Runtime's
+    entropy calibration, which gives clipping into an empty bin a finite cost. Without it every
+    candidate ending in an empty bin below far outliers is infinite, and the range keeps the
+    outliers (10 values at 60 among 10⁶ N(0, 1) values, fed in batches: ``max = 60.1`` instead of
+    the smallest candidate, 8.0). Smoothing also moves ``ε·zeros/nonzeros`` counts out of every
+    occupied bin and gives each empty bin ``ε``; that changes ``KL`` by ``O(ε/T)`` and is left out.
+    A point mass inside the range is its own atom in both ``P`` and ``Q`` (the grid maps it to
+    one value: no information is lost, so it adds nothing but normalization); beyond the range it
+    is clipped like any outlier. All candidates ``i = L .. last occupied bin + 1`` are evaluated at
+    once from cumulative sums.
     """
     c = np.asarray(counts, dtype=np.float64)
     s = np.zeros_like(c) if point_mass is None else np.asarray(point_mass, dtype=np.float64)
@@ -952,15 +970,16 @@ def _kl_threshold_bins(counts: np.ndarray, levels: int, point_mass: np.ndarray |
     bounds = (np.arange(levels + 1)[None, :] * i[:, None] + levels - 1) // levels
     level_sum = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
     level_nz = cum_nz[bounds[:, 1:]] - cum_nz[bounds[:, :-1]]
-    safe_sum = np.where(level_nz > 0, level_sum, 1.0)
-    safe_nz = np.where(level_nz > 0, level_nz, 1.0)
-    sum_p_log_q = np.sum(np.where(level_nz > 0, level_sum * np.log(safe_sum / safe_nz), 0.0), axis=1)
 
     last = c[i - 1]
     # Suffix sums: exactly 0 with nothing beyond the threshold (total - cum[i] can round to 1e-12).
     beyond = np.concatenate([np.cumsum((c + s)[::-1])[::-1], [0.0]])
     outliers = beyond[i]
-    last_q = safe_sum[:, -1] / safe_nz[:, -1]
+    level_nz[:, -1] += (last == 0) & (outliers > 0)  # bin i-1 (last level) holds the outliers: occupied
+    safe_sum = np.where(level_sum > 0, level_sum, 1.0)
+    safe_nz = np.where(level_nz > 0, level_nz, 1.0)
+    sum_p_log_q = np.sum(np.where(level_sum > 0, level_sum * np.log(safe_sum / safe_nz), 0.0), axis=1)
+    last_q = np.where(level_sum[:, -1] > 0, safe_sum[:, -1] / safe_nz[:, -1], KL_EPSILON)
     sum_p_log_q = sum_p_log_q + np.where(outliers > 0, outliers * np.log(last_q), 0.0)
     folded = last + outliers
     sum_p_log_p = (
@@ -968,9 +987,10 @@ def _kl_threshold_bins(counts: np.ndarray, levels: int, point_mass: np.ndarray |
         - np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
         + folded * np.log(np.where(folded > 0, folded, 1.0))
     )
+    kept = cum[i] + cum_s[i]
     with np.errstate(divide="ignore"):
-        kl = (sum_p_log_p - sum_p_log_q) / total + np.log((cum[i] + cum_s[i]) / total)
-    kl = np.where((last == 0) & (outliers > 0), np.inf, kl)  # P > 0 where Q = 0
+        kl = (sum_p_log_p - sum_p_log_q) / total + np.log(np.where(kept > 0, kept, 1.0) / total)
+    kl = np.where(kept > 0, kl, np.inf)
     return int(i[int(np.argmin(kl))])
 
 
@@ -1037,30 +1057,25 @@ def _register(cls: type[Observer]) -> type[Observer]:
 for _cls in (MinMaxObserver, MovingAverageMinMaxObserver, HistogramObserver):
     _register(_cls)
 
-_COMMON_PARAMS = ("symmetric", "per_channel", "axis")
+for _method in calibration_method_names():  # the built-in methods' observers, validated once, at import
+    _entry = get_calibration_method(_method)
+    if isinstance(_entry.observer, str):
+        _missing = (set(_entry.observer_args) | set(_entry.observer_params)) - set(_init_params(_REGISTRY[_entry.observer]))
+        if _missing:
+            raise TypeError(f"method {_method!r}: {_entry.observer} takes no parameter(s) {sorted(_missing)}")
+del _method, _entry
 
-# method name → (class, fixed arguments, parameters a caller may set)
-_METHOD_TABLE: dict[str, tuple[type[Observer], dict, tuple[str, ...]]] = {
-    "minmax": (MinMaxObserver, {}, _COMMON_PARAMS),
-    "moving_average": (MovingAverageMinMaxObserver, {}, ("decay",) + _COMMON_PARAMS),
-    "kl": (HistogramObserver, {"method": "kl"}, ("num_bins", "bits", "batch_aggregate") + _COMMON_PARAMS),
-    "percentile": (HistogramObserver, {"method": "percentile"},
-                   ("num_bins", "percentile", "batch_aggregate") + _COMMON_PARAMS),
-    "mse": (HistogramObserver, {"method": "mse"}, ("num_bins", "bits", "batch_aggregate") + _COMMON_PARAMS),
-}
-for _name, (_cls, _fixed, _params) in _METHOD_TABLE.items():  # validated once, at import
-    _missing = (set(_fixed) | set(_params)) - set(_init_params(_cls))
-    if _missing:
-        raise TypeError(f"method {_name!r}: {_cls.__name__} takes no parameter(s) {sorted(_missing)}")
-del _cls, _name, _fixed, _params, _missing
 
-#: Method names accepted by :func:`create_observer`.
-OBSERVER_METHODS: tuple[str, ...] = tuple(_METHOD_TABLE)
+def __getattr__(name: str):
+    if name == "OBSERVER_METHODS":  # read at use: methods registered later are included
+        return calibration_method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_observer(method: str, **params) -> Observer:
     """Builds the observer for a calibration method name.
 
+    The method is looked up in :mod:`tfq.calibration_methods` (so registered methods work too):
     ``"minmax"`` → :class:`MinMaxObserver`, ``"moving_average"`` →
     :class:`MovingAverageMinMaxObserver`, ``"kl"`` / ``"percentile"`` / ``"mse"`` →
     :class:`HistogramObserver` with that method.
@@ -1081,14 +1096,11 @@ def create_observer(method: str, **params) -> Observer:
         >>> type(obs).__name__, obs.method, obs.percentile, obs.symmetric
         ('HistogramObserver', 'percentile', 99.9, True)
     """
-    if method not in _METHOD_TABLE:
-        raise ValueError(
-            f"Unknown observer method. Expected one of {list(OBSERVER_METHODS)}. Received: method={method!r}"
-        )
-    cls, fixed, allowed = _METHOD_TABLE[method]
-    unknown = sorted(set(params) - set(allowed))
+    entry = get_calibration_method(method, "method")
+    unknown = sorted(set(params) - set(entry.observer_params))
     if unknown:
         raise ValueError(
-            f"Unknown parameter(s) {unknown} for observer method {method!r}. Allowed: {list(allowed)}"
+            f"Unknown parameter(s) {unknown} for observer method {method!r}. Allowed: {list(entry.observer_params)}"
         )
-    return cls(**fixed, **params)
+    cls = _REGISTRY[entry.observer] if isinstance(entry.observer, str) else entry.observer
+    return cls(**entry.observer_args, **params)

@@ -35,7 +35,9 @@ __all__ = [
     "nudge_range",
     "range_to_qparams",
     "quantize",
+    "quantize_to",
     "dequantize",
+    "round_half_away",
     "fake_quant_numpy",
     "fake_quant",
     "MIN_RANGE",
@@ -138,8 +140,19 @@ def prepare_range(
     return lo.astype(np.float32), hi.astype(np.float32)
 
 
-def _round_half_away(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+def round_half_away(x) -> np.ndarray:
+    """Round to nearest, ties away from zero (``std::round``, TFLite's rule): tfq's one tie rule.
+
+    Example:
+        >>> round_half_away(np.float32([0.5, 1.5, -0.5, 2.4])).tolist()
+        [1.0, 2.0, -1.0, 2.0]
+    """
+    x = np.asarray(x)
+    half = x.dtype.type(0.5) if x.dtype.kind == "f" else 0.5  # float32 stays float32, as TF computes it
+    return np.sign(x) * np.floor(np.abs(x) + half)
+
+
+_round_half_away = round_half_away
 
 
 def nudge_range(
@@ -246,6 +259,21 @@ def quantize(x, qparams: QParams, axis: int | None = None) -> np.ndarray:
     zp = _expand(qparams.zero_point, x, axis)
     q = _round_half_away(x / scale) + zp
     return np.clip(q, qparams.qmin, qparams.qmax).astype(_int_dtype(qparams.qmin, qparams.qmax))
+
+
+def quantize_to(x, scale, zero_point, dtype, axis: int | None = None) -> np.ndarray:
+    """``x`` quantized into the full range of integer ``dtype``: ``clip(round_half_away(x / scale) + zero_point)``.
+
+    The helper every float-to-integer conversion of data goes through (interpreter inputs, the
+    reference executor, per-layer error analysis), so they share one tie rule.
+
+    Example:
+        >>> quantize_to(np.float32([0.25, -0.25, 9.0]), 0.5, 0, np.int8).tolist()
+        [1, -1, 18]
+    """
+    info = np.iinfo(dtype)
+    qparams = QParams(np.asarray(scale, np.float32), np.asarray(zero_point, np.int32), int(info.min), int(info.max))
+    return quantize(x, qparams, axis).astype(dtype)
 
 
 def dequantize(q, qparams: QParams, axis: int | None = None) -> np.ndarray:

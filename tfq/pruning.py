@@ -397,15 +397,9 @@ def prune_low_magnitude(
 
 
 def _load_plain(model, who: str) -> keras.Model:
-    from tfq.models import SavedModelPath, is_tf_keras_model, load_model
+    from tfq.interop import load_keras_model
 
-    model = load_model(model)
-    if isinstance(model, SavedModelPath):
-        raise ValueError(f"{who} needs a Keras model (.keras), not a SavedModel directory: {str(model)!r}.")
-    if is_tf_keras_model(model):
-        from tfq.interop import to_keras3
-
-        model = to_keras3(model)
+    model = load_keras_model(model, where=who)
     if _compression.wrappers_of(model):
         raise ValueError(f"{who}: model {model.name!r} already has pruning/clustering wrappers; strip them first "
                          f"(tfq.pruning.strip_pruning / tfq.clustering.strip_clustering).")

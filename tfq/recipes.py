@@ -31,12 +31,16 @@ from typing import Any, Union
 
 import yaml
 
+from tfq.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names, get_calibration_method
+from tfq.export_modes import export_mode_names, get_export_mode, io_dtype_names
 from tfq.fileio import atomic_write_text
+from tfq.messages import short_repr
 
 __all__ = [
     "BIAS_CORRECTION",
     "CALIBRATION_METHODS",
     "DATA_FREE",
+    "DEFAULT_CALIBRATION",
     "DTYPES",
     "IO_DTYPES",
     "MODES",
@@ -49,9 +53,8 @@ __all__ = [
     "save_recipe",
 ]
 
-MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
-CALIBRATION_METHODS = ("minmax", "moving_average", "kl", "percentile", "mse")
-IO_DTYPES = ("float32", "int8", "uint8", "int16")
+# MODES, CALIBRATION_METHODS and IO_DTYPES are read from the registries at use (module __getattr__
+# below): tfq.export_modes and tfq.calibration_methods, where a new mode or method is one registration.
 DTYPES = ("int8", "int16", "float16", "float32")
 # Methods beyond calibration (see tfq.equalization, tfq.bias_correction, tfq.weight_rounding,
 # tfq.data_free). True picks the default: bias correction empirical with data, analytical with
@@ -59,37 +62,27 @@ DTYPES = ("int8", "int16", "float16", "float32")
 BIAS_CORRECTION = (False, True, "empirical", "analytical")
 WEIGHT_ROUNDING = ("nearest", "adaround", "gptq")
 DATA_FREE = (False, True, "synthetic", "bn_statistics")
-# Modes each method applies to (the others refuse it at construction).
-_METHOD_MODES = {
-    "equalize": ("int8", "int16x8"),
-    "data_free": ("int8", "int16x8"),
-    "bias_correction": ("int8",),
-    "weight_rounding": ("int8",),
+# The methods beyond calibration: a mode that does not honour one refuses it at construction.
+_METHOD_FIELDS = ("equalize", "data_free", "bias_correction", "weight_rounding")
+
+_REGISTRY_CONSTANTS = {
+    "MODES": export_mode_names,
+    "CALIBRATION_METHODS": calibration_method_names,
+    "IO_DTYPES": io_dtype_names,
 }
+
+
+def __getattr__(name: str):
+    """MODES, CALIBRATION_METHODS and IO_DTYPES, read from the registries (registered ones included)."""
+    if name in _REGISTRY_CONSTANTS:
+        return _REGISTRY_CONSTANTS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _INTEGER_DTYPES = {"int8": 8, "int16": 16}  # dtype -> most bits it holds
 _PRESET_DIR = Path(__file__).resolve().parent / "configs"
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _CLASS_PREFIX = "class:"
-
-# Inputs/outputs a mode can have: integer I/O exists only in full-integer models.
-_IO_DTYPES_BY_MODE = {
-    "float": ("float32",),
-    "dynamic": ("float32",),
-    "fp16": ("float32",),
-    "int8": ("float32", "int8", "uint8"),
-    "int16x8": ("float32", "int16"),
-}
-
-# Which kind of dtype each mode stores a tensor in (checked even with
-# allow_non_tflite): (weights dtypes, activations dtypes).
-_DTYPES_BY_MODE = {
-    "float": (("float32",), ("float32",)),
-    "dynamic": (("int8", "int16"), ("float32",)),
-    "fp16": (("float16",), ("float32",)),
-    "int8": (("int8", "int16"), ("int8", "int16")),
-    "int16x8": (("int8", "int16"), ("int8", "int16")),
-}
 
 _ALLOW_NON_TFLITE_HINT = "Set allow_non_tflite=True to simulate it anyway (the model will not export)."
 
@@ -102,19 +95,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _escape(text: Any) -> str:
+    """``text`` with newlines and other control characters escaped: messages stay on one line."""
+    return str(text).encode("unicode_escape").decode("ascii") if not str(text).isprintable() else str(text)
 
 
 def _check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{owner}.{name} must be a bool (True or False). Received: {name}={value!r}")
+        raise TypeError(f"{owner}.{name} must be a bool (True or False). Received: {name}={short_repr(value)}")
 
 
 def _check_choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(
-            f"{owner}.{name} must be one of {_quote_all(allowed)}. Received: {name}={value!r}"
+            f"{owner}.{name} must be one of {_quote_all(allowed)}. Received: {name}={short_repr(value)}"
         )
 
 
@@ -311,41 +305,18 @@ class Override:
         return _override_from_dict(d, "override")
 
 
-# Allowed calibration parameters per method: name -> (check, description).
-_NUM_BINS = (lambda v: _is_int(v) and v >= 16, "an int >= 16")
-_BATCH_AGGREGATE = (lambda v: v in (None, "median"), "None or 'median'")
-_CALIBRATION_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
-    "minmax": {},
-    "moving_average": {"decay": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")},
-    "kl": {"num_bins": _NUM_BINS, "batch_aggregate": _BATCH_AGGREGATE},
-    "percentile": {
-        "percentile": (lambda v: _is_number(v) and 0 < v <= 100, "a number in (0, 100]"),
-        "num_bins": _NUM_BINS,
-        "batch_aggregate": _BATCH_AGGREGATE,
-    },
-    "mse": {"num_bins": _NUM_BINS, "batch_aggregate": _BATCH_AGGREGATE},
-}
-
-
 def _default_weights(mode: str) -> TensorSpec:
-    if mode == "fp16":
-        return TensorSpec(dtype="float16")
-    if mode == "float":
-        return TensorSpec(dtype="float32")
-    return TensorSpec()  # int8, symmetric, per-channel, narrow range: TFLite's int8 weights.
+    return TensorSpec(**get_export_mode(mode).default_weights)
 
 
 def _default_activations(mode: str) -> TensorSpec:
-    if mode == "int8":
-        return TensorSpec(symmetric=False, per_channel=False, narrow_range=False)
-    if mode == "int16x8":
-        return TensorSpec(bits=16, dtype="int16", symmetric=True, per_channel=False)
-    return TensorSpec(dtype="float32")
+    return TensorSpec(**get_export_mode(mode).default_activations)
 
 
 def _check_dtype_kind(mode: str, role: str, spec: TensorSpec, where: str) -> None:
     """Checks that a mode stores `role` tensors in a dtype of the right kind."""
-    allowed = _DTYPES_BY_MODE[mode][0 if role == "weights" else 1]
+    entry = get_export_mode(mode)
+    allowed = entry.weight_dtypes if role == "weights" else entry.activation_dtypes
     if spec.dtype not in allowed:
         hint = " To keep a layer float, list it in float_layers." if spec.dtype.startswith("float") else ""
         raise ValueError(
@@ -411,11 +382,13 @@ class Recipe:
         activations: Global activations spec. None takes the mode's default:
             int8 asymmetric per-tensor (int8), int16 symmetric per-tensor
             (int16x8), else float32.
-        calibration: Range estimator: "minmax", "moving_average", "kl",
-            "percentile" or "mse".
+        calibration: Range estimator: "robust_minmax" (default: MinMax over the
+            samples not far outside the rest, see `tfq.outliers`), "minmax",
+            "moving_average", "kl", "percentile" or "mse".
         calibration_params: Method parameters: {"decay"} for moving_average,
             {"num_bins", "batch_aggregate"} for kl and mse, {"percentile", "num_bins",
-            "batch_aggregate"} for percentile, none for minmax. Stored read-only.
+            "batch_aggregate"} for percentile, none for minmax and robust_minmax.
+            Stored read-only.
         io_dtype: Model input/output dtype: "float32"; "int8"/"uint8" with mode
             int8; "int16" with mode int16x8.
         float_layers: Layers kept float: layer-name regexes (`re.fullmatch`) or
@@ -448,7 +421,7 @@ class Recipe:
     mode: str = "int8"
     weights: TensorSpec | None = None
     activations: TensorSpec | None = None
-    calibration: str = "minmax"
+    calibration: str = DEFAULT_CALIBRATION
     calibration_params: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     io_dtype: str = "float32"
     float_layers: tuple[str, ...] = ()
@@ -463,15 +436,16 @@ class Recipe:
     data_free: Union[bool, str] = False
 
     def __post_init__(self) -> None:
-        _check_choice("Recipe", "mode", self.mode, MODES)
+        _check_choice("Recipe", "mode", self.mode, export_mode_names())
         self._normalize()
-        _check_choice("Recipe", "calibration", self.calibration, CALIBRATION_METHODS)
-        self._check_calibration_params()
-        _check_choice("Recipe", "io_dtype", self.io_dtype, IO_DTYPES)
-        if self.io_dtype not in _IO_DTYPES_BY_MODE[self.mode]:
+        _check_choice("Recipe", "calibration", self.calibration, calibration_method_names())
+        get_calibration_method(self.calibration).check_params(self.calibration_params)
+        _check_choice("Recipe", "io_dtype", self.io_dtype, io_dtype_names())
+        mode_io = get_export_mode(self.mode).io_dtypes
+        if self.io_dtype not in mode_io:
             raise ValueError(
                 f"With mode={self.mode!r}, io_dtype must be one of "
-                f"{_quote_all(_IO_DTYPES_BY_MODE[self.mode])} (integer inputs/outputs exist only in "
+                f"{_quote_all(mode_io)} (integer inputs/outputs exist only in "
                 f"full-integer models: int8/uint8 with mode='int8', int16 with mode='int16x8'). "
                 f"Received: io_dtype={self.io_dtype!r}"
             )
@@ -500,8 +474,9 @@ class Recipe:
             if not any(value is a if isinstance(a, bool) else (isinstance(value, str) and value == a)
                        for a in allowed):
                 raise ValueError(f"Recipe.{name} must be one of {_quote_all(allowed)}. Received: {name}={value!r}")
-        for name, modes in _METHOD_MODES.items():
+        for name in _METHOD_FIELDS:
             value = getattr(self, name)
+            modes = [m for m in export_mode_names() if name in get_export_mode(m).honours]
             if value not in (False, "nearest") and self.mode not in modes:
                 raise ValueError(
                     f"Recipe.{name}={value!r} applies to mode {' or '.join(map(repr, modes))}, not "
@@ -573,22 +548,6 @@ class Recipe:
                         f"Recipe.{name}[{i}] must be a {item_type.__name__}. Received: {item!r}"
                     )
             object.__setattr__(self, name, tuple(value))
-
-    def _check_calibration_params(self) -> None:
-        allowed = _CALIBRATION_PARAMS[self.calibration]
-        for key, value in self.calibration_params.items():
-            if key not in allowed:
-                names = _quote_all(sorted(allowed)) if allowed else "none"
-                raise ValueError(
-                    f"Unknown calibration_params key {key!r} for calibration={self.calibration!r}. "
-                    f"Allowed keys: {names}. Received: {key}={value!r}"
-                )
-            check, description = allowed[key]
-            if not check(value):
-                raise ValueError(
-                    f"calibration_params[{key!r}] for calibration={self.calibration!r} must be "
-                    f"{description}. Received: {key}={value!r}"
-                )
 
     def _check_specs(self) -> None:
         specs = [("weights", self.weights, "weights"), ("activations", self.activations, "activations")]
@@ -721,10 +680,10 @@ def _at(path: str) -> Iterator[None]:
 
 def _check_mapping(d: Any, path: str, allowed: tuple[str, ...]) -> None:
     if not isinstance(d, Mapping):
-        raise TypeError(f"{path} must be a mapping. Received: {d!r} ({type(d).__name__})")
+        raise TypeError(f"{path} must be a mapping. Received: {short_repr(d)} ({type(d).__name__})")
     for key in d:
         if key not in allowed:
-            raise ValueError(f"Unknown key '{path}.{key}'. Allowed keys: {', '.join(sorted(allowed))}.")
+            raise ValueError(f"Unknown key '{path}.{_escape(key)}'. Allowed keys: {', '.join(sorted(allowed))}.")
 
 
 def _field_names(cls: type) -> tuple[str, ...]:
@@ -758,7 +717,7 @@ def _recipe_from_dict(d: Any, path: str) -> Recipe:
         kwargs[key] = _optional_spec(d, key, path)
     overrides = d.get("overrides") or []
     if not isinstance(overrides, (list, tuple)):
-        raise TypeError(f"{path}.overrides must be a list. Received: {overrides!r}")
+        raise TypeError(f"{path}.overrides must be a list. Received: {short_repr(overrides)}")
     kwargs["overrides"] = tuple(_override_from_dict(o, f"{path}.overrides[{i}]") for i, o in enumerate(overrides))
     for key in ("float_layers", "calibration_params"):
         if key in kwargs and kwargs[key] is None:  # An empty YAML key reads as None.
@@ -792,7 +751,7 @@ def _read_file(path: Path) -> Any:
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         detail = " ".join(str(e).split())
-        raise ValueError(f"{path}: not valid {kind}: {detail}") from None
+        raise ValueError(f"{_escape(path)}: not valid {kind}: {detail}") from None
 
 
 def load_recipe(source: RecipeSource) -> Recipe:
@@ -824,7 +783,7 @@ def load_recipe(source: RecipeSource) -> Recipe:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             "load_recipe expects a Recipe, a dict, a preset name or a path to a .yaml/.json file. "
-            f"Received: {source!r} ({type(source).__name__})"
+            f"Received: {short_repr(source)} ({type(source).__name__})"
         )
     path = Path(source)
     if isinstance(source, str) and not path.suffix and os.sep not in source:
@@ -835,16 +794,17 @@ def load_recipe(source: RecipeSource) -> Recipe:
             )
         path = _PRESET_DIR / f"{source}.yaml"
     if path.suffix not in _FILE_SUFFIXES:
-        raise ValueError(f"{path}: a recipe file must end in {', '.join(_FILE_SUFFIXES)}. Received: {str(path)!r}")
+        raise ValueError(f"{_escape(path)}: a recipe file must end in {', '.join(_FILE_SUFFIXES)}. "
+                         f"Received: {str(path)!r}")
     if not path.is_file():
         raise FileNotFoundError(f"Recipe file not found: {str(path)!r}. Presets: {', '.join(list_presets())}.")
     data = _read_file(path)
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: a recipe file must hold a mapping of keys. Received: {data!r}")
+        raise ValueError(f"{_escape(path)}: a recipe file must hold a mapping of keys. Received: {short_repr(data)}")
     try:
         return Recipe.from_dict(data)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{_escape(path)}: {e}") from None
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:

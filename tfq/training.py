@@ -14,7 +14,6 @@ do for a tuple).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 __all__ = ["STRATEGIES", "make_strategy", "prune_and_quantize", "train_qat", "worker_output_dir"]

@@ -18,23 +18,32 @@ Strategies:
 * ``"bayesian"``: Optuna's TPE sampler (``pip install optuna`` / ``tfq[tune]``), seeded.
 
 Every trial is appended to ``trials.jsonl`` in ``output_dir`` as it finishes; running again with
-the same ``output_dir`` reuses finished trials, so an interrupted run resumes.
+the same ``output_dir`` reuses finished trials, so an interrupted run resumes. Each record holds a
+fingerprint of what decides its metric (the model's weights and architecture, the calibration data,
+the evaluation data and labels, the metric, the calibration cap and the seed): a record is reused
+only when the fingerprint matches, and whether it meets the target is judged again against the
+current ``max_drop``. A torn last record (an interrupted write) is skipped with a warning naming
+the file, and that trial runs again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tfq.fileio import atomic_write_bytes, atomic_write_text
+from tfq.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
+from tfq.export_modes import export_mode_names, get_export_mode
+from tfq.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
 from tfq.interpreter import available_cores
 from tfq.recipes import Recipe, TensorSpec, save_recipe
 
@@ -44,7 +53,7 @@ STRATEGIES = ("sensitivity", "random", "bayesian")
 OBJECTIVES = ("size", "latency")
 
 DEFAULT_SEARCH_SPACE = {
-    "calibration": ["minmax", "percentile", "kl", "mse"],
+    "calibration": ["robust_minmax", "percentile", "kl", "mse"],  # robust_minmax: MinMax, outlier samples set aside
     "percentile": [99.99, 99.9, 99.0],
     "batch_aggregate": [None, "median"],  # kl/percentile/mse: pooled histogram, or median of per-batch ranges
     "per_channel": [True, False],
@@ -61,7 +70,11 @@ DEFAULT_SEARCH_SPACE = {
 _METHOD_KEYS = ("equalize", "bias_correction", "weight_rounding", "data_free")
 
 _LOWER_IS_BETTER = ("mse", "mae", "loss")
-_HISTOGRAM_METHODS = ("kl", "percentile", "mse")
+
+
+def _takes(method: str, param: str) -> bool:
+    """Whether calibration ``method`` has parameter ``param`` (registry: tfq.calibration_methods)."""
+    return param in get_calibration_method(method).params
 
 
 @dataclass
@@ -149,7 +162,7 @@ def _weighted_layer_names(model) -> list[str]:
 
 def _int8_weight_fraction(content: bytes) -> float:
     """Share of weight elements (constant tensors, biases excluded) stored as int8."""
-    from tfq.inspect import inspect_tflite
+    from tfq.tflite_info import inspect_tflite
 
     info = inspect_tflite(content)
     int8 = other = 0
@@ -166,21 +179,27 @@ def _int8_weight_fraction(content: bytes) -> float:
 
 def _recipe_for(choices: dict, base_seed: int, num_samples: int | None) -> Recipe:
     mode = choices.get("precision", "int8")
-    calibration = choices.get("calibration", "minmax")
-    params = {"percentile": float(choices["percentile"])} if calibration == "percentile" else {}
-    if calibration in _HISTOGRAM_METHODS and choices.get("batch_aggregate") is not None:
+    entry = get_export_mode(mode)
+    calibration = choices.get("calibration", DEFAULT_CALIBRATION)
+    params = {"percentile": float(choices["percentile"])} if _takes(calibration, "percentile") else {}
+    if _takes(calibration, "batch_aggregate") and choices.get("batch_aggregate") is not None:
         params["batch_aggregate"] = choices["batch_aggregate"]
     weights = TensorSpec(per_channel=bool(choices.get("per_channel", True)))
-    methods = {key: choices[key] for key in _METHOD_KEYS if key in choices}
-    if mode == "int16x8":
-        methods = {k: v for k, v in methods.items() if k in ("equalize", "data_free")}
-        return Recipe(mode="int16x8", weights=weights, calibration="minmax", seed=base_seed,
-                      num_calibration_samples=num_samples, name="tuned", **methods)
-    activations = TensorSpec(bits=8, symmetric=bool(choices.get("symmetric_activations", False)),
-                             per_channel=False, narrow_range=False, dtype="int8")
-    return Recipe(mode="int8", weights=weights, activations=activations, calibration=calibration,
+    methods = {key: choices[key] for key in _METHOD_KEYS if key in choices and key in entry.honours}
+    if not entry.tfq_ranges:
+        # The converter calibrates this mode itself (int16x8: per-channel weights, MinMax): only what it honours.
+        return Recipe(mode=mode, calibration="minmax", seed=base_seed, num_calibration_samples=num_samples,
+                      name="tuned", **methods)
+    activations = TensorSpec(**dict(entry.default_activations,
+                                    symmetric=bool(choices.get("symmetric_activations", False))))
+    return Recipe(mode=mode, weights=weights, activations=activations, calibration=calibration,
                   calibration_params=params, float_layers=tuple(choices.get("float_layers", ())),
                   seed=base_seed, num_calibration_samples=num_samples, name="tuned", **methods)
+
+
+def _integer_modes() -> list[str]:
+    """The precisions tune can try: registered modes whose activations are integers."""
+    return [m for m in export_mode_names() if TensorSpec(**get_export_mode(m).default_activations).is_integer]
 
 
 def _check_method_space(space: dict) -> None:
@@ -225,6 +244,61 @@ def _canonical(choices: dict) -> str:
     return json.dumps(choices, sort_keys=True)
 
 
+def _hash_arrays(digest, arrays) -> None:
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+
+
+def fingerprint(model, rep, x_eval, y_eval, metric_name: str, num_samples, seed) -> str:
+    """A hash of what decides a trial's metric: the model (architecture and weights), the
+    calibration data (as the trials see it), the evaluation data and labels, the metric, the
+    calibration-sample cap and the seed. Trials logged under another fingerprint are not reused."""
+    digest = hashlib.sha256()
+    try:
+        digest.update(model.to_json().encode())
+    except Exception:  # noqa: BLE001 - a layer that cannot serialize: its names and classes instead
+        digest.update(repr([(layer.name, type(layer).__name__) for layer in model.layers]).encode())
+    _hash_arrays(digest, model.get_weights())
+    for batch in rep.batches(256):
+        _hash_arrays(digest, batch)
+    _hash_arrays(digest, [np.asarray(x_eval), np.asarray(y_eval)])
+    digest.update(json.dumps([metric_name, num_samples, seed]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_trial_log(path: Path, fingerprint_: str) -> tuple[dict, bool]:
+    """Reusable records of a trial log, by canonical choices, and whether the file ends mid-line.
+
+    A record that does not parse is skipped with a warning naming the file and line (a torn last
+    record is what an interrupted write leaves); records of another fingerprint are left alone.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    previous, other = {}, 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            choices = record["choices"]
+            fields = {k: record[k] for k in ("metric", "size", "latency_ms", "seconds")}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            where = "its last line (a torn record: the run was interrupted while writing it)" \
+                if number == len(lines) else f"line {number} (not a trial record)"
+            warnings.warn(f"tfq.tune: skipped {where} of {str(path)!r}; that trial runs again.", stacklevel=4)
+            continue
+        if record.get("fingerprint") != fingerprint_:
+            other += 1
+            continue
+        previous[_canonical(choices)] = dict(record, **fields)
+    if other:
+        warnings.warn(f"tfq.tune: {other} trial(s) in {str(path)!r} were run on another model, calibration data, "
+                      f"evaluation data or metric; they are not reused.", stacklevel=4)
+    return previous, bool(text) and not text.endswith("\n")
+
+
 class _Tuner:
     def __init__(self, model, rep, x_eval, y_eval, metric, max_drop, relative, objective, output_dir,
                  max_trials, timeout, seed, num_threads, num_samples, verbose):
@@ -239,13 +313,13 @@ class _Tuner:
         self.calibrations: dict[str, object] = {}
         self.log_path = Path(output_dir) / "trials.jsonl" if output_dir else None
         self.previous: dict[str, dict] = {}
+        self.torn = False  # the log ends mid-line: the next record starts on a new line
+        self.fingerprint = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.fingerprint = fingerprint(model, rep, x_eval, y_eval, self.metric_name, num_samples, seed)
             if self.log_path.exists():
-                for line in self.log_path.read_text().splitlines():
-                    if line.strip():
-                        record = json.loads(line)
-                        self.previous[_canonical(record["choices"])] = record
+                self.previous, self.torn = _read_trial_log(self.log_path, self.fingerprint)
         y_pred = model.predict(x_eval, verbose=0)
         self.baseline = float(self.metric(y_eval, y_pred))
 
@@ -280,10 +354,16 @@ class _Tuner:
             if _canonical(t.choices) == key:
                 return t
         start = time.perf_counter()
-        if key in self.previous:  # resumed from the trial log
-            record = dict(self.previous[key])
-            record["index"] = len(self.trials)
-            trial = Trial(**record)
+        record = self.previous.get(key)
+        if record is not None and self.objective == "latency" and record.get("latency_ms") is None:
+            record = None  # logged without a latency measurement
+        if record is not None:  # resumed from the trial log: judged against the current target
+            error = record.get("error")
+            metric = float("nan") if record["metric"] is None else float(record["metric"])
+            drop = float("inf") if error is not None or metric != metric else self.drop_of(metric)
+            trial = Trial(len(self.trials), dict(record["choices"]), metric, drop, int(record["size"]),
+                          record["latency_ms"], error is None and drop <= self.max_drop, float(record["seconds"]),
+                          float(record.get("int8_weight_fraction", 1.0)), error=error)
         else:
             try:
                 content = self.convert(choices)
@@ -299,8 +379,10 @@ class _Tuner:
                 trial = Trial(len(self.trials), choices, float("nan"), float("inf"), 0, None, False,
                               time.perf_counter() - start, 0.0, error=str(err).splitlines()[0][:300])
             if self.log_path is not None:
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps(trial.to_dict()) + "\n")
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(("\n" if self.torn else "") + json.dumps(dict(trial.to_dict(),
+                                                                       fingerprint=self.fingerprint)) + "\n")
+                self.torn = False
         self.trials.append(trial)
         if self.verbose:
             status = "error: " + trial.error if trial.error else ("meets target" if trial.met else "misses target")
@@ -327,8 +409,8 @@ def _sensitivity(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
         # Per-batch medians only with the first (default: per-channel, asymmetric) weights and
         # activations, so the per-tensor block and the later stages stay within the budget.
         first_block = per_channel == space["per_channel"][0] and symmetric == space["symmetric_activations"][0]
-        percentiles = space["percentile"] if method == "percentile" else [None]
-        aggregates = space["batch_aggregate"] if method in _HISTOGRAM_METHODS and first_block else [None]
+        percentiles = space["percentile"] if _takes(method, "percentile") else [None]
+        aggregates = space["batch_aggregate"] if _takes(method, "batch_aggregate") and first_block else [None]
         for p, aggregate in itertools.product(percentiles, aggregates):
             c = {"precision": "int8", "calibration": method, "per_channel": per_channel,
                  "symmetric_activations": symmetric}
@@ -371,19 +453,19 @@ def _sensitivity(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
             return
     # Stage 4: int16 activations when float fallback could not meet the target.
     if "int16x8" in space["precision"] and tuner.budget_left():
-        tuner.run({"precision": "int16x8", "per_channel": base.get("per_channel", True)})
+        tuner.run({"precision": "int16x8"})
 
 
 def _random_choices(rng: random.Random, space: dict, candidates: list[str]) -> dict:
     precision = rng.choice(space["precision"])
     if precision == "int16x8":
-        return {"precision": "int16x8", "per_channel": rng.choice(space["per_channel"])}
+        return {"precision": "int16x8"}  # the converter calibrates it: no other choice applies
     c = {"precision": "int8", "calibration": rng.choice(space["calibration"]),
          "per_channel": rng.choice(space["per_channel"]),
          "symmetric_activations": rng.choice(space["symmetric_activations"])}
-    if c["calibration"] == "percentile":
+    if _takes(c["calibration"], "percentile"):
         c["percentile"] = rng.choice(space["percentile"])
-    if c["calibration"] in _HISTOGRAM_METHODS:
+    if _takes(c["calibration"], "batch_aggregate"):
         aggregate = rng.choice(space["batch_aggregate"])
         if aggregate is not None:
             c["batch_aggregate"] = aggregate
@@ -423,14 +505,15 @@ def _bayesian(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
 
     def objective(trial):
         precision = trial.suggest_categorical("precision", space["precision"])
-        c = {"precision": precision, "per_channel": trial.suggest_categorical("per_channel", space["per_channel"])}
+        c = {"precision": precision}
         if precision == "int8":
+            c["per_channel"] = trial.suggest_categorical("per_channel", space["per_channel"])
             c["calibration"] = trial.suggest_categorical("calibration", space["calibration"])
             c["symmetric_activations"] = trial.suggest_categorical(
                 "symmetric_activations", space["symmetric_activations"])
-            if c["calibration"] == "percentile":
+            if _takes(c["calibration"], "percentile"):
                 c["percentile"] = trial.suggest_categorical("percentile", space["percentile"])
-            if c["calibration"] in _HISTOGRAM_METHODS:
+            if _takes(c["calibration"], "batch_aggregate"):
                 aggregate = trial.suggest_categorical("batch_aggregate", list(space["batch_aggregate"]))
                 if aggregate is not None:
                     c["batch_aggregate"] = aggregate
@@ -506,14 +589,12 @@ def tune(
         >>> result.save("tuned/")                                                     # doctest: +SKIP
     """
     import tfq
-    from tfq.data import representative_dataset
-    from tfq.models import is_tf_keras_model, load_model
+    from tfq.representative import representative_dataset
+    from tfq.interop import load_keras_model
 
-    model = load_model(model)
-    if is_tf_keras_model(model):
-        from tfq.interop import to_keras3
-
-        model = to_keras3(model)
+    if output_dir is not None:
+        check_writable_dir(output_dir, "output_dir")
+    model = load_keras_model(model)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}. Received: strategy={strategy!r}")
     if objective not in OBJECTIVES:
@@ -537,6 +618,12 @@ def tune(
             raise ValueError(f"unknown search_space key {key!r}; allowed: {sorted(DEFAULT_SEARCH_SPACE)}")
         space[key] = value
     _check_method_space(space)
+    for method in space["calibration"]:
+        get_calibration_method(method, "search_space['calibration'] value")
+    tunable = _integer_modes()
+    for precision in space["precision"]:
+        if precision not in tunable:
+            raise ValueError(f"search_space['precision'] values must be among {tunable}. Received: {precision!r}")
     weighted = _weighted_layer_names(model)
     candidates = weighted if space["float_layers"] == "auto" else list(space["float_layers"])
     unknown = [n for n in candidates if n not in weighted]

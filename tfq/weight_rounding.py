@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from tfq.ops import round_half_away as _round_half_away
+
 __all__ = [
     "WEIGHT_ROUNDING_METHODS",
     "adaround_init",
@@ -129,10 +131,6 @@ def adaround_init(fraction, zeta: float = ZETA, gamma: float = GAMMA) -> np.ndar
     """
     f = np.clip(np.asarray(fraction, dtype=np.float64), 0.0, 1.0)
     return (-np.log((zeta - gamma) / (f - gamma) - 1.0)).astype(np.float32)
-
-
-def _round_half_away(x):
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
 def nearest_round(w, scale, qmax: int) -> np.ndarray:
@@ -553,7 +551,7 @@ def round_weights(model, data, method: str, *, num_samples: int | None = None, s
     Example:
         >>> results = round_weights(frozen, x_train[:256], "gptq")     # doctest: +SKIP
     """
-    from tfq.data import representative_dataset
+    from tfq.representative import representative_dataset
     from tfq.qat.transform import quantized_layers_of
 
     if method not in WEIGHT_ROUNDING_METHODS:

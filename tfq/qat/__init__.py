@@ -95,18 +95,14 @@ def quantize_model(
         TypeError: ``model`` is not a model or a path.
     """
     from tfq.calibration import calibrate
-    from tfq.models import is_tf_keras_model, load_model
+    from tfq.interop import load_keras_model
     from tfq.recipes import load_recipe
 
     if range_mode not in ("moving_average", "learned"):
         raise ValueError(f"range_mode must be 'moving_average' or 'learned'. Received: range_mode={range_mode!r}")
     if preserve not in (None, "sparsity", "clusters"):
         raise ValueError(f"preserve must be None, 'sparsity' or 'clusters'. Received: preserve={preserve!r}")
-    model = load_model(model)
-    if is_tf_keras_model(model):
-        from tfq.interop import to_keras3
-
-        model = to_keras3(model)
+    model = load_keras_model(model)
     from tfq._compression import strip_all
 
     model = strip_all(model)

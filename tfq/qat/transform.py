@@ -46,7 +46,7 @@ from tfq.qat.layers import (
 )
 from tfq.recipes import Recipe, TensorSpec, load_recipe
 
-__all__ = ["batchnorm_layers_of", "freeze_model", "opaque_message", "quantized_layers_of", "quantizers_of",
+__all__ = ["batchnorm_layers_of", "fix_ranges_in_place", "freeze_model", "opaque_message", "quantized_layers_of", "quantizers_of",
            "rewrite_model", "uncovered_layers"]
 
 _FUSABLE_LAYERS = (keras.layers.ReLU, keras.layers.Activation)
@@ -68,11 +68,24 @@ def _fusable_activation(layer) -> str | None:
     return None
 
 
+def copy_layer(layer, config: dict | None = None):
+    """A new layer of ``layer``'s class built from its config (``config`` if given).
+
+    A ``Lambda`` layer is rebuilt with ``safe_mode=False``: its function is the caller's, already
+    running in this process, not code deserialized from a file, so Keras's safe-mode refusal (which
+    would blame "the loading function") does not apply to tfq's internal copies.
+    """
+    config = layer.get_config() if config is None else config
+    if isinstance(layer, keras.layers.Lambda):
+        return layer.__class__.from_config(config, safe_mode=False)
+    return layer.__class__.from_config(config)
+
+
 def _copy_layer(layer, float32: bool = False):
     if not isinstance(layer, keras.layers.Layer):  # a stateless keras.ops operation node
         return layer
     config = layer.get_config()
-    return layer.__class__.from_config(_float32_config(layer, config) if float32 else config)
+    return copy_layer(layer, _float32_config(layer, config) if float32 else config)
 
 
 def _float32_config(layer, config: dict) -> dict:
@@ -139,6 +152,8 @@ class _Rewriter:
         self.producer: dict[int, int] = {}  # id(new tensor) → id(original layer that made it)
         self.consumers: dict[int, list] = collections.defaultdict(list)  # id(new tensor) → original layers
         self.current = None  # the original layer being rewritten
+        self.barrier_names: set[str] = set()
+        self.seen: dict[str, str] = {}  # every layer (or inlined op) name the recipe was asked about -> class
         self.alive: list = []  # every new tensor seen, so that no id above is reused during the pass
 
     def conflicts(self) -> set:
@@ -190,6 +205,8 @@ class _Rewriter:
         input_ids = {id(t): i for i, t in enumerate(inputs)}
         quantized_inputs: dict[int, object] = {}
         input_names = [t.name for t in originals]
+        for input_name in input_names:
+            self.seen.setdefault(input_name, "InputLayer")
 
         def quantize_input(t):
             i = input_ids.get(id(t))
@@ -238,6 +255,7 @@ class _Rewriter:
             return args[0]
         name = self._name(layer)
         class_name = type(layer).__name__
+        self.seen[name] = class_name
         self.current = layer
         if not isinstance(layer, keras.layers.Layer):
             args, kwargs = self._quantize_variable_args(layer, name, args, kwargs)
@@ -267,7 +285,7 @@ class _Rewriter:
             kind = "opaque"
 
         if is_float and self.recipe.mode in ("int8", "int16x8") and kind != "passthrough":
-            args = keras.tree.map_structure(self._barrier, args)
+            args = keras.tree.map_structure(lambda t: self._barrier(t, name), args)
         source = args[0] if args else None
         produced = self.produced.get(id(source)) if source is not None and kwargs.get("mask") is None else None
 
@@ -439,12 +457,19 @@ class _Rewriter:
             y = ActivationQuantizer(name=f"{name}_fq", **out_config)(y) if out_config else y
         return y
 
-    def _barrier(self, t):
+    def _barrier(self, t, owner: str = "layer"):
         if not hasattr(t, "dtype") or not str(t.dtype).startswith("float"):
             return t
         key = id(t)
         if key not in self.barriers:
-            self.barriers[key] = FloatBarrier()(t)
+            # Named after the float layer it feeds: Keras's global name counter would make two
+            # conversions of one model differ in their tensor names (and bytes).
+            name, suffix = f"{owner}_float_in", 1
+            while name in self.barrier_names:
+                suffix += 1
+                name = f"{owner}_float_in_{suffix}"
+            self.barrier_names.add(name)
+            self.barriers[key] = FloatBarrier(name=name)(t)
         return self.barriers[key]
 
     def _copy(self, layer):
@@ -558,7 +583,7 @@ def _built_copy(layer, args, kwargs):
     Tracing a copy keeps the caller's sublayers free of the traced graph's nodes.
     """
     try:
-        new = layer.__class__.from_config(layer.get_config())
+        new = copy_layer(layer)
         new(*args, **kwargs)
         new.set_weights(layer.get_weights())
         return new
@@ -660,6 +685,37 @@ def _as_functional(model: keras.Model) -> keras.Model:
     return model
 
 
+def check_float_layers(patterns, layers: dict, model_name: str) -> None:
+    """Every ``float_layers`` pattern must select a layer: an error names the nearest layer names otherwise.
+
+    Args:
+        patterns: the recipe's ``float_layers`` (names/regexes, or ``"class:<regex>"``).
+        layers: layer name -> class name, for every layer the rewrite saw (nested and inlined included).
+        model_name: for the message.
+
+    Raises:
+        ValueError: a pattern matches no layer; the message lists the nearest names (``difflib``).
+    """
+    import difflib
+
+    from tfq.recipes import Recipe
+
+    for pattern in patterns:
+        probe = Recipe(float_layers=(pattern,))
+        if any(probe.is_float_layer(name, class_name) for name, class_name in layers.items()):
+            continue
+        is_class = pattern.startswith("class:")
+        target = pattern[len("class:"):] if is_class else pattern
+        candidates = sorted(set(layers.values()) if is_class else set(layers))
+        by_lower = {c.lower(): c for c in candidates}
+        near = difflib.get_close_matches(target.lower(), list(by_lower), n=4, cutoff=0.5)
+        listed = ", ".join(repr(("class:" if is_class else "") + by_lower[n]) for n in near) or \
+            ", ".join(repr(c) for c in candidates[:8]) + (" …" if len(candidates) > 8 else "")
+        what = "layer class" if is_class else "layer name"
+        raise ValueError(f"float_layers pattern {pattern!r} matches no {what} of model {model_name!r} (patterns are "
+                         f"regexes matched against the whole name); nearest: {listed}.")
+
+
 def rewrite_model(
     model: keras.Model,
     recipe: Recipe | str | dict | None = None,
@@ -728,6 +784,7 @@ def rewrite_model(
     else:
         raise ValueError(f"tfq could not settle the rewrite of model {model.name!r} in {_MAX_PASSES} passes; "
                          f"please report this model's architecture.")
+    check_float_layers(recipe.float_layers, rewriter.seen, model.name)
     if trainable and rewriter.shared:
         layer = rewriter.shared[0]
         raise ValueError(
@@ -959,3 +1016,35 @@ def _clone_nested(model, clone_function, call_function):
         return layer if isinstance(layer, keras.Model) else clone_function(layer)
 
     return keras.models.clone_model(model, clone_function=clone, call_function=call)
+
+
+def fix_ranges_in_place(model: keras.Model, ranges: dict[str, tuple[float, float]]) -> keras.Model:
+    """Fixes every quantizer of a model tfq rewrote for PTQ to its range, in place, and returns it.
+
+    The same graph as :func:`freeze_model` (fake-quant ops with constant ranges; Dense kernels the
+    converter quantizes marked as such) without copying every layer: for :func:`tfq.convert`, whose
+    rewritten model nobody else holds. The range variables stay, unused: save
+    :func:`freeze_model`'s copy instead if the model is to be kept.
+
+    Args:
+        model: a model from :func:`rewrite_model` (never the caller's model).
+        ranges: quantizer name → ``(min, max)`` for every quantizer that is not fixed yet.
+
+    Raises:
+        ValueError: a quantizer with no range in ``ranges``, or a range that is not finite with min <= max.
+    """
+    for name, quantizer in quantizers_of(model).items():
+        if quantizer.mode == "fixed":
+            continue
+        if name not in ranges:
+            raise ValueError(f"quantizer {name!r} has no range: calibrate it first. Received ranges for "
+                             f"{len(ranges)} other tensor(s).")
+        lo, hi = (float(v) for v in ranges[name])
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+            raise ValueError(f"range of {name!r} must be finite with min <= max. Received: {ranges[name]!r}")
+        quantizer.fixed_range = (lo, hi)
+        quantizer.mode = "fixed"
+    for layer in quantized_layers_of(model):
+        if layer.exports_float_weights:
+            layer.converter_quantizes_weights = True  # per channel, on the grid computed here
+    return model

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tfq.ops import quantize_to
 from tfq.reference.graph import Graph, read_graph
 from tfq.reference.kernels import KERNELS, OpContext, UnsupportedOpError
 
@@ -33,9 +34,7 @@ class Execution:
 def _quantize_input(x: np.ndarray, tensor) -> np.ndarray:
     """Float data for an integer input: ``clip(round(x/S) + Z)``, as :class:`tfq.TFLiteModel` feeds it."""
     scale, zero_point = tensor.qparams()
-    info = np.iinfo(tensor.dtype)
-    q = np.round(np.asarray(x, np.float32) / scale) + zero_point
-    return np.clip(q, info.min, info.max).astype(tensor.dtype)
+    return quantize_to(x, scale, zero_point, tensor.dtype)
 
 
 def prepare_inputs(graph: Graph, inputs) -> list[np.ndarray]:

@@ -2,7 +2,7 @@
 and constant data) and operators (with their builtin options).
 
 Read with the flatbuffer schema that ships with LiteRT (``ai_edge_litert.schema_py_generated``,
-the same reader as :mod:`tfq.inspect`), through its object API.
+the same reader as :mod:`tfq.tflite_info`), through its object API.
 """
 
 from __future__ import annotations

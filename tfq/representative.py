@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from tfq.input_order import order_by_name
+
 __all__ = ["RepresentativeDataset", "model_input_specs", "pack_model_inputs", "representative_dataset"]
 
 InputSpec = tuple[str, tuple, str]
@@ -154,7 +156,7 @@ def _extract_inputs(element: Any, num_inputs: int | None) -> Any:
 
 
 def _tensorflow() -> Any:
-    """The `tensorflow` module if it has been imported, else None (tfq.data never imports it)."""
+    """The `tensorflow` module if it has been imported, else None (tfq.representative never imports it)."""
     return sys.modules.get("tensorflow")
 
 
@@ -173,10 +175,18 @@ def _shape_fix(data_shape: tuple, sample_shape: tuple, expected: tuple) -> str:
     rank, want = len(sample_shape), len(expected)
     if len(data_shape) == want and _dims_match(data_shape, expected):
         return "it looks like a single sample: add a batch axis, e.g. x[np.newaxis]"
-    if rank + 1 == want and expected[-1] == 1:
-        return "add a channel axis, e.g. x[..., np.newaxis]"
-    if rank == want + 1 and sample_shape[-1] == 1:
-        return "drop the trailing axis, e.g. x[..., 0]"
+    if rank + 1 == want:  # one axis of size 1 missing: find where it goes
+        for k in reversed(range(want)):
+            if _dims_match(tuple(sample_shape[:k]) + (1,) + tuple(sample_shape[k:]), expected):
+                if k == want - 1:
+                    return "add a channel axis, e.g. x[..., np.newaxis]"
+                return f"add an axis of size 1 at position {k + 1}, e.g. np.expand_dims(x, {k + 1})"
+    if rank == want + 1:  # one axis of size 1 too many: find which
+        for k in reversed(range(rank)):
+            if sample_shape[k] == 1 and _dims_match(tuple(sample_shape[:k]) + tuple(sample_shape[k + 1:]), expected):
+                if k == rank - 1:
+                    return "drop the trailing axis, e.g. x[..., 0]"
+                return f"drop axis {k + 1} (size 1), e.g. np.squeeze(x, axis={k + 1})"
     dims = ", ".join("None" if d is None else str(d) for d in expected)
     return f"reshape the data to (num_samples, {dims})" if dims else "reshape it to (num_samples,)"
 
@@ -512,21 +522,12 @@ class RepresentativeDataset:
         return arrays
 
     def _order_dict(self, inputs: Mapping[str, Any]) -> list[Any]:
-        keys = [str(k) for k in inputs]
         if self._names is None:
-            self._names = sorted(keys)
-        names = self._names
-        if sorted(keys) != sorted(names):
-            missing = [n for n in names if n not in keys]
-            unexpected = [k for k in keys if k not in names]
-            source = self._expected_by or "the first sample"
-            raise ValueError(
-                f"representative data has dict keys {sorted(keys)} but {source} has inputs "
-                f"{names} (missing: {missing}, unexpected: {unexpected}); rename the keys to the "
-                "input names, or pass input_names= in the order of the model inputs"
-            )
-        by_name = {str(k): v for k, v in inputs.items()}
-        return [by_name[name] for name in names]
+            self._names = sorted(str(k) for k in inputs)
+        return order_by_name(inputs, self._names, data="representative data",
+                             target=self._expected_by or "the first sample",
+                             fix="rename the keys to the input names, or pass input_names= in the order of the "
+                                 "model inputs")
 
     def _as_array(self, leaf: Any, index: int) -> np.ndarray:
         try:
