@@ -25,6 +25,10 @@ flags.DEFINE_boolean("methods", True, "Include the methods beyond calibration (e
 flags.DEFINE_list("qat_cost", ["mobilenet_v2_a0.35_96px"], "QAT step-time ratio and INT8 accuracy, tfq against tfmot "
                   "from the same float weights, on these models (tfq.benchmark.QAT_COST_MODELS: digits_cnn, "
                   "mobilenet_v2_a{0.35,1.0}_{32,96}px); empty to skip.")
+flags.DEFINE_list("qat_bn_folding", ["unfolded"], "tfq QAT rows of the QAT-cost section, one per bn_folding mode "
+                  "(unfolded, two_pass).")
+flags.register_validator("qat_bn_folding", lambda v: set(v) <= {"unfolded", "two_pass"},
+                         "--qat_bn_folding takes unfolded and/or two_pass, comma-separated")
 flags.DEFINE_integer("qat_cost_rounds", None, "Timed float/QAT epoch pairs per QAT-cost run (default: per model).")
 flags.DEFINE_boolean("calibration", True, "Calibration throughput (samples/s) per method and memory against the "
                      "number of samples (5,000 and 50,000).")
@@ -42,7 +46,9 @@ def main(argv):
 
     results = run_benchmark(FLAGS.models, num_threads=FLAGS.num_threads, quick=FLAGS.quick,
                             compression=FLAGS.compression, methods=FLAGS.methods, qat_cost=FLAGS.qat_cost,
-                            qat_cost_rounds=FLAGS.qat_cost_rounds, calibration=FLAGS.calibration,
+                            qat_cost_rounds=FLAGS.qat_cost_rounds,
+                            qat_variants=[{} if m == "unfolded" else {"bn_folding": m} for m in FLAGS.qat_bn_folding],
+                            calibration=FLAGS.calibration,
                             timing_repeats=FLAGS.timing_repeats)
     atomic_write_text(FLAGS.output, json.dumps(results, indent=1))
     table = to_markdown(results)

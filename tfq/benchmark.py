@@ -1075,7 +1075,7 @@ def bench_methods(num_threads: int = 2, quick: bool = False, verbose: bool = Tru
 def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: int = 2, quick: bool = False,
                   verbose: bool = True, compression: bool = False, methods: bool = True,
                   qat_cost=DEFAULT_QAT_COST_MODELS, qat_cost_rounds: int | None = None,
-                  calibration: bool = True, timing_repeats: int | None = None) -> dict:
+                  calibration: bool = True, timing_repeats: int | None = None, qat_variants=({},)) -> dict:
     """Runs the benchmark and returns the JSON-able results.
 
     Args:
@@ -1089,6 +1089,7 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
         qat_cost: keys of :data:`QAT_COST_MODELS` for the QAT step-time section
             (:func:`bench_qat_cost`); empty to skip.
         qat_cost_rounds: timed epoch pairs per QAT-cost run (None: each model's default).
+        qat_variants: ``tfq.qat.quantize_model`` keywords, one tfq QAT-cost row each (see :func:`bench_qat_cost`).
         calibration: include calibration throughput and memory (:func:`bench_calibration`).
         timing_repeats: timed (converter, tfq) pairs per calibration variant (default 3; 1 with ``quick``).
     """
@@ -1125,7 +1126,8 @@ def run_benchmark(models=tuple(MODELS) + tuple(SEQUENCE_MODELS), num_threads: in
     if methods:
         results["methods"] = bench_methods(num_threads, quick, verbose)
     if qat_cost:
-        results["qat_cost"] = bench_qat_cost(qat_cost, rounds=qat_cost_rounds, quick=quick, verbose=verbose)
+        results["qat_cost"] = bench_qat_cost(qat_cost, rounds=qat_cost_rounds, quick=quick, variants=qat_variants,
+                                            verbose=verbose)
     if calibration:
         results["calibration_throughput"] = bench_calibration(quick=quick, verbose=verbose)
     results["seconds"] = time.perf_counter() - start
