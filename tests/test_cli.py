@@ -170,9 +170,11 @@ def test_prune_and_quantize_script(files, digits):
 
 @pytest.mark.slow
 def test_benchmark_script_quick(tmp_path):
+    from tfq.benchmark import CALIBRATION_METHODS_BENCHED
+
     out = tmp_path / "results.json"
     proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", "--compression", "--nomethods",
-               f"--output={out}")
+               "--qat_cost=digits_cnn", "--qat_bn_folding=unfolded,two_pass", f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     model = results["models"][0]
@@ -194,13 +196,26 @@ def test_benchmark_script_quick(tmp_path):
         assert rows[name]["gzip_bytes"] < rows["dense_int8"]["gzip_bytes"] and rows[name]["num_float_ops"] == 0
     assert rows["clustered16_int8"]["max_distinct_per_channel"] <= 16
     assert rows["pruned90_int8"]["gzip_bytes"] < rows["pruned75_int8"]["gzip_bytes"] < rows["pruned50_int8"]["gzip_bytes"]
+    (cost,) = results["qat_cost"]["models"]
+    assert cost["model"] == "digits_cnn" and [r["name"] for r in cost["rows"]] == ["tfq_qat", "tfq_qat", "tfmot_qat"]
+    assert cost["rows"][1]["bn_folding"] == "two_pass"
+    for row in cost["rows"]:
+        assert row["step_time_ratio"] == pytest.approx(row["qat_epoch_s"] / row["float_epoch_s"])
+        assert 0 <= row["accuracy"] <= 1
+    assert cost["rows"][0]["num_float_ops"] == cost["rows"][1]["num_float_ops"] == 0
+    throughput = results["calibration_throughput"]
+    assert [r["method"] for r in throughput["throughput"]] == list(CALIBRATION_METHODS_BENCHED)
+    for row in throughput["throughput"]:
+        assert row["samples"] == 256 and row["samples_per_s"] == pytest.approx(row["samples"] / row["seconds"])
+    assert {(r["method"], r["samples"]) for r in throughput["memory"]} == {
+        (m, n) for m in ("robust_minmax", "minmax", "kl", "mse_batch_median") for n in (512, 1024)}
 
 
 @pytest.mark.slow
 def test_benchmark_methods_quick(tmp_path):
     out, table = tmp_path / "methods.json", tmp_path / "methods.md"
-    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=", f"--output={out}",
-               f"--markdown={table}")
+    proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=", "--qat_cost=", "--nocalibration",
+               f"--output={out}", f"--markdown={table}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     methods = json.loads(out.read_text())["methods"]
     names = [(r["granularity"], r["name"]) for r in methods["int8"]]

@@ -135,7 +135,7 @@ def digits_model(digits):
     return tfq.examples.digits_cnn(input_shape=x_train.shape[1:])
 
 
-@pytest.mark.parametrize("method", ["minmax", "moving_average", "kl", "percentile", "mse"])
+@pytest.mark.parametrize("method", ["robust_minmax", "minmax", "moving_average", "kl", "percentile", "mse"])
 def test_calibrations_of_shards_merge_into_the_one_process_calibration(digits_model, digits, method, tmp_path):
     (x_train, _), _ = digits
     data = x_train[:384]
@@ -169,6 +169,9 @@ def test_merge_calibrations_refuses_mismatches(digits_model, digits):
         tfq.merge_calibrations([])
     with pytest.raises(ValueError, match="batch_aggregate='median' takes one range per batch"):
         tfq.calibrate(digits_model, x_train[:64], "mse", batch_aggregate="median", strategy=object())
+    with pytest.raises(ValueError, match="method='robust_minmax' \\(the default\\) tests every sample against the others.*"
+                                         "with strategy pass method='minmax'"):
+        tfq.calibrate(digits_model, x_train[:64], strategy=object())
 
 
 STRATEGY_SCRIPT = textwrap.dedent(

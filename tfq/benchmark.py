@@ -194,18 +194,6 @@ def _named_indices(message: str) -> list[int]:
     return [int(v) for v in found.group(1).split(",") if v.strip()] if found else []
 
 
-def _step_time_ms(model, x, y, batch_size: int = 32, steps: int = 30) -> float:
-    """Median wall time of one ``train_on_batch`` step after warm-up (tracing excluded)."""
-    times = []
-    for i in range(steps + 3):
-        lo = (i * batch_size) % (len(x) - batch_size)
-        start = time.perf_counter()
-        model.train_on_batch(x[lo:lo + batch_size], y[lo:lo + batch_size])
-        if i >= 3:
-            times.append((time.perf_counter() - start) * 1000.0)
-    return float(np.median(times))
-
-
 def _ptq_row(name, content, float_acc, float_size, float_latency, x_test, y_test, sample, threads, seconds):
     acc = _tflite_accuracy(content, x_test, y_test)
     latency = _latency_ms(content, sample, threads)
@@ -321,18 +309,19 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log, timing_re
     qat_epochs = 1 if quick else 3
     float_copy = keras.models.clone_model(model)
     float_copy.set_weights(model.get_weights())
-    float_copy.compile(keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy")
-    float_step = _step_time_ms(float_copy, x_train, y_train)
+    float_copy.compile(keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
     qat = tfq.qat.quantize_model(model, calibration_data=calib)
     examples.train_model(qat, x_train, y_train, epochs=qat_epochs, seed=0, learning_rate=2e-4)
-    qat_step = _step_time_ms(qat, x_train, y_train)
     qat_tflite = tfq.convert(qat, "int8")
     qat_acc = _tflite_accuracy(qat_tflite, x_test, y_test)
+    # Epoch times, float and QAT alternated (after the accuracy: these epochs train both further).
+    timing_rounds = 1 if quick else 3
+    timing = _interleaved_epochs(float_copy, qat, x_train, y_train, rounds=timing_rounds)
     result["qat"] = [{"name": "tfq_qat", "accuracy": qat_acc, "drop_vs_float": float_acc - qat_acc,
-                      "size_bytes": len(qat_tflite), "step_ms": qat_step, "float_step_ms": float_step,
-                      "step_time_ratio": qat_step / float_step, "epochs": qat_epochs}]
+                      "size_bytes": len(qat_tflite), "step_time_ratio": timing["step_time_ratio"],
+                      "round_ratios": timing["round_ratios"], "epochs": qat_epochs}]
     log(f"{key}: tfmot QAT (tf_keras, subprocess)")
-    result["qat"].append(_tfmot_in_subprocess(spec, epochs, qat_epochs))
+    result["qat"].append(_tfmot_in_subprocess(spec, epochs, qat_epochs, timing_rounds))
     return result
 
 
@@ -408,9 +397,9 @@ def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log, 
     return result
 
 
-def _tfmot_in_subprocess(spec: dict, epochs: int, qat_epochs: int) -> dict:
+def _tfmot_in_subprocess(spec: dict, epochs: int, qat_epochs: int, timing_rounds: int = 3) -> dict:
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    args = json.dumps(dict(spec, epochs=epochs, qat_epochs=qat_epochs))
+    args = json.dumps(dict(spec, epochs=epochs, qat_epochs=qat_epochs, timing_rounds=timing_rounds))
     code = f"import json, tfq.benchmark as b; print('TFQ_JSON' + json.dumps(b._tfmot_worker(json.loads({args!r}))))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
     for line in proc.stdout.splitlines():
@@ -435,18 +424,20 @@ def _tfmot_worker(spec: dict) -> dict:
     model.compile(tf_keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=spec["epochs"], batch_size=32, verbose=0)
     float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
-    float_step = _step_time_ms(model, x_train, y_train)
+    float_copy = tf_keras.models.clone_model(model)
+    float_copy.set_weights(model.get_weights())
+    float_copy.compile(tf_keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
     qat = tfmot.quantization.keras.quantize_model(model)
     qat.compile(tf_keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
     qat.fit(x_train, y_train, epochs=spec["qat_epochs"], batch_size=32, verbose=0)
-    qat_step = _step_time_ms(qat, x_train, y_train)
     converter = tf.lite.TFLiteConverter.from_keras_model(qat)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     content = converter.convert()
     acc = _tflite_accuracy(content, x_test, y_test)
+    timing = _interleaved_epochs(float_copy, qat, x_train, y_train, rounds=spec["timing_rounds"])  # as for tfq
     return {"name": "tfmot_qat", "accuracy": acc, "float_accuracy_tf_keras": float_acc,
-            "drop_vs_float": float_acc - acc, "size_bytes": len(content), "step_ms": qat_step,
-            "float_step_ms": float_step, "step_time_ratio": qat_step / float_step, "epochs": spec["qat_epochs"],
+            "drop_vs_float": float_acc - acc, "size_bytes": len(content), "step_time_ratio": timing["step_time_ratio"],
+            "round_ratios": timing["round_ratios"], "epochs": spec["qat_epochs"],
             "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
 
 
