@@ -1,11 +1,28 @@
 """Shared fixtures: a trained digits CNN and a MobileNet-style model, built once per test session."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def background_python(script: str):
+    """For a fixture (``yield from``): ``script`` in a new CPU-only Python in the repository, started
+    at once so it runs while other tests do; yields the ``Popen`` and kills it at teardown if it still runs."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import tfq
+from tests.conftest import background_python
 from tfq.observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer, create_observer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,13 +206,7 @@ STRATEGY_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def strategy_run():
     """The strategy run (devices are configured before TF starts: a subprocess), started at once."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([sys.executable, "-c", STRATEGY_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=REPO)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    yield from background_python(STRATEGY_SCRIPT)
 
 
 @pytest.fixture(scope="module", autouse=True)

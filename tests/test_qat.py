@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -23,7 +21,7 @@ import tensorflow as tf
 import tfq
 import tfq.callbacks
 import tfq.qat
-from tests.conftest import tflite_accuracy
+from tests.conftest import background_python, tflite_accuracy
 from tfq.qat.layers import ActivationQuantizer, FloatBarrier, QuantizedLayer, QuantizedNormalization
 
 L = keras.layers
@@ -79,14 +77,7 @@ DISTRIBUTE_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def distribute_run():
     """Starts the MirroredStrategy run at once; the test that needs it waits for it."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([sys.executable, "-c", DISTRIBUTE_SCRIPT], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    yield from background_python(DISTRIBUTE_SCRIPT)
 
 
 @pytest.fixture(scope="module", autouse=True)

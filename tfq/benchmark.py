@@ -307,9 +307,7 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log, timing_re
     # QAT: fine-tune from the float model; step time vs a float step of the same model.
     log(f"{key}: tfq QAT")
     qat_epochs = 1 if quick else 3
-    float_copy = keras.models.clone_model(model)
-    float_copy.set_weights(model.get_weights())
-    float_copy.compile(keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    float_copy = _float_twin(model, keras, 2e-4, metrics=["accuracy"])
     qat = tfq.qat.quantize_model(model, calibration_data=calib)
     examples.train_model(qat, x_train, y_train, epochs=qat_epochs, seed=0, learning_rate=2e-4)
     qat_tflite = tfq.convert(qat, "int8")
@@ -424,9 +422,7 @@ def _tfmot_worker(spec: dict) -> dict:
     model.compile(tf_keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=spec["epochs"], batch_size=32, verbose=0)
     float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
-    float_copy = tf_keras.models.clone_model(model)
-    float_copy.set_weights(model.get_weights())
-    float_copy.compile(tf_keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    float_copy = _float_twin(model, tf_keras, 2e-4, metrics=["accuracy"])
     qat = tfmot.quantization.keras.quantize_model(model)
     qat.compile(tf_keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
     qat.fit(x_train, y_train, epochs=spec["qat_epochs"], batch_size=32, verbose=0)
@@ -480,6 +476,14 @@ def _load_weights_by_layer(model, path) -> None:
         weights = [saved[f"{layer.name}/{i}"] for i in range(len(layer.get_weights()))]
         if weights:
             layer.set_weights(weights)
+
+
+def _float_twin(model, keras_module, learning_rate: float, **compile_kwargs):
+    """A compiled copy of ``model`` (same weights) to time float epochs against its QAT version."""
+    twin = keras_module.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    twin.compile(keras_module.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy", **compile_kwargs)
+    return twin
 
 
 def _interleaved_epochs(float_model, qat_model, x, y, rounds: int, batch_size: int = 32, on_epoch=None) -> dict:
@@ -540,10 +544,7 @@ def _tfq_qat_cost(spec: dict, weights_path, rounds: int, learning_rate: float = 
     keras.utils.set_random_seed(0)
     model = _qat_cost_model(spec, x_train.shape[1:], keras)
     _load_weights_by_layer(model, weights_path)
-    float_model = keras.models.clone_model(model)
-    float_model.set_weights(model.get_weights())
-    float_model.compile(keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy",
-                        jit_compile=jit_compile)
+    float_model = _float_twin(model, keras, learning_rate, jit_compile=jit_compile)
     qat = tfq.qat.quantize_model(model, calibration_data=x_train[:512], warn_unknown=False, **quantize_options)
     qat.compile(keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy", jit_compile=jit_compile)
 
@@ -573,9 +574,7 @@ def _tfmot_qat_cost(spec: dict, weights_path, rounds: int, learning_rate: float 
     tf_keras.utils.set_random_seed(0)
     model = _qat_cost_model(spec, x_train.shape[1:], tf_keras)
     _load_weights_by_layer(model, weights_path)
-    float_model = tf_keras.models.clone_model(model)
-    float_model.set_weights(model.get_weights())
-    float_model.compile(tf_keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy")
+    float_model = _float_twin(model, tf_keras, learning_rate)
     qat = tfmot.quantization.keras.quantize_model(model)
     qat.compile(tf_keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy")
     tf_keras.utils.set_random_seed(0)

@@ -322,10 +322,8 @@ def calibrate(
     """
     from tfq.interop import load_keras_model
     from tfq.models import is_quantized_model
-    from tfq.observers import MinMaxObserver, create_observer
-    from tfq.outliers import DEFAULT_OUTLIER_FACTOR, SampleRanges, find_outlier_samples, warn_outlier_samples
-    from tfq.representative import pack_model_inputs, representative_dataset
-    from tfq.qat.layers import observing
+    from tfq.observers import create_observer
+    from tfq.representative import representative_dataset
     from tfq.qat.transform import quantizers_of, rewrite_model
     from tfq.recipes import load_recipe
 
@@ -357,17 +355,32 @@ def calibrate(
     start = time.perf_counter()
     total = len(data)
     bar = keras.utils.Progbar(total, unit_name="sample") if verbose else None
-    seen = 0
     if strategy is not None:
-        seen = _observe_with_strategy(model, data, batch_size or _FIRST_BATCH, strategy, quantizers, observers,
-                                      make_observer, method, bar)
-        if seen == 0:
-            raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
-        return _calibration_from(observers, method, params, seen, model.name, time.perf_counter() - start,
-                                 keep_observers)
+        seen, outliers = _observe_with_strategy(model, data, batch_size or _FIRST_BATCH, strategy, quantizers,
+                                                observers, make_observer, method, bar), ()
+    else:
+        seen, outliers = _observe_per_sample(model, data, batch_size, method, quantizers, observers, robust, bar)
+    if seen == 0:
+        raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
+    return _calibration_from(observers, method, params, seen, model.name, time.perf_counter() - start,
+                             keep_observers, outlier_samples=outliers)
+
+
+def _observe_per_sample(model, data, batch_size, method, quantizers, observers, robust, bar):
+    """One process: feeds ``observers`` and runs the outlier test on the per-sample ranges.
+
+    Returns ``(samples seen, indices of the samples far outside the rest)``; with ``robust`` the
+    observers of those samples' tensors are replaced by MinMax over the other samples (also what a
+    shard's kept state holds).
+    """
+    from tfq.observers import MinMaxObserver
+    from tfq.outliers import DEFAULT_OUTLIER_FACTOR, SampleRanges, find_outlier_samples, warn_outlier_samples
+    from tfq.qat.layers import observing
+    from tfq.representative import pack_model_inputs
+
     samples = SampleRanges()  # per-sample ranges of every tensor: the outlier test
-    by_id = {id(q): samples.tap(name, observers[name]) for name, q in quantizers.items()}
-    with observing(by_id):
+    seen = 0
+    with observing({id(q): samples.tap(name, observers[name]) for name, q in quantizers.items()}):
         for batch in _batches(data, batch_size, method, samples):
             samples.begin_batch(len(batch[0]))
             model(pack_model_inputs(model, batch), training=False)
@@ -375,11 +388,11 @@ def calibrate(
             if bar is not None:
                 bar.update(seen)
     if seen == 0:
-        raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
+        return 0, ()
     per_sample = samples.ranges()
     outliers = find_outlier_samples(per_sample, DEFAULT_OUTLIER_FACTOR)
-    warn_outlier_samples(outliers, method, set_aside=robust)
-    if robust and outliers:  # MinMax over the samples not set aside (also what a shard's kept state holds)
+    warn_outlier_samples(outliers, method, set_aside=robust, stacklevel=4)
+    if robust and outliers:
         keep = np.ones(samples.num_samples, dtype=bool)
         keep[list(outliers.indices)] = False
         for name in list(observers):
@@ -387,8 +400,7 @@ def calibrate(
                 observer = MinMaxObserver(symmetric=observers[name].symmetric)
                 observer.update(np.array([per_sample[name][0][keep].min(), per_sample[name][1][keep].max()]))
                 observers[name] = observer
-    return _calibration_from(observers, method, params, seen, model.name, time.perf_counter() - start,
-                             keep_observers, outlier_samples=outliers.indices)
+    return seen, outliers.indices
 
 
 class _ReplicaObservers:
