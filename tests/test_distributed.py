@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import tfq
-import tfq.qat  # registers the QAT layers, so saved QAT models load (as a user must import it)
+import tfq.qat
 from tests.conftest import background_python
 from tfq.observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer, create_observer
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import textwrap
 import warnings
 
@@ -581,6 +583,21 @@ def test_save_and_load_round_trip(qat_digits, digits, tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), qat.get_weights()))
         assert loaded.get_layer("conv1").bn_frozen is True
         assert tfq.convert(loaded, "int8") == qat_digits["tflite"]
+        # A fresh process: `import tfq` (which does not load TensorFlow) then Keras, as a user
+        # does; tfq's layers register when Keras loads, so load_model finds them.
+        np.save(tmp_path / "x.npy", x_test[:16])
+        code = textwrap.dedent(f"""
+            import sys, numpy as np
+            import tfq
+            assert "tensorflow" not in sys.modules
+            import keras
+            m = keras.models.load_model({str(path)!r}, safe_mode=True)
+            np.save({str(tmp_path / "y.npy")!r}, m.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+        """)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), qat.predict(x_test[:16], verbose=0))
     finally:
         conv.bn_frozen = False
     # Every tfq class: get_config → from_config → the same config.
