@@ -11,7 +11,7 @@ import pytest
 
 import tfq
 from tfq import outliers
-from tfq.outliers import SampleRanges, find_outlier_samples, input_outlier_samples, without_samples
+from tfq.outliers import OutlierTest, SampleRanges, find_outlier_samples, input_outlier_samples, without_samples
 from tests.conftest import tflite_accuracy
 
 BAD = [7, 123, 250]  # corrupted calibration samples (×100) in these tests
@@ -105,6 +105,165 @@ def test_without_samples_and_input_test():
     assert without_samples(x, ()) is x
 
 
+# ------------------------------------------------------------------------------ streaming test
+def _planted_batches(seed, batch_size, many):
+    """Batches of named float32 tensors (5 values per sample) with samples planted far outside the rest."""
+    rng = np.random.default_rng(seed)
+    n = 3000 + seed  # a partial last batch for most batch sizes
+    samples = rng.permutation(n)
+    s1, s2, s3, s4 = samples[:40], samples[40:80], samples[80:85], samples[85:235]
+    t = {"a": rng.normal(size=(n, 5)), "b": np.maximum(rng.normal(size=(n, 5)), 0.0),
+         "neg": rng.normal(size=(n, 5)), "e": rng.normal(size=(n, 5)), "rnn": rng.uniform(-1, 1, (n, 2, 5)),
+         "zeros": np.zeros((n, 5)), "late": rng.normal(size=(n, 5))}
+    t["a"][s1] *= 60.0
+    t["a"][s1, 3] = 150.0
+    t["b"][s2, 0] = 90.0
+    t["neg"][s3, 2] = -500.0  # far out on the negative side only
+    t["e"][np.concatenate([s1, s2]), 0] = 6.0  # largest in e, but within 8x: flagged only through a and b
+    t["zeros"][samples[-100:]] = rng.uniform(0, 1, (100, 5))  # q = 0: not tested ...
+    t["zeros"][samples[-1], 0] = 1e6  # ... so this is not flagged
+    t["rnn"][s3[:2], 1] *= 40.0  # at the second "time step" only
+    if many:
+        t["many"] = rng.normal(size=(n, 5))
+        t["many"][s4, 1] = 300.0  # 150 samples: more than a small capacity keeps
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    batches = []
+    for k, start in enumerate(range(0, n, batch_size)):
+        part = {name: v[start:start + batch_size] for name, v in t.items() if name != "late" or k > 0}
+        batches.append(part)
+    return batches
+
+
+def _feed(recorder, batches):
+    for batch in batches:
+        recorder.begin_batch(len(batch["a"]))
+        for name, x in batch.items():
+            if name == "rnn":  # one tensor computed twice per sample: folds
+                recorder.record(name, x[:, 0])
+                recorder.record(name, x[:, 1])
+            else:
+                recorder.record(name, x)
+
+
+@pytest.mark.parametrize("seed,batch_size,capacity,many,passes", [
+    (0, 32, 1024, True, 0), (1, 7, 64, False, 1), (2, 256, 64, True, 1), (3, 100, 16, False, 1),
+    (4, 3, 2048, True, 0)])
+def test_streaming_test_equals_the_exact_one(seed, batch_size, capacity, many, passes):
+    batches = _planted_batches(seed, batch_size, many)
+    exact = SampleRanges()
+    _feed(exact, batches)
+    per_sample = exact.ranges()
+    expected = find_outlier_samples(per_sample)
+    reruns = []
+    test = OutlierTest(capacity, rerun=lambda recorder: (reruns.append(1), _feed(recorder, batches)))
+    _feed(test, batches)
+    found = test.result()
+    assert found.indices == expected.indices and len(found.indices) == 85 + 150 * many
+    assert found.num_samples == expected.num_samples == exact.num_samples
+    assert test.tensors == sorted(per_sample) and "late" not in per_sample and "zeros" in per_sample
+    for i in found.indices:
+        name, ratio = found.evidence[i]
+        assert name == expected.evidence[i][0]
+        # Exact when the kept samples hold the 90th percentile, else m / q-hat, at most 0.8% below m / q.
+        assert expected.evidence[i][1] / (1 + 2 ** -7) <= ratio <= expected.evidence[i][1] * (1 + 1e-6)
+        if capacity >= 1024:
+            assert ratio == expected.evidence[i][1]
+    keep = np.ones(exact.num_samples, bool)
+    keep[list(expected.indices)] = False
+    for name, (lo, hi) in per_sample.items():
+        assert test.robust_range(name) == (float(lo[keep].min()), float(hi[keep].max())), name
+    assert len(reruns) == passes  # a second pass only when the state cannot tell
+    for summary in test._tensors.values():  # bounded state
+        assert len(summary.top.index) <= capacity and len(summary.bottom.index) <= capacity
+        assert len(summary.counts) <= 128 * 40
+    assert OutlierTest(capacity).result().indices == ()  # no data: nothing
+    with pytest.raises(ValueError, match=r"factor must be a number > 1.*Received: factor=1"):
+        test.result(factor=1)
+
+
+def test_streaming_reference_is_the_upper_edge_of_its_bin():
+    """Beyond what the kept samples hold, q is the upper edge of its bin (128 per octave): a sample between
+    factor*q and factor*q-hat is flagged by the exact test only; above, by both."""
+    import math
+
+    rng = np.random.default_rng(5)
+    m = rng.uniform(1.0, 3.0, 2000).astype(np.float32)
+    m[[10, 20]] = 100.0  # planted below: above q, so q does not depend on their values
+    q = float(np.sort(m)[int(0.9 * 1999)])
+    mantissa, exponent = math.frexp(q)  # q = mantissa * 2**exponent, mantissa in [0.5, 1)
+    q_hat = (math.floor((2 * mantissa - 1) * 128) + 1) / 128 * 2.0 ** (exponent - 1) + 2.0 ** (exponent - 1)
+    assert q * 1.001 < q_hat < q * (1 + 2 ** -7)  # (this seed: the band between 8q and 8q-hat is not empty)
+    between, above = np.float32(8 * q * (q_hat / q) ** 0.5), np.float32(8 * q_hat * 1.001)
+    m[[10, 20]] = [between, above]
+    assert float(between) > 8 * q and float(between) < 8 * q_hat
+    test = OutlierTest(capacity=8)
+    for part in np.array_split(m, 10):
+        test.begin_batch(len(part))
+        test.record("t", np.stack([-part / 2, part], axis=1))
+    assert find_outlier_samples({"t": (-m / 2, m)}).indices == (10, 20)
+    found = test.result()
+    assert found.indices == (20,) and found.evidence[20][1] == pytest.approx(float(above) / q_hat, rel=1e-6)
+    assert test.robust_range("t") == (float(-np.delete(m, 20).max() / 2), float(np.delete(m, 20).max()))
+
+
+def test_streaming_second_pass_needs_the_same_data():
+    batches = _planted_batches(0, 64, True)
+    with pytest.raises(ValueError, match=r"more samples reach the outlier threshold.*Pass rerun="):
+        test = OutlierTest(capacity=16)
+        _feed(test, batches)
+        test.result()
+    shuffled = [{k: v[::-1] for k, v in b.items()} for b in batches]
+    test = OutlierTest(capacity=16, rerun=lambda recorder: _feed(recorder, shuffled))
+    _feed(test, batches)
+    with pytest.raises(ValueError, match=r"other values on the second pass.*same order on every pass"):
+        test.result()
+    test = OutlierTest(capacity=16, rerun=lambda recorder: _feed(recorder, batches[:-1]))
+    _feed(test, batches)
+    with pytest.raises(ValueError, match=r"other values on the second pass"):
+        test.result()
+    with pytest.raises(ValueError, match=r"call result\(factor\) before robust_range"):
+        OutlierTest().robust_range("a")
+
+
+def test_input_test_reruns_arrays_datasets_and_functions():
+    """The second pass iterates the representative data again: arrays, tf.data and functions all re-iterate;
+    a tf.data pipeline that reshuffles every pass is refused, not answered wrong."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)).astype(np.float32)
+    bad = [3, 50, 51, 52, 199, 250, 251, 300, 301, 399]
+    x[bad] *= 1000
+    sources = {"arrays": x, "tf.data": tf.data.Dataset.from_tensor_slices(x).batch(16),
+               "function": lambda: (x[i:i + 10] for i in range(0, 400, 10))}
+    for kind, data in sources.items():
+        rep = tfq.representative_dataset(data)
+
+        def feed(recorder, rep=rep):
+            for arrays in rep.batches(32):
+                recorder.begin_batch(len(arrays[0]))
+                recorder.record("input 0", arrays[0])
+
+        reruns = []
+        test = OutlierTest(capacity=4, rerun=lambda recorder, feed=feed: (reruns.append(1), feed(recorder)))
+        feed(test)
+        assert test.result().indices == tuple(bad) and reruns == [1], kind
+        kept = np.delete(x, bad, axis=0)
+        assert test.robust_range("input 0") == (float(kept.min()), float(kept.max())), kind
+    assert input_outlier_samples(tfq.representative_dataset(x)).indices == tuple(bad)
+    reshuffled = tfq.representative_dataset(tf.data.Dataset.from_tensor_slices(x).shuffle(400, seed=1).batch(16))
+
+    def feed(recorder):
+        for arrays in reshuffled.batches(32):
+            recorder.begin_batch(len(arrays[0]))
+            recorder.record("input 0", arrays[0])
+
+    test = OutlierTest(capacity=4, rerun=feed)
+    feed(test)
+    with pytest.raises(ValueError, match=r"reshuffle_each_iteration=False"):
+        test.result()
+
+
 # ------------------------------------------------------------------------------------ calibration
 def test_warning_names_the_corrupt_samples_for_every_method(trained_cnn, corrupt):
     model, _ = trained_cnn
@@ -143,6 +302,40 @@ def test_robust_minmax_is_minmax_without_the_samples_set_aside(trained_cnn, corr
         assert clean[name] == pytest.approx(minmax32[name], rel=1e-6), name
     loaded = tfq.Calibration.from_dict(robust.to_dict())
     assert loaded.outlier_samples == robust.outlier_samples and loaded.ranges == robust.ranges
+
+
+@pytest.mark.parametrize("capacity", [None, 2])
+def test_calibrate_ranges_equal_the_per_sample_path(trained_cnn, corrupt, monkeypatch, capacity):
+    """calibrate's streaming test gives the ranges of the path that kept every sample's ranges (computed here
+    by hand on the same batches); with a capacity of 2 (3 corrupt samples) it takes its second pass."""
+    from tfq.calibration import _batches
+    from tfq.observers import MinMaxObserver
+    from tfq.qat.layers import observing
+    from tfq.qat.transform import quantizers_of, rewrite_model
+    from tfq.representative import pack_model_inputs
+
+    model, _ = trained_cnn
+    if capacity is not None:
+        monkeypatch.setattr(outliers, "DEFAULT_CAPACITY", capacity)
+    calls = []
+    original = outliers._Recheck.finish
+    monkeypatch.setattr(outliers._Recheck, "finish", lambda self: (calls.append(1), original(self))[1])
+    cal, messages = _warnings(tfq.calibrate, model, corrupt)
+    assert len(calls) == (capacity is not None) and len(messages) == 1 and list(cal.outlier_samples) == BAD
+    qmodel = rewrite_model(model, tfq.load_recipe("int8"))
+    quantizers = {name: q for name, q in quantizers_of(qmodel).items() if q.mode != "fixed"}
+    rec = SampleRanges()
+    data = tfq.representative_dataset(corrupt, model=qmodel)
+    with observing({id(q): rec.tap(name, MinMaxObserver()) for name, q in quantizers.items()}):
+        for batch in _batches(data, None, "robust_minmax", rec):
+            rec.begin_batch(len(batch[0]))
+            qmodel(pack_model_inputs(qmodel, batch), training=False)
+    per_sample = rec.ranges()
+    assert find_outlier_samples(per_sample).indices == tuple(BAD) and set(per_sample) <= set(cal.ranges)
+    keep = np.ones(len(corrupt), bool)
+    keep[BAD] = False
+    for name, (lo, hi) in per_sample.items():
+        assert cal.ranges[name] == (float(lo[keep].min()), float(hi[keep].max())), name
 
 
 def test_robust_minmax_is_the_default_everywhere_and_takes_no_parameter(trained_cnn, corrupt):

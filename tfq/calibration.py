@@ -367,38 +367,46 @@ def calibrate(
 
 
 def _observe_per_sample(model, data, batch_size, method, quantizers, observers, robust, bar):
-    """One process: feeds ``observers`` and runs the outlier test on the per-sample ranges.
+    """One process: feeds ``observers`` and runs the outlier test (:class:`tfq.outliers.OutlierTest`,
+    fixed-size state whatever the number of samples).
 
     Returns ``(samples seen, indices of the samples far outside the rest)``; with ``robust`` the
     observers of those samples' tensors are replaced by MinMax over the other samples (also what a
-    shard's kept state holds).
+    shard's kept state holds). In the rare case the test's state cannot tell (more samples far
+    outside than it keeps), it runs the data through the model a second time (observers untouched).
     """
     from tfq.observers import MinMaxObserver
-    from tfq.outliers import DEFAULT_OUTLIER_FACTOR, SampleRanges, find_outlier_samples, warn_outlier_samples
+    from tfq.outliers import DEFAULT_OUTLIER_FACTOR, OutlierTest, warn_outlier_samples
     from tfq.qat.layers import observing
     from tfq.representative import pack_model_inputs
 
-    samples = SampleRanges()  # per-sample ranges of every tensor: the outlier test
-    seen = 0
-    with observing({id(q): samples.tap(name, observers[name]) for name, q in quantizers.items()}):
-        for batch in _batches(data, batch_size, method, samples):
-            samples.begin_batch(len(batch[0]))
-            model(pack_model_inputs(model, batch), training=False)
-            seen += len(batch[0])
-            if bar is not None:
-                bar.update(seen)
+    def feed(recorder, taps, bar=None):
+        seen = 0
+        with observing(taps):
+            for batch in _batches(data, batch_size, method, recorder):
+                recorder.begin_batch(len(batch[0]))
+                model(pack_model_inputs(model, batch), training=False)
+                seen += len(batch[0])
+                if bar is not None:
+                    bar.update(seen)
+        return seen
+
+    def rerun(recorder):  # the same batches again, recorded only
+        feed(recorder, {id(q): recorder.tap(name) for name, q in quantizers.items()})
+
+    test = OutlierTest(rerun=rerun)
+    seen = feed(test, {id(q): test.tap(name, observers[name]) for name, q in quantizers.items()}, bar)
     if seen == 0:
         return 0, ()
-    per_sample = samples.ranges()
-    outliers = find_outlier_samples(per_sample, DEFAULT_OUTLIER_FACTOR)
+    outliers = test.result(DEFAULT_OUTLIER_FACTOR)
     warn_outlier_samples(outliers, method, set_aside=robust, stacklevel=4)
     if robust and outliers:
-        keep = np.ones(samples.num_samples, dtype=bool)
-        keep[list(outliers.indices)] = False
+        tested = set(test.tensors)
         for name in list(observers):
-            if name in per_sample:
+            kept = test.robust_range(name) if name in tested else None
+            if kept is not None:
                 observer = MinMaxObserver(symmetric=observers[name].symmetric)
-                observer.update(np.array([per_sample[name][0][keep].min(), per_sample[name][1][keep].max()]))
+                observer.update(np.array(kept))
                 observers[name] = observer
     return seen, outliers.indices
 
