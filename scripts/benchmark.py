@@ -5,6 +5,7 @@
     python scripts/benchmark.py --models= --methods --output=methods.json   # methods beyond calibration only
     python scripts/benchmark.py --models= --nomethods --nocalibration \
         --qat_cost=digits_cnn,mobilenet_v2_a0.35_32px,mobilenet_v2_a1.0_96px --output=qat.json  # QAT cost only
+        [--qat_seeds=4]   # INT8 accuracy of the QAT rows over 4 shuffling seeds (mean and each)
 """
 
 from absl import flags
@@ -29,6 +30,8 @@ flags.DEFINE_list("qat_bn_folding", ["unfolded"], "tfq QAT rows of the QAT-cost 
                   "(unfolded, two_pass).")
 flags.register_validator("qat_bn_folding", lambda v: set(v) <= {"unfolded", "two_pass"},
                          "--qat_bn_folding takes unfolded and/or two_pass, comma-separated")
+flags.DEFINE_integer("qat_seeds", 1, "Shuffling seeds per QAT-cost row: INT8 accuracy is reported per seed and as "
+                     "their mean (the first seed is the timed run; the others train untimed).", lower_bound=1)
 flags.DEFINE_integer("qat_cost_rounds", None, "Timed float/QAT epoch pairs per QAT-cost run (default: per model).")
 flags.DEFINE_boolean("calibration", True, "Calibration throughput (samples/s) per method and memory against the "
                      "number of samples (5,000 and 50,000).")
@@ -46,7 +49,7 @@ def main(argv):
 
     results = run_benchmark(FLAGS.models, num_threads=FLAGS.num_threads, quick=FLAGS.quick,
                             compression=FLAGS.compression, methods=FLAGS.methods, qat_cost=FLAGS.qat_cost,
-                            qat_cost_rounds=FLAGS.qat_cost_rounds,
+                            qat_cost_rounds=FLAGS.qat_cost_rounds, qat_seeds=FLAGS.qat_seeds,
                             qat_variants=[{} if m == "unfolded" else {"bn_folding": m} for m in FLAGS.qat_bn_folding],
                             calibration=FLAGS.calibration,
                             timing_repeats=FLAGS.timing_repeats)
