@@ -438,3 +438,20 @@ def test_converter_calibrated_paths_screen_their_inputs(trained_cnn, corrupt, di
     int16, messages = _warnings(tfq.convert, model, "int16x8", corrupt)
     assert len(messages) == 1 and _named(messages[0]) == BAD
     assert tflite_accuracy(int16, x_test, y_test) >= float_acc - 0.005
+
+
+def test_calibrate_names_non_finite_activations():
+    """MinMax calibration folds each activation into per-sample minima and maxima; a NaN inside the
+    model (here a NaN bias) still reaches the observer, which names it."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1"), keras.layers.Dense(2, name="d2")])
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    cal = tfq.calibrate(model, x, "minmax")
+    hidden = x @ model.get_layer("d1").get_weights()[0] + model.get_layer("d1").get_weights()[1]
+    lo, hi = cal.ranges["d1_output_fq"]
+    assert (lo, hi) == pytest.approx((min(hidden.min(), 0.0), max(hidden.max(), 0.0)), rel=1e-6)
+    w, b = model.get_layer("d1").get_weights()
+    b[1] = np.nan
+    model.get_layer("d1").set_weights([w, b])
+    for method in ("robust_minmax", "minmax"):
+        with pytest.raises(ValueError, match="non-finite"):
+            tfq.calibrate(model, x, method)

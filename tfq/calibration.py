@@ -209,7 +209,7 @@ def _observer_params(method: str, quantizer, params: dict) -> dict:
 
 _FIRST_BATCH = 32
 _MAX_BATCH = 1024
-_BATCH_BYTES = 64 << 20  # observed activations per forward pass, for batch_size=None
+_BATCH_BYTES = 32 << 20  # observed activations per forward pass, for batch_size=None
 
 
 def _batches(data, batch_size, method: str, samples):
@@ -295,7 +295,7 @@ def calibrate(
         batch_size: samples per forward pass (per replica with ``strategy``). None (default): 32
             for the methods whose ranges depend on how the data is split (moving average,
             histograms) and under a strategy; for ``"minmax"`` and ``"robust_minmax"``, which do
-            not, 32 for the first pass and then as many as fit in about 64 MB of observed
+            not, 32 for the first pass and then as many as fit in about 32 MB of observed
             activations (at most 1024): fewer, larger passes.
         verbose: show a progress bar.
         keep_observers: keep the observers' states in the result, so that calibrations of
