@@ -121,6 +121,9 @@ class _CountingLoader(importlib.abc.Loader):
     def __init__(self, loader, finder: _RegisterWhenKerasLoads):
         self.loader, self.finder = loader, finder
 
+    def __getattr__(self, name):  # get_resource_reader, get_filename, is_package …: the real loader's
+        return getattr(self.loader, name)
+
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
