@@ -111,7 +111,7 @@ class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
         return spec
 
     def finished(self) -> None:
-        if self.depth == 0 and all(m in sys.modules for m in _KERAS_MODULES[:1]):
+        if self.depth == 0 and "keras" in sys.modules:
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
             _register_keras_objects()

@@ -553,6 +553,7 @@ def _tfq_qat_cost(spec: dict, weights_path, rounds: int, learning_rate: float = 
     keras.utils.set_random_seed(0)
     model = _qat_cost_model(spec, x_train.shape[1:], keras)
     _load_weights_by_layer(model, weights_path)
+    # Built in untimed runs too: it draws from Keras' random stream, so a seed gives the same run either way.
     float_model = _float_twin(model, keras, learning_rate, jit_compile=jit_compile)
     qat = tfq.qat.quantize_model(model, calibration_data=x_train[:512], warn_unknown=False, **quantize_options)
     qat.compile(keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy", jit_compile=jit_compile)
@@ -677,28 +678,26 @@ def bench_qat_cost(models=tuple(QAT_COST_MODELS), rounds: int | None = None, qui
             for options in variants:
                 options = dict(options)
                 log(f"QAT cost: {key}: tfq {options or ''}")
-                entry["rows"].append(_with_seeds(
-                    _in_subprocess("_tfq_qat_cost", spec, weights, spec_rounds, **options), seeds,
-                    lambda seed: _in_subprocess("_tfq_qat_cost", spec, weights, spec_rounds, seed=seed, timed=False,
-                                                **options), log, f"{key}: tfq"))
+                entry["rows"].append(_seeded_row("_tfq_qat_cost", (spec, weights, spec_rounds), seeds, log,
+                                                 f"{key}: tfq", **options))
             if tfmot:
                 log(f"QAT cost: {key}: tfmot (tf_keras, subprocess)")
-                entry["rows"].append(_with_seeds(
-                    _in_subprocess("_tfmot_qat_cost", spec, weights, spec_rounds, legacy_keras=True), seeds,
-                    lambda seed: _in_subprocess("_tfmot_qat_cost", spec, weights, spec_rounds, seed=seed, timed=False,
-                                                legacy_keras=True), log, f"{key}: tfmot"))
+                entry["rows"].append(_seeded_row("_tfmot_qat_cost", (spec, weights, spec_rounds), seeds, log,
+                                                 f"{key}: tfmot", legacy_keras=True))
             out["models"].append(entry)
     return out
 
 
-def _with_seeds(row: dict, seeds: int, run, log, label: str) -> dict:
-    """``row`` (the timed seed-0 run) with the INT8 accuracy of seeds 1 .. ``seeds - 1`` and their mean."""
+def _seeded_row(function: str, args: tuple, seeds: int, log, label: str, **kwargs) -> dict:
+    """The timed seed-0 row of ``function`` (in a subprocess), with the INT8 accuracy of seeds
+    1 .. ``seeds - 1`` (untimed runs) and their mean."""
+    row = _in_subprocess(function, *args, **kwargs)
     if seeds <= 1 or "error" in row:
         return row
     accuracies = [row["accuracy"]]
     for seed in range(1, seeds):
         log(f"QAT cost: {label}, seed {seed} (accuracy only)")
-        other = run(seed)
+        other = _in_subprocess(function, *args, seed=seed, timed=False, **kwargs)
         if "error" in other:
             return {**row, "error": f"seed {seed}: {other['error']}"}
         accuracies.append(other["accuracy"])
