@@ -72,6 +72,37 @@ def test_every_folding_mode_trains_as_keras_layer_then_batchnorm(mode, kind):
     np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
 
 
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "dense"])
+def test_unfolded_gradients_are_keras_conv_then_batchnorm_gradients_live_and_frozen(kind):
+    """The unfolded BN's written-out gradient equals autodiff through Keras' layers, with the batch
+    moments (live) and, frozen through the variable in a step traced live, with the moving ones."""
+    rng = np.random.default_rng(7)
+    layer, ref_layer, x, channels = _layer_and_reference(kind, rng)
+    x = x + 3.0  # a mean far from 0: the centred gradient must not cancel
+    bn, ref_bn = _batchnorms(channels, ref_layer(x).shape, rng)
+    folded = QuantizedLayer(layer, batchnorm=bn, float_weights=True, output_quantizer=None)
+    upstream = tf.constant(rng.normal(size=ref_layer(x).shape).astype("float32"))
+    step = tf.function(lambda v: folded(v, training=True))
+    for frozen in (False, True):
+        if frozen:
+            folded.bn_frozen_flag.assign(1.0)  # the variable only: `step` stays the live trace
+            ref_bn.trainable = False  # Keras: moving statistics in training
+        v = tf.constant(x)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(v)
+            ours = tf.reduce_sum(step(v) * upstream)
+            theirs = tf.reduce_sum(ref_bn(ref_layer(v), training=True) * upstream)
+        pairs = {"input": (v, v), "kernel": (layer.kernel, ref_layer.kernel), "bias": (layer.bias, ref_layer.bias),
+                 "gamma": (bn.gamma, ref_bn.gamma), "beta": (bn.beta, ref_bn.beta)}
+        if frozen:
+            del pairs["gamma"], pairs["beta"]  # Keras' BN with trainable=False gives γ, β no gradient
+        scale = float(tf.reduce_sum(tf.abs(upstream))) / channels  # a channel's share: the bias gradient is 0 live
+        for name, (a, b) in pairs.items():
+            np.testing.assert_allclose(tape.gradient(ours, a).numpy(), tape.gradient(theirs, b).numpy(), rtol=1e-4,
+                                       atol=1e-5 * scale, err_msg=f"frozen={frozen} {name}")
+        np.testing.assert_allclose(bn.moving_mean.numpy(), ref_bn.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_unfolded_training_sees_the_weights_the_folded_layer_exports():
     """Per output channel, fq(W)·γ/σ = fq(W·γ/σ): the channel's scale absorbs the factor."""
     rng = np.random.default_rng(2)
@@ -121,14 +152,14 @@ def test_frozen_layers_are_traced_without_batch_statistics_and_fit_retraces_once
     bn, _ = _batchnorms(channels, ref_layer(x).shape, rng)
     q = QuantizedLayer(layer, batchnorm=bn, output_quantizer=None)
     live = _op_types(q, x)
-    # one conv; a cond on the frozen flag between two fused BN kernels (batch statistics, or the
-    # moving ones); the moving statistics are updated
-    assert live.count("FusedBatchNormV3") == 2 and live.count("Conv2D") == 1 and "AssignVariableOp" in live
-    assert {"If", "StatelessIf"} & set(live) and "Mean" not in live
+    # one conv; the batch moments, selected against the moving ones on the frozen flag (no cond, no
+    # function call per layer); the moving statistics are updated
+    assert live.count("Conv2D") == 1 and live.count("Mean") == 2 and "AssignVariableOp" in live
+    assert "SelectV2" in live and not {"If", "StatelessIf", "FusedBatchNormV3"} & set(live)
     q.bn_frozen = True
     frozen = _op_types(q, x)
     assert frozen.count("Conv2D") == 1 and "AssignVariableOp" not in frozen
-    assert not {"If", "StatelessIf", "FusedBatchNormV3", "Mean"} & set(frozen)
+    assert not {"If", "StatelessIf", "FusedBatchNormV3", "Mean", "SelectV2"} & set(frozen)
 
     model, _ = trained_cnn
     (x_train, y_train), _ = digits

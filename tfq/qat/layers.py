@@ -344,7 +344,11 @@ class ActivationQuantizer(keras.layers.Layer):
 
         @tf.custom_gradient
         def relu_then_fake_quant(v):
-            y = ops.fake_quant(tf.nn.relu(v) if cap is None else tf.minimum(tf.nn.relu(v), cap), lo, hi, bits, narrow)
+            if cap is None:
+                clipped = tf.nn.relu(v)
+            else:
+                clipped = tf.nn.relu6(v) if cap == 6.0 else tf.minimum(tf.nn.relu(v), cap)
+            y = ops.fake_quant(clipped, lo, hi, bits, narrow)
             return y, lambda dy: tf.raw_ops.Relu6Grad(gradients=dy, features=v * (6.0 / top))
 
         return relu_then_fake_quant(x)
@@ -529,7 +533,7 @@ class QuantizedLayer(keras.layers.Layer):
     replicas stay equal). ``bn_folding`` chooses how:
 
     * ``"unfolded"`` (default, as tfmot and ``torch.ao`` train): the op runs on ``fq(W)`` and BN
-      follows with the batch moments of ``u = x ⊛ fq(W) + b``, in one fused kernel. Per output
+      follows with the batch moments of ``u = x ⊛ fq(W) + b`` (:func:`_live_batchnorm`). Per output
       channel the fake-quant's scale absorbs ``γ/σ``: ``fq(W)·γ/σ = fq(W·γ/σ)``, so this is the
       folded layer with batch statistics, and frozen, exactly the exported one. (Per-tensor
       weights have no such identity: the op then runs on ``fq(W·γ/σ)``, with the moments of
@@ -541,7 +545,7 @@ class QuantizedLayer(keras.layers.Layer):
 
     Once frozen, training runs the folded form (one op, no statistics). ``bn_frozen`` is held in
     a non-trainable variable, so freezing takes effect inside an already-compiled ``fit``
-    (``tf.cond`` on it); :class:`tfq.callbacks.FreezeBatchNorm` also re-traces the step so that
+    (selects on it); :class:`tfq.callbacks.FreezeBatchNorm` also re-traces the step so that
     frozen layers carry no batch-statistics ops at all.
 
     Under a mixed-precision policy (``mixed_float16``/``mixed_bfloat16``) the op runs in the
@@ -1006,7 +1010,7 @@ class QuantizedLayer(keras.layers.Layer):
 
         if not training or self._bn_frozen_initial:
             # A layer frozen before tracing is traced without the batch-statistics ops; the flag
-            # variable still rules inside a step traced before the freeze (the conds below).
+            # variable still rules inside a step traced before the freeze (selects below).
             return folded()
         frozen = self.bn_frozen_flag > 0.5
         per_tensor = not (self.per_channel or self.float_weights)
@@ -1017,8 +1021,8 @@ class QuantizedLayer(keras.layers.Layer):
             y = self._linear(x, self._quantize_any(kernel, axis, training))
             if bias is not None:
                 y = y + self._channel_vector(bias, len(y.shape))
-            y, mean, var = tf.cond(frozen, lambda: self._batch_normalize(y, gamma, beta, moving_mean, moving_var),
-                                   lambda: self._batch_normalize(y, gamma, beta))
+            y, mean, var = _live_batchnorm(y, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), bn.epsilon,
+                                           self._reduce_axes(len(y.shape)), frozen, moving_mean, moving_var)
             self._update_moving_statistics(frozen, mean, var, moving_mean, moving_var)
             return y
         y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis, training))
@@ -1044,34 +1048,6 @@ class QuantizedLayer(keras.layers.Layer):
         y = y * self._channel_vector(inv_sigma_b / tf.math.rsqrt(moving_var + bn.epsilon), rank)  # σ / σ_B
         return y + self._channel_vector(beta + (b - mean) * gamma * inv_sigma_b, rank)
 
-    def _batch_normalize(self, y, gamma, beta, mean=None, var=None):
-        """``γ·(y − μ)/sqrt(σ² + ε) + β``; returns ``(out, μ, σ²)``.
-
-        With ``mean``/``var`` None, ``μ``/``σ²`` are the batch moments of ``y`` (the biased variance,
-        as Keras keeps). Channels-last outputs of rank 2 to 4 take one fused kernel
-        (``FusedBatchNormV3``, forward and gradient), as tf_keras trains BN; its batch variance
-        is unbiased and is rescaled. Other layouts use ``tf.nn.moments``.
-        """
-        bn = self.batchnorm
-        rank = len(y.shape)
-        channels = y.shape[-1]
-        training = mean is None
-        if self._channels_last() and 2 <= rank <= 4 and channels is not None:
-            y4 = y if rank == 4 else tf.reshape(y, [-1, 1, 1 if rank == 2 else tf.shape(y)[1], channels])
-            out, batch_mean, batch_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=y4, scale=gamma, offset=beta, mean=tf.zeros([0]) if training else mean,
-                variance=tf.zeros([0]) if training else var, epsilon=bn.epsilon, exponential_avg_factor=1.0,
-                data_format="NHWC", is_training=training)
-            out = out if rank == 4 else tf.reshape(out, tf.shape(y))
-            if not training:
-                return out, mean, var
-            count = tf.cast(tf.size(y4) // channels, tf.float32)
-            return out, batch_mean, batch_var * ((count - 1.0) / tf.maximum(count, 1.0))  # unbiased → biased
-        if training:
-            mean, var = tf.nn.moments(y, axes=self._reduce_axes(rank))
-        scale = gamma * tf.math.rsqrt(var + bn.epsilon)
-        return y * self._channel_vector(scale, rank) + self._channel_vector(beta - mean * scale, rank), mean, var
-
     def _reduce_axes(self, rank: int) -> list[int]:
         channel_axis = rank - 1 if self._channels_last() else 1
         return [i for i in range(rank) if i != channel_axis]
@@ -1081,9 +1057,9 @@ class QuantizedLayer(keras.layers.Layer):
         batch under ``tf.distribute`` (synchronised outside any control flow)."""
         bn = self.batchnorm
         global_mean, global_var = _replica_moments(mean, var)
-        m = bn.momentum
-        bn.moving_mean.assign(tf.where(frozen, moving_mean, moving_mean * m + global_mean * (1.0 - m)))
-        bn.moving_variance.assign(tf.where(frozen, moving_var, moving_var * m + global_var * (1.0 - m)))
+        keep = tf.where(frozen, 1.0, bn.momentum)  # a scalar select: frozen keeps the statistics exactly
+        bn.moving_mean.assign(moving_mean * keep + global_mean * (1.0 - keep))
+        bn.moving_variance.assign(moving_var * keep + global_var * (1.0 - keep))
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -1258,3 +1234,48 @@ class QuantizedNormalization(keras.layers.Layer):
             bn_frozen=self.bn_frozen,
         )
         return config
+
+
+def _live_batchnorm(y, gamma, beta, epsilon, axes, frozen, moving_mean, moving_var):
+    """BatchNormalization of ``y`` in training: ``γ·(y − μ)/sqrt(σ² + ε) + β``.
+
+    ``μ, σ²`` are the batch moments of ``y`` over ``axes`` (the biased variance, as Keras), or the
+    moving statistics where ``frozen`` (a boolean scalar tensor, so that a step traced before the
+    freeze honours it). Returns ``(out, μ_B, σ_B²)``, the batch moments for the moving update.
+
+    No ``tf.cond`` and no fused kernel: both cost more than the statistics on CPU (a function call
+    per layer and step; ``FusedBatchNormGradV3`` is ~2× the unfused arithmetic on small tensors).
+    The gradient is written out, with ``d = y − μ``, ``s = Σ dout·d``, ``n`` values per channel::
+
+        ∂β = Σ dout        ∂γ = s / σ        ∂y = (γ/σ)·dout − d·(γ/σ³)·s/n − (γ/σ)·∂β/n
+
+    (σ = sqrt(σ² + ε)); the last two terms are the batch moments' share, 0 when frozen.
+    """
+    rank = len(y.shape)
+    shape = [1] * rank  # a per-channel vector broadcast along the channel axis
+    shape[next(i for i in range(rank) if i not in axes)] = -1
+    stats_input = tf.stop_gradient(y)
+    batch_mean = tf.reduce_mean(stats_input, axes)
+    batch_var = tf.reduce_mean(tf.math.squared_difference(stats_input, tf.reshape(batch_mean, shape)), axes)
+    mean = tf.where(frozen, moving_mean, batch_mean)
+    inv_sigma = tf.math.rsqrt(tf.where(frozen, moving_var, batch_var) + epsilon)
+    live = 1.0 - tf.cast(frozen, y.dtype)
+
+    @tf.custom_gradient
+    def normalize(y, gamma, beta):
+        scale = gamma * inv_sigma
+        out = y * tf.reshape(scale, shape) + tf.reshape(beta - mean * scale, shape)
+
+        def grad(dout):
+            n = tf.cast(tf.size(y, out_type=tf.int64) // tf.size(gamma, out_type=tf.int64), y.dtype)
+            d = y - tf.reshape(mean, shape)
+            d_beta = tf.reduce_sum(dout, axes)
+            s = tf.reduce_sum(dout * d, axes)
+            share = live / n
+            d_y = (dout * tf.reshape(scale, shape) - d * tf.reshape(scale * tf.square(inv_sigma) * s * share, shape)
+                   - tf.reshape(scale * d_beta * share, shape))
+            return d_y, s * inv_sigma, d_beta
+
+        return out, grad
+
+    return normalize(y, gamma, beta), batch_mean, batch_var
