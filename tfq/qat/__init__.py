@@ -81,7 +81,7 @@ def quantize_model(
         preserve: ``None``, ``"sparsity"`` or ``"clusters"`` (see above).
         bn_folding: how folded BatchNorms train until :class:`tfq.callbacks.FreezeBatchNorm`
             freezes their statistics: ``"unfolded"`` (default; BN after the op on the
-            fake-quantized weights, one fused kernel, the cost of float BN) or ``"two_pass"``
+            fake-quantized weights, the cost of Keras' float BN) or ``"two_pass"``
             (Krishnamoorthi's batch-statistics correction, statistics from a second, float op:
             one more convolution per step). See README "QAT cost" for the trade-off measured.
         **calibration_params: parameters of the calibration method.
