@@ -1244,7 +1244,8 @@ def _live_batchnorm(y, gamma, beta, epsilon, axes, frozen, moving_mean, moving_v
     freeze honours it). Returns ``(out, μ_B, σ_B²)``, the batch moments for the moving update.
 
     No ``tf.cond`` and no fused kernel: both cost more than the statistics on CPU (a function call
-    per layer and step; ``FusedBatchNormGradV3`` is ~2× the unfused arithmetic on small tensors).
+    per layer and step; on MobileNetV2 α 0.35 at 32 px the fused forward and gradient kernels took
+    16 ms of a 95 ms step, Keras' unfused BN ~13 ms).
     The gradient is written out, with ``d = y − μ``, ``s = Σ dout·d``, ``n`` values per channel::
 
         ∂β = Σ dout        ∂γ = s / σ        ∂y = (γ/σ)·dout − d·(γ/σ³)·s/n − (γ/σ)·∂β/n
