@@ -103,6 +103,22 @@ def test_unfolded_gradients_are_keras_conv_then_batchnorm_gradients_live_and_fro
         np.testing.assert_allclose(bn.moving_mean.numpy(), ref_bn.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
 
 
+def test_frozen_statistics_survive_a_non_finite_batch_in_a_step_traced_live():
+    rng = np.random.default_rng(8)
+    layer, ref_layer, x, channels = _layer_and_reference("conv", rng)
+    bn, _ = _batchnorms(channels, ref_layer(x).shape, rng)
+    folded = QuantizedLayer(layer, batchnorm=bn, float_weights=True, output_quantizer=None)
+    step = tf.function(lambda v: folded(v, training=True))
+    step(x)
+    folded.bn_frozen_flag.assign(1.0)
+    before = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    x = x.copy()
+    x[0, 0, 0, 0] = np.inf  # the batch moments are inf/NaN; the frozen ones must not take any of it
+    step(x)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
+
+
 def test_unfolded_training_sees_the_weights_the_folded_layer_exports():
     """Per output channel, fq(W)·γ/σ = fq(W·γ/σ): the channel's scale absorbs the factor."""
     rng = np.random.default_rng(2)

@@ -1057,9 +1057,11 @@ class QuantizedLayer(keras.layers.Layer):
         batch under ``tf.distribute`` (synchronised outside any control flow)."""
         bn = self.batchnorm
         global_mean, global_var = _replica_moments(mean, var)
-        keep = tf.where(frozen, 1.0, bn.momentum)  # a scalar select: frozen keeps the statistics exactly
-        bn.moving_mean.assign(moving_mean * keep + global_mean * (1.0 - keep))
-        bn.moving_variance.assign(moving_var * keep + global_var * (1.0 - keep))
+        m = bn.momentum
+        # Selected, not blended with a 0/1 weight: frozen statistics stay exact even when the batch's
+        # moments are not finite (inf · 0 is NaN).
+        bn.moving_mean.assign(tf.where(frozen, moving_mean, moving_mean * m + global_mean * (1.0 - m)))
+        bn.moving_variance.assign(tf.where(frozen, moving_var, moving_var * m + global_var * (1.0 - m)))
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
