@@ -15,7 +15,7 @@ import tensorflow as tf
 import tfq
 import tfq.callbacks
 import tfq.qat
-from tfq.qat.layers import BN_FOLDING, QuantizedLayer
+from tfq.qat.layers import BN_FOLDING, QuantizedLayer, QuantizedNormalization
 
 L = keras.layers
 
@@ -38,8 +38,8 @@ def _layer_and_reference(kind: str, rng):
     return ours, ref, x, channels
 
 
-def _batchnorms(channels: int, shape, rng):
-    bn, ref = L.BatchNormalization(momentum=0.8), L.BatchNormalization(momentum=0.8)
+def _batchnorms(channels: int, shape, rng, axis: int = -1):
+    bn, ref = L.BatchNormalization(axis=axis, momentum=0.8), L.BatchNormalization(axis=axis, momentum=0.8)
     bn.build(shape)
     ref.build(shape)
     gamma = rng.uniform(0.5, 2.0, channels) * np.where(np.arange(channels) % 2, -1.0, 1.0)  # negative γ too
@@ -114,6 +114,44 @@ def test_frozen_statistics_survive_a_non_finite_batch_in_a_step_traced_live():
     before = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
     x = x.copy()
     x[0, 0, 0, 0] = np.inf  # the batch moments are inf/NaN; the frozen ones must not take any of it
+    step(x)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_standalone_batchnorm_trains_as_keras_live_and_frozen_in_a_step_traced_live(axis):
+    """The standalone BN wrapper (no quantizers) against Keras' BatchNormalization: outputs, moving
+    statistics and gradients, live and then frozen through the variable inside the live trace (the
+    flag selects the statistics, no cond); a non-finite batch after the freeze leaves them exact."""
+    rng = np.random.default_rng(9)
+    channels = 3
+    x = (rng.normal(size=(6, 5, 5, channels) if axis == -1 else (6, channels, 5, 5)) + 3.0).astype("float32")
+    bn, ref = _batchnorms(channels, x.shape, rng, axis)
+    norm = QuantizedNormalization(bn, intermediate_quantizer=None, output_quantizer=None)
+    upstream = tf.constant(rng.normal(size=x.shape).astype("float32"))
+    step = tf.function(lambda v: norm(v, training=True))
+    assert not {"If", "StatelessIf"} & set(_op_types(norm, x))
+    for frozen in (False, True):
+        if frozen:
+            norm.bn_frozen_flag.assign(1.0)
+            ref.trainable = False  # Keras: moving statistics in training, γ and β without gradient
+        v = tf.constant(x)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(v)
+            ours = step(v)
+            theirs = ref(v, training=True)
+            loss_ours, loss_theirs = tf.reduce_sum(ours * upstream), tf.reduce_sum(theirs * upstream)
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"frozen={frozen}")
+        pairs = {"input": (v, v)} if frozen else {"input": (v, v), "gamma": (bn.gamma, ref.gamma),
+                                                   "beta": (bn.beta, ref.beta)}
+        for name, (a, b) in pairs.items():
+            np.testing.assert_allclose(tape.gradient(loss_ours, a).numpy(), tape.gradient(loss_theirs, b).numpy(),
+                                       rtol=1e-4, atol=1e-4, err_msg=f"frozen={frozen} {name}")
+        np.testing.assert_allclose(bn.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), ref.moving_variance.numpy(), rtol=1e-6, atol=1e-6)
+    before = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    x[0, 0, 0, 0] = np.inf
     step(x)
     np.testing.assert_array_equal(bn.moving_mean.numpy(), before[0])
     np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])

@@ -856,9 +856,7 @@ class QuantizedLayer(keras.layers.Layer):
         return getattr(self.layer, "data_format", "channels_last") != "channels_first"
 
     def _channel_vector(self, v, rank):
-        if self._channels_last():
-            return v
-        return tf.reshape(v, [1, -1] + [1] * (rank - 2))
+        return _per_channel(v, rank, -1 if self._channels_last() else 1)
 
     def _kernel_and_scale_axis(self):
         """The kernel of the op that :meth:`_linear` runs, and its output-channel axis."""
@@ -1053,15 +1051,7 @@ class QuantizedLayer(keras.layers.Layer):
         return [i for i in range(rank) if i != channel_axis]
 
     def _update_moving_statistics(self, frozen, mean, var, moving_mean, moving_var) -> None:
-        """``μ ← m·μ + (1 − m)·μ_B`` (same for the variance) unless frozen; moments of the global
-        batch under ``tf.distribute`` (synchronised outside any control flow)."""
-        bn = self.batchnorm
-        global_mean, global_var = _replica_moments(mean, var)
-        m = bn.momentum
-        # Selected, not blended with a 0/1 weight: frozen statistics stay exact even when the batch's
-        # moments are not finite (inf · 0 is NaN).
-        bn.moving_mean.assign(tf.where(frozen, moving_mean, moving_mean * m + global_mean * (1.0 - m)))
-        bn.moving_variance.assign(tf.where(frozen, moving_var, moving_var * m + global_var * (1.0 - m)))
+        _update_moving_statistics(self.batchnorm, frozen, mean, var, moving_mean, moving_var)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -1166,12 +1156,6 @@ class QuantizedNormalization(keras.layers.Layer):
             q.build(input_shape)
         self.built = True
 
-    def _broadcast(self, v, rank):
-        """A per-channel vector of the BN, shaped to broadcast along its axis."""
-        shape = [1] * rank
-        shape[self.layer.axis % rank] = -1
-        return tf.reshape(v, shape)
-
     def _scale_offset(self, x, training):
         layer = self.layer
         rank = len(x.shape)
@@ -1185,18 +1169,16 @@ class QuantizedNormalization(keras.layers.Layer):
         moving_var = tf.convert_to_tensor(layer.moving_variance)
         mean, var = moving_mean, moving_var
         if training and not self._bn_frozen_initial:  # frozen: traced without the statistics ops
+            # Selected on the flag, no tf.cond (a function call per layer and step), as in _live_batchnorm;
+            # the gradient reaches the batch moments only while live.
             frozen = self.bn_frozen_flag > 0.5
-            reduce_axes = [i for i in range(rank) if i != layer.axis % rank]
-            mean, var = tf.cond(frozen, lambda: (moving_mean, moving_var),
-                                lambda: tf.nn.moments(x, axes=reduce_axes))
-            global_mean, global_var = _replica_moments(mean, var)
-            mom = layer.momentum
-            layer.moving_mean.assign(tf.where(frozen, moving_mean, moving_mean * mom + global_mean * (1.0 - mom)))
-            layer.moving_variance.assign(tf.where(frozen, moving_var, moving_var * mom + global_var * (1.0 - mom)))
+            batch_mean, batch_var = tf.nn.moments(x, axes=[i for i in range(rank) if i != layer.axis % rank])
+            _update_moving_statistics(layer, frozen, batch_mean, batch_var, moving_mean, moving_var)
+            mean, var = tf.where(frozen, moving_mean, batch_mean), tf.where(frozen, moving_var, batch_var)
         gamma = layer.gamma if layer.scale else tf.ones_like(moving_mean)
         beta = layer.beta if layer.center else tf.zeros_like(moving_mean)
         scale = gamma / tf.sqrt(var + layer.epsilon)
-        return self._broadcast(scale, rank), self._broadcast(beta - mean * scale, rank)
+        return _per_channel(scale, rank, layer.axis), _per_channel(beta - mean * scale, rank, layer.axis)
 
     @staticmethod
     def _fq_constant(v):
@@ -1238,6 +1220,25 @@ class QuantizedNormalization(keras.layers.Layer):
         return config
 
 
+def _per_channel(v, rank: int, axis: int):
+    """A per-channel vector shaped to broadcast along ``axis`` of a rank-``rank`` tensor (as is when last)."""
+    axis %= rank
+    if axis == rank - 1:
+        return v
+    return tf.reshape(v, [-1 if i == axis else 1 for i in range(rank)])
+
+
+def _update_moving_statistics(bn, frozen, mean, var, moving_mean, moving_var) -> None:
+    """``μ ← m·μ + (1 − m)·μ_B`` (same for the variance) of BatchNormalization ``bn`` unless ``frozen``;
+    moments of the global batch under ``tf.distribute`` (synchronised outside any control flow)."""
+    global_mean, global_var = _replica_moments(mean, var)
+    m = bn.momentum
+    # Selected, not blended with a 0/1 weight: frozen statistics stay exact even when the batch's
+    # moments are not finite (inf · 0 is NaN).
+    bn.moving_mean.assign(tf.where(frozen, moving_mean, moving_mean * m + global_mean * (1.0 - m)))
+    bn.moving_variance.assign(tf.where(frozen, moving_var, moving_var * m + global_var * (1.0 - m)))
+
+
 def _live_batchnorm(y, gamma, beta, epsilon, axes, frozen, moving_mean, moving_var):
     """BatchNormalization of ``y`` in training: ``γ·(y − μ)/sqrt(σ² + ε) + β``.
 
@@ -1255,11 +1256,14 @@ def _live_batchnorm(y, gamma, beta, epsilon, axes, frozen, moving_mean, moving_v
     (σ = sqrt(σ² + ε)); the last two terms are the batch moments' share, 0 when frozen.
     """
     rank = len(y.shape)
-    shape = [1] * rank  # a per-channel vector broadcast along the channel axis
-    shape[next(i for i in range(rank) if i not in axes)] = -1
+    channel_axis = next(i for i in range(rank) if i not in axes)
+
+    def along(v):
+        return _per_channel(v, rank, channel_axis)
+
     stats_input = tf.stop_gradient(y)
     batch_mean = tf.reduce_mean(stats_input, axes)
-    batch_var = tf.reduce_mean(tf.math.squared_difference(stats_input, tf.reshape(batch_mean, shape)), axes)
+    batch_var = tf.reduce_mean(tf.math.squared_difference(stats_input, along(batch_mean)), axes)
     mean = tf.where(frozen, moving_mean, batch_mean)
     inv_sigma = tf.math.rsqrt(tf.where(frozen, moving_var, batch_var) + epsilon)
     live = 1.0 - tf.cast(frozen, y.dtype)
@@ -1267,16 +1271,16 @@ def _live_batchnorm(y, gamma, beta, epsilon, axes, frozen, moving_mean, moving_v
     @tf.custom_gradient
     def normalize(y, gamma, beta):
         scale = gamma * inv_sigma
-        out = y * tf.reshape(scale, shape) + tf.reshape(beta - mean * scale, shape)
+        out = y * along(scale) + along(beta - mean * scale)
 
         def grad(dout):
             n = tf.cast(tf.size(y, out_type=tf.int64) // tf.size(gamma, out_type=tf.int64), y.dtype)
-            d = y - tf.reshape(mean, shape)
+            d = y - along(mean)
             d_beta = tf.reduce_sum(dout, axes)
             s = tf.reduce_sum(dout * d, axes)
             share = live / n
-            d_y = (dout * tf.reshape(scale, shape) - d * tf.reshape(scale * tf.square(inv_sigma) * s * share, shape)
-                   - tf.reshape(scale * d_beta * share, shape))
+            d_y = (dout * along(scale) - d * along(scale * tf.square(inv_sigma) * s * share)
+                   - along(scale * d_beta * share))
             return d_y, s * inv_sigma, d_beta
 
         return out, grad
