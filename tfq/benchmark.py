@@ -316,9 +316,7 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log, timing_re
     timing_rounds = 1 if quick else 3
     timing = _interleaved_epochs(float_copy, qat, x_train, y_train, rounds=timing_rounds)
     result["qat"] = [{"name": "tfq_qat", "accuracy": qat_acc, "drop_vs_float": float_acc - qat_acc,
-                      "size_bytes": len(qat_tflite), "step_time_ratio": timing["step_time_ratio"],
-                      "cpu_time_ratio": timing["cpu_time_ratio"], "timing_consistent": timing["timing_consistent"],
-                      "round_ratios": timing["round_ratios"], "epochs": qat_epochs}]
+                      "size_bytes": len(qat_tflite), **_timing_fields(timing), "epochs": qat_epochs}]
     log(f"{key}: tfmot QAT (tf_keras, subprocess)")
     result["qat"].append(_tfmot_in_subprocess(spec, epochs, qat_epochs, timing_rounds))
     return result
@@ -433,9 +431,8 @@ def _tfmot_worker(spec: dict) -> dict:
     acc = _tflite_accuracy(content, x_test, y_test)
     timing = _interleaved_epochs(float_copy, qat, x_train, y_train, rounds=spec["timing_rounds"])  # as for tfq
     return {"name": "tfmot_qat", "accuracy": acc, "float_accuracy_tf_keras": float_acc,
-            "drop_vs_float": float_acc - acc, "size_bytes": len(content), "step_time_ratio": timing["step_time_ratio"],
-            "cpu_time_ratio": timing["cpu_time_ratio"], "timing_consistent": timing["timing_consistent"],
-            "round_ratios": timing["round_ratios"], "epochs": spec["qat_epochs"],
+            "drop_vs_float": float_acc - acc, "size_bytes": len(content), **_timing_fields(timing),
+            "epochs": spec["qat_epochs"],
             "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
 
 
@@ -494,6 +491,19 @@ TIMING_TOLERANCE = 1.15  # wall and CPU-time step ratios further apart than this
 def _timing_consistent(wall_ratio: float, cpu_ratio: float) -> bool:
     """Whether a best-of wall-time ratio agrees with the CPU-time one within :data:`TIMING_TOLERANCE`."""
     return bool(abs(np.log(wall_ratio / cpu_ratio)) <= np.log(TIMING_TOLERANCE))
+
+
+def _timing_fields(timing: dict) -> dict:
+    """The fields of :func:`_interleaved_epochs` that a model section's QAT row keeps."""
+    return {k: timing[k] for k in ("step_time_ratio", "cpu_time_ratio", "timing_consistent", "round_ratios")}
+
+
+def _step_time_cell(row: dict) -> str:
+    """A row's best-of step-time ratio, or "disturbed" with both ratios when they disagree."""
+    step = f"×{row['step_time_ratio']:.2f}"
+    if row.get("timing_consistent", True):
+        return step
+    return f"disturbed (wall {step} against CPU ×{row['cpu_time_ratio']:.2f}): re-run"
 
 
 def _interleaved_epochs(float_model, qat_model, x, y, rounds: int, batch_size: int = 32, on_epoch=None) -> dict:
@@ -738,10 +748,7 @@ def qat_cost_markdown(section: dict) -> str:
             if "accuracy_by_seed" in row:
                 accuracy = (f"{row['accuracy_mean']:.4f} (mean of {len(row['accuracy_by_seed'])} seeds: "
                             f"{', '.join(f'{a:.4f}' for a in row['accuracy_by_seed'])})")
-            step = f"×{row['step_time_ratio']:.2f}"
-            if not row.get("timing_consistent", True):
-                step = f"disturbed (wall {step} against CPU ×{row['cpu_time_ratio']:.2f}): re-run"
-            lines.append(f"| {m['model']} | {name}{f' ({extra})' if extra else ''} | {step} | "
+            lines.append(f"| {m['model']} | {name}{f' ({extra})' if extra else ''} | {_step_time_cell(row)} | "
                          f"×{row['cpu_time_ratio']:.2f} | {min(ratios):.2f}–{max(ratios):.2f} | {accuracy} | "
                          f"{m['float_accuracy']:.4f} |")
     return "\n".join(lines)
@@ -1208,8 +1215,7 @@ def to_markdown(results: dict) -> str:
             if "error" in row:
                 lines.append(f"| {m['model']} | {row['name']} | error: {row['error'][:60]} | | | |")
                 continue
-            step = f"×{row['step_time_ratio']:.2f}" if row.get("timing_consistent", True) else "disturbed"
-            lines.append(f"| {m['model']} | {row['name']} (step time {step}) | "
+            lines.append(f"| {m['model']} | {row['name']} (step time {_step_time_cell(row)}) | "
                          f"{row['accuracy']:.4f} | {100 * row['drop_vs_float']:.2f} | – | – |")
         ev = m.get("evaluator")
         if ev:

@@ -1021,7 +1021,7 @@ class QuantizedLayer(keras.layers.Layer):
                 y = y + self._channel_vector(bias, len(y.shape))
             y, mean, var = _live_batchnorm(y, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), bn.epsilon,
                                            self._reduce_axes(len(y.shape)), frozen, moving_mean, moving_var)
-            self._update_moving_statistics(frozen, mean, var, moving_mean, moving_var)
+            _update_moving_statistics(bn, frozen, mean, var, moving_mean, moving_var)
             return y
         y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis, training))
         rank = len(y.shape)
@@ -1032,15 +1032,15 @@ class QuantizedLayer(keras.layers.Layer):
             # σ/σ_B = |γ| / sqrt(var_y + ε·(γ/σ)²) needs no division by γ (γ = 0 gives y = 0).
             mean_y, var_y = tf.nn.moments(y, axes=self._reduce_axes(rank))
             factor2 = tf.square(factor)
-            self._update_moving_statistics(frozen, tf.math.divide_no_nan(mean_y, factor) + b,
-                                           tf.math.divide_no_nan(var_y, factor2), moving_mean, moving_var)
+            _update_moving_statistics(bn, frozen, tf.math.divide_no_nan(mean_y, factor) + b,
+                                      tf.math.divide_no_nan(var_y, factor2), moving_mean, moving_var)
             ratio = tf.where(frozen, 1.0, tf.abs(gamma) * tf.math.rsqrt(var_y + bn.epsilon * factor2 + _TINY))
             offset = tf.where(frozen, beta + (b - moving_mean) * factor, beta - mean_y * ratio)
             return y * self._channel_vector(ratio, rank) + self._channel_vector(offset, rank)
         # two_pass: the batch moments of the unquantized op x ⊛ W + b, from a second op.
         mean, var = tf.nn.moments(self._linear(x, kernel), axes=self._reduce_axes(rank))
         mean = mean + b
-        self._update_moving_statistics(frozen, mean, var, moving_mean, moving_var)
+        _update_moving_statistics(bn, frozen, mean, var, moving_mean, moving_var)
         mean, var = tf.where(frozen, moving_mean, mean), tf.where(frozen, moving_var, var)
         inv_sigma_b = tf.math.rsqrt(var + bn.epsilon)
         y = y * self._channel_vector(inv_sigma_b / tf.math.rsqrt(moving_var + bn.epsilon), rank)  # σ / σ_B
@@ -1049,9 +1049,6 @@ class QuantizedLayer(keras.layers.Layer):
     def _reduce_axes(self, rank: int) -> list[int]:
         channel_axis = rank - 1 if self._channels_last() else 1
         return [i for i in range(rank) if i != channel_axis]
-
-    def _update_moving_statistics(self, frozen, mean, var, moving_mean, moving_var) -> None:
-        _update_moving_statistics(self.batchnorm, frozen, mean, var, moving_mean, moving_var)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
