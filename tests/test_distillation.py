@@ -136,3 +136,33 @@ def test_distilled_student_against_the_same_student_from_labels(trained_cnn, dig
           f"distilled {results['distilled']} (mean {distilled:.4f})")
     assert distilled >= labels - 0.01
     assert min(results["distilled"]) > 0.8  # the student learns at all under distillation
+
+
+def test_soft_loss_on_a_quantized_softmax_student_is_taken_from_its_fake_quantized_logits():
+    """A QAT student's probabilities are on the int8 grid (1/256 steps, many exactly 0); the soft
+    loss in a traced step uses the fake-quantized logits under them, not the clipped log of 0."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    inp = keras.Input((6,))
+    z = keras.layers.Dense(4, name="z")(keras.layers.Dense(12, activation="relu")(inp))
+    student = keras.Model(inp, keras.layers.Activation("softmax")(z))
+    student.get_layer("z").kernel.assign(student.get_layer("z").kernel * 8.0)
+    qat = tfq.qat.quantize_model(student, calibration_data=x, warn_unknown=False)
+    # the fake-quantized logits, read as a layer output (an independent path to them)
+    z_layer = next(layer for layer in qat.layers if getattr(layer, "layer", None) is not None
+                   and layer.layer.name.startswith("z"))
+    z_q = keras.Model(qat.input, z_layer.output).predict(x, verbose=0)
+    teacher = softmax(rng.normal(size=(32, 4)).astype("float32"))
+
+    @tf.function
+    def soft(inputs):
+        probs = qat(inputs, training=False)
+        return probs, distillation_loss(teacher, probs, temperature=2.0)
+
+    probs, got = soft(x)
+    assert (probs.numpy() == 0).sum() >= 8
+    pt, ps = softmax(np.log(teacher) / 2.0), softmax(z_q / 2.0)
+    expected = np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), -1)) * 4.0
+    assert float(got) == pytest.approx(expected, rel=1e-4)

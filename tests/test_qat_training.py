@@ -306,6 +306,49 @@ def test_relu_fake_quant_equals_relu_then_the_quantizer(cap):
     assert not tfq.qat.ActivationQuantizer(mode="learned").takes_relu(True)
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_crossentropy_on_a_quantized_softmax_is_taken_from_its_fake_quantized_logits(separate):
+    """The loss on a fixed-range softmax output sees the logits, as Keras' float loss does.
+
+    On the quantized probabilities (1/256 grid) a wrong prediction with p < 1/512 rounds to 0,
+    Keras clips it to 1e-7 and passes no gradient: such samples would never be learned.
+    """
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    inp = keras.Input((6,))
+    h = L.Dense(12, activation="relu", name="hidden")(inp)
+    if separate:
+        out = L.Activation("softmax")(L.Dense(4, name="logits")(h))
+    else:
+        out = L.Dense(4, activation="softmax", name="logits")(h)
+    model = keras.Model(inp, out)
+    logits_layer = model.get_layer("logits")
+    logits_layer.kernel.assign(logits_layer.kernel * 8.0)  # confident: many probabilities below 1/512
+    qat = tfq.qat.quantize_model(model, calibration_data=x, warn_unknown=False)
+    y = np.argmin(model.predict(x, verbose=0), axis=1)  # every sample confidently wrong
+
+    @tf.function
+    def per_sample_loss(inputs):
+        probs = qat(inputs, training=False)
+        return probs, keras.losses.sparse_categorical_crossentropy(y, probs)
+
+    probs, loss = (t.numpy() for t in per_sample_loss(x))
+    p_true = probs[np.arange(len(y)), y]
+    assert (p_true == 0).sum() >= 16  # the case that matters is there
+    # exp(−loss) is the float softmax of the logits the output was quantized from: within half a step
+    np.testing.assert_allclose(np.exp(-loss), p_true, atol=0.5 / 256 + 1e-6)
+    clipped = -np.log(1e-7)  # the loss of a 0 probability
+    assert np.all(np.abs(loss[p_true == 0] - clipped) > 1e-3) and np.all(loss[p_true == 0] > np.log(512) - 1e-3)
+    # and the gradient reaches the weights from samples whose output probability is 0
+    qat.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    zero = p_true == 0
+    qlogits = next(layer for layer in qat.layers if isinstance(layer, QuantizedLayer)
+                   and layer.layer.name.startswith("logits"))
+    before = qlogits.layer.kernel.numpy().copy()
+    qat.train_on_batch(x[zero], y[zero])
+    assert np.abs(qlogits.layer.kernel.numpy() - before).max() > 1e-3
+
+
 # --- mixed precision ------------------------------------------------------------------------------------
 @pytest.fixture
 def global_policy():

@@ -22,10 +22,18 @@ _EPSILON = 1e-7
 
 
 def _log_probabilities(outputs, from_logits: bool):
-    """log-softmax of logits, or the log of probabilities (clipped away from 0)."""
-    if from_logits:
-        return keras.ops.log_softmax(outputs, axis=-1)
-    return keras.ops.log(keras.ops.clip(outputs, _EPSILON, 1.0))
+    """log-softmax of logits, or the log of probabilities (clipped away from 0).
+
+    Probabilities from a Keras softmax carry their logits (``_keras_logits``, in a traced step),
+    also through a tfq fake-quant of the softmax output: the log-softmax of those is exact where
+    the log of a probability on the int8 output grid would be clipped, with no gradient.
+    """
+    logits = None if from_logits else getattr(outputs, "_keras_logits", None)
+    if from_logits or logits is not None:
+        z = outputs if logits is None else logits
+        return keras.ops.log_softmax(keras.ops.convert_to_tensor(z, "float32"), axis=-1)
+    p = keras.ops.convert_to_tensor(outputs, "float32")
+    return keras.ops.log(keras.ops.clip(p, _EPSILON, 1.0))
 
 
 def distillation_loss(teacher_outputs, student_outputs, temperature: float = 4.0, from_logits: bool = False):
@@ -39,10 +47,8 @@ def distillation_loss(teacher_outputs, student_outputs, temperature: float = 4.0
         >>> float(distillation_loss([[0.7, 0.3]], [[0.7, 0.3]]))   # identical predictions
         0.0
     """
-    t = keras.ops.convert_to_tensor(teacher_outputs, "float32")
-    s = keras.ops.convert_to_tensor(student_outputs, "float32")
-    log_t = keras.ops.log_softmax(_log_probabilities(t, from_logits) / temperature, axis=-1)
-    log_s = keras.ops.log_softmax(_log_probabilities(s, from_logits) / temperature, axis=-1)
+    log_t = keras.ops.log_softmax(_log_probabilities(teacher_outputs, from_logits) / temperature, axis=-1)
+    log_s = keras.ops.log_softmax(_log_probabilities(student_outputs, from_logits) / temperature, axis=-1)
     kl = keras.ops.sum(keras.ops.exp(log_t) * (log_t - log_s), axis=-1)
     return keras.ops.mean(kl) * (temperature ** 2)
 

@@ -184,6 +184,25 @@ def _replica_moments(mean, variance):
     return global_mean, tf.maximum(second_moment - tf.square(global_mean), 0.0)
 
 
+def _keep_logits(probabilities, quantized):
+    """``quantized`` carrying the logits Keras' softmax/sigmoid attached to ``probabilities``.
+
+    Keras computes a crossentropy on a softmax or sigmoid output from the logits it finds on the
+    tensor (``_keras_logits``). After a fake-quant the loss would see probabilities on the int8
+    output grid instead: clipped to [1e-7, 1 − 1e-7] with no gradient where a wrong prediction
+    rounds to 0 (p < 1/512), and the gradient of a 1/256-step quantity elsewhere. The fake-quant
+    is kept in the forward pass (what the INT8 model outputs); the loss sees the fake-quantized
+    logits, as in float training and in tfmot (which applies softmax after its last quantizer).
+    """
+    logits = getattr(probabilities, "_keras_logits", None)
+    if logits is not None and quantized is not probabilities:
+        try:
+            quantized._keras_logits = tf.cast(logits, tf.float32)
+        except AttributeError:  # eager tensors take no attributes; eager losses are not traced
+            pass
+    return quantized
+
+
 @keras.saving.register_keras_serializable(package="tfq")
 class ActivationQuantizer(keras.layers.Layer):
     """Per-tensor fake-quant of an activation.
@@ -298,6 +317,9 @@ class ActivationQuantizer(keras.layers.Layer):
         self.initialized.assign(1.0)
 
     def call(self, inputs, training=None):
+        return _keep_logits(inputs, self._fake_quant(inputs, training))
+
+    def _fake_quant(self, inputs, training):
         x = tf.convert_to_tensor(inputs)
         if x.dtype != tf.float32:
             x = tf.cast(x, tf.float32)
