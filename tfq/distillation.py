@@ -28,12 +28,12 @@ def _log_probabilities(outputs, from_logits: bool):
     also through a tfq fake-quant of the softmax output: the log-softmax of those is exact where
     the log of a probability on the int8 output grid would be clipped, with no gradient.
     """
-    logits = None if from_logits else getattr(outputs, "_keras_logits", None)
-    if from_logits or logits is not None:
-        z = outputs if logits is None else logits
-        return keras.ops.log_softmax(keras.ops.convert_to_tensor(z, "float32"), axis=-1)
-    p = keras.ops.convert_to_tensor(outputs, "float32")
-    return keras.ops.log(keras.ops.clip(p, _EPSILON, 1.0))
+    if not from_logits and hasattr(outputs, "_keras_logits"):
+        outputs, from_logits = outputs._keras_logits, True
+    outputs = keras.ops.convert_to_tensor(outputs, "float32")
+    if from_logits:
+        return keras.ops.log_softmax(outputs, axis=-1)
+    return keras.ops.log(keras.ops.clip(outputs, _EPSILON, 1.0))
 
 
 def distillation_loss(teacher_outputs, student_outputs, temperature: float = 4.0, from_logits: bool = False):

@@ -54,8 +54,8 @@ def quantize_model(
     TFLite kernel stay float with a warning. A softmax or sigmoid output is fake-quantized on
     TFLite's fixed grid (1/256 steps) in training too, and Keras' crossentropy losses read the
     fake-quantized logits under it, as they read a float softmax's logits (so a confidently wrong
-    sample, whose probability rounds to 0, still has a gradient). Nested models (a ``keras.applications`` base in a
-    transfer model) are rewritten too. The result saves and loads with ``model.save`` /
+    sample, whose probability rounds to 0, still has a gradient). Nested models (a
+    ``keras.applications`` base in a transfer model) are rewritten too. The result saves and loads with ``model.save`` /
     ``keras.models.load_model`` (classes registered under the package ``"tfq"``), trains under
     ``tf.distribute`` strategies (build it inside ``strategy.scope()``) and converts with
     ``tfq.convert(qat_model, "int8")`` without representative data.
