@@ -1042,7 +1042,7 @@ class QuantizedLayer(keras.layers.Layer):
             if bias is not None:
                 y = y + self._channel_vector(bias, len(y.shape))
             y, mean, var = _live_batchnorm(y, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), bn.epsilon,
-                                           self._reduce_axes(len(y.shape)), frozen, moving_mean, moving_var)
+                                           self._output_channel_axis(len(y.shape)), frozen, moving_mean, moving_var)
             _update_moving_statistics(bn, frozen, mean, var, moving_mean, moving_var)
             return y
         y = self._linear(x, self._quantize_any(self._scale_kernel(kernel, factor, axis), axis, training))
@@ -1052,7 +1052,7 @@ class QuantizedLayer(keras.layers.Layer):
             # folded fq(W·γ/σ) = W'·γ/σ and BN normalises with the batch moments of x ⊛ W' + b,
             # which are those of y = (x ⊛ W')·γ/σ scaled back: one op, as unfolded.
             # σ/σ_B = |γ| / sqrt(var_y + ε·(γ/σ)²) needs no division by γ (γ = 0 gives y = 0).
-            mean_y, var_y = tf.nn.moments(y, axes=self._reduce_axes(rank))
+            mean_y, var_y = tf.nn.moments(y, axes=_other_axes(rank, self._output_channel_axis(rank)))
             factor2 = tf.square(factor)
             _update_moving_statistics(bn, frozen, tf.math.divide_no_nan(mean_y, factor) + b,
                                       tf.math.divide_no_nan(var_y, factor2), moving_mean, moving_var)
@@ -1060,7 +1060,7 @@ class QuantizedLayer(keras.layers.Layer):
             offset = tf.where(frozen, beta + (b - moving_mean) * factor, beta - mean_y * ratio)
             return y * self._channel_vector(ratio, rank) + self._channel_vector(offset, rank)
         # two_pass: the batch moments of the unquantized op x ⊛ W + b, from a second op.
-        mean, var = tf.nn.moments(self._linear(x, kernel), axes=self._reduce_axes(rank))
+        mean, var = tf.nn.moments(self._linear(x, kernel), axes=_other_axes(rank, self._output_channel_axis(rank)))
         mean = mean + b
         _update_moving_statistics(bn, frozen, mean, var, moving_mean, moving_var)
         mean, var = tf.where(frozen, moving_mean, mean), tf.where(frozen, moving_var, var)
@@ -1068,9 +1068,8 @@ class QuantizedLayer(keras.layers.Layer):
         y = y * self._channel_vector(inv_sigma_b / tf.math.rsqrt(moving_var + bn.epsilon), rank)  # σ / σ_B
         return y + self._channel_vector(beta + (b - mean) * gamma * inv_sigma_b, rank)
 
-    def _reduce_axes(self, rank: int) -> list[int]:
-        channel_axis = rank - 1 if self._channels_last() else 1
-        return [i for i in range(rank) if i != channel_axis]
+    def _output_channel_axis(self, rank: int) -> int:
+        return rank - 1 if self._channels_last() else 1
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -1191,7 +1190,7 @@ class QuantizedNormalization(keras.layers.Layer):
             # Selected on the flag, no tf.cond (a function call per layer and step), as in _live_batchnorm;
             # the gradient reaches the batch moments only while live.
             frozen = self.bn_frozen_flag > 0.5
-            batch_mean, batch_var = tf.nn.moments(x, axes=[i for i in range(rank) if i != layer.axis % rank])
+            batch_mean, batch_var = tf.nn.moments(x, axes=_other_axes(rank, layer.axis))
             _update_moving_statistics(layer, frozen, batch_mean, batch_var, moving_mean, moving_var)
             mean, var = tf.where(frozen, moving_mean, batch_mean), tf.where(frozen, moving_var, batch_var)
         gamma = layer.gamma if layer.scale else tf.ones_like(moving_mean)
@@ -1247,6 +1246,11 @@ def _per_channel(v, rank: int, axis: int):
     return tf.reshape(v, [-1 if i == axis else 1 for i in range(rank)])
 
 
+def _other_axes(rank: int, channel_axis: int) -> list[int]:
+    """The axes a per-channel statistic reduces over: all but ``channel_axis``."""
+    return [i for i in range(rank) if i != channel_axis % rank]
+
+
 def _update_moving_statistics(bn, frozen, mean, var, moving_mean, moving_var) -> None:
     """``μ ← m·μ + (1 − m)·μ_B`` (same for the variance) of BatchNormalization ``bn`` unless ``frozen``;
     moments of the global batch under ``tf.distribute`` (synchronised outside any control flow)."""
@@ -1258,12 +1262,12 @@ def _update_moving_statistics(bn, frozen, mean, var, moving_mean, moving_var) ->
     bn.moving_variance.assign(tf.where(frozen, moving_var, moving_var * m + global_var * (1.0 - m)))
 
 
-def _live_batchnorm(y, gamma, beta, epsilon, axes, frozen, moving_mean, moving_var):
+def _live_batchnorm(y, gamma, beta, epsilon, channel_axis, frozen, moving_mean, moving_var):
     """BatchNormalization of ``y`` in training: ``γ·(y − μ)/sqrt(σ² + ε) + β``.
 
-    ``μ, σ²`` are the batch moments of ``y`` over ``axes`` (the biased variance, as Keras), or the
-    moving statistics where ``frozen`` (a boolean scalar tensor, so that a step traced before the
-    freeze honours it). Returns ``(out, μ_B, σ_B²)``, the batch moments for the moving update.
+    ``μ, σ²`` are the batch moments of ``y`` over all axes but ``channel_axis`` (the biased variance,
+    as Keras), or the moving statistics where ``frozen`` (a boolean scalar tensor, so that a step
+    traced before the freeze honours it). Returns ``(out, μ_B, σ_B²)``, the batch moments for the moving update.
 
     No ``tf.cond`` and no fused kernel: both cost more than the statistics on CPU (a function call
     per layer and step; on MobileNetV2 α 0.35 at 32 px the fused forward and gradient kernels took
@@ -1275,7 +1279,7 @@ def _live_batchnorm(y, gamma, beta, epsilon, axes, frozen, moving_mean, moving_v
     (σ = sqrt(σ² + ε)); the last two terms are the batch moments' share, 0 when frozen.
     """
     rank = len(y.shape)
-    channel_axis = next(i for i in range(rank) if i not in axes)
+    axes = _other_axes(rank, channel_axis)
 
     def along(v):
         return _per_channel(v, rank, channel_axis)
