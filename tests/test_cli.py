@@ -229,6 +229,29 @@ def test_qat_cost_table_prints_a_disturbed_timing_as_such():
     assert "| ×1.08 | ×1.10 |" in sound
 
 
+def test_benchmark_tfmot_rows_start_from_tfqs_float_weights(tmp_path, trained_mobilenet):
+    """The benchmark's tfmot QAT starts from tfq's float model: its weights, saved by layer name from
+    Keras 3 and loaded into the tf_keras build (another process), give the same predictions."""
+    from tfq.benchmark import _save_weights_by_layer
+
+    model, _, (x_test, _), _ = trained_mobilenet
+    x = x_test[:64]
+    expected = model.predict(x, verbose=0)
+    _save_weights_by_layer(model, tmp_path / "w.npz")
+    np.save(tmp_path / "x.npy", x)
+    code = ("import numpy as np, tf_keras; from tfq import examples; from tfq.benchmark import _load_weights_by_layer; "
+            f"x = np.load({str(tmp_path / 'x.npy')!r}); "
+            "m = examples.mobilenet_style(input_shape=x.shape[1:], keras_module=tf_keras); "
+            f"_load_weights_by_layer(m, {str(tmp_path / 'w.npz')!r}); "
+            f"np.save({str(tmp_path / 'y.npy')!r}, m.predict(x, verbose=0))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=dict(ENV, TF_USE_LEGACY_KERAS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "y.npy")
+    assert expected.std(axis=0).max() > 0.01  # the predictions depend on the input: not a constant model
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_benchmark_methods_quick(tmp_path):
     out, table = tmp_path / "methods.json", tmp_path / "methods.md"

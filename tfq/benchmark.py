@@ -43,6 +43,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -317,8 +318,11 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log, timing_re
     timing = _interleaved_epochs(float_copy, qat, x_train, y_train, rounds=timing_rounds)
     result["qat"] = [{"name": "tfq_qat", "accuracy": qat_acc, "drop_vs_float": float_acc - qat_acc,
                       "size_bytes": len(qat_tflite), **_timing_fields(timing), "epochs": qat_epochs}]
-    log(f"{key}: tfmot QAT (tf_keras, subprocess)")
-    result["qat"].append(_tfmot_in_subprocess(spec, epochs, qat_epochs, timing_rounds))
+    log(f"{key}: tfmot QAT (tf_keras, subprocess, from the same float weights)")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "float_weights.npz")
+        _save_weights_by_layer(model, weights)
+        result["qat"].append(_tfmot_in_subprocess(spec, weights, qat_epochs, timing_rounds))
     return result
 
 
@@ -394,9 +398,9 @@ def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log, 
     return result
 
 
-def _tfmot_in_subprocess(spec: dict, epochs: int, qat_epochs: int, timing_rounds: int = 3) -> dict:
+def _tfmot_in_subprocess(spec: dict, weights_path, qat_epochs: int, timing_rounds: int = 3) -> dict:
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    args = json.dumps(dict(spec, epochs=epochs, qat_epochs=qat_epochs, timing_rounds=timing_rounds))
+    args = json.dumps(dict(spec, weights_path=str(weights_path), qat_epochs=qat_epochs, timing_rounds=timing_rounds))
     code = f"import json, tfq.benchmark as b; print('TFQ_JSON' + json.dumps(b._tfmot_worker(json.loads({args!r}))))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
     for line in proc.stdout.splitlines():
@@ -407,7 +411,10 @@ def _tfmot_in_subprocess(spec: dict, epochs: int, qat_epochs: int, timing_rounds
 
 
 def _tfmot_worker(spec: dict) -> dict:
-    """Runs in a subprocess with TF_USE_LEGACY_KERAS=1: the same architecture in tf_keras + tfmot."""
+    """Runs in a subprocess with TF_USE_LEGACY_KERAS=1: the same architecture in tf_keras + tfmot,
+    from tfq's float weights (``spec["weights_path"]``, by layer name), so both QAT rows start alike.
+    ``float_accuracy_tf_keras`` is those weights' accuracy in tf_keras: it matches tfq's float row
+    unless the weights failed to carry over."""
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
     import tf_keras
@@ -418,13 +425,13 @@ def _tfmot_worker(spec: dict) -> dict:
     (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(image_size=spec["image_size"], seed=0)
     tf_keras.utils.set_random_seed(0)
     model = getattr(examples, spec["builder"])(input_shape=x_train.shape[1:], keras_module=tf_keras)
-    model.compile(tf_keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x_train, y_train, epochs=spec["epochs"], batch_size=32, verbose=0)
+    _load_weights_by_layer(model, spec["weights_path"])
     float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
     float_copy = _float_twin(model, tf_keras, 2e-4, metrics=["accuracy"])
     qat = tfmot.quantization.keras.quantize_model(model)
     qat.compile(tf_keras.optimizers.Adam(2e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    qat.fit(x_train, y_train, epochs=spec["qat_epochs"], batch_size=32, verbose=0)
+    tf_keras.utils.set_random_seed(0)
+    qat.fit(x_train, y_train, epochs=spec["qat_epochs"], batch_size=32, verbose=0, shuffle=True)
     converter = tf.lite.TFLiteConverter.from_keras_model(qat)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     content = converter.convert()
@@ -688,8 +695,6 @@ def bench_qat_cost(models=tuple(QAT_COST_MODELS), rounds: int | None = None, qui
         row has ``step_time_ratio`` (fastest QAT epoch / fastest float epoch), ``round_ratios``,
         ``cpu_time_ratio``, the epoch seconds and ``accuracy`` (INT8, LiteRT).
     """
-    import tempfile
-
     def log(msg):
         if verbose:
             print(f"[benchmark] {msg}", flush=True)
