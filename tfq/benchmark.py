@@ -13,14 +13,14 @@ For each model (a digits CNN on 8×8 digits, a MobileNet-style net on digits res
   times in this one process: the median ratio and its spread (min, max) — other processes on the
   machine slow both alike within a pair;
 * tfq QAT (fine-tune from the float model) and tfmot QAT (tf_keras, in a subprocess with
-  ``TF_USE_LEGACY_KERAS=1``, the only way tfmot runs next to Keras 3): accuracy and the ratio of a
-  QAT training step's time to a float step's;
+  ``TF_USE_LEGACY_KERAS=1``, the only way tfmot runs next to Keras 3; from the same float weights,
+  carried over by layer name): accuracy and the ratio of a QAT training step's time to a float step's;
 * evaluator throughput: :func:`tfq.evaluate` on the INT8 model against a per-sample interpreter loop,
   and the ceiling the kernels' own time sets on this machine;
 * optionally (``compression=True``), compression on the digits CNN: dense INT8, 50/75/90 % pruned
   INT8 (sparsity-preserving QAT), 16-cluster INT8 (cluster-preserving QAT), a distilled small
   student INT8 next to the same student trained from labels alone, and tfmot's pruning of the same
-  architecture (tf_keras, subprocess) — accuracy, raw and gzip size, latency;
+  float model (tf_keras, subprocess) — accuracy, raw and gzip size, latency;
 * methods beyond calibration (:func:`bench_methods`): the MobileNet-style model as trained (ReLU6)
   and a ReLU one whose channels were rescaled 300× apart (same function, see
   :func:`tfq.examples.unbalance_channels`), per tensor and per channel, INT8 through LiteRT with
@@ -943,8 +943,11 @@ def _bench_compression(threads: int, quick: bool, log) -> dict:
                                      sample, threads, time.perf_counter() - start,
                                      keras_accuracy=_accuracy(student.predict(x_test, verbose=0), y_test),
                                      params=int(student.count_params()), temperature=2.0, alpha=0.1))
-    log("compression: tfmot pruning to 75% (tf_keras, subprocess)")
-    rows.append(_tfmot_pruning_in_subprocess(dict(epochs=epochs, prune_epochs=prune_epochs), dense_gzip))
+    log("compression: tfmot pruning to 75% (tf_keras, subprocess, from the same float weights)")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "float_weights.npz")
+        _save_weights_by_layer(model, weights)
+        rows.append(_tfmot_pruning_in_subprocess(dict(weights_path=weights, prune_epochs=prune_epochs), dense_gzip))
     return {"model": "digits_cnn", "float_accuracy": float_acc, "rows": rows}
 
 
@@ -964,7 +967,8 @@ def _tfmot_pruning_in_subprocess(spec: dict, dense_gzip: int) -> dict:
 
 
 def _tfmot_pruning_worker(spec: dict) -> dict:
-    """tfmot's prune_low_magnitude on the same architecture (tf_keras), same schedule, then TFLite INT8 PTQ."""
+    """tfmot's prune_low_magnitude on the same architecture (tf_keras) from tfq's float weights
+    (``spec["weights_path"]``), same schedule, then TFLite INT8 PTQ."""
     import math
 
     import tensorflow as tf
@@ -978,8 +982,7 @@ def _tfmot_pruning_worker(spec: dict) -> dict:
     (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
     tf_keras.utils.set_random_seed(0)
     model = examples.digits_cnn(input_shape=x_train.shape[1:], keras_module=tf_keras)
-    model.compile(tf_keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x_train, y_train, epochs=spec["epochs"], batch_size=32, verbose=0)
+    _load_weights_by_layer(model, spec["weights_path"])
     float_acc = _accuracy(model.predict(x_test, verbose=0), y_test)
     start = time.perf_counter()
     steps = spec["prune_epochs"] * math.ceil(len(x_train) / 32)
