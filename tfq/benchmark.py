@@ -38,6 +38,7 @@ Every figure goes into one JSON document (:func:`run_benchmark`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -118,7 +119,6 @@ def _plain_converter_int8(model, calib: np.ndarray, allow_float: bool = False) -
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     if allow_float:
         converter.target_spec.supported_ops.append(tf.lite.OpsSet.TFLITE_BUILTINS)
-    import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -319,9 +319,7 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log, timing_re
     result["qat"] = [{"name": "tfq_qat", "accuracy": qat_acc, "drop_vs_float": float_acc - qat_acc,
                       "size_bytes": len(qat_tflite), **_timing_fields(timing), "epochs": qat_epochs}]
     log(f"{key}: tfmot QAT (tf_keras, subprocess, from the same float weights)")
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "float_weights.npz")
-        _save_weights_by_layer(model, weights)
+    with _weights_file(model) as weights:
         result["qat"].append(_tfmot_in_subprocess(spec, weights, qat_epochs, timing_rounds))
     return result
 
@@ -473,6 +471,16 @@ def _qat_cost_model(spec: dict, input_shape, keras_module):
 def _save_weights_by_layer(model, path) -> None:
     arrays = {f"{layer.name}/{i}": w for layer in model.layers for i, w in enumerate(layer.get_weights())}
     np.savez(path, **arrays)
+
+
+@contextlib.contextmanager
+def _weights_file(model):
+    """A temporary file of ``model``'s weights by layer name (:func:`_save_weights_by_layer`), for a
+    worker process that starts from them; removed on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "float_weights.npz")
+        _save_weights_by_layer(model, path)
+        yield path
 
 
 def _load_weights_by_layer(model, path) -> None:
@@ -944,9 +952,7 @@ def _bench_compression(threads: int, quick: bool, log) -> dict:
                                      keras_accuracy=_accuracy(student.predict(x_test, verbose=0), y_test),
                                      params=int(student.count_params()), temperature=2.0, alpha=0.1))
     log("compression: tfmot pruning to 75% (tf_keras, subprocess, from the same float weights)")
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "float_weights.npz")
-        _save_weights_by_layer(model, weights)
+    with _weights_file(model) as weights:
         rows.append(_tfmot_pruning_in_subprocess(dict(weights_path=weights, prune_epochs=prune_epochs), dense_gzip))
     return {"model": "digits_cnn", "float_accuracy": float_acc, "rows": rows}
 
@@ -1003,7 +1009,6 @@ def _tfmot_pruning_worker(spec: dict) -> dict:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):

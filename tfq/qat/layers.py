@@ -877,8 +877,11 @@ class QuantizedLayer(keras.layers.Layer):
     def _channels_last(self) -> bool:
         return getattr(self.layer, "data_format", "channels_last") != "channels_first"
 
+    def _output_channel_axis(self, rank: int) -> int:
+        return rank - 1 if self._channels_last() else 1
+
     def _channel_vector(self, v, rank):
-        return _per_channel(v, rank, -1 if self._channels_last() else 1)
+        return _per_channel(v, rank, self._output_channel_axis(rank))
 
     def _kernel_and_scale_axis(self):
         """The kernel of the op that :meth:`_linear` runs, and its output-channel axis."""
@@ -1067,9 +1070,6 @@ class QuantizedLayer(keras.layers.Layer):
         inv_sigma_b = tf.math.rsqrt(var + bn.epsilon)
         y = y * self._channel_vector(inv_sigma_b / tf.math.rsqrt(moving_var + bn.epsilon), rank)  # σ / σ_B
         return y + self._channel_vector(beta + (b - mean) * gamma * inv_sigma_b, rank)
-
-    def _output_channel_axis(self, rank: int) -> int:
-        return rank - 1 if self._channels_last() else 1
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
