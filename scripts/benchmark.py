@@ -30,6 +30,10 @@ flags.DEFINE_list("qat_bn_folding", ["unfolded"], "tfq QAT rows of the QAT-cost 
                   "(unfolded, two_pass).")
 flags.register_validator("qat_bn_folding", lambda v: set(v) <= {"unfolded", "two_pass"},
                          "--qat_bn_folding takes unfolded and/or two_pass, comma-separated")
+flags.DEFINE_list("qat_logits_range", ["softmax"], "tfq QAT rows of the QAT-cost section, one per logits_range "
+                  "(tensor, softmax; see tfq.qat.quantize_model) and bn_folding mode.")
+flags.register_validator("qat_logits_range", lambda v: set(v) <= {"tensor", "softmax"},
+                         "--qat_logits_range takes tensor and/or softmax, comma-separated")
 flags.DEFINE_integer("qat_seeds", 1, "Shuffling seeds per QAT-cost row: INT8 accuracy is reported per seed and as "
                      "their mean (the first seed is the timed run; the others train untimed).", lower_bound=1)
 flags.DEFINE_integer("qat_cost_rounds", None, "Timed float/QAT epoch pairs per QAT-cost run (default: per model).")
@@ -50,7 +54,9 @@ def main(argv):
     results = run_benchmark(FLAGS.models, num_threads=FLAGS.num_threads, quick=FLAGS.quick,
                             compression=FLAGS.compression, methods=FLAGS.methods, qat_cost=FLAGS.qat_cost,
                             qat_cost_rounds=FLAGS.qat_cost_rounds, qat_seeds=FLAGS.qat_seeds,
-                            qat_variants=[{} if m == "unfolded" else {"bn_folding": m} for m in FLAGS.qat_bn_folding],
+                            qat_variants=[{**({} if m == "unfolded" else {"bn_folding": m}),
+                                           **({} if r == "softmax" else {"logits_range": r})}
+                                          for m in FLAGS.qat_bn_folding for r in FLAGS.qat_logits_range],
                             calibration=FLAGS.calibration,
                             timing_repeats=FLAGS.timing_repeats)
     atomic_write_text(FLAGS.output, json.dumps(results, indent=1))

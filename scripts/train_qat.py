@@ -21,6 +21,8 @@ flags.DEFINE_float("learning_rate", 2e-4, "Adam learning rate.")
 flags.DEFINE_integer("freeze_bn_epoch", 1, "Freeze BatchNorm statistics after this epoch.")
 flags.DEFINE_enum("bn_folding", "unfolded", ["unfolded", "two_pass"],
                   "How folded BatchNorms train before the freeze (see tfq.qat.quantize_model).")
+flags.DEFINE_enum("logits_range", "softmax", ["softmax", "tensor"],
+                  "Range of the quantizer on a softmax's input (see tfq.qat.quantize_model).")
 flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy: none, mirrored (local devices), multi_worker (TF_CONFIG) or tpu "
                   "(TPUStrategy; see README).")
@@ -51,7 +53,7 @@ def main(argv):
     _, content, _ = train_qat(model, x, y, x_val=x_val, y_val=y_val, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
                               learning_rate=FLAGS.learning_rate, freeze_bn_epoch=FLAGS.freeze_bn_epoch,
                               output_dir=FLAGS.output_dir, seed=FLAGS.seed, strategy=strategy,
-                              bn_folding=FLAGS.bn_folding)
+                              bn_folding=FLAGS.bn_folding, logits_range=FLAGS.logits_range)
     out = worker_output_dir(FLAGS.output_dir, strategy)
     print(f"wrote {out}/qat_int8.tflite ({len(content):,} bytes) and qat.keras")
 

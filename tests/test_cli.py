@@ -174,7 +174,8 @@ def test_benchmark_script_quick(tmp_path):
 
     out = tmp_path / "results.json"
     proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", "--compression", "--nomethods",
-               "--qat_cost=digits_cnn", "--qat_bn_folding=unfolded,two_pass", f"--output={out}")
+               "--qat_cost=digits_cnn", "--qat_bn_folding=unfolded,two_pass", "--qat_logits_range=softmax,tensor",
+               f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     model = results["models"][0]
@@ -197,8 +198,9 @@ def test_benchmark_script_quick(tmp_path):
     assert rows["clustered16_int8"]["max_distinct_per_channel"] <= 16
     assert rows["pruned90_int8"]["gzip_bytes"] < rows["pruned75_int8"]["gzip_bytes"] < rows["pruned50_int8"]["gzip_bytes"]
     (cost,) = results["qat_cost"]["models"]
-    assert cost["model"] == "digits_cnn" and [r["name"] for r in cost["rows"]] == ["tfq_qat", "tfq_qat", "tfmot_qat"]
-    assert cost["rows"][1]["bn_folding"] == "two_pass"
+    assert cost["model"] == "digits_cnn" and [r["name"] for r in cost["rows"]] == ["tfq_qat"] * 4 + ["tfmot_qat"]
+    assert [(r.get("bn_folding"), r.get("logits_range")) for r in cost["rows"][:4]] == [
+        (None, None), (None, "tensor"), ("two_pass", None), ("two_pass", "tensor")]
     for row in cost["rows"]:
         assert row["step_time_ratio"] == pytest.approx(row["qat_epoch_s"] / row["float_epoch_s"])
         agree = abs(np.log(row["step_time_ratio"] / row["cpu_time_ratio"])) <= np.log(1.15)

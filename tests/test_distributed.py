@@ -191,6 +191,8 @@ STRATEGY_SCRIPT = textwrap.dedent(
     (x, _), _ = tfq.datasets.load_digits()
     keras.utils.set_random_seed(0)
     model = tfq.examples.digits_cnn(input_shape=x.shape[1:])
+    probs = model.get_layer("probs")
+    probs.kernel.assign(probs.kernel * 200.0)  # logits far apart, as a trained classifier's
     data = x[:192]
     out = {}
     for method in ["minmax", "moving_average", "kl"]:  # kl: a histogram, as percentile and mse
@@ -199,6 +201,12 @@ STRATEGY_SCRIPT = textwrap.dedent(
         one = tfq.calibrate(model, data, method, batch_size=64 if method == "moving_average" else 32)
         dist = tfq.calibrate(model, data, method, batch_size=32, strategy=strategy)
         out[method] = dict(one=one.ranges, dist=dist.ranges, samples=dist.num_samples)
+    # A QAT model: its softmax input is calibrated by SoftmaxInputObserver (per-sample statistics)
+    qat = tfq.qat.quantize_model(model)
+    for method in ["minmax", "moving_average"]:
+        one = tfq.calibrate(qat, data, method, batch_size=64 if method == "moving_average" else 32)
+        dist = tfq.calibrate(qat, data, method, batch_size=32, strategy=strategy)
+        out["qat_" + method] = dict(one=one.ranges, dist=dist.ranges, samples=dist.num_samples)
     print(json.dumps(out))
     """
 )
@@ -222,10 +230,14 @@ def test_calibration_under_a_mirrored_strategy_equals_one_process(strategy_run):
     stdout, stderr = strategy_run.communicate(timeout=600)
     assert strategy_run.returncode == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result.keys() == {"minmax", "moving_average", "kl"}
+    assert result.keys() == {"minmax", "moving_average", "kl", "qat_minmax", "qat_moving_average"}
+    # the QAT model's softmax input range is the softmax statistic, narrower than the tensor's min/max
+    qat_lo, qat_hi = result["qat_minmax"]["one"]["probs_pre_activation_fq"]
+    lo, hi = result["minmax"]["one"]["probs_pre_activation_fq"]
+    assert lo <= qat_lo and qat_hi <= hi and (qat_lo, qat_hi) != (lo, hi)
     for method, r in result.items():
         assert r["samples"] == 192
-        if method == "moving_average":  # batches of 64 against two slices of 32: float32 conv rounding
+        if method.endswith("moving_average"):  # batches of 64 against two slices of 32: float32 conv rounding
             for name, (lo, hi) in r["one"].items():
                 assert r["dist"][name] == pytest.approx([lo, hi], rel=1e-5, abs=1e-6), name
         else:

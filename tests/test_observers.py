@@ -14,6 +14,7 @@ from tfq.observers import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     Observer,
+    SoftmaxInputObserver,
     create_observer,
 )
 
@@ -766,3 +767,33 @@ def test_kl_clips_far_outliers_like_smoothed_entropy_calibration():
     t = sym.compute_range()[1]
     assert 4.0 <= t <= 8.1
     assert t == pytest.approx(_mxnet_style_threshold(np.abs(x), sym._width), abs=2 * sym._width)
+
+
+def test_softmax_input_observer_hand_computed_batches_shards_and_state():
+    m = 9 * np.log(2.0) + np.log(2)  # int8, 3 classes
+    obs = SoftmaxInputObserver()
+    obs.update(np.float32([[20.0, 1.0, -9.0]]))  # hi = 1 + m (top clipped), lo = max(-9, 1) = 1 → widened to 0
+    assert obs.compute_range() == pytest.approx((0.0, 1.0 + m))
+    obs.update(np.float32([[3.0, 2.5, -1.0]]))  # close call: its own min and top
+    assert obs.compute_range() == pytest.approx((-1.0, 1.0 + m))
+    obs.update(np.zeros((0, 3), np.float32))  # empty: no-op
+    assert obs.compute_range() == pytest.approx((-1.0, 1.0 + m))
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((n, 10)) * s).astype(np.float32) for n, s in [(5, 1.0), (64, 9.0), (1, 30.0)]]
+    whole, a, b = SoftmaxInputObserver(), SoftmaxInputObserver(), SoftmaxInputObserver()
+    for batch in batches:
+        whole.update(batch)
+    a.update(batches[0])
+    b.update(batches[1])
+    b.update(batches[2])
+    a.merge(b)
+    assert a.get_state() == whole.get_state()
+    lo, hi = ops.softmax_input_range_numpy(np.concatenate(batches))
+    assert whole.compute_range() == pytest.approx((min(lo, 0.0), max(hi, 0.0)))
+    restored = Observer.from_state(json.loads(json.dumps(whole.get_state())))
+    assert type(restored) is SoftmaxInputObserver and restored.compute_range() == whole.compute_range()
+    assert SoftmaxInputObserver(bits=16).get_config()["bits"] == 16
+    with pytest.raises(ValueError, match="per_channel=False"):
+        SoftmaxInputObserver(per_channel=True)
+    with pytest.raises(ValueError, match="bits must be an int in 2..16. Received: bits=1"):
+        SoftmaxInputObserver(bits=1)

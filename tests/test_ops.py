@@ -314,3 +314,43 @@ def test_fake_quant_gradient_per_channel():
     np.testing.assert_array_equal(tape.gradient(loss, lo).numpy(), [1.0, 5.0, 6.0])
     # Clipped above: only x[0,2] = 7 > 6 (channel 2, upstream 3).
     np.testing.assert_array_equal(tape.gradient(loss, hi).numpy(), [0.0, 0.0, 3.0])
+
+
+def test_softmax_input_range_hand_computed_and_tensorflow_twin():
+    m = 9 * np.log(2.0) + np.log(2)  # int8 output (half a step: 2**-9), 3 classes
+    assert ops.softmax_margin(8, 3) == pytest.approx(m)
+    assert ops.softmax_margin(16, 1001) == pytest.approx(17 * np.log(2.0) + np.log(1000))
+    x = np.array([[20.0, 1.0, -9.0],   # confident: t1 clipped to t2 + M; -9 is below t2 + M - M = 1
+                  [3.0, 2.5, -1.0],    # close call: the whole row
+                  [0.0, -30.0, -1.0]])  # -30 raised to 0 - M
+    lo, hi = ops.softmax_input_range_numpy(x)
+    assert hi == pytest.approx(max(min(20.0, 1.0 + m), 3.0, min(0.0, -1.0 + m)))
+    assert lo == pytest.approx(min(max(-9.0, 1.0), -1.0, max(-30.0, 0.0 - m)))
+    assert (lo, hi) == pytest.approx((-m, 1.0 + m))
+    # 16-bit output: M = 17·ln 2 + ln 2 = 12.48, so t1 = 20 is clipped to 1 + 12.48
+    assert ops.softmax_input_range_numpy(x, bits=16)[1] == pytest.approx(1.0 + 18 * np.log(2.0))
+    assert ops.softmax_input_range_numpy([[2.0], [-3.0]]) == (-3.0, 2.0)  # one class: min/max
+    with pytest.raises(ValueError, match="classes must be an int >= 2. Received: classes=1"):
+        ops.softmax_margin(8, 1)
+    rng = np.random.default_rng(0)
+    for shape in [(7, 10), (2, 3, 5), (64, 1000)]:
+        z = (rng.standard_normal(shape) * rng.uniform(1, 12)).astype(np.float32)
+        tf_lo, tf_hi = (float(v) for v in ops.softmax_input_range(z))
+        np_lo, np_hi = ops.softmax_input_range_numpy(z)
+        assert (tf_lo, tf_hi) == pytest.approx((np_lo, np_hi), abs=1e-5)
+        assert np_lo >= z.min() and np_hi <= z.max()
+
+
+@pytest.mark.parametrize("classes, bits", [(10, 8), (1000, 8), (10, 16)])
+def test_clipping_to_the_softmax_input_range_keeps_argmax_and_moves_probabilities_by_under_a_step(classes, bits):
+    rng = np.random.default_rng(classes)
+    n = 512
+    confident = 40 * np.eye(classes)[rng.integers(0, classes, n)] * rng.integers(0, 2, (n, 1))
+    logits = rng.standard_normal((n, classes)) * 6 + confident
+    lo, hi = ops.softmax_input_range_numpy(logits, bits)
+    assert hi < logits.max() - 1.0 and lo > logits.min() + 1.0  # these logits are clipped
+    clipped = np.clip(logits, lo, hi)
+    assert (clipped != logits).any(axis=1).mean() > 0.4
+    p, q = tf.nn.softmax(logits).numpy(), tf.nn.softmax(clipped).numpy()
+    np.testing.assert_array_equal(p.argmax(1), q.argmax(1))
+    assert np.abs(p - q).max() <= 2.0**-bits

@@ -455,7 +455,12 @@ def test_calibration_initialises_ranges_and_training_without_it_starts_from_the_
     assert ranges.keys() == reference.ranges.keys()
     assert ranges["image_fq"] == pytest.approx((float(calib.min()), float(calib.max())))
     for name, (lo, hi) in reference.ranges.items():
-        assert ranges[name] == pytest.approx((min(lo, 0.0), max(hi, 0.0)), rel=1e-6, abs=1e-7), name
+        if name == "probs_pre_activation_fq":  # logits_range="softmax" (default): the part the softmax reads
+            logits_model = keras.models.clone_model(model)
+            logits_model.set_weights(model.get_weights())
+            logits_model.layers[-1].activation = keras.activations.linear
+            lo, hi = tfq.ops.softmax_input_range_numpy(logits_model.predict(calib, verbose=0))
+        assert ranges[name] == pytest.approx((min(lo, 0.0), max(hi, 0.0)), rel=1e-5, abs=1e-6), name
     plain = tfq.qat.quantize_model(model)
     quantizers = [q for q in tfq.qat.quantizers_of(plain).values() if q.mode != "fixed"]
     assert all(float(q.initialized.numpy()) == 0.0 for q in quantizers)
@@ -622,3 +627,60 @@ def test_mirrored_strategy_on_two_cpus_trains_and_converts(distribute_run):
     assert result["ranges_moved"]
     assert result["float_ops"] == 0
     assert result["accuracy"] > 0.9 and result["agreement"] >= 0.99
+
+
+def test_softmax_input_quantizer_moving_average_follows_the_formula():
+    q = ActivationQuantizer(mode="moving_average", decay=0.9, calibration="softmax_input")
+    q.build(None)
+    rng = np.random.default_rng(0)
+    lo = hi = None
+    for scale in (3.0, 10.0, 1.0):
+        batch = (rng.standard_normal((16, 10)) * scale).astype(np.float32)
+        q(batch, training=True)
+        blo, bhi = tfq.ops.softmax_input_range_numpy(batch)
+        lo, hi = (blo, bhi) if lo is None else (0.9 * lo + 0.1 * blo, 0.9 * hi + 0.1 * bhi)
+        assert float(q.range_min.numpy()) == pytest.approx(lo, rel=1e-5)
+        assert float(q.range_max.numpy()) == pytest.approx(hi, rel=1e-5)
+    assert ActivationQuantizer.from_config(q.get_config()).calibration == "softmax_input"
+    with pytest.raises(ValueError, match="calibration must be one of .* Received: calibration='kl'"):
+        ActivationQuantizer(calibration="kl")
+
+
+def test_logits_range_softmax_calibrates_trains_and_exports_the_softmax_input_range(float_digits, digits):
+    model, _ = float_digits
+    (x_train, y_train), (x_test, y_test) = digits
+    calib = x_train[:300]
+    # The logits through an independent path: the float model with a linear last layer.
+    logits_model = keras.models.clone_model(model)
+    logits_model.set_weights(model.get_weights())
+    logits_model.layers[-1].activation = keras.activations.linear
+    logits = logits_model.predict(calib, verbose=0)
+    expected = tfq.ops.softmax_input_range_numpy(logits)
+    plain = tfq.qat.quantize_model(model, calibration_data=calib, logits_range="tensor")
+    qat = tfq.qat.quantize_model(model, calibration_data=calib)  # logits_range="softmax", the default
+    q, q_plain = (tfq.qat.quantizers_of(m)["probs_pre_activation_fq"] for m in (qat, plain))
+    assert q.calibration == "softmax_input" and q_plain.calibration is None
+    assert q.current_range() == pytest.approx((min(expected[0], 0.0), expected[1]), rel=1e-5, abs=1e-6)
+    assert q_plain.current_range() == pytest.approx((min(logits.min(), 0.0), logits.max()), rel=1e-5, abs=1e-6)
+    assert q.current_range()[1] - q.current_range()[0] < 0.8 * (q_plain.current_range()[1] - q_plain.current_range()[0])
+    others = [n for n in tfq.qat.quantizers_of(qat) if n != "probs_pre_activation_fq"]
+    assert all(tfq.qat.quantizers_of(qat)[n].calibration != "softmax_input" for n in others)
+    keras.utils.set_random_seed(0)
+    qat.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    qat.fit(x_train[:256], y_train[:256], epochs=1, batch_size=32, verbose=0)
+    lo, hi = q.current_range()
+    content = tfq.convert(qat, "int8")
+    softmax = [op for op in tfq.inspect_tflite(content).ops if op.type == "SOFTMAX"]
+    assert len(softmax) == 1
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = {d["index"]: d for d in Interpreter(model_content=content).get_tensor_details()}
+    scale, zero_point = details[softmax[0].inputs[0]]["quantization"]
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-3)  # the logits' int8 grid is the trained range
+    assert zero_point == pytest.approx(-128 - lo / scale, abs=1.0)
+    # The INT8 model agrees with the Keras QAT model (its fake-quant forward) on the test digits.
+    keras_pred = qat.predict(x_test, verbose=0).argmax(1)
+    assert tflite_accuracy(content, x_test, keras_pred) >= 0.99
+    assert tflite_accuracy(content, x_test, y_test) >= 0.9
+    with pytest.raises(ValueError, match="logits_range must be one of .* Received: logits_range='minmax'"):
+        tfq.qat.quantize_model(model, logits_range="minmax")

@@ -322,7 +322,7 @@ def calibrate(
     """
     from tfq.interop import load_keras_model
     from tfq.models import is_quantized_model
-    from tfq.observers import create_observer
+    from tfq.observers import SoftmaxInputObserver, create_observer
     from tfq.representative import representative_dataset
     from tfq.qat.transform import quantizers_of, rewrite_model
     from tfq.recipes import load_recipe
@@ -347,6 +347,8 @@ def calibrate(
 
     def make_observer(name):
         q = quantizers[name]
+        if q.calibration == "softmax_input":  # a softmax's logits: the range its int8 output depends on
+            return SoftmaxInputObserver(bits=q.bits, symmetric=q.symmetric)
         if q.calibration == "minmax" or robust:  # a quantizer that asks for min/max whatever the method
             return create_observer("minmax", symmetric=q.symmetric)
         return create_observer(method, **_observer_params(method, q, params))
@@ -375,7 +377,7 @@ def _observe_per_sample(model, data, batch_size, method, quantizers, observers, 
     shard's kept state holds). In the rare case the test's state cannot tell (more samples far
     outside than it keeps), it runs the data through the model a second time (observers untouched).
     """
-    from tfq.observers import MinMaxObserver
+    from tfq.observers import MinMaxObserver, SoftmaxInputObserver
     from tfq.outliers import DEFAULT_OUTLIER_FACTOR, OutlierTest, warn_outlier_samples
     from tfq.qat.layers import observing
     from tfq.representative import pack_model_inputs
@@ -404,7 +406,7 @@ def _observe_per_sample(model, data, batch_size, method, quantizers, observers, 
         tested = set(test.tensors)
         for name in list(observers):
             kept = test.robust_range(name) if name in tested else None
-            if kept is not None:
+            if kept is not None and type(observers[name]) is not SoftmaxInputObserver:
                 observer = MinMaxObserver(symmetric=observers[name].symmetric)
                 observer.update(np.array(kept))
                 observers[name] = observer
@@ -443,7 +445,8 @@ def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observ
     lock = threading.Lock()
     names = list(quantizers)
     if method == "moving_average":  # per step: the replicas' min/max, combined into the global batch's
-        make = {name: (lambda q=quantizers[name]: MinMaxObserver(symmetric=q.symmetric)) for name in names}
+        make = {name: (lambda name=name, q=quantizers[name]: make_observer(name) if q.calibration == "softmax_input"
+                       else MinMaxObserver(symmetric=q.symmetric)) for name in names}
     else:
         make = {name: (lambda name=name: make_observer(name)) for name in names}
     per_replica = {name: _ReplicaObservers(name, make[name], lock) for name in names}
@@ -502,10 +505,16 @@ def _fold_step_into_average(strategy, names, per_replica, observers) -> None:
             out[2 * i], out[2 * i + 1] = (observer.min_val, observer.max_val) if has else (np.inf, -np.inf)
         return out
 
+    from tfq.observers import Observer, SoftmaxInputObserver
+
     table = _gather(strategy, extremes)
     lo, hi = table[:, 0::2].min(axis=0), table[:, 1::2].max(axis=0)
     for i, name in enumerate(names):
-        if lo[i] <= hi[i]:
+        if lo[i] <= hi[i] and isinstance(observers[name], SoftmaxInputObserver):
+            # per-sample statistics: the replicas' ranges are the global batch's; merged as such
+            observers[name].merge(Observer.from_state({**observers[name].get_state(),
+                                                       "stats": {"min": lo[i], "max": hi[i]}}))
+        elif lo[i] <= hi[i]:
             observers[name].update(np.array([lo[i], hi[i]]))
         for observer in per_replica[name].by_replica.values():
             observer.reset()

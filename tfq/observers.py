@@ -44,6 +44,7 @@ __all__ = [
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "HistogramObserver",
+    "SoftmaxInputObserver",
     "create_observer",
     "OBSERVER_METHODS",
 ]
@@ -396,6 +397,56 @@ class MinMaxObserver(_RangeObserver):
     def _merge(self, other: "MinMaxObserver") -> None:
         """``min = min(min_a, min_b)``, ``max = max(max_a, max_b)``: exact, in any order."""
         self._check_channels(other.min_val)
+        self._combine(other.min_val, other.max_val)
+
+
+class SoftmaxInputObserver(_RangeObserver):
+    """Range of the logits a ``bits``-bit softmax (over the last axis) depends on.
+
+    Per row (sample) with ``t1 >= t2`` its two largest logits and ``M = (bits + 1)·ln 2 +
+    ln(classes - 1)`` (8.44 for int8 and 10 classes: logits that far below the largest have
+    probabilities summing to under half a step of the output's ``2**-bits`` grid), as
+    :func:`tfq.ops.softmax_input_range_numpy` computes it::
+
+        hi_r = min(t1, t2 + M)        lo_r = max(min(x_r), hi_r - M)
+        min = min_r lo_r              max = max_r hi_r
+
+    Clipping to ``[min, max]`` keeps every row's argmax and moves no probability by more than
+    one step of the output grid: a confident row, whose largest logit is far above the rest, no
+    longer stretches the range, so the logits that decide between classes get a finer grid
+    (MobileNetV2 on the digits: [-4.2, 17.1] against MinMax's [-19.6, 27.3]). Like
+    :class:`MinMaxObserver` it keeps a running min and max, so the result does not depend on the
+    batches and shards :meth:`merge` exactly. The same statistic drives the moving average of a
+    QAT quantizer with ``calibration="softmax_input"`` (:func:`tfq.ops.softmax_input_range`).
+
+    Args:
+        bits: bits of the softmax output (8: int8, 16: int16x8).
+        symmetric: return ``(-m, m)`` with ``m = max(|min|, |max|)``.
+
+    Raises:
+        ValueError: ``bits`` not in 2..16; ``per_channel`` (a per-tensor statistic).
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, per_channel: bool = False, axis: int = -1):
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 16:
+            raise ValueError(f"bits must be an int in 2..16. Received: bits={bits!r}")
+        if per_channel:
+            raise ValueError("SoftmaxInputObserver is per tensor (a range over whole rows): pass per_channel=False.")
+        self.bits = int(bits)
+        super().__init__(symmetric=symmetric, per_channel=False, axis=axis)
+
+    def _batch_min_max(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = ops.softmax_input_range_numpy(x, self.bits)
+        return np.float64(lo), np.float64(hi)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "bits": self.bits}
+
+    def _combine(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        self.min_val, self.max_val = np.minimum(self.min_val, lo), np.maximum(self.max_val, hi)
+
+    def _merge(self, other: "SoftmaxInputObserver") -> None:
+        """``min = min(min_a, min_b)``, ``max = max(max_a, max_b)``: exact, in any order."""
         self._combine(other.min_val, other.max_val)
 
 
@@ -1054,7 +1105,7 @@ def _register(cls: type[Observer]) -> type[Observer]:
     return cls
 
 
-for _cls in (MinMaxObserver, MovingAverageMinMaxObserver, HistogramObserver):
+for _cls in (MinMaxObserver, MovingAverageMinMaxObserver, HistogramObserver, SoftmaxInputObserver):
     _register(_cls)
 
 for _method in calibration_method_names():  # the built-in methods' observers, validated once, at import

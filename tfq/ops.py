@@ -40,6 +40,9 @@ __all__ = [
     "round_half_away",
     "fake_quant_numpy",
     "fake_quant",
+    "softmax_margin",
+    "softmax_input_range_numpy",
+    "softmax_input_range",
     "MIN_RANGE",
 ]
 
@@ -372,3 +375,69 @@ def fake_quant(x, min_val, max_val, bits: int = 8, narrow_range: bool = False, p
 
     min_val, max_val = tf.stop_gradient(min_val), tf.stop_gradient(max_val)
     return straight_through(x)
+
+
+def softmax_margin(bits: int = 8, classes: int = 2) -> float:
+    """How far below a row's largest logit the logits stop mattering to a ``bits``-bit softmax
+    output over ``classes`` classes: ``M = (bits + 1)·ln 2 + ln(classes - 1)`` (8.44 for int8 and
+    10 classes).
+
+    TFLite's quantized softmax output has scale ``2**-bits`` (zero point at the lowest value):
+    half a step is ``2**-(bits + 1)``. Logits more than ``M`` below the largest have
+    probabilities summing to less than ``(classes - 1)·exp(-M)`` = half a step, whatever they are.
+    """
+    _check_bits(bits)
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 2:
+        raise ValueError(f"classes must be an int >= 2. Received: classes={classes!r}")
+    return (int(bits) + 1) * float(np.log(2.0)) + float(np.log(classes - 1))
+
+
+def softmax_input_range_numpy(x, bits: int = 8) -> tuple[float, float]:
+    """``(lo, hi)``: the range of logits ``x`` (softmax over the last axis) that a ``bits``-bit
+    softmax output depends on.
+
+    Per row, with ``t1 >= t2`` its two largest logits and ``M`` = :func:`softmax_margin`::
+
+        hi_r = min(t1, t2 + M)        lo_r = max(min(x_r), hi_r - M)
+        lo = min_r lo_r               hi = max_r hi_r
+
+    Clipping a row to ``[lo, hi]`` keeps its argmax (``t1`` only comes down to ``t2 + M`` or
+    more), and each side moves its probabilities by less than half a step of the output grid:
+    a clipped ``t1`` leaves the other logits at least ``M`` below it, and the logits raised to
+    ``lo`` stay at least ``M`` below the row's clipped largest, so either group's probabilities
+    sum to under ``2**-(bits + 1)`` before and after. So no probability moves by more than one
+    step (``2**-bits``). A confident row, whose largest logit is far above the rest, no longer
+    stretches the range: the logits that decide between classes get a finer grid. One class (or
+    a scalar): the min and max.
+
+    Example:
+        >>> lo, hi = softmax_input_range_numpy([[20.0, 1.0, -9.0], [3.0, 2.5, -2.0]])  # M = 6.93
+        >>> round(lo, 3), round(hi, 3)  # row 1: hi = 1 + M, lo = 1; row 2: hi = 3, lo = -2
+        (-2.0, 7.931)
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 0 or x.shape[-1] < 2:
+        return float(np.min(x)), float(np.max(x))
+    rows = x.reshape(-1, x.shape[-1])
+    top = np.partition(rows, -2, axis=1)[:, -2:]
+    margin = softmax_margin(bits, rows.shape[1])
+    hi = np.minimum(top[:, 1], top[:, 0] + margin)
+    lo = np.maximum(rows.min(axis=1), hi - margin)
+    return float(lo.min()), float(hi.max())
+
+
+def softmax_input_range(x, bits: int = 8):
+    """TensorFlow form of :func:`softmax_input_range_numpy` (scalar tensors ``lo``, ``hi``), for
+    the moving average of a QAT quantizer on a softmax's input."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    classes = x.shape[-1] if x.shape.rank else None
+    if classes is None or classes < 2:
+        return tf.reduce_min(x), tf.reduce_max(x)
+    rows = tf.reshape(x, [-1, classes])
+    top = tf.math.top_k(rows, k=2, sorted=True).values
+    margin = softmax_margin(bits, classes)
+    hi = tf.minimum(top[:, 0], top[:, 1] + margin)
+    lo = tf.maximum(tf.reduce_min(rows, axis=1), hi - margin)
+    return tf.reduce_min(lo), tf.reduce_max(hi)

@@ -76,7 +76,7 @@ def worker_output_dir(output_dir, strategy=None) -> Path | None:
 def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 3, batch_size: int = 32,
               learning_rate: float = 2e-4, freeze_bn_epoch: int | None = 1, freeze_ranges_epoch: int | None = None,
               calibration: str = "minmax", output_dir=None, seed: int = 0, verbose: int = 1, strategy=None,
-              bn_folding: str = "unfolded"):
+              bn_folding: str = "unfolded", logits_range: str = "softmax"):
     """Quantization-aware fine-tuning of a trained float model.
 
     Args:
@@ -99,6 +99,7 @@ def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 
             and activation ranges are taken over the global batch, so every replica ends with the
             same weights and ranges.
         bn_folding: see :func:`tfq.qat.quantize_model`.
+        logits_range: see :func:`tfq.qat.quantize_model`.
 
     Returns:
         ``(qat_model, tflite_bytes, history)`` (``history`` is the ``keras.callbacks.History``).
@@ -115,7 +116,7 @@ def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         qat = tfq.qat.quantize_model(model, calibration_data=x_train[:512], calibration=calibration,
-                                     bn_folding=bn_folding)
+                                     bn_folding=bn_folding, logits_range=logits_range)
         qat.compile(keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
     callbacks = []
     if freeze_bn_epoch is not None:

@@ -41,6 +41,7 @@ def quantize_model(
     warn_unknown: bool = True,
     preserve: str | None = None,
     bn_folding: str = "unfolded",
+    logits_range: str = "softmax",
     **calibration_params,
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite will quantize; the caller's is untouched.
@@ -87,6 +88,13 @@ def quantize_model(
             fake-quantized weights, the cost of Keras' float BN) or ``"two_pass"``
             (Krishnamoorthi's batch-statistics correction, statistics from a second, float op:
             one more convolution per step). See README "QAT cost" for the trade-off measured.
+        logits_range: range of the quantizer on the input of a softmax fused in its layer
+            (``Dense(..., activation="softmax")``): ``"softmax"`` (default; the logits the int8
+            softmax output depends on, :class:`~tfq.observers.SoftmaxInputObserver`, in
+            calibration and in the moving average: confident samples no longer stretch the
+            range, so the logits between classes get a finer grid; the argmax is kept and no
+            probability moves by more than one output step) or ``"tensor"`` (its min/max, like
+            every other activation). See README "QAT cost" for the accuracy measured.
         **calibration_params: parameters of the calibration method.
 
     Returns:
@@ -113,7 +121,7 @@ def quantize_model(
     if decay is None:
         decay = float(r.calibration_params.get("decay", 0.999))
     qmodel = rewrite_model(model, r, range_mode=range_mode, decay=decay, warn_unknown=warn_unknown,
-                           trainable=True, preserve=preserve, bn_folding=bn_folding)
+                           trainable=True, preserve=preserve, bn_folding=bn_folding, logits_range=logits_range)
     if calibration_data is not None:
         cal = calibrate(qmodel, calibration_data, calibration, num_samples=num_calibration_samples,
                         **calibration_params)

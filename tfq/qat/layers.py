@@ -39,6 +39,10 @@ MAX_CLUSTERS = 256  # shared values a cluster-preserving kernel may hold
 
 # How a folded BatchNormalization trains before its statistics freeze (see QuantizedLayer).
 BN_FOLDING = ("unfolded", "two_pass")
+# Range of the quantizer on a softmax's input (the logits), see rewrite_model(logits_range=...).
+LOGITS_RANGES = ("tensor", "softmax")
+# ActivationQuantizer(calibration=...): None follows the calibration method.
+QUANTIZER_CALIBRATIONS = (None, "minmax", "softmax_input")
 _TINY = 1e-30
 
 # While calibrating (see :func:`observing`), quantizers feed observers and pass data through
@@ -230,7 +234,10 @@ class ActivationQuantizer(keras.layers.Layer):
         fixed_range: ``(min, max)``; required for ``"fixed"``, initial range otherwise.
         calibration: ``"minmax"`` to calibrate this tensor by MinMax whatever the method (a
             statistic such as a LayerNormalization variance, where any clipping biases whole
-            tokens); None to follow the calibration method.
+            tokens); ``"softmax_input"`` for the logits of a softmax over the last axis: the
+            range is what the ``bits``-bit softmax output depends on (see
+            :func:`tfq.ops.softmax_input_range`), in calibration and in the moving average; None to
+            follow the calibration method.
     """
 
     def __init__(
@@ -245,8 +252,9 @@ class ActivationQuantizer(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**_no_autocast(kwargs))
-        if calibration not in (None, "minmax"):
-            raise ValueError(f"ActivationQuantizer calibration must be None or 'minmax'. Received: {calibration!r}")
+        if calibration not in QUANTIZER_CALIBRATIONS:
+            raise ValueError(f"ActivationQuantizer calibration must be one of {QUANTIZER_CALIBRATIONS}. "
+                             f"Received: calibration={calibration!r}")
         if mode not in RANGE_MODES:
             raise ValueError(f"ActivationQuantizer mode must be one of {RANGE_MODES}. Received: mode={mode!r}")
         if not 0.0 < float(decay) < 1.0:
@@ -335,7 +343,9 @@ class ActivationQuantizer(keras.layers.Layer):
         if training and self.mode == "moving_average":
             # The update initialises the range on the first batch, so no pass-through select.
             x_ = tf.stop_gradient(x)
-            lo, hi = self._usable_range(*self._update_moving_average(tf.reduce_min(x_), tf.reduce_max(x_)))
+            batch = (ops.softmax_input_range(x_, self.bits) if self.calibration == "softmax_input"
+                     else (tf.reduce_min(x_), tf.reduce_max(x_)))
+            lo, hi = self._usable_range(*self._update_moving_average(*batch))
             return ops.fake_quant(x, lo, hi, self.bits, self.narrow_range)
         lo, hi = self._usable_range(tf.convert_to_tensor(self.range_min), tf.convert_to_tensor(self.range_max))
         quantized = ops.fake_quant(x, lo, hi, self.bits, self.narrow_range)

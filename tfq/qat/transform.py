@@ -33,6 +33,7 @@ import numpy as np
 from tfq.qat import registry
 from tfq.qat.layers import (
     BN_FOLDING,
+    LOGITS_RANGES,
     FUSABLE_ACTIVATIONS,
     INT8_ACTIVATIONS,
     ActivationQuantizer,
@@ -121,7 +122,8 @@ class _Produced:
 class _Rewriter:
     def __init__(self, recipe: Recipe, range_mode: str, decay: float, inline_cache: dict,
                  no_fuse: frozenset = frozenset(), concat_fed: frozenset = frozenset(),
-                 preserve: str | None = None, bn_folding: str = "unfolded"):
+                 preserve: str | None = None, bn_folding: str = "unfolded", logits_range: str = "tensor"):
+        self.logits_range = logits_range  # "softmax": a softmax's input quantizer keeps what the int8 softmax reads
         self.preserve = preserve  # QuantizedLayer(preserve=...) for the layers whose kernel has it
         self.recipe = recipe
         self.bn_folding = bn_folding
@@ -183,6 +185,15 @@ class _Rewriter:
         if fixed_range is not None:
             return dict(config, mode="fixed", fixed_range=fixed_range)
         return dict(config, mode=self.range_mode, decay=self.decay)
+
+    def _pre_activation_config(self, spec: TensorSpec | None, activation: str) -> dict | None:
+        """Config of the quantizer before a non-fused activation: a softmax's input, with
+        ``logits_range="softmax"``, gets the range the int8 softmax reads (:class:`ActivationQuantizer`
+        ``calibration="softmax_input"``)."""
+        config = self._quantizer_config(spec)
+        if config is not None and activation == "softmax" and self.logits_range == "softmax":
+            config["calibration"] = "softmax_input"
+        return config
 
     def _specs(self, layer):
         """(weights spec, output activations spec) of a layer.
@@ -517,7 +528,7 @@ class _Rewriter:
             float_weights=weights_spec is None,
             output_quantizer=(self._quantizer_config(act_spec) if split_act is not None
                               else self._output_config(act_spec, fixed_range=out_fixed)),
-            pre_activation_quantizer=self._quantizer_config(act_spec),
+            pre_activation_quantizer=self._pre_activation_config(act_spec, act),
             preserve=preserve_mode_for(layer, self.preserve),
             name=(self._name(batchnorm) if batchnorm is not None and activation is None else name),
             bn_folding=self.bn_folding,
@@ -727,6 +738,7 @@ def rewrite_model(
     trainable: bool = False,
     preserve: str | None = None,
     bn_folding: str = "unfolded",
+    logits_range: str = "tensor",
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite quantizes (see module docstring).
 
@@ -746,6 +758,9 @@ def rewrite_model(
             distinct values keep them (:meth:`QuantizedLayer.init_preservation`).
         bn_folding: how a folded BatchNormalization trains, ``"unfolded"`` or ``"two_pass"`` (see
             :class:`~tfq.qat.QuantizedLayer`).
+        logits_range: range of the quantizer on a softmax's input (the logits): ``"tensor"``
+            (the tensor's range, like every other quantizer) or ``"softmax"`` (the part of it the
+            int8 softmax output depends on, see :class:`~tfq.observers.SoftmaxInputObserver`).
 
     Returns:
         A new ``keras.Model``; the caller's model is untouched.
@@ -755,6 +770,8 @@ def rewrite_model(
             round-trip through ``from_config`` (it cannot be copied).
     """
     recipe = load_recipe(recipe if recipe is not None else "int8")
+    if logits_range not in LOGITS_RANGES:
+        raise ValueError(f"logits_range must be one of {LOGITS_RANGES}. Received: logits_range={logits_range!r}")
     if bn_folding not in BN_FOLDING:
         raise ValueError(f"bn_folding must be one of {BN_FOLDING}. Received: bn_folding={bn_folding!r}")
     if not isinstance(model, keras.Model):
@@ -767,7 +784,7 @@ def rewrite_model(
     inline_cache: dict = {}
     for _ in range(_MAX_PASSES):
         rewriter = _Rewriter(recipe, range_mode, decay, inline_cache, no_fuse, concat_fed, preserve=preserve,
-                             bn_folding=bn_folding)
+                             bn_folding=bn_folding, logits_range=logits_range)
         try:
             new = rewriter.rewrite(model, quantize_inputs=quantize_inputs)
         except ValueError:
