@@ -752,7 +752,8 @@ def qat_cost_markdown(section: dict) -> str:
     for m in section["models"]:
         for row in m["rows"]:
             name = row.get("name", "?")
-            extra = ", ".join(f"{k}={row[k]}" for k in ("bn_folding", "logits_range", "freeze_bn_round") if row.get(k) is not None)
+            extra = ", ".join(f"{k}={row[k]}" for k in ("bn_folding", "logits_range", "freeze_bn_round")
+                              if row.get(k) is not None)
             if "error" in row:
                 lines.append(f"| {m['model']} | {name} | error: {row['error'][:60]} | | | | |")
                 continue
