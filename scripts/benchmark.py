@@ -30,7 +30,7 @@ flags.DEFINE_list("qat_bn_folding", ["unfolded"], "tfq QAT rows of the QAT-cost 
                   "(unfolded, two_pass).")
 flags.register_validator("qat_bn_folding", lambda v: set(v) <= {"unfolded", "two_pass"},
                          "--qat_bn_folding takes unfolded and/or two_pass, comma-separated")
-flags.DEFINE_list("qat_logits_range", ["softmax"], "tfq QAT rows of the QAT-cost section, one per logits_range "
+flags.DEFINE_list("qat_logits_range", ["tensor"], "tfq QAT rows of the QAT-cost section, one per logits_range "
                   "(tensor, softmax; see tfq.qat.quantize_model) and bn_folding mode.")
 flags.register_validator("qat_logits_range", lambda v: set(v) <= {"tensor", "softmax"},
                          "--qat_logits_range takes tensor and/or softmax, comma-separated")
@@ -55,7 +55,7 @@ def main(argv):
                             compression=FLAGS.compression, methods=FLAGS.methods, qat_cost=FLAGS.qat_cost,
                             qat_cost_rounds=FLAGS.qat_cost_rounds, qat_seeds=FLAGS.qat_seeds,
                             qat_variants=[{**({} if m == "unfolded" else {"bn_folding": m}),
-                                           **({} if r == "softmax" else {"logits_range": r})}
+                                           **({} if r == "tensor" else {"logits_range": r})}
                                           for m in FLAGS.qat_bn_folding for r in FLAGS.qat_logits_range],
                             calibration=FLAGS.calibration,
                             timing_repeats=FLAGS.timing_repeats)

@@ -21,7 +21,7 @@ flags.DEFINE_float("learning_rate", 2e-4, "Adam learning rate.")
 flags.DEFINE_integer("freeze_bn_epoch", 1, "Freeze BatchNorm statistics after this epoch.")
 flags.DEFINE_enum("bn_folding", "unfolded", ["unfolded", "two_pass"],
                   "How folded BatchNorms train before the freeze (see tfq.qat.quantize_model).")
-flags.DEFINE_enum("logits_range", "softmax", ["softmax", "tensor"],
+flags.DEFINE_enum("logits_range", "tensor", ["tensor", "softmax"],
                   "Range of the quantizer on a softmax's input (see tfq.qat.quantize_model).")
 flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy: none, mirrored (local devices), multi_worker (TF_CONFIG) or tpu "

@@ -174,7 +174,7 @@ def test_benchmark_script_quick(tmp_path):
 
     out = tmp_path / "results.json"
     proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", "--compression", "--nomethods",
-               "--qat_cost=digits_cnn", "--qat_bn_folding=unfolded,two_pass", "--qat_logits_range=softmax,tensor",
+               "--qat_cost=digits_cnn", "--qat_bn_folding=unfolded,two_pass", "--qat_logits_range=tensor,softmax",
                f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
@@ -200,7 +200,7 @@ def test_benchmark_script_quick(tmp_path):
     (cost,) = results["qat_cost"]["models"]
     assert cost["model"] == "digits_cnn" and [r["name"] for r in cost["rows"]] == ["tfq_qat"] * 4 + ["tfmot_qat"]
     assert [(r.get("bn_folding"), r.get("logits_range")) for r in cost["rows"][:4]] == [
-        (None, None), (None, "tensor"), ("two_pass", None), ("two_pass", "tensor")]
+        (None, None), (None, "softmax"), ("two_pass", None), ("two_pass", "softmax")]
     for row in cost["rows"]:
         assert row["step_time_ratio"] == pytest.approx(row["qat_epoch_s"] / row["float_epoch_s"])
         agree = abs(np.log(row["step_time_ratio"] / row["cpu_time_ratio"])) <= np.log(1.15)

@@ -202,7 +202,7 @@ STRATEGY_SCRIPT = textwrap.dedent(
         dist = tfq.calibrate(model, data, method, batch_size=32, strategy=strategy)
         out[method] = dict(one=one.ranges, dist=dist.ranges, samples=dist.num_samples)
     # A QAT model: its softmax input is calibrated by SoftmaxInputObserver (per-sample statistics)
-    qat = tfq.qat.quantize_model(model)
+    qat = tfq.qat.quantize_model(model, logits_range="softmax")
     for method in ["minmax", "moving_average"]:
         one = tfq.calibrate(qat, data, method, batch_size=64 if method == "moving_average" else 32)
         dist = tfq.calibrate(qat, data, method, batch_size=32, strategy=strategy)

@@ -76,7 +76,7 @@ def worker_output_dir(output_dir, strategy=None) -> Path | None:
 def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 3, batch_size: int = 32,
               learning_rate: float = 2e-4, freeze_bn_epoch: int | None = 1, freeze_ranges_epoch: int | None = None,
               calibration: str = "minmax", output_dir=None, seed: int = 0, verbose: int = 1, strategy=None,
-              bn_folding: str = "unfolded", logits_range: str = "softmax"):
+              bn_folding: str = "unfolded", logits_range: str = "tensor"):
     """Quantization-aware fine-tuning of a trained float model.
 
     Args:

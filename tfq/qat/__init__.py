@@ -41,7 +41,7 @@ def quantize_model(
     warn_unknown: bool = True,
     preserve: str | None = None,
     bn_folding: str = "unfolded",
-    logits_range: str = "softmax",
+    logits_range: str = "tensor",
     **calibration_params,
 ) -> keras.Model:
     """Returns a new model with fake-quant ops where TFLite will quantize; the caller's is untouched.
@@ -89,12 +89,12 @@ def quantize_model(
             (Krishnamoorthi's batch-statistics correction, statistics from a second, float op:
             one more convolution per step). See README "QAT cost" for the trade-off measured.
         logits_range: range of the quantizer on the input of a softmax fused in its layer
-            (``Dense(..., activation="softmax")``): ``"softmax"`` (default; the logits the int8
-            softmax output depends on, :class:`~tfq.observers.SoftmaxInputObserver`, in
-            calibration and in the moving average: confident samples no longer stretch the
-            range, so the logits between classes get a finer grid; the argmax is kept and no
-            probability moves by more than one output step) or ``"tensor"`` (its min/max, like
-            every other activation). See README "QAT cost" for the accuracy measured.
+            (``Dense(..., activation="softmax")``): ``"tensor"`` (default; its min/max, like every
+            other activation) or ``"softmax"`` (the logits the int8 softmax output depends on,
+            :class:`~tfq.observers.SoftmaxInputObserver`, in calibration and in the moving
+            average: confident samples no longer stretch the range, so the logits between classes
+            get a finer grid; the argmax is kept and no probability moves by more than one output
+            step). README "QAT cost" has the accuracy measured with each: neither wins everywhere.
         **calibration_params: parameters of the calibration method.
 
     Returns:
