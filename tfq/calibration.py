@@ -377,7 +377,7 @@ def _observe_per_sample(model, data, batch_size, method, quantizers, observers, 
     shard's kept state holds). In the rare case the test's state cannot tell (more samples far
     outside than it keeps), it runs the data through the model a second time (observers untouched).
     """
-    from tfq.observers import MinMaxObserver, SoftmaxInputObserver
+    from tfq.observers import MinMaxObserver
     from tfq.outliers import DEFAULT_OUTLIER_FACTOR, OutlierTest, warn_outlier_samples
     from tfq.qat.layers import observing
     from tfq.representative import pack_model_inputs
@@ -406,7 +406,7 @@ def _observe_per_sample(model, data, batch_size, method, quantizers, observers, 
         tested = set(test.tensors)
         for name in list(observers):
             kept = test.robust_range(name) if name in tested else None
-            if kept is not None and type(observers[name]) is not SoftmaxInputObserver:
+            if kept is not None and type(observers[name]) is MinMaxObserver:  # not a softmax input's
                 observer = MinMaxObserver(symmetric=observers[name].symmetric)
                 observer.update(np.array(kept))
                 observers[name] = observer
@@ -439,16 +439,18 @@ def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observ
     import tensorflow as tf
 
     from tfq.representative import pack_model_inputs
-    from tfq.observers import MinMaxObserver, Observer
+    from tfq.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer
     from tfq.qat.layers import observing
 
     lock = threading.Lock()
     names = list(quantizers)
-    if method == "moving_average":  # per step: the replicas' min/max, combined into the global batch's
-        make = {name: (lambda name=name, q=quantizers[name]: make_observer(name) if q.calibration == "softmax_input"
-                       else MinMaxObserver(symmetric=q.symmetric)) for name in names}
-    else:
-        make = {name: (lambda name=name: make_observer(name)) for name in names}
+    # A moving average is per global batch: each step, the replicas' min/max are combined into the
+    # global batch's and folded in. Every other observer runs per replica and is merged at the end.
+    averaged = [name for name in names
+                if method == "moving_average" and type(observers[name]) is MovingAverageMinMaxObserver]
+    merged = [name for name in names if name not in averaged]
+    make = {name: (lambda q=quantizers[name]: MinMaxObserver(symmetric=q.symmetric)) if name in averaged
+            else (lambda name=name: make_observer(name)) for name in names}
     per_replica = {name: _ReplicaObservers(name, make[name], lock) for name in names}
     replicas = strategy.num_replicas_in_sync
     seen = 0
@@ -462,14 +464,14 @@ def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observ
 
             values = strategy.experimental_distribute_values_from_function(slice_of)
             strategy.run(lambda *b: model(pack_model_inputs(model, b), training=False), args=tuple(values))
-            if method == "moving_average":
-                _fold_step_into_average(strategy, names, per_replica, observers)
+            if averaged:
+                _fold_step_into_average(strategy, averaged, per_replica, observers)
             seen += n
             if bar is not None:
                 bar.update(seen)
-    if method != "moving_average":
+    if merged:
         states = _gather_replica_states(strategy, {r: {name: per_replica[name].by_replica[r].get_state()
-                                                       for name in names if r in per_replica[name].by_replica}
+                                                       for name in merged if r in per_replica[name].by_replica}
                                                    for r in sorted({r for p in per_replica.values() for r in p.by_replica})})
         for replica in sorted(states):
             for name, state in states[replica].items():
@@ -505,16 +507,10 @@ def _fold_step_into_average(strategy, names, per_replica, observers) -> None:
             out[2 * i], out[2 * i + 1] = (observer.min_val, observer.max_val) if has else (np.inf, -np.inf)
         return out
 
-    from tfq.observers import Observer, SoftmaxInputObserver
-
     table = _gather(strategy, extremes)
     lo, hi = table[:, 0::2].min(axis=0), table[:, 1::2].max(axis=0)
     for i, name in enumerate(names):
-        if lo[i] <= hi[i] and isinstance(observers[name], SoftmaxInputObserver):
-            # per-sample statistics: the replicas' ranges are the global batch's; merged as such
-            observers[name].merge(Observer.from_state({**observers[name].get_state(),
-                                                       "stats": {"min": lo[i], "max": hi[i]}}))
-        elif lo[i] <= hi[i]:
+        if lo[i] <= hi[i]:
             observers[name].update(np.array([lo[i], hi[i]]))
         for observer in per_replica[name].by_replica.values():
             observer.reset()

@@ -400,7 +400,7 @@ class MinMaxObserver(_RangeObserver):
         self._combine(other.min_val, other.max_val)
 
 
-class SoftmaxInputObserver(_RangeObserver):
+class SoftmaxInputObserver(MinMaxObserver):
     """Range of the logits a ``bits``-bit softmax (over the last axis) depends on.
 
     Per row (sample) with ``t1 >= t2`` its two largest logits and ``M = (bits + 1)·ln 2 +
@@ -414,10 +414,10 @@ class SoftmaxInputObserver(_RangeObserver):
     Clipping to ``[min, max]`` keeps every row's argmax and moves no probability by more than
     one step of the output grid: a confident row, whose largest logit is far above the rest, no
     longer stretches the range, so the logits that decide between classes get a finer grid
-    (MobileNetV2 on the digits: [-4.2, 17.1] against MinMax's [-19.6, 27.3]). Like
-    :class:`MinMaxObserver` it keeps a running min and max, so the result does not depend on the
-    batches and shards :meth:`merge` exactly. The same statistic drives the moving average of a
-    QAT quantizer with ``calibration="softmax_input"`` (:func:`tfq.ops.softmax_input_range`).
+    (MobileNetV2 on the digits: [-4.2, 17.1] against MinMax's [-19.6, 27.3]). A
+    :class:`MinMaxObserver` of these per-row bounds: a running min and max, so the result does not
+    depend on the batches and shards :meth:`merge` exactly. The same statistic drives the moving
+    average of a QAT quantizer with ``calibration="softmax_input"`` (:func:`tfq.ops.softmax_input_range`).
 
     Args:
         bits: bits of the softmax output (8: int8, 16: int16x8).
@@ -441,13 +441,6 @@ class SoftmaxInputObserver(_RangeObserver):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "bits": self.bits}
-
-    def _combine(self, lo: np.ndarray, hi: np.ndarray) -> None:
-        self.min_val, self.max_val = np.minimum(self.min_val, lo), np.maximum(self.max_val, hi)
-
-    def _merge(self, other: "SoftmaxInputObserver") -> None:
-        """``min = min(min_a, min_b)``, ``max = max(max_a, max_b)``: exact, in any order."""
-        self._combine(other.min_val, other.max_val)
 
 
 class MovingAverageMinMaxObserver(_RangeObserver):
