@@ -185,6 +185,8 @@ def test_benchmark_script_quick(tmp_path):
     for row in model["ptq"] + model["ptq_outliers"]:
         assert 0 <= row["accuracy"] <= 1 and row["size_ratio"] < 0.35 and row["latency_ms"] > 0
     assert {r["name"] for r in model["qat"]} == {"tfq_qat", "tfmot_qat"}
+    for row in model["qat"]:  # tfmot's row comes from a tf_keras subprocess: a result, not an error row
+        assert "error" not in row and 0 <= row["accuracy"] <= 1, row
     ev = model["evaluator"]
     assert ev["samples"] == 2 * len(tfq.datasets.load_digits()[1][0]) and ev["num_threads"] == 2
     assert ev["throughput_ratio"] == pytest.approx(ev["per_sample_loop_seconds"] / ev["evaluate_seconds"])
@@ -196,6 +198,10 @@ def test_benchmark_script_quick(tmp_path):
         assert rows[name]["keras_sparsity"] == pytest.approx(int(name[6:8]) / 100, abs=1e-3)
         assert rows[name]["gzip_bytes"] < rows["dense_int8"]["gzip_bytes"] and rows[name]["num_float_ops"] == 0
     assert rows["clustered16_int8"]["max_distinct_per_channel"] <= 16
+    tfmot_pruned = rows["tfmot_pruned75_int8"]
+    assert "error" not in tfmot_pruned, tfmot_pruned
+    dense_gzip = rows["dense_int8"]["gzip_bytes"]
+    assert tfmot_pruned["gzip_vs_dense_int8"] == pytest.approx(tfmot_pruned["gzip_bytes"] / dense_gzip)
     assert rows["pruned90_int8"]["gzip_bytes"] < rows["pruned75_int8"]["gzip_bytes"] < rows["pruned50_int8"]["gzip_bytes"]
     (cost,) = results["qat_cost"]["models"]
     assert cost["model"] == "digits_cnn" and [r["name"] for r in cost["rows"]] == ["tfq_qat"] * 4 + ["tfmot_qat"]

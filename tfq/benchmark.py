@@ -320,7 +320,9 @@ def _bench_model(key: str, spec: dict, threads: int, quick: bool, log, timing_re
                       "size_bytes": len(qat_tflite), **_timing_fields(timing), "epochs": qat_epochs}]
     log(f"{key}: tfmot QAT (tf_keras, subprocess, from the same float weights)")
     with _weights_file(model) as weights:
-        result["qat"].append(_tfmot_in_subprocess(spec, weights, qat_epochs, timing_rounds))
+        worker_spec = dict(spec, weights_path=str(weights), qat_epochs=qat_epochs, timing_rounds=timing_rounds)
+        result["qat"].append(_in_subprocess("_tfmot_worker", worker_spec, legacy_keras=True, error_name="tfmot_qat",
+                                            timeout=3600))
     return result
 
 
@@ -394,18 +396,6 @@ def _bench_sequence_model(key: str, spec: dict, threads: int, quick: bool, log, 
                       "num_float_ops": tfq.inspect_tflite(qat_tflite).num_float_ops},
                      {"name": "tfmot_qat", "error": "tfmot has no MultiHeadAttention/LayerNormalization/RNN rule"}]
     return result
-
-
-def _tfmot_in_subprocess(spec: dict, weights_path, qat_epochs: int, timing_rounds: int = 3) -> dict:
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    args = json.dumps(dict(spec, weights_path=str(weights_path), qat_epochs=qat_epochs, timing_rounds=timing_rounds))
-    code = f"import json, tfq.benchmark as b; print('TFQ_JSON' + json.dumps(b._tfmot_worker(json.loads({args!r}))))"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("TFQ_JSON"):
-            return json.loads(line[len("TFQ_JSON"):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"name": "tfmot_qat", "error": " | ".join(tail)}
 
 
 def _tfmot_worker(spec: dict) -> dict:
@@ -644,20 +634,24 @@ def _tfmot_qat_cost(spec: dict, weights_path, rounds: int, learning_rate: float 
             "num_float_ops": tfq.inspect_tflite(content).num_float_ops}
 
 
-def _in_subprocess(function: str, *args, legacy_keras: bool = False, **kwargs) -> dict:
-    """``tfq.benchmark.<function>(*args, **kwargs)`` in a fresh Python (JSON in, JSON out)."""
+def _in_subprocess(function: str, *args, legacy_keras: bool = False, error_name: str | None = None,
+                   timeout: float = 7200, **kwargs) -> dict:
+    """``tfq.benchmark.<function>(*args, **kwargs)`` in a fresh Python (JSON in, JSON out).
+
+    ``legacy_keras`` runs it under tf_keras (``TF_USE_LEGACY_KERAS=1``, for tfmot). If it fails, the
+    row is ``{"name": error_name or function, "error": <last lines of its output>}``."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     if legacy_keras:
         env["TF_USE_LEGACY_KERAS"] = "1"
     payload = json.dumps([list(args), kwargs])
     code = (f"import json, tfq.benchmark as b; a, k = json.loads({payload!r}); "
             f"print('TFQ_JSON' + json.dumps(b.{function}(*a, **k)))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=7200)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("TFQ_JSON"):
             return json.loads(line[len("TFQ_JSON"):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"name": function, "error": " | ".join(tail)}
+    return {"name": error_name or function, "error": " | ".join(tail)}
 
 
 def _train_float_for_qat_cost(spec: dict, weights_path, epochs: int) -> dict:
@@ -954,23 +948,12 @@ def _bench_compression(threads: int, quick: bool, log) -> dict:
                                      params=int(student.count_params()), temperature=2.0, alpha=0.1))
     log("compression: tfmot pruning to 75% (tf_keras, subprocess, from the same float weights)")
     with _weights_file(model) as weights:
-        rows.append(_tfmot_pruning_in_subprocess(dict(weights_path=weights, prune_epochs=prune_epochs), dense_gzip))
+        row = _in_subprocess("_tfmot_pruning_worker", dict(weights_path=weights, prune_epochs=prune_epochs),
+                             legacy_keras=True, error_name="tfmot_pruned75_int8", timeout=3600)
+    if "error" not in row:
+        row["gzip_vs_dense_int8"] = row["gzip_bytes"] / dense_gzip
+    rows.append(row)
     return {"model": "digits_cnn", "float_accuracy": float_acc, "rows": rows}
-
-
-def _tfmot_pruning_in_subprocess(spec: dict, dense_gzip: int) -> dict:
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    args = json.dumps(spec)
-    code = (f"import json, tfq.benchmark as b; "
-            f"print('TFQ_JSON' + json.dumps(b._tfmot_pruning_worker(json.loads({args!r}))))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("TFQ_JSON"):
-            row = json.loads(line[len("TFQ_JSON"):])
-            row["gzip_vs_dense_int8"] = row["gzip_bytes"] / dense_gzip
-            return row
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"name": "tfmot_pruned75_int8", "error": " | ".join(tail)}
 
 
 def _tfmot_pruning_worker(spec: dict) -> dict:
