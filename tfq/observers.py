@@ -428,8 +428,7 @@ class SoftmaxInputObserver(MinMaxObserver):
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = False, per_channel: bool = False, axis: int = -1):
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 16:
-            raise ValueError(f"bits must be an int in 2..16. Received: bits={bits!r}")
+        ops.qrange(bits)  # validates bits (an int in 2..16)
         if per_channel:
             raise ValueError("SoftmaxInputObserver is per tensor (a range over whole rows): pass per_channel=False.")
         self.bits = int(bits)
