@@ -24,7 +24,7 @@ flags.DEFINE_integer("timing_repeats", None, "Timed (plain converter, tfq) pairs
 flags.DEFINE_boolean("methods", True, "Include the methods beyond calibration (equalization, bias correction, "
                      "AdaRound, GPTQ, data-free) on MobileNet-style models, per tensor and per channel, and W4A8.")
 flags.DEFINE_list("qat_cost", ["mobilenet_v2_a0.35_96px"], "QAT step-time ratio and INT8 accuracy, tfq against tfmot "
-                  "from the same float weights, on these models (tfq.benchmark.QAT_COST_MODELS: digits_cnn, "
+                  "from the same float weights, on these models (benchmark_lib.QAT_COST_MODELS: digits_cnn, "
                   "mobilenet_v2_a{0.35,1.0}_{32,96}px); empty to skip.")
 flags.DEFINE_list("qat_bn_folding", ["unfolded"], "tfq QAT rows of the QAT-cost section, one per bn_folding mode "
                   "(unfolded, two_pass).")
@@ -45,9 +45,9 @@ def main(argv):
     del argv
     import json
 
-    from tfq.benchmark import run_benchmark, to_markdown
-    from tfq.app import quiet_logs
-    from tfq.fileio import atomic_write_text
+    from benchmark_lib import run_benchmark, to_markdown
+    from tfq.cli.flags import quiet_logs
+    from tfq.core.fileio import atomic_write_text
 
     quiet_logs()
 
@@ -68,6 +68,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from tfq.app import run_script
+    from tfq.cli.flags import run_script
 
     run_script(main, __doc__)

@@ -3,7 +3,7 @@
     python scripts/evaluate.py --model=m.keras --tflite=a.tflite,b.tflite --data=test.npz [--output=r.json]
 """
 
-from tfq import cli
+from tfq.cli import commands as cli
 
 if __name__ == "__main__":
     cli.run_command("evaluate", __doc__)

@@ -4,7 +4,7 @@
         --output=m.tflite
 """
 
-from tfq import cli
+from tfq.cli import commands as cli
 
 if __name__ == "__main__":
     cli.run_command("convert", __doc__)

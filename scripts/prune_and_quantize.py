@@ -33,13 +33,13 @@ def main(argv):
 
     from absl import app
 
-    from tfq.app import load_npz, quiet_logs
+    from tfq.cli.flags import load_npz, quiet_logs
     from tfq.training import prune_and_quantize
 
     quiet_logs()
 
     if FLAGS.model:
-        from tfq.models import load_model
+        from tfq.models.loading import load_model
 
         model = load_model(FLAGS.model)
         x, y = load_npz(FLAGS.data, "data", need_labels=True)
@@ -73,6 +73,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from tfq.app import run_script
+    from tfq.cli.flags import run_script
 
     run_script(main, __doc__)

@@ -36,12 +36,12 @@ def main(argv):
     from tfq.training import make_strategy, train_qat, worker_output_dir
 
     strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)  # first: MultiWorkerMirroredStrategy needs it
-    from tfq.app import load_npz, quiet_logs
+    from tfq.cli.flags import load_npz, quiet_logs
 
     quiet_logs()
 
     if FLAGS.model:
-        from tfq.models import load_model
+        from tfq.models.loading import load_model
 
         model = load_model(FLAGS.model)
         x, y = load_npz(FLAGS.data, "data", need_labels=True)
@@ -59,6 +59,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from tfq.app import run_script
+    from tfq.cli.flags import run_script
 
     run_script(main, __doc__)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tfq
-from tfq.bias_correction import clipped_normal_mean, expected_shift
+from tfq.ptq.bias_correction import clipped_normal_mean, expected_shift
 
 # --------------------------------------------------------------------------- maths
 
@@ -42,8 +42,8 @@ def _layer_shift(frozen, model, layer_name, bn_name, x):
     """Per-channel mean of (quantized layer − float layer) on the same inputs, float side from the Keras weights."""
     import tensorflow as tf
 
-    from tfq.qat.layers import tapping
-    from tfq.qat.transform import quantized_layers_of
+    from tfq.quantsim.layers import tapping
+    from tfq.quantsim.rewrite import quantized_layers_of
 
     wrapper = next(w for w in quantized_layers_of(frozen) if w.layer.name == layer_name)
     with tapping([wrapper]) as records:

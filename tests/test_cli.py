@@ -13,6 +13,8 @@ import tfq
 from tests.conftest import tflite_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+sys.path.insert(0, str(SCRIPTS))  # the benchmark lives in scripts/, not in the package
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
@@ -170,7 +172,7 @@ def test_prune_and_quantize_script(files, digits):
 
 @pytest.mark.slow
 def test_benchmark_script_quick(tmp_path):
-    from tfq.benchmark import CALIBRATION_METHODS_BENCHED
+    from benchmark_lib import CALIBRATION_METHODS_BENCHED
 
     out = tmp_path / "results.json"
     proc = run(str(REPO / "scripts" / "benchmark.py"), "--quick", "--models=digits_cnn", "--compression", "--nomethods",
@@ -224,10 +226,10 @@ def test_benchmark_script_quick(tmp_path):
 def test_qat_cost_table_prints_a_disturbed_timing_as_such():
     """A best-of wall ratio far from the CPU-time one (every float epoch slowed, one QAT epoch not:
     ×0.72 against ×1.10, seen on this machine) is printed as disturbed, not as a figure."""
-    from tfq.benchmark import _timing_consistent, qat_cost_markdown
+    from benchmark_lib import timing_consistent, qat_cost_markdown
 
-    assert _timing_consistent(1.03, 1.04) and _timing_consistent(1.12, 1.21)
-    assert not _timing_consistent(0.72, 1.10) and not _timing_consistent(1.40, 1.05)
+    assert timing_consistent(1.03, 1.04) and timing_consistent(1.12, 1.21)
+    assert not timing_consistent(0.72, 1.10) and not timing_consistent(1.40, 1.05)
     row = {"name": "tfq_qat", "step_time_ratio": 0.72, "cpu_time_ratio": 1.10, "round_ratios": [1.0, 0.72],
            "accuracy": 0.97}
     section = {"models": [{"model": "m", "float_accuracy": 0.9, "rows": [
@@ -240,17 +242,18 @@ def test_qat_cost_table_prints_a_disturbed_timing_as_such():
 def test_benchmark_tfmot_rows_start_from_tfqs_float_weights(tmp_path, trained_mobilenet):
     """The benchmark's tfmot QAT starts from tfq's float model: its weights, saved by layer name from
     Keras 3 and loaded into the tf_keras build (another process), give the same predictions."""
-    from tfq.benchmark import _save_weights_by_layer
+    from benchmark_lib import save_weights_by_layer
 
     model, _, (x_test, _), _ = trained_mobilenet
     x = x_test[:64]
     expected = model.predict(x, verbose=0)
-    _save_weights_by_layer(model, tmp_path / "w.npz")
+    save_weights_by_layer(model, tmp_path / "w.npz")
     np.save(tmp_path / "x.npy", x)
-    code = ("import numpy as np, tf_keras; from tfq import examples; from tfq.benchmark import _load_weights_by_layer; "
+    code = (f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); "
+            "import numpy as np, tf_keras; from tfq import examples; from benchmark_lib import load_weights_by_layer; "
             f"x = np.load({str(tmp_path / 'x.npy')!r}); "
             "m = examples.mobilenet_style(input_shape=x.shape[1:], keras_module=tf_keras); "
-            f"_load_weights_by_layer(m, {str(tmp_path / 'w.npz')!r}); "
+            f"load_weights_by_layer(m, {str(tmp_path / 'w.npz')!r}); "
             f"np.save({str(tmp_path / 'y.npy')!r}, m.predict(x, verbose=0))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env=dict(ENV, TF_USE_LEGACY_KERAS="1"))

@@ -5,7 +5,7 @@ import pytest
 
 import tfq
 from tests.conftest import tflite_accuracy
-from tfq.data_free import batchnorm_matching_loss, batchnorm_range
+from tfq.ptq.data_free import batchnorm_matching_loss, batchnorm_range
 
 # --------------------------------------------------------------------------- maths
 
@@ -29,9 +29,9 @@ def test_batchnorm_range_by_hand():
 
 
 def test_synthetic_inputs_match_the_batchnorm_statistics(trained_cnn):
-    from tfq.data_free import _bn_vectors, _bn_wrappers, synthesize_inputs
-    from tfq.qat.layers import observing, tapping
-    from tfq.qat.transform import rewrite_model
+    from tfq.ptq.data_free import _bn_vectors, _bn_wrappers, synthesize_inputs
+    from tfq.quantsim.layers import observing, tapping
+    from tfq.quantsim.rewrite import rewrite_model
 
     q = rewrite_model(trained_cnn[0], "int8")
     wrappers = _bn_wrappers(q)
@@ -79,8 +79,8 @@ def test_int16x8_data_free(trained_cnn, digits):
 
 
 def test_bn_statistics_ranges_cover_bn_outputs(trained_cnn):
-    from tfq.data_free import batchnorm_ranges
-    from tfq.qat.transform import quantized_layers_of, rewrite_model
+    from tfq.ptq.data_free import batchnorm_ranges
+    from tfq.quantsim.rewrite import quantized_layers_of, rewrite_model
 
     q = rewrite_model(trained_cnn[0], "int8")
     ranges = batchnorm_ranges(q)

@@ -5,7 +5,7 @@ import pytest
 
 import tfq
 from tests.conftest import tflite_accuracy
-from tfq.equalization import absorption_amount, channel_ranges, equalization_scales, fold_batchnorm
+from tfq.ptq.equalization import absorption_amount, channel_ranges, equalization_scales, fold_batchnorm
 
 # --------------------------------------------------------------------------- maths
 

@@ -1,4 +1,4 @@
-"""Tests of tfq.evaluate and tfq.report: every figure against an independent interpreter loop."""
+"""Tests of tfq.evaluate and tfq.analysis.report: every figure against an independent interpreter loop."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import pytest
 
-from tfq.conversion import convert
-from tfq.evaluation import evaluate, layer_errors, sqnr_db
-from tfq.tflite_info import inspect_tflite
-from tfq.report import LayerErrorReport, Report
+from tfq.export.convert import convert
+from tfq.analysis.evaluation import evaluate, layer_errors, sqnr_db
+from tfq.tflite.info import inspect_tflite
+from tfq.analysis.report import LayerErrorReport, Report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

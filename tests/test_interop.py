@@ -19,7 +19,7 @@ import pytest
 import tfq
 from tests.conftest import tflite_accuracy
 from tfq.interop import convert_tfmot_model, is_tfmot_qat_model, to_keras3
-from tfq.models import is_tf_keras_model
+from tfq.models.loading import is_tf_keras_model
 
 tf_keras = pytest.importorskip("tf_keras")
 

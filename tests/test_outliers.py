@@ -308,11 +308,11 @@ def test_robust_minmax_is_minmax_without_the_samples_set_aside(trained_cnn, corr
 def test_calibrate_ranges_equal_the_per_sample_path(trained_cnn, corrupt, monkeypatch, capacity):
     """calibrate's streaming test gives the ranges of the path that kept every sample's ranges (computed here
     by hand on the same batches); with a capacity of 2 (3 corrupt samples) it takes its second pass."""
-    from tfq.calibration import _batches
+    from tfq.ptq.calibration import _batches
     from tfq.observers import MinMaxObserver
-    from tfq.qat.layers import observing
-    from tfq.qat.transform import quantizers_of, rewrite_model
-    from tfq.representative import pack_model_inputs
+    from tfq.quantsim.layers import observing
+    from tfq.quantsim.rewrite import quantizers_of, rewrite_model
+    from tfq.core.representative import pack_model_inputs
 
     model, _ = trained_cnn
     if capacity is not None:
@@ -369,7 +369,7 @@ def test_graph_converter_matches_from_keras_model_with_its_signature(digits):
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    from tfq.graph_converter import keras_graph_converter
+    from tfq.export.graph_converter import keras_graph_converter
 
     (x_train, _), _ = digits
     keras.utils.set_random_seed(0)
@@ -400,7 +400,7 @@ def test_graph_converter_matches_from_keras_model_with_its_signature(digits):
 def test_convert_in_place_equals_the_frozen_copy(trained_cnn, digits):
     model, _ = trained_cnn
     (x_train, _), _ = digits
-    from tfq.conversion import _build_recipe, _int8_converter_run
+    from tfq.export.convert import _build_recipe, _int8_converter_run
 
     content = tfq.convert(model, "int8", x_train[:64], io_dtype="int8")
     frozen = tfq.fake_quantize(model, "int8", x_train[:64])  # the copy freeze_model makes

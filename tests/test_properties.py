@@ -242,7 +242,7 @@ def test_cli_exits_with_a_status_and_one_line(tmp_path, small, command, pairs):
     """Random flags: the command ends with status 0/1/2 and, on failure, one line on stderr (no traceback)."""
     from absl import flags
 
-    from tfq import cli
+    from tfq.cli import commands as cli
 
     model, x = small
     model_path = tmp_path / "m.keras"

@@ -38,7 +38,7 @@ def test_a_precomputed_calibration_cannot_be_equalized(trained_cnn, digits):
 
 
 def test_keyword_options_replace_the_recipe_and_report_is_checked(trained_cnn):
-    from tfq.conversion import _build_recipe
+    from tfq.export.convert import _build_recipe
 
     r = _build_recipe(None, "int8_dfq", "minmax", True, "float32", (), None,
                       dict(equalize=False, bias_correction=None, weight_rounding=None, data_free=None))
@@ -48,7 +48,7 @@ def test_keyword_options_replace_the_recipe_and_report_is_checked(trained_cnn):
 
 
 def test_tune_method_stage_and_search_space():
-    from tfq.tuning import DEFAULT_SEARCH_SPACE, _method_choices
+    from tfq.analysis.tuning import DEFAULT_SEARCH_SPACE, _method_choices
 
     assert _method_choices(DEFAULT_SEARCH_SPACE) == [
         {"equalize": True}, {"bias_correction": True}, {"equalize": True, "bias_correction": True},

@@ -24,7 +24,7 @@ import tfq
 import tfq.callbacks
 import tfq.qat
 from tests.conftest import background_python, tflite_accuracy
-from tfq.qat.layers import ActivationQuantizer, FloatBarrier, QuantizedLayer, QuantizedNormalization
+from tfq.quantsim.layers import ActivationQuantizer, FloatBarrier, QuantizedLayer, QuantizedNormalization
 
 L = keras.layers
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 import tfq
 import tfq.callbacks
 import tfq.qat
-from tfq.qat.layers import BN_FOLDING, QuantizedLayer, QuantizedNormalization
+from tfq.quantsim.layers import BN_FOLDING, QuantizedLayer, QuantizedNormalization
 
 L = keras.layers
 

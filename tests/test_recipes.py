@@ -67,7 +67,7 @@ def test_preset_loads_round_trips_and_is_documented(name, tmp_path):
     assert json.loads(json.dumps(recipe.to_dict())) == recipe.to_dict()
     for suffix in (".yaml", ".json"):
         assert load_recipe(save_recipe(recipe, tmp_path / f"{name}{suffix}")) == recipe
-    text = (Path(recipes.__file__).parent / "configs" / f"{name}.yaml").read_text()
+    text = (Path(recipes.__file__).parents[1] / "configs" / f"{name}.yaml").read_text()
     assert text.startswith("# "), "each preset starts with a comment saying what it is for"
 
 

@@ -1,4 +1,4 @@
-"""Tests of tfq.representative: representative datasets for calibration."""
+"""Tests of tfq.core.representative: representative datasets for calibration."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfq.representative import RepresentativeDataset, model_input_specs, representative_dataset
+from tfq.core.representative import RepresentativeDataset, model_input_specs, representative_dataset
 
 
 def _dense_model(shape=(3,), name="feat", dtype="float32"):

@@ -126,7 +126,7 @@ def test_layernorm_decomposition_is_exact_in_float():
     ln.set_weights([np.linspace(0.5, 2.0, 16, dtype="f4"), np.linspace(-1.0, 1.0, 16, dtype="f4")])
     x = np.random.default_rng(1).normal(2.0, 3.0, size=(32, 6, 16)).astype("float32")
     qmodel = tfq.qat.rewrite_model(model)
-    from tfq.qat.layers import observing  # quantizers pass data through while observing
+    from tfq.quantsim.layers import observing  # quantizers pass data through while observing
 
     with observing({}):
         got = qmodel(x, training=False).numpy()
@@ -144,7 +144,7 @@ def test_layer_scale_custom_layer_weight_is_quantized_and_trainable():
     data = np.random.default_rng(0).normal(size=(64, 8, 8)).astype("float32")
     qat, caught = tfq_warnings(tfq.qat.quantize_model, model, calibration_data=data)
     assert caught == []
-    from tfq.qat.transform import _walk_layers
+    from tfq.quantsim.rewrite import _walk_layers
 
     weight = next(layer for layer in _walk_layers(qat) if type(layer).__name__ == "QuantizedWeight")
     assert weight.trainable_weights and weight.value.shape == (8, 16)
@@ -437,7 +437,7 @@ def test_zoo_keras_hub_bert_backbone_dict_inputs():
     reference = model.predict(test, verbose=0)
     got = _run_signature(content, test)
     # The plain converter cannot take a dict-input Functional model; tfq's list-input view of it can.
-    from tfq.conversion import _with_list_inputs
+    from tfq.export.convert import _with_list_inputs
 
     plain = _run_signature(plain_converter_int8_dict(_with_list_inputs(model), calibration), test)
     for key in reference:

@@ -48,7 +48,7 @@ def run_cli(command, *flag_args):
     """Runs ``tfq <command> <flags>`` in this process: (status, stdout, stderr)."""
     from absl import flags
 
-    from tfq import cli
+    from tfq.cli import commands as cli
 
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["tfq", *flag_args])
@@ -90,7 +90,7 @@ def test_cli_evaluate_model_and_tflite_of_one_stem_are_two_rows(tiny_files, tiny
     keras_out = model.predict(x_test[:120], verbose=0)
     int8_out = tfq.TFLiteModel(tiny_files / "m.tflite").predict(x_test[:120])
     assert np.isfinite(rows["m.tflite"]["sqnr_db"])
-    assert rows["m.tflite"]["sqnr_db"] == pytest.approx(tfq.evaluation.sqnr_db(keras_out, int8_out), rel=1e-4)
+    assert rows["m.tflite"]["sqnr_db"] == pytest.approx(tfq.analysis.evaluation.sqnr_db(keras_out, int8_out), rel=1e-4)
 
 
 def test_cli_evaluate_keeps_files_of_one_name_in_different_folders(tiny_files, tiny):
@@ -110,7 +110,7 @@ def test_cli_evaluate_keeps_files_of_one_name_in_different_folders(tiny_files, t
 
 
 def test_model_keys_are_distinct():
-    from tfq.cli import model_keys
+    from tfq.cli.commands import model_keys
 
     assert model_keys(["m.keras", "m.tflite"]) == ["m.keras", "m.tflite"]
     assert model_keys(["a/model.tflite", "b/model.tflite", "c.tflite"]) == ["a/model.tflite", "b/model.tflite", "c"]
@@ -486,20 +486,23 @@ def test_import_cycle_calibration_interop_conversion_is_broken():
             todo.extend(_imports(path))
         return seen
 
-    assert "tfq.conversion" not in reachable("tfq.interop")
-    assert "tfq.conversion" not in reachable("tfq.calibration")
-    for registry in ("tfq/export_modes.py", "tfq/calibration_methods.py", "tfq/input_order.py", "tfq/messages.py"):
-        assert _imports(REPO / registry) <= {"tfq.messages"}, registry
+    assert "tfq.export.convert" not in reachable("tfq.models.interop")
+    assert "tfq.export.convert" not in reachable("tfq.ptq.calibration")
+    for registry in ("tfq/core/export_modes.py", "tfq/core/calibration_methods.py", "tfq/core/input_order.py",
+                     "tfq/core/messages.py"):
+        assert _imports(REPO / registry) <= {"tfq.core.messages"}, registry
     # Modes and methods are spelled in the registries only.
-    for module in ("recipes", "conversion", "calibration", "evaluation", "tuning", "interop", "cli", "benchmark"):
-        text = (REPO / "tfq" / f"{module}.py").read_text()
+    for path in ("tfq/core/recipes.py", "tfq/export/convert.py", "tfq/ptq/calibration.py", "tfq/analysis/evaluation.py",
+                 "tfq/analysis/tuning.py", "tfq/models/interop.py", "tfq/cli/commands.py", "scripts/benchmark_lib.py"):
+        text = (REPO / path).read_text()
+        module = path
         assert '("minmax", "moving_average", "kl", "percentile", "mse")' not in text, module
         assert '("float", "dynamic", "fp16", "int8", "int16x8")' not in text, module
         assert '("int8", "int16x8")' not in text.replace("'", '"'), module
 
 
 def test_one_tie_rule_for_quantizing_data():
-    from tfq.interpreter import _quantize_input
+    from tfq.tflite.interpreter import _quantize_input
     from tfq.ops import quantize_to
 
     x = np.float32([0.5, 1.5, 2.5, -0.5, -2.5])  # ties: away from zero, as TFLite's std::round
@@ -528,8 +531,8 @@ def test_int16x8_cannot_take_tfq_ranges_so_they_are_refused(trained_cnn, digits)
     import tensorflow as tf
 
     from tests.conftest import tflite_accuracy
-    from tfq.conversion import _build_recipe, _frozen_int8_model, _keras_converter
-    from tfq.tflite_converter import run_converter
+    from tfq.export.convert import _build_recipe, _frozen_int8_model, _keras_converter
+    from tfq.tflite.converter import run_converter
 
     model, float_accuracy = trained_cnn
     (x_train, _), (x_test, y_test) = digits

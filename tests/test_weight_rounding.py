@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tfq
-from tfq.weight_rounding import (
+from tfq.ptq.weight_rounding import (
     adaround_init,
     adaround_regularizer,
     beta_schedule,
@@ -141,8 +141,8 @@ def test_adaround_on_a_dense_layer_beats_nearest():
     """One Dense layer, 4-bit weights: AdaRound's output error on held-out inputs is below nearest rounding's."""
     import keras
 
-    from tfq.qat.transform import freeze_model, quantized_layers_of, rewrite_model
-    from tfq.weight_rounding import layer_inputs, round_weights, wrapped_kernel
+    from tfq.quantsim.rewrite import freeze_model, quantized_layers_of, rewrite_model
+    from tfq.ptq.weight_rounding import layer_inputs, round_weights, wrapped_kernel
 
     rng = np.random.default_rng(0)
     inputs = keras.Input((24,))

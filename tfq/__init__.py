@@ -20,43 +20,85 @@ import warnings
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (a module itself when the name is the module's).
+# public name -> module that defines it.
 _EXPORTS = {
-    "Calibration": "tfq.calibration",
-    "ConversionError": "tfq.conversion",
-    "LayerErrorReport": "tfq.report",
-    "MethodsReport": "tfq.ptq_methods",
-    "Override": "tfq.recipes",
-    "Recipe": "tfq.recipes",
-    "Report": "tfq.report",
-    "RepresentativeDataset": "tfq.representative",
-    "TFLiteInfo": "tfq.tflite_info",
-    "TFLiteModel": "tfq.interpreter",
-    "TensorSpec": "tfq.recipes",
-    "TuneResult": "tfq.tuning",
-    "calibrate": "tfq.calibration",
-    "convert": "tfq.conversion",
-    "equalize": "tfq.equalization",
-    "evaluate": "tfq.evaluation",
-    "fake_quantize": "tfq.conversion",
-    "inspect_tflite": "tfq.tflite_info",
-    "layer_errors": "tfq.evaluation",
-    "list_presets": "tfq.recipes",
-    "load_calibration": "tfq.calibration",
-    "load_recipe": "tfq.recipes",
-    "merge_calibrations": "tfq.calibration",
-    "representative_dataset": "tfq.representative",
-    "save_recipe": "tfq.recipes",
-    "tune": "tfq.tuning",
+    "Calibration": "tfq.ptq.calibration",
+    "ConversionError": "tfq.tflite.converter",
+    "LayerErrorReport": "tfq.analysis.report",
+    "MethodsReport": "tfq.ptq.pipeline",
+    "Override": "tfq.core.recipes",
+    "Recipe": "tfq.core.recipes",
+    "Report": "tfq.analysis.report",
+    "RepresentativeDataset": "tfq.core.representative",
+    "TFLiteInfo": "tfq.tflite.info",
+    "TFLiteModel": "tfq.tflite.interpreter",
+    "TensorSpec": "tfq.core.recipes",
+    "TuneResult": "tfq.analysis.tuning",
+    "calibrate": "tfq.ptq.calibration",
+    "convert": "tfq.export.convert",
+    "equalize": "tfq.ptq.equalization",
+    "evaluate": "tfq.analysis.evaluation",
+    "fake_quantize": "tfq.export.convert",
+    "inspect_tflite": "tfq.tflite.info",
+    "layer_errors": "tfq.analysis.evaluation",
+    "list_presets": "tfq.core.recipes",
+    "load_calibration": "tfq.ptq.calibration",
+    "load_recipe": "tfq.core.recipes",
+    "merge_calibrations": "tfq.ptq.calibration",
+    "representative_dataset": "tfq.core.representative",
+    "save_recipe": "tfq.core.recipes",
+    "tune": "tfq.analysis.tuning",
 }
-_SUBMODULES = ("calibration_methods", "callbacks", "clustering", "datasets", "distillation", "examples", "export_modes",
-               "interop", "observers", "ops", "outliers", "pruning", "qat", "recipes", "reference")
 
-__all__ = ["__version__", *sorted(_EXPORTS), *_SUBMODULES]
+# The stages, in the order they depend on one another (each imports only those before it).
+_PACKAGES = ("core", "numerics", "tflite", "reference", "quantsim", "models", "compression", "ptq", "qat", "export", "training",
+             "analysis", "cli", "datasets")
+
+# Public submodules that live inside a stage: ``tfq.pruning`` is ``tfq.compression.pruning``, and
+# ``import tfq.pruning`` / ``from tfq.pruning import …`` work too.
+_ALIASES = {
+    "calibration_methods": "tfq.core.calibration_methods",
+    "callbacks": "tfq.training.callbacks",
+    "clustering": "tfq.compression.clustering",
+    "distillation": "tfq.compression.distillation",
+    "examples": "tfq.models.examples",
+    "export_modes": "tfq.core.export_modes",
+    "interop": "tfq.models.interop",
+    "observers": "tfq.numerics.observers",
+    "ops": "tfq.numerics.ops",
+    "outliers": "tfq.numerics.outliers",
+    "pruning": "tfq.compression.pruning",
+    "recipes": "tfq.core.recipes",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS), *sorted(set(_PACKAGES) | set(_ALIASES))]
+
+
+def _lazy_module(name: str):
+    """The module ``name``, executed on first attribute access (``importlib.util.LazyLoader``)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    spec = importlib.util.find_spec(name)  # imports the parent package only (no TensorFlow)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    parent, _, leaf = name.rpartition(".")
+    setattr(sys.modules[parent], leaf, module)
+    loader.exec_module(module)
+    return module
+
+
+for _alias, _target in _ALIASES.items():
+    sys.modules.setdefault(f"{__name__}.{_alias}", _lazy_module(_target))
+del _alias, _target
 
 
 def __getattr__(name):
-    if name in _SUBMODULES:
+    if name in _ALIASES:
+        return sys.modules[f"{__name__}.{name}"]
+    if name in _PACKAGES:
         return importlib.import_module(f"tfq.{name}")
     module = _EXPORTS.get(name)
     if module is None:
@@ -72,7 +114,8 @@ def __dir__():
 
 # ------------------------------------------------------------------------------ Keras registration
 # Modules whose import registers Keras-serializable classes (package "tfq").
-_KERAS_SERIALIZABLE = ("tfq.qat.layers", "tfq.pruning", "tfq.clustering", "tfq.distillation")
+_KERAS_SERIALIZABLE = ("tfq.quantsim.layers", "tfq.compression.pruning", "tfq.compression.clustering",
+                       "tfq.compression.distillation")
 _KERAS_MODULES = ("keras", "tensorflow")
 
 

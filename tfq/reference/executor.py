@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tfq.ops import quantize_to
+from tfq.numerics.ops import quantize_to
 from tfq.reference.graph import Graph, read_graph
 from tfq.reference.kernels import KERNELS, OpContext, UnsupportedOpError
 

@@ -2,7 +2,7 @@
 and constant data) and operators (with their builtin options).
 
 Read with the flatbuffer schema that ships with LiteRT (``ai_edge_litert.schema_py_generated``,
-the same reader as :mod:`tfq.tflite_info`), through its object API.
+the same reader as :mod:`tfq.tflite.info`), through its object API.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tfq.interpreter import load_tflite_bytes
+from tfq.tflite.interpreter import load_tflite_bytes
 
 __all__ = ["Graph", "Tensor", "Operator", "read_graph"]
 

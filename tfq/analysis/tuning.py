@@ -1,0 +1,648 @@
+"""Accuracy-aware tuning: the smallest (or fastest) TFLite model that meets an accuracy target.
+
+The user says how much of a metric they can give up (``max_drop``, absolute or relative to the
+float model); :func:`tune` searches quantization choices — calibration method (with its
+percentile; pooled or per-batch median ranges), per-channel vs per-tensor weights, symmetric vs
+asymmetric activations, int16x8 activations, and
+which layers fall back to float — and returns the best model that meets the target, with the
+recipe that reproduces it.
+
+Strategies:
+
+* ``"sensitivity"`` (after Intel Neural Compressor's *basic* strategy): first global
+  configurations in order of cost; if none meets the target, the best of them with the methods
+  beyond calibration (equalization, then bias correction, then learned rounding); if none meets
+  it, rank the layers by sensitivity (the metric gained by keeping each one float alone) and fall
+  back greedily, most sensitive first, until the target is met.
+* ``"random"``: random configurations from the search space, seeded.
+* ``"bayesian"``: Optuna's TPE sampler (``pip install optuna`` / ``tfq[tune]``), seeded.
+
+Every trial is appended to ``trials.jsonl`` in ``output_dir`` as it finishes; running again with
+the same ``output_dir`` reuses finished trials, so an interrupted run resumes. Each record holds a
+fingerprint of what decides its metric (the model's weights and architecture, the calibration data,
+the evaluation data and labels, the metric, the calibration cap and the seed): a record is reused
+only when the fingerprint matches, and whether it meets the target is judged again against the
+current ``max_drop``. A torn last record (an interrupted write) is skipped with a warning naming
+the file, and that trial runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
+from tfq.core.export_modes import export_mode_names, get_export_mode
+from tfq.core.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
+from tfq.tflite.interpreter import available_cores
+from tfq.core.recipes import Recipe, TensorSpec, save_recipe
+
+__all__ = ["tune", "TuneResult", "Trial", "DEFAULT_SEARCH_SPACE", "STRATEGIES"]
+
+STRATEGIES = ("sensitivity", "random", "bayesian")
+OBJECTIVES = ("size", "latency")
+
+DEFAULT_SEARCH_SPACE = {
+    "calibration": ["robust_minmax", "percentile", "kl", "mse"],  # robust_minmax: MinMax, outlier samples set aside
+    "percentile": [99.99, 99.9, 99.0],
+    "batch_aggregate": [None, "median"],  # kl/percentile/mse: pooled histogram, or median of per-batch ranges
+    "per_channel": [True, False],
+    "symmetric_activations": [False, True],
+    "precision": ["int8", "int16x8"],
+    "float_layers": "auto",  # candidates: the model's weighted layers
+    # Methods beyond calibration (tfq.equalize, bias correction, learned rounding, data-free):
+    # the first value of each is the plain choice. "adaround" and data_free=True can be added.
+    "equalize": [False, True],
+    "bias_correction": [False, True],
+    "weight_rounding": ["nearest", "gptq"],
+    "data_free": [False],
+}
+_METHOD_KEYS = ("equalize", "bias_correction", "weight_rounding", "data_free")
+
+_LOWER_IS_BETTER = ("mse", "mae", "loss")
+
+
+def _takes(method: str, param: str) -> bool:
+    """Whether calibration ``method`` has parameter ``param`` (registry: tfq.core.calibration_methods)."""
+    return param in get_calibration_method(method).params
+
+
+@dataclass
+class Trial:
+    """One evaluated configuration."""
+
+    index: int
+    choices: dict
+    metric: float
+    drop: float
+    size: int
+    latency_ms: float | None
+    met: bool
+    seconds: float
+    int8_weight_fraction: float = 1.0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` found.
+
+    Attributes:
+        tflite: bytes of the chosen model.
+        recipe: the :class:`~tfq.core.recipes.Recipe` that reproduces it with
+            ``tfq.convert(model, recipe=result.recipe, representative_data=...)``.
+        trials: every trial, in order.
+        best: the chosen trial.
+        met: whether the chosen trial meets the target (if not, it is the best found).
+        baseline: the float model's metric.
+        report: a :class:`~tfq.analysis.report.Report` comparing float and the chosen model.
+    """
+
+    tflite: bytes
+    recipe: Recipe
+    trials: list[Trial]
+    best: Trial
+    met: bool
+    baseline: float
+    max_drop: float
+    metric_name: str
+    report: object = None
+    settings: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        status = "met" if self.met else "NOT met (best found returned)"
+        b = self.best
+        return (f"target drop <= {self.max_drop:g} {status}: {self.metric_name} {b.metric:.4f} (float "
+                f"{self.baseline:.4f}, drop {b.drop:.4f}), size {b.size:,} bytes, int8 weights "
+                f"{100 * b.int8_weight_fraction:.1f}%, {len(self.trials)} trials; choices {b.choices}")
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes model.tflite, recipe.yaml, trials.json and report.md/json into ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "model.tflite", self.tflite)
+        save_recipe(self.recipe, out / "recipe.yaml")
+        atomic_write_text(out / "trials.json", json.dumps(
+            {"met": self.met, "baseline": self.baseline, "max_drop": self.max_drop, "metric": self.metric_name,
+             "best": self.best.to_dict(), "trials": [t.to_dict() for t in self.trials], **self.settings},
+            indent=1))
+        if self.report is not None:
+            atomic_write_text(out / "report.md", self.report.to_markdown() + "\n")
+            self.report.to_json(out / "report.json")
+        return out
+
+
+def _metric_fn(metric) -> tuple[str, Callable, bool]:
+    """(name, f(y_true, y_pred) -> float, higher_is_better)."""
+    from tfq.analysis.evaluation import _resolve_metrics
+
+    name, fn = _resolve_metrics([metric])[0]
+    return name, fn, not any(name.startswith(k) for k in _LOWER_IS_BETTER)
+
+
+def _weighted_layer_names(model) -> list[str]:
+    from tfq.quantsim.layers import WEIGHTED_LAYER_TYPES
+    from tfq.quantsim.rewrite import _walk_layers
+
+    return [layer.name for layer in _walk_layers(model) if isinstance(layer, WEIGHTED_LAYER_TYPES)]
+
+
+def _int8_weight_fraction(content: bytes) -> float:
+    """Share of weight elements (constant tensors, biases excluded) stored as int8."""
+    from tfq.tflite.info import inspect_tflite
+
+    info = inspect_tflite(content)
+    int8 = other = 0
+    for t in info.tensors:
+        if not t.is_constant or len(t.shape) < 2:
+            continue
+        n = int(np.prod(t.shape))
+        if t.dtype == "INT8":
+            int8 += n
+        elif t.dtype in ("FLOAT32", "FLOAT16"):
+            other += n
+    return int8 / (int8 + other) if int8 + other else 1.0
+
+
+def _recipe_for(choices: dict, base_seed: int, num_samples: int | None) -> Recipe:
+    mode = choices.get("precision", "int8")
+    entry = get_export_mode(mode)
+    calibration = choices.get("calibration", DEFAULT_CALIBRATION)
+    params = {"percentile": float(choices["percentile"])} if _takes(calibration, "percentile") else {}
+    if _takes(calibration, "batch_aggregate") and choices.get("batch_aggregate") is not None:
+        params["batch_aggregate"] = choices["batch_aggregate"]
+    weights = TensorSpec(per_channel=bool(choices.get("per_channel", True)))
+    methods = {key: choices[key] for key in _METHOD_KEYS if key in choices and key in entry.honours}
+    if not entry.tfq_ranges:
+        # The converter calibrates this mode itself (int16x8: per-channel weights, MinMax): only what it honours.
+        return Recipe(mode=mode, calibration="minmax", seed=base_seed, num_calibration_samples=num_samples,
+                      name="tuned", **methods)
+    activations = TensorSpec(**dict(entry.default_activations,
+                                    symmetric=bool(choices.get("symmetric_activations", False))))
+    return Recipe(mode=mode, weights=weights, activations=activations, calibration=calibration,
+                  calibration_params=params, float_layers=tuple(choices.get("float_layers", ())),
+                  seed=base_seed, num_calibration_samples=num_samples, name="tuned", **methods)
+
+
+def _integer_modes() -> list[str]:
+    """The precisions tune can try: registered modes whose activations are integers."""
+    return [m for m in export_mode_names() if TensorSpec(**get_export_mode(m).default_activations).is_integer]
+
+
+def _check_method_space(space: dict) -> None:
+    from tfq.core.recipes import BIAS_CORRECTION, DATA_FREE, WEIGHT_ROUNDING
+
+    allowed = {"equalize": (False, True), "bias_correction": BIAS_CORRECTION, "weight_rounding": WEIGHT_ROUNDING,
+               "data_free": DATA_FREE}
+    for key, choices in allowed.items():
+        values = space[key]
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"search_space[{key!r}] must be a non-empty list. Received: {values!r}")
+        for value in values:
+            if not any(value is a if isinstance(a, bool) else (isinstance(value, str) and value == a) for a in choices):
+                raise ValueError(f"search_space[{key!r}] values must be among {list(choices)}. Received: {value!r}")
+
+
+def _method_choices(space: dict) -> list[dict]:
+    """Method combinations to try on the best global configuration, cheapest first.
+
+    Equalization, then bias correction (with and without equalization), then each learned rounding
+    (alone, then with equalization and bias correction); only values the search space allows.
+    """
+    found = []
+
+    def add(**choice):
+        if all(value in space.get(key, [False]) for key, value in choice.items()) and choice not in found:
+            found.append(choice)
+
+    add(equalize=True)
+    add(bias_correction=True)
+    add(equalize=True, bias_correction=True)
+    for rounding in space.get("weight_rounding", []):
+        if rounding != "nearest":
+            add(weight_rounding=rounding)
+            add(equalize=True, bias_correction=True, weight_rounding=rounding)
+    if True in space.get("data_free", []):
+        add(data_free=True, equalize=True, bias_correction=True)
+    return found
+
+
+def _canonical(choices: dict) -> str:
+    return json.dumps(choices, sort_keys=True)
+
+
+def _hash_arrays(digest, arrays) -> None:
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+
+
+def fingerprint(model, rep, x_eval, y_eval, metric_name: str, num_samples, seed) -> str:
+    """A hash of what decides a trial's metric: the model (architecture and weights), the
+    calibration data (as the trials see it), the evaluation data and labels, the metric, the
+    calibration-sample cap and the seed. Trials logged under another fingerprint are not reused."""
+    digest = hashlib.sha256()
+    try:
+        digest.update(model.to_json().encode())
+    except Exception:  # noqa: BLE001 - a layer that cannot serialize: its names and classes instead
+        digest.update(repr([(layer.name, type(layer).__name__) for layer in model.layers]).encode())
+    _hash_arrays(digest, model.get_weights())
+    for batch in rep.batches(256):
+        _hash_arrays(digest, batch)
+    _hash_arrays(digest, [np.asarray(x_eval), np.asarray(y_eval)])
+    digest.update(json.dumps([metric_name, num_samples, seed]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_trial_log(path: Path, fingerprint_: str) -> tuple[dict, bool]:
+    """Reusable records of a trial log, by canonical choices, and whether the file ends mid-line.
+
+    A record that does not parse is skipped with a warning naming the file and line (a torn last
+    record is what an interrupted write leaves); records of another fingerprint are left alone.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    previous, other = {}, 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            choices = record["choices"]
+            fields = {k: record[k] for k in ("metric", "size", "latency_ms", "seconds")}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            where = "its last line (a torn record: the run was interrupted while writing it)" \
+                if number == len(lines) else f"line {number} (not a trial record)"
+            warnings.warn(f"tfq.tune: skipped {where} of {str(path)!r}; that trial runs again.", stacklevel=4)
+            continue
+        if record.get("fingerprint") != fingerprint_:
+            other += 1
+            continue
+        previous[_canonical(choices)] = dict(record, **fields)
+    if other:
+        warnings.warn(f"tfq.tune: {other} trial(s) in {str(path)!r} were run on another model, calibration data, "
+                      f"evaluation data or metric; they are not reused.", stacklevel=4)
+    return previous, bool(text) and not text.endswith("\n")
+
+
+class _Tuner:
+    def __init__(self, model, rep, x_eval, y_eval, metric, max_drop, relative, objective, output_dir,
+                 max_trials, timeout, seed, num_threads, num_samples, verbose):
+        self.model, self.rep, self.x_eval, self.y_eval = model, rep, x_eval, y_eval
+        self.metric_name, self.metric, self.higher_better = _metric_fn(metric)
+        self.max_drop, self.relative, self.objective = max_drop, relative, objective
+        self.max_trials, self.timeout, self.seed = max_trials, timeout, seed
+        self.num_threads, self.num_samples, self.verbose = num_threads, num_samples, verbose
+        self.start = time.perf_counter()
+        self.trials: list[Trial] = []
+        self.contents: dict[str, bytes] = {}
+        self.calibrations: dict[str, object] = {}
+        self.log_path = Path(output_dir) / "trials.jsonl" if output_dir else None
+        self.previous: dict[str, dict] = {}
+        self.torn = False  # the log ends mid-line: the next record starts on a new line
+        self.fingerprint = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.fingerprint = fingerprint(model, rep, x_eval, y_eval, self.metric_name, num_samples, seed)
+            if self.log_path.exists():
+                self.previous, self.torn = _read_trial_log(self.log_path, self.fingerprint)
+        y_pred = model.predict(x_eval, verbose=0)
+        self.baseline = float(self.metric(y_eval, y_pred))
+
+    # -- budget ------------------------------------------------------------------------------------
+    def budget_left(self) -> bool:
+        if len(self.trials) >= self.max_trials:
+            return False
+        return self.timeout is None or time.perf_counter() - self.start < self.timeout
+
+    def drop_of(self, value: float) -> float:
+        drop = (self.baseline - value) if self.higher_better else (value - self.baseline)
+        return drop / abs(self.baseline) if self.relative and self.baseline else drop
+
+    # -- one trial ---------------------------------------------------------------------------------
+    def convert(self, choices: dict) -> bytes:
+        import tfq
+
+        key = _canonical(choices)
+        if key in self.contents:
+            return self.contents[key]
+        recipe = _recipe_for(choices, self.seed, self.num_samples)
+        data = None if recipe.data_free_method else self.rep
+        content = tfq.convert(self.model, recipe=recipe, mode=None, representative_data=data)
+        self.contents[key] = content
+        return content
+
+    def run(self, choices: dict) -> Trial:
+        from tfq.tflite.interpreter import TFLiteModel
+
+        key = _canonical(choices)
+        for t in self.trials:
+            if _canonical(t.choices) == key:
+                return t
+        start = time.perf_counter()
+        record = self.previous.get(key)
+        if record is not None and self.objective == "latency" and record.get("latency_ms") is None:
+            record = None  # logged without a latency measurement
+        if record is not None:  # resumed from the trial log: judged against the current target
+            error = record.get("error")
+            metric = float("nan") if record["metric"] is None else float(record["metric"])
+            drop = float("inf") if error is not None or metric != metric else self.drop_of(metric)
+            trial = Trial(len(self.trials), dict(record["choices"]), metric, drop, int(record["size"]),
+                          record["latency_ms"], error is None and drop <= self.max_drop, float(record["seconds"]),
+                          float(record.get("int8_weight_fraction", 1.0)), error=error)
+        else:
+            try:
+                content = self.convert(choices)
+                runner = TFLiteModel(content, num_threads=self.num_threads)
+                value = float(self.metric(self.y_eval, runner.predict(self.x_eval, batch_size=256)))
+                latency = None
+                if self.objective == "latency":
+                    latency = float(np.median(runner.latency_ms(self.x_eval[:1], warmup=5, runs=30)))
+                drop = self.drop_of(value)
+                trial = Trial(len(self.trials), choices, value, drop, len(content), latency,
+                              drop <= self.max_drop, time.perf_counter() - start, _int8_weight_fraction(content))
+            except (ValueError, RuntimeError) as err:
+                trial = Trial(len(self.trials), choices, float("nan"), float("inf"), 0, None, False,
+                              time.perf_counter() - start, 0.0, error=str(err).splitlines()[0][:300])
+            if self.log_path is not None:
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(("\n" if self.torn else "") + json.dumps(dict(trial.to_dict(),
+                                                                       fingerprint=self.fingerprint)) + "\n")
+                self.torn = False
+        self.trials.append(trial)
+        if self.verbose:
+            status = "error: " + trial.error if trial.error else ("meets target" if trial.met else "misses target")
+            print(f"[tune] trial {trial.index + 1}/{self.max_trials}: {self.metric_name}={trial.metric:.4f} "
+                  f"drop={trial.drop:.4f} size={trial.size:,} {status} {choices}", flush=True)
+        return trial
+
+    def cost(self, trial: Trial) -> float:
+        return trial.latency_ms if self.objective == "latency" and trial.latency_ms is not None else trial.size
+
+    def best(self) -> Trial:
+        ok = [t for t in self.trials if t.met]
+        if ok:
+            return min(ok, key=lambda t: (self.cost(t), t.drop, t.index))
+        valid = [t for t in self.trials if t.error is None]
+        return min(valid or self.trials, key=lambda t: (t.drop, self.cost(t), t.index))
+
+
+def _sensitivity(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
+    # Stage 1: global configurations, cheapest first.
+    globals_ = []
+    blocks = itertools.product(space["per_channel"], space["symmetric_activations"], space["calibration"])
+    for per_channel, symmetric, method in blocks:
+        # Per-batch medians only with the first (default: per-channel, asymmetric) weights and
+        # activations, so the per-tensor block and the later stages stay within the budget.
+        first_block = per_channel == space["per_channel"][0] and symmetric == space["symmetric_activations"][0]
+        percentiles = space["percentile"] if _takes(method, "percentile") else [None]
+        aggregates = space["batch_aggregate"] if _takes(method, "batch_aggregate") and first_block else [None]
+        for p, aggregate in itertools.product(percentiles, aggregates):
+            c = {"precision": "int8", "calibration": method, "per_channel": per_channel,
+                 "symmetric_activations": symmetric}
+            if p is not None:
+                c["percentile"] = p
+            if aggregate is not None:
+                c["batch_aggregate"] = aggregate
+            globals_.append(c)
+    # Per-channel, asymmetric first: what TFLite does best; then the rest.
+    for choices in globals_:
+        if not tuner.budget_left():
+            return
+        if tuner.run(choices).met:
+            return
+    # Stage 2: the methods beyond calibration on the best global configuration.
+    base = {k: v for k, v in tuner.best().choices.items() if k != "float_layers"}
+    if base.get("precision") == "int16x8":
+        return
+    for methods in _method_choices(space):
+        if not tuner.budget_left():
+            return
+        if tuner.run(dict(base, **methods)).met:
+            return
+    # Stage 3: float fallback, layer by layer, ranked by sensitivity.
+    gains = []
+    for name in candidates:
+        if not tuner.budget_left():
+            break
+        trial = tuner.run(dict(base, float_layers=[name]))
+        if trial.met:
+            return
+        gains.append((trial.drop, name))
+    ranked = [name for _, name in sorted(gains)]
+    chosen: list[str] = []
+    for name in ranked:
+        if not tuner.budget_left():
+            break
+        chosen.append(name)
+        if len(chosen) > 1 and tuner.run(dict(base, float_layers=list(chosen))).met:
+            return
+    # Stage 4: int16 activations when float fallback could not meet the target.
+    if "int16x8" in space["precision"] and tuner.budget_left():
+        tuner.run({"precision": "int16x8"})
+
+
+def _random_choices(rng: random.Random, space: dict, candidates: list[str]) -> dict:
+    precision = rng.choice(space["precision"])
+    if precision == "int16x8":
+        return {"precision": "int16x8"}  # the converter calibrates it: no other choice applies
+    c = {"precision": "int8", "calibration": rng.choice(space["calibration"]),
+         "per_channel": rng.choice(space["per_channel"]),
+         "symmetric_activations": rng.choice(space["symmetric_activations"])}
+    if _takes(c["calibration"], "percentile"):
+        c["percentile"] = rng.choice(space["percentile"])
+    if _takes(c["calibration"], "batch_aggregate"):
+        aggregate = rng.choice(space["batch_aggregate"])
+        if aggregate is not None:
+            c["batch_aggregate"] = aggregate
+    floats = sorted(n for n in candidates if rng.random() < 1.0 / max(2, len(candidates)))
+    if floats:
+        c["float_layers"] = floats
+    _random_methods(rng, space, c)
+    return c
+
+
+def _random_methods(rng: random.Random, space: dict, c: dict) -> None:
+    """Adds drawn method choices (only those off their plain first value) to ``c``."""
+    for key in _METHOD_KEYS:
+        values = space.get(key, [])
+        if len(values) > 1:
+            value = rng.choice(values)
+            if value != values[0]:
+                c[key] = value
+
+
+def _random(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
+    rng = random.Random(tuner.seed)
+    attempts = 0
+    while tuner.budget_left() and attempts < 20 * tuner.max_trials:
+        attempts += 1
+        tuner.run(_random_choices(rng, space, candidates))
+
+
+def _bayesian(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError("strategy='bayesian' needs Optuna: pip install optuna (or tfq[tune]).") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=tuner.seed)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+
+    def objective(trial):
+        precision = trial.suggest_categorical("precision", space["precision"])
+        c = {"precision": precision}
+        if precision == "int8":
+            c["per_channel"] = trial.suggest_categorical("per_channel", space["per_channel"])
+            c["calibration"] = trial.suggest_categorical("calibration", space["calibration"])
+            c["symmetric_activations"] = trial.suggest_categorical(
+                "symmetric_activations", space["symmetric_activations"])
+            if _takes(c["calibration"], "percentile"):
+                c["percentile"] = trial.suggest_categorical("percentile", space["percentile"])
+            if _takes(c["calibration"], "batch_aggregate"):
+                aggregate = trial.suggest_categorical("batch_aggregate", list(space["batch_aggregate"]))
+                if aggregate is not None:
+                    c["batch_aggregate"] = aggregate
+            floats = [n for n in candidates if trial.suggest_categorical(f"float:{n}", [False, True])]
+            if floats:
+                c["float_layers"] = floats
+            for key in _METHOD_KEYS:
+                values = list(space.get(key, []))
+                if len(values) > 1:
+                    value = trial.suggest_categorical(key, values)
+                    if value != values[0]:
+                        c[key] = value
+        result = tuner.run(c)
+        if result.error:
+            return 1e12
+        penalty = 0.0 if result.met else 1e9 * (1.0 + result.drop)
+        return penalty + tuner.cost(result)
+
+    while tuner.budget_left():
+        study.optimize(objective, n_trials=1)
+
+
+def tune(
+    model,
+    representative_data,
+    eval_data,
+    eval_labels=None,
+    *,
+    metric="accuracy",
+    max_drop: float = 0.01,
+    relative: bool = False,
+    objective: str = "size",
+    strategy: str = "sensitivity",
+    search_space: dict | None = None,
+    max_trials: int = 20,
+    timeout: float | None = None,
+    seed: int = 0,
+    output_dir=None,
+    num_threads: int | None = None,
+    num_calibration_samples: int | None = None,
+    verbose: bool = True,
+) -> TuneResult:
+    """Searches quantization choices for the best TFLite model within ``max_drop`` of float.
+
+    Args:
+        model: a Keras model (or path).
+        representative_data: calibration data (see :func:`tfq.representative_dataset`).
+        eval_data: evaluation inputs; or ``(x, y)`` when ``eval_labels`` is None.
+        eval_labels: evaluation labels.
+        metric: ``"accuracy"``, ``"top5"``, ``"mse"`` … or a callable ``f(y_true, y_pred) -> float``
+            (higher is better for callables).
+        max_drop: largest accepted drop of the metric vs the float Keras model.
+        relative: ``max_drop`` is relative to the float metric (0.01 = 1 %).
+        objective: ``"size"`` or ``"latency"`` (median batch-1 latency through the interpreter).
+        strategy: ``"sensitivity"``, ``"random"`` or ``"bayesian"`` (needs optuna).
+        search_space: overrides of :data:`DEFAULT_SEARCH_SPACE` keys; ``float_layers`` may list
+            the candidate layer names (default ``"auto"``: every weighted layer).
+        max_trials: trial budget.
+        timeout: seconds budget (checked between trials).
+        seed: seed for random/bayesian strategies.
+        output_dir: where ``trials.jsonl`` is appended (resume) — the result is not saved there
+            unless you call :meth:`TuneResult.save`.
+        num_threads: interpreter threads (None: one per CPU core this process may use).
+        num_calibration_samples: cap on calibration samples.
+        verbose: print one line per trial.
+
+    Returns:
+        :class:`TuneResult`. When no trial meets the target, ``result.met`` is False and the best
+        trial found is returned — not an error.
+
+    Example:
+        >>> result = tfq.tune(model, x_train[:300], x_val, y_val, max_drop=0.005)   # doctest: +SKIP
+        >>> result.save("tuned/")                                                     # doctest: +SKIP
+    """
+    import tfq
+    from tfq.core.representative import representative_dataset
+    from tfq.models.interop import load_keras_model
+
+    if output_dir is not None:
+        check_writable_dir(output_dir, "output_dir")
+    model = load_keras_model(model)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}. Received: strategy={strategy!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}. Received: objective={objective!r}")
+    if not (isinstance(max_drop, (int, float)) and max_drop >= 0):
+        raise ValueError(f"max_drop must be a number >= 0. Received: max_drop={max_drop!r}")
+    if not (isinstance(max_trials, int) and max_trials >= 1):
+        raise ValueError(f"max_trials must be an int >= 1. Received: max_trials={max_trials!r}")
+    if eval_labels is None:
+        if not (isinstance(eval_data, (tuple, list)) and len(eval_data) == 2):
+            raise ValueError("eval_labels is None: pass eval_data=(x, y) or eval_labels=y.")
+        eval_data, eval_labels = eval_data
+    x_eval, y_eval = np.asarray(eval_data), np.asarray(eval_labels)
+    if len(x_eval) != len(y_eval):
+        raise ValueError(f"eval_labels has {len(y_eval)} rows but eval_data has {len(x_eval)} samples; they must match.")
+    if num_threads is None:
+        num_threads = available_cores()
+    space = dict(DEFAULT_SEARCH_SPACE)
+    for key, value in (search_space or {}).items():
+        if key not in DEFAULT_SEARCH_SPACE:
+            raise ValueError(f"unknown search_space key {key!r}; allowed: {sorted(DEFAULT_SEARCH_SPACE)}")
+        space[key] = value
+    _check_method_space(space)
+    for method in space["calibration"]:
+        get_calibration_method(method, "search_space['calibration'] value")
+    tunable = _integer_modes()
+    for precision in space["precision"]:
+        if precision not in tunable:
+            raise ValueError(f"search_space['precision'] values must be among {tunable}. Received: {precision!r}")
+    weighted = _weighted_layer_names(model)
+    candidates = weighted if space["float_layers"] == "auto" else list(space["float_layers"])
+    unknown = [n for n in candidates if n not in weighted]
+    if unknown:
+        raise ValueError(f"search_space float_layers names {unknown} are not weighted layers of the model; "
+                         f"choose from {weighted}")
+    rep = representative_dataset(representative_data, num_calibration_samples, model=model)
+    tuner = _Tuner(model, rep, x_eval, y_eval, metric, max_drop, relative, objective, output_dir, max_trials,
+                   timeout, seed, num_threads, num_calibration_samples, verbose)
+    {"sensitivity": _sensitivity, "random": _random, "bayesian": _bayesian}[strategy](tuner, space, candidates)
+    if not tuner.trials:
+        raise ValueError("no trial ran: max_trials/timeout left no budget.")
+    best = tuner.best()
+    if best.error is not None:
+        raise ValueError(f"every trial failed; the first error: {best.error}")
+    content = tuner.convert(best.choices)
+    recipe = _recipe_for(best.choices, seed, num_calibration_samples)
+    report = tfq.evaluate({"keras_float": model, "tuned": content}, x_eval, y_eval, reference="keras_float",
+                          latency=objective == "latency", num_threads=num_threads)
+    return TuneResult(tflite=content, recipe=recipe, trials=tuner.trials, best=best, met=best.met,
+                      baseline=tuner.baseline, max_drop=max_drop, metric_name=tuner.metric_name, report=report,
+                      settings={"strategy": strategy, "objective": objective, "seed": seed, "relative": relative})

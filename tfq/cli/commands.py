@@ -1,0 +1,252 @@
+"""The ``tfq`` command: a thin absl layer over the library.
+
+Usage::
+
+    tfq quickstart [--output_dir=tfq_quickstart]
+    tfq convert --model=m.keras --mode=int8 --data=calib.npz --calibration=kl --output=m.tflite
+    tfq convert --model=m.keras --mode=int8 --data_free=on --equalize --bias_correction=analytical --output=m.tflite
+    tfq evaluate --model=float.keras --tflite=a.tflite,b.tflite --data=test.npz
+    tfq inspect --tflite=m.tflite [--explain [--data=samples.npz]]
+    tfq tune --model=m.keras --data=calib.npz --eval_data=val.npz --max_drop=0.005 --output_dir=out
+
+``.npz`` files hold ``x`` (inputs) and optionally ``y`` (labels).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+from absl import app, flags
+
+from tfq.cli.flags import UsageError, help_requested, load_npz, print_help, quiet_logs
+from tfq.core.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names
+from tfq.core.export_modes import export_mode_names, io_dtype_names
+
+__all__ = ["main", "run", "COMMANDS"]
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", None, "Keras model: .keras/.h5 file or SavedModel directory.")
+flags.DEFINE_string("mode", "int8", f"Export mode: {', '.join(export_mode_names())}.")
+flags.DEFINE_string("data", None, ".npz with 'x' (and optionally 'y'): calibration data, or test data for evaluate.")
+flags.DEFINE_string("eval_data", None, ".npz with 'x' and 'y': evaluation data for tune.")
+flags.DEFINE_string("calibration", DEFAULT_CALIBRATION, f"Calibration: {', '.join(calibration_method_names())} "
+                    f"({DEFAULT_CALIBRATION}: MinMax, samples far outside the rest set aside).")
+flags.DEFINE_float("percentile", None, "Percentile for --calibration=percentile (e.g. 99.99).")
+flags.DEFINE_string("recipe", None, "Recipe preset name or .yaml/.json file (overrides --mode etc.).")
+flags.DEFINE_string("io_dtype", "float32", f"Model input/output type: {', '.join(io_dtype_names())}.")
+flags.DEFINE_list("float_layers", [], "Comma-separated layer names/regexes kept float.")
+flags.DEFINE_boolean("per_channel", True, "Per-channel conv weight scales.")
+flags.DEFINE_integer("num_samples", None, "Cap on calibration samples.")
+flags.DEFINE_string("output", None, "Output .tflite path (convert).")
+flags.DEFINE_string("output_dir", None, "Output directory (quickstart, tune).")
+flags.DEFINE_list("tflite", [], "Comma-separated .tflite files (evaluate, inspect).")
+flags.DEFINE_integer("num_threads", None, "Interpreter threads (default: one per CPU core).")
+flags.DEFINE_integer("max_samples", None, "Cap on evaluation samples.")
+flags.DEFINE_float("max_drop", 0.01, "Tune: largest accepted metric drop vs float.")
+flags.DEFINE_string("objective", "size", "Tune: size or latency.")
+flags.DEFINE_string("strategy", "sensitivity", "Tune: sensitivity, random or bayesian.")
+flags.DEFINE_integer("max_trials", 20, "Tune: trial budget.")
+flags.DEFINE_integer("epochs", 10, "Quickstart: float training epochs.")
+flags.DEFINE_integer("qat_epochs", 2, "Quickstart: QAT fine-tuning epochs.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_boolean("quiet", False, "Less output.")
+flags.DEFINE_boolean("explain", False, "Inspect: print each op's integer arithmetic (scales, M0·2^-n, "
+                     "int32 accumulator bounds; with --data, observed accumulators and saturation).")
+flags.DEFINE_boolean("equalize", None, "Convert: cross-layer equalization and high-bias absorption first.")
+flags.DEFINE_string("bias_correction", None, "Convert: bias correction: off, on, empirical or analytical.")
+flags.DEFINE_string("weight_rounding", None, "Convert: nearest, adaround or gptq.")
+flags.DEFINE_string("data_free", None, "Convert: off, on, synthetic or bn_statistics (no --data).")
+
+COMMANDS = ("quickstart", "convert", "evaluate", "inspect", "tune")
+
+_SWITCH = {"off": False, "false": False, "no": False, "on": True, "true": True, "yes": True}
+
+
+def _switch(value):
+    """A flag that is on/off or a method name: "on"/"off" become True/False; None stays None."""
+    if value is None:
+        return None
+    return _SWITCH.get(value.lower(), value)
+
+
+def model_keys(paths) -> list[str]:
+    """Report names for model files, one per file and all distinct.
+
+    A file is named by its stem; files sharing a stem (``m.keras`` and ``m.tflite``) by their file
+    name; files sharing a name in different folders by their path as given; the same path given
+    twice gets `` #2``, `` #3`` …, so no file is dropped and no model is compared with itself
+    under another's name.
+
+    Example:
+        >>> model_keys(["m.keras", "m.tflite", "a/q.tflite", "b/q.tflite", "x.tflite"])
+        ['m.keras', 'm.tflite', 'a/q.tflite', 'b/q.tflite', 'x']
+    """
+    paths = [Path(p) for p in paths]
+    keys = [p.stem for p in paths]
+    for wider in (lambda p: p.name, lambda p: str(p)):
+        counts = collections.Counter(keys)
+        keys = [wider(p) if counts[k] > 1 else k for p, k in zip(paths, keys)]
+    seen: collections.Counter = collections.Counter()
+    unique = []
+    for key in keys:
+        seen[key] += 1
+        unique.append(key if seen[key] == 1 else f"{key} #{seen[key]}")
+    return unique
+
+
+def _convert() -> int:
+    import tfq
+    from tfq.core.fileio import check_writable
+
+    if not FLAGS.model:
+        raise UsageError("--model is required (a .keras file or SavedModel directory).")
+    if not FLAGS.output:
+        raise UsageError("--output is required (where to write the .tflite).")
+    check_writable(FLAGS.output, "--output")
+    data = load_npz(FLAGS.data, "data")[0] if FLAGS.data else None
+    params = {"percentile": FLAGS.percentile} if FLAGS.percentile is not None else None
+    content = tfq.convert(
+        FLAGS.model, None if FLAGS.recipe else FLAGS.mode, data, recipe=FLAGS.recipe,
+        calibration=FLAGS.calibration, per_channel=FLAGS.per_channel, io_dtype=FLAGS.io_dtype,
+        float_layers=FLAGS.float_layers, num_calibration_samples=FLAGS.num_samples, output=FLAGS.output,
+        calibration_params=params, verbose=not FLAGS.quiet, equalize=FLAGS.equalize,
+        bias_correction=_switch(FLAGS.bias_correction), weight_rounding=FLAGS.weight_rounding,
+        data_free=_switch(FLAGS.data_free),
+    )
+    info = tfq.inspect_tflite(content)
+    print(f"wrote {FLAGS.output}: {len(content):,} bytes, {len(info.ops)} ops, {info.num_float_ops} float ops, "
+          f"inputs {info.input_dtypes}")
+    return 0
+
+
+def _evaluate() -> int:
+    import tfq
+
+    if not FLAGS.model and not FLAGS.tflite:
+        raise UsageError("give --model and/or --tflite=a.tflite,b.tflite to evaluate.")
+    if FLAGS.output:
+        from tfq.core.fileio import check_writable
+
+        check_writable(FLAGS.output, "--output")
+    x, y = load_npz(FLAGS.data, "data")
+    paths = ([FLAGS.model] if FLAGS.model else []) + list(FLAGS.tflite)
+    models = {}
+    for i, (key, path) in enumerate(zip(model_keys(paths), paths)):
+        if i == 0 and FLAGS.model:
+            from tfq.models.interop import load_keras_model
+
+            models[key] = load_keras_model(path, where="--model")
+        else:
+            models[key] = path
+    report = tfq.evaluate(models, x, y, num_threads=FLAGS.num_threads, max_samples=FLAGS.max_samples)
+    print(report.to_markdown())
+    if FLAGS.output:
+        report.to_json(FLAGS.output)
+    return 0
+
+
+def _inspect() -> int:
+    import tfq
+
+    if not FLAGS.tflite:
+        raise UsageError("--tflite=model.tflite is required.")
+    if FLAGS.data and not FLAGS.explain:
+        raise UsageError("inspect reads --data only with --explain (to observe accumulators and saturation).")
+    data = load_npz(FLAGS.data, "data")[0] if FLAGS.explain and FLAGS.data else None
+    for path in FLAGS.tflite:
+        print(f"# {path}")
+        print(tfq.inspect_tflite(path).summary())
+        if FLAGS.explain:
+            from tfq.reference import explain_table
+
+            print(explain_table(path, inputs=data))
+    return 0
+
+
+def _quickstart() -> int:
+    from tfq.core.fileio import check_writable_dir
+    from tfq.cli.quickstart import run_quickstart
+
+    check_writable_dir(FLAGS.output_dir or "tfq_quickstart", "--output_dir")
+    report = run_quickstart(output_dir=FLAGS.output_dir or "tfq_quickstart", epochs=FLAGS.epochs,
+                            qat_epochs=FLAGS.qat_epochs, seed=FLAGS.seed, verbose=not FLAGS.quiet)
+    print(report.to_markdown())
+    return 0
+
+
+def _tune() -> int:
+    import tfq
+
+    if not FLAGS.model:
+        raise UsageError("--model is required.")
+    if FLAGS.output_dir:
+        from tfq.core.fileio import check_writable_dir
+
+        check_writable_dir(FLAGS.output_dir, "--output_dir")
+    x_cal, _ = load_npz(FLAGS.data, "data")
+    x_val, y_val = load_npz(FLAGS.eval_data, "eval_data", need_labels=True)
+    result = tfq.tune(FLAGS.model, x_cal, x_val, y_val, max_drop=FLAGS.max_drop, objective=FLAGS.objective,
+                      strategy=FLAGS.strategy, max_trials=FLAGS.max_trials, seed=FLAGS.seed,
+                      output_dir=FLAGS.output_dir, verbose=not FLAGS.quiet)
+    print(result.summary())
+    if FLAGS.output_dir:
+        result.save(FLAGS.output_dir)
+    return 0 if result.met else 1
+
+
+_HANDLERS = {"quickstart": _quickstart, "convert": _convert, "evaluate": _evaluate, "inspect": _inspect,
+             "tune": _tune}
+
+
+def main(argv) -> int:
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        got = argv[1] if len(argv) > 1 else "nothing"
+        print(f"tfq: expected a command, one of {', '.join(COMMANDS)}; received {got!r}. "
+              f"Run 'tfq --help' for the flags.", file=sys.stderr)
+        return 2
+    if len(argv) > 2:
+        print(f"tfq: unexpected arguments {argv[2:]}; flags take the form --name=value.", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_logs()
+    try:
+        return _HANDLERS[argv[1]]()
+    except (ValueError, TypeError, LookupError, ImportError, zipfile.BadZipFile, OSError) as err:
+        # Bad input (values, files, archives): status 2. An I/O failure while working: status 1.
+        status = 1 if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) else 2
+        print(f"tfq {argv[1]}: {_one_line(err)}", file=sys.stderr)
+        return status
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (an OSError as its strerror and file name)."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
+        text = f"{err.strerror}: {err.filename!r}" if err.filename else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 600 else text[:599] + "…"
+
+
+def run_command(command: str | None = None, doc: str | None = None) -> None:
+    """Entry point for ``tfq`` (``command=None``) and the scripts that wrap one command."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if help_requested():
+        print_help(doc or __doc__, __name__)
+        sys.exit(0)
+    prefix = [command] if command else []
+    app.run(lambda argv: sys.exit(main([argv[0], *prefix, *argv[1:]])))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    run_command()
+
+
+if __name__ == "__main__":
+    run()

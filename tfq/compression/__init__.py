@@ -1,0 +1,1 @@
+"""Compression: magnitude pruning, weight clustering (sharing `common`'s layer walk), and distillation."""

@@ -1,0 +1,2 @@
+"""Export: the `tfq.convert` facade (every mode, tfq's ranges baked into fake-quant nodes) and the
+converter built from one traced graph."""

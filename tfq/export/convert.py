@@ -1,0 +1,664 @@
+"""Keras model → TFLite, in every mode, with tfq's calibration deciding INT8 ranges.
+
+INT8 export rewrites the model (:func:`tfq.quantsim.rewrite.rewrite_model`), calibrates it, fixes
+every fake-quant range and hands the graph to the TFLite converter, which turns the fake-quant
+ranges into the tensors' scales: the ranges tfq chose are the ones in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+import keras
+
+from tfq.ptq.calibration import Calibration, calibrate
+from tfq.core.calibration_methods import DEFAULT_CALIBRATION
+from tfq.core.export_modes import ExportMode, get_export_mode
+from tfq.core.fileio import atomic_write_bytes, check_writable
+from tfq.models.interop import load_keras_model
+from tfq.core.messages import short_repr
+from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
+from tfq.core.recipes import Recipe, TensorSpec, load_recipe
+from tfq.tflite.converter import ConversionError, run_converter
+
+__all__ = ["convert", "ConversionError", "fake_quantize"]
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def _keras_converter(model: keras.Model):
+    tf = _tf()
+    if isinstance(model, SavedModelPath):
+        return tf.lite.TFLiteConverter.from_saved_model(str(model))
+    return tf.lite.TFLiteConverter.from_keras_model(_with_list_inputs(model))
+
+
+def _with_list_inputs(model: keras.Model) -> keras.Model:
+    """A model built on a dict of inputs (keras-hub backbones), taking them as a list instead.
+
+    The converter traces a Functional model with its inputs as a list, which such a model
+    refuses; the wrapper's inputs keep the dict's names (the ``.tflite`` signature's input names)
+    in ``model.inputs`` order, so representative data in that order fits it.
+    """
+    if not isinstance(model, keras.Model) or isinstance(model, keras.Sequential):
+        return model  # a Sequential model has one input (and no .input until called in Keras 3)
+    structure = model.input
+    if not isinstance(structure, dict):
+        return model
+    names = sorted(structure)
+    inputs = [keras.Input(batch_shape=structure[k].shape, dtype=structure[k].dtype, name=k) for k in names]
+    return keras.Model(inputs, model(dict(zip(names, inputs))), name=model.name)
+
+
+def _float_layer_patterns(float_layers) -> list[str]:
+    """``float_layers`` as recipe patterns: a bare string is one pattern; names/regexes stay; classes become
+    ``class:Name``."""
+    if isinstance(float_layers, str):
+        return [float_layers]
+    if isinstance(float_layers, type):
+        float_layers = [float_layers]
+    if not isinstance(float_layers, (list, tuple, set, frozenset)):
+        raise TypeError(f"float_layers must be a list of layer names, regexes or layer classes (or one name). "
+                        f"Received: float_layers={short_repr(float_layers)}")
+    out = []
+    for item in float_layers:
+        if isinstance(item, type):
+            out.append(f"class:{item.__name__}")
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            raise TypeError(f"float_layers items are names, regexes or layer classes. Received: {short_repr(item)}")
+    return out
+
+
+def _check_keywords(calibration, calibration_params, per_channel, verbose, output) -> None:
+    """Types of the keyword options, checked before any work (one line each)."""
+    if not isinstance(calibration, (str, Calibration)):
+        raise TypeError(f"calibration must be a method name (e.g. 'kl') or a tfq.Calibration from tfq.calibrate. "
+                        f"Received: calibration={short_repr(calibration)} ({type(calibration).__name__})")
+    if calibration_params is not None and not isinstance(calibration_params, Mapping):
+        raise TypeError(f"calibration_params must be a dict of method parameters (e.g. {{'percentile': 99.9}}) or "
+                        f"None. Received: calibration_params={short_repr(calibration_params)}")
+    if isinstance(calibration, Calibration) and calibration_params:
+        raise ValueError(f"calibration_params={dict(calibration_params)!r} set how tfq calibrates, but calibration is "
+                         f"a tfq.Calibration whose ranges are chosen already: drop calibration_params, or pass "
+                         f"calibration={calibration.method!r} to calibrate again.")
+    for name, value in (("per_channel", per_channel), ("verbose", verbose)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False. Received: {name}={short_repr(value)}")
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise TypeError(f"output must be a file path or None. Received: output={short_repr(output)}")
+
+
+def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples,
+                  methods=None, calibration_params=None) -> Recipe:
+    """The recipe of a conversion: the recipe given (keyword options that differ from it are refused,
+    ``float_layers`` added, ``calibration_params`` merged, ``num_calibration_samples`` and the
+    ``methods`` given replace its values), or one built from the keyword options."""
+    methods = {k: v for k, v in (methods or {}).items() if v is not None}
+    method = calibration if isinstance(calibration, str) else None
+    if method is not None:
+        from tfq.core.calibration_methods import get_calibration_method
+
+        get_calibration_method(method)  # a one-line error naming the registered methods
+    patterns = _float_layer_patterns(float_layers)
+    if recipe is not None:
+        r = load_recipe(recipe)
+        for name, given, default, theirs in (
+            ("mode", mode, None, r.mode),
+            ("calibration", method, DEFAULT_CALIBRATION, r.calibration),
+            ("io_dtype", io_dtype, "float32", r.io_dtype),
+        ):
+            if given is not None and given != default and given != theirs:
+                raise ValueError(f"{name}={given!r} conflicts with the recipe's {name} {theirs!r}. Pass one of them "
+                                 f"(e.g. recipe.replace({name}={given!r})).")
+        if per_channel is False and r.weights.is_integer and r.weights.per_channel:
+            raise ValueError("per_channel=False conflicts with the recipe's per-channel weights. Pass one of them "
+                             "(e.g. a recipe with weights=TensorSpec(per_channel=False)).")
+        changes = dict(methods)
+        if patterns:
+            changes["float_layers"] = tuple(r.float_layers) + tuple(patterns)
+        if calibration_params:
+            changes["calibration_params"] = {**r.calibration_params, **calibration_params}
+        if num_calibration_samples is not None:
+            changes["num_calibration_samples"] = num_calibration_samples
+        return r.replace(**changes) if changes else r
+    entry = get_export_mode(mode)
+    weights = None
+    if not per_channel:
+        if not TensorSpec(**entry.default_weights).is_integer:
+            raise ValueError(entry.refusal("per_channel", "False"))
+        weights = TensorSpec(**dict(entry.default_weights, per_channel=False))
+    return Recipe(mode=mode, weights=weights, calibration=method or DEFAULT_CALIBRATION,
+                  calibration_params=dict(calibration_params or {}), io_dtype=io_dtype,
+                  float_layers=tuple(patterns), num_calibration_samples=num_calibration_samples, **methods)
+
+
+def _describe(value) -> str:
+    """A short description of an option's value for error messages (data is not printed)."""
+    if isinstance(value, Calibration):
+        return f"<tfq.Calibration ({value.method}, {len(value)} ranges)>"
+    if not isinstance(value, (str, int, float, bool, type(None), list, tuple, dict, TensorSpec)):
+        return short_repr(value) if hasattr(value, "shape") else f"<{type(value).__name__}>"
+    return short_repr(value)
+
+
+def _options_set(r: Recipe, data, calibration) -> dict:
+    """The :data:`tfq.core.export_modes.CONVERT_OPTIONS` a conversion asks for, with their values."""
+    entry = get_export_mode(r.mode)
+    options = {}
+    if data is not None:
+        options["representative_data"] = data
+    if isinstance(calibration, Calibration):
+        options["calibration"] = calibration
+    elif r.calibration != DEFAULT_CALIBRATION:
+        options["calibration"] = r.calibration
+    if r.calibration_params:
+        options["calibration_params"] = dict(r.calibration_params)
+    if r.num_calibration_samples is not None:
+        options["num_calibration_samples"] = r.num_calibration_samples
+    default_weights = TensorSpec(**entry.default_weights)
+    if r.weights != default_weights:
+        if r.weights == TensorSpec(**dict(entry.default_weights, per_channel=False)):
+            options["per_channel"] = False
+        else:
+            options["weights"] = r.weights
+    if r.activations != TensorSpec(**entry.default_activations):
+        options["activations"] = r.activations
+    if r.overrides:
+        options["overrides"] = [o.pattern for o in r.overrides]
+    if r.float_layers:
+        options["float_layers"] = list(r.float_layers)
+    for name in ("equalize", "bias_correction", "weight_rounding", "data_free"):
+        value = getattr(r, name)
+        if value not in (False, "nearest"):
+            options[name] = value
+    return options
+
+
+def _refuse_unhonoured(options: dict, honours, message) -> None:
+    for name, value in options.items():
+        if name not in honours:
+            raise ValueError(message(name, _describe(value)))
+
+
+def _check_options(model, r: Recipe, data, calibration) -> None:
+    """Every option is honoured by the mode and by the model's route, or refused in one line naming it."""
+    entry: ExportMode = get_export_mode(r.mode)
+    options = _options_set(r, data, calibration)
+    if not entry.tfq_ranges or isinstance(model, SavedModelPath):
+        # The converter calibrates by MinMax: "minmax" is what it does, and the default's outlier test runs on
+        # the inputs (_screened_inputs), so both are honoured.
+        if options.get("calibration") == "minmax":
+            del options["calibration"]
+    _refuse_unhonoured(options, entry.honours, lambda name, value: entry.refusal(name, value))
+    if isinstance(model, SavedModelPath):
+        honours = {"representative_data", "num_calibration_samples"}
+        _refuse_unhonoured(options, honours, lambda name, value: (
+            f"{name}={value} needs a Keras model that tfq can rewrite; {str(model)!r} is a SavedModel, which the "
+            f"TFLite converter converts alone (MinMax calibration). Pass the .keras file, or drop {name}."))
+    elif is_quantized_model(model):
+        needs_calibration = _qat_needs_calibration(model)
+        honours = {"representative_data", "num_calibration_samples", "equalize", "bias_correction",
+                   "weight_rounding", "data_free"}
+        if needs_calibration:
+            honours |= {"calibration", "calibration_params"}
+        _refuse_unhonoured(options, honours, lambda name, value: (
+            f"{name}={value} does not apply to model {model.name!r}: it is a tfq QAT model, whose quantizers "
+            f"(which layers, per-channel or not, trained ranges) are fixed. Pass it to tfq.qat.quantize_model "
+            f"(recipe=...) before training, or drop {name}."))
+
+
+def _qat_needs_calibration(qmodel) -> bool:
+    """Whether some quantizer of a tfq QAT model never saw data (its range is still to calibrate)."""
+    from tfq.quantsim.rewrite import quantizers_of
+
+    return any(q.mode != "fixed" and float(keras.ops.convert_to_numpy(q.initialized)) < 0.5
+               for q in quantizers_of(qmodel).values())
+
+
+def _check_methods(model, r: Recipe, data, calibration, report=None) -> None:
+    """Refuses, in one line, the methods beyond calibration where they cannot apply."""
+    from tfq.ptq.pipeline import MethodsReport, uses_methods
+
+    if report is not None and not isinstance(report, MethodsReport):
+        raise TypeError(f"report must be a tfq.MethodsReport (or None). Received: {type(report).__name__}")
+    on = uses_methods(r)
+    if not on:
+        return
+    names = ", ".join(on)
+    if isinstance(model, SavedModelPath):
+        raise ValueError(f"{names} need a Keras model that tfq can rewrite; {str(model)!r} is a SavedModel. "
+                         f"Pass the .keras file.")
+    if is_quantized_model(model):
+        raise ValueError(f"{names} apply to a float model, and {model.name!r} is already a tfq QAT model. Apply them "
+                         f"before QAT (e.g. tfq.qat.quantize_model(tfq.equalize(model))) or convert without them.")
+    if r.data_free_method and data is not None:
+        raise ValueError("data_free takes activation ranges without data, so it excludes representative_data. "
+                         "Pass representative_data=None, or data_free=False to calibrate on your data.")
+    if isinstance(calibration, Calibration) and (r.equalize or r.data_free_method):
+        raise ValueError(f"{'equalize' if r.equalize else 'data_free'} chooses the ranges itself, so it cannot use a "
+                         f"precomputed calibration. Pass calibration as a method name, or calibrate the equalized "
+                         f"model (tfq.calibrate(tfq.equalize(model), ...)) and convert that.")
+
+
+def convert(
+    model,
+    mode: str | None = "int8",
+    representative_data=None,
+    *,
+    recipe=None,
+    calibration=DEFAULT_CALIBRATION,
+    per_channel: bool = True,
+    io_dtype: str = "float32",
+    float_layers=(),
+    num_calibration_samples: int | None = None,
+    output=None,
+    calibration_params: dict | None = None,
+    verbose: bool = False,
+    equalize: bool | None = None,
+    bias_correction: bool | str | None = None,
+    weight_rounding: str | None = None,
+    data_free: bool | str | None = None,
+    report=None,
+) -> bytes:
+    """Converts a Keras model to TFLite.
+
+    Every option is honoured or refused with one line naming it: each mode honours the options
+    :mod:`tfq.core.export_modes` lists for it (``"int8"`` all of them; ``"int16x8"``, whose ranges
+    the TFLite converter chooses itself, only representative data, ``num_calibration_samples``,
+    ``equalize`` and ``data_free``; ``"float"``/``"fp16"``/``"dynamic"`` none), a SavedModel only
+    representative data (the converter converts it alone), a tfq QAT model no layer choices.
+
+    Args:
+        model: a Keras 3 or tf_keras model, a tfq QAT model, or a path to ``.keras``/SavedModel.
+        mode: ``"float"``, ``"dynamic"`` (int8 weights, float activations), ``"fp16"``,
+            ``"int8"`` (full integer) or ``"int16x8"`` (or a registered mode). May be None when
+            ``recipe`` is given.
+        representative_data: calibration data for ``"int8"``/``"int16x8"`` (arrays, dict,
+            ``tf.data.Dataset`` or callable). Not needed for a trained QAT model.
+        recipe: a :class:`~tfq.core.recipes.Recipe`, preset name or file. Keyword choices that differ
+            from it (``mode``, ``calibration``, ``io_dtype``, ``per_channel=False``) are refused;
+            ``float_layers`` are added to its own, ``calibration_params`` merged into its own,
+            ``num_calibration_samples`` and the methods below replace its values.
+        calibration: a method name (or a registered one) or a :class:`~tfq.Calibration` from
+            :func:`tfq.calibrate`. The default, ``"robust_minmax"``, takes each range by MinMax over
+            the calibration samples, setting aside (with a warning naming them) the samples far
+            outside the rest (:mod:`tfq.numerics.outliers`); the rest of the conversion does not see them
+            either. ``"minmax"`` keeps every sample; ``"moving_average"``, ``"kl"``,
+            ``"percentile"``, ``"mse"`` choose ranges from averages or histograms. Every method warns
+            about such samples.
+        per_channel: per-output-channel weight scales for convolutions.
+        io_dtype: model input/output type: ``"float32"``, ``"int8"``, ``"uint8"`` (int8 mode) or
+            ``"int16"`` (int16x8 mode).
+        float_layers: layer names, regexes (``re.fullmatch``) or classes kept float inside an INT8
+            model; a single string is one pattern. A pattern that matches no layer is an error
+            naming the nearest layer names.
+        num_calibration_samples: cap on calibration samples.
+        output: if given, the model is also written there atomically (checked writable first).
+        calibration_params: method parameters (e.g. ``{"percentile": 99.9}``), validated.
+        verbose: show calibration progress.
+        equalize: cross-layer equalization and high-bias absorption first (:func:`tfq.equalize`);
+            int8/int16x8.
+        bias_correction: correct each layer's mean output shift from weight quantization:
+            ``"empirical"`` (calibration data), ``"analytical"`` (BatchNorm statistics) or True
+            (empirical; analytical with ``data_free``); int8.
+        weight_rounding: ``"nearest"``, ``"adaround"`` or ``"gptq"``: each weight's integer
+            learned on the calibration data, written as is into the ``.tflite``; int8.
+        data_free: ranges without calibration data, from BatchNorm statistics: True /
+            ``"synthetic"`` (ZeroQ-style synthetic inputs) or ``"bn_statistics"``; pass
+            ``representative_data=None``. int8/int16x8.
+            These four default to the recipe's values (off); given here, they replace them. They
+            are refused for float/fp16/dynamic modes, SavedModels, tfq QAT and tfmot models.
+        report: a :class:`tfq.MethodsReport` to fill in with what those methods did
+            (seconds per method, the integers chosen per layer, the bias shifts).
+
+    Returns:
+        The ``.tflite`` flatbuffer bytes. Same inputs give the same bytes.
+
+    Raises:
+        ValueError: bad mode/io_dtype/calibration, an option the mode or model cannot honour,
+            missing data, data that does not fit the model, a float_layers pattern matching no layer,
+            an output path that cannot be written.
+        ConversionError: the converter refused an op (the message names it and the fix).
+        TypeError: an option of the wrong type (e.g. ``calibration=None``).
+        FileNotFoundError: a model path that does not exist.
+
+    Example:
+        >>> tflite = tfq.convert(model, "int8", x_train[:300], calibration="kl")   # doctest: +SKIP
+        >>> tflite = tfq.convert(model, "int8", None, data_free=True, equalize=True,
+        ...                      bias_correction="analytical")                    # doctest: +SKIP
+    """
+    methods = dict(equalize=equalize, bias_correction=bias_correction, weight_rounding=weight_rounding,
+                   data_free=data_free)
+    _check_keywords(calibration, calibration_params, per_channel, verbose, output)
+    if recipe is None:
+        get_export_mode(mode)  # before loading anything
+    if output is not None:
+        check_writable(output, "output")
+    model = load_keras_model(model, saved_model=True, tfmot=True)
+    if is_tf_keras_model(model):  # a tfmot QAT model: tfmot's own fake-quant ops carry the ranges
+        from tfq.models.interop import convert_tfmot_model
+
+        r = _build_recipe(mode if mode is not None else "int8", recipe, calibration, per_channel, io_dtype,
+                          float_layers, num_calibration_samples, methods, calibration_params)
+        given = sorted(_options_set(r, representative_data, calibration))
+        if recipe is not None or given:
+            raise ValueError(
+                f"model {model.name!r} is a tfmot QAT model: its ranges come from tfmot's fake-quant ops, "
+                f"so {', '.join((['recipe'] if recipe is not None else []) + given)} do(es) not apply. "
+                f"Pass mode='int8' and io_dtype only."
+            )
+        content = convert_tfmot_model(model, r.mode, r.io_dtype)
+        if output is not None:
+            atomic_write_bytes(output, content)
+        return content
+    from tfq.compression.common import strip_all
+
+    model = strip_all(model)  # pruning/clustering wrappers: convert the weights they compute with
+    r = _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples, methods,
+                      calibration_params)
+    _check_methods(model, r, representative_data, calibration, report)
+    _check_options(model, r, representative_data, calibration)
+    params = dict(r.calibration_params)
+    entry = get_export_mode(r.mode)
+    if entry.tfq_ranges:
+        content = _convert_int8(model, r, representative_data, calibration, params, verbose, report)
+    elif entry.needs_data:
+        content = _convert_with_converter_calibration(model, r, representative_data, report)
+    else:
+        content = _convert_float_family(model, r)
+    if output is not None:
+        atomic_write_bytes(output, content)
+    return content
+
+
+def fake_quantize(
+    model,
+    mode: str | None = "int8",
+    representative_data=None,
+    *,
+    recipe=None,
+    calibration=DEFAULT_CALIBRATION,
+    per_channel: bool = True,
+    float_layers=(),
+    num_calibration_samples: int | None = None,
+    calibration_params: dict | None = None,
+    verbose: bool = False,
+    equalize: bool | None = None,
+    bias_correction: bool | str | None = None,
+    weight_rounding: str | None = None,
+    data_free: bool | str | None = None,
+    report=None,
+) -> keras.Model:
+    """The fake-quant Keras model that :func:`convert` hands to the TFLite converter, for simulation.
+
+    Same arguments as :func:`convert` (int8 and int16x8 recipes). The model computes in float with
+    every quantization simulated (weights on their integer grid, activations on their ranges), so
+    it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 4-bit weights) —
+    with the same calibration, equalization, learned rounding and bias correction as the export.
+    In int16x8 mode it simulates tfq's own ranges (every option applies), which the exported
+    int16x8 model does not use (the converter calibrates it).
+
+    Returns:
+        A new ``keras.Model`` with fixed ranges (the caller's model is untouched).
+
+    Example:
+        >>> w4a8 = tfq.Recipe(weights=tfq.TensorSpec(bits=4), allow_non_tflite=True, weight_rounding="adaround")
+        >>> sim = tfq.fake_quantize(model, recipe=w4a8, representative_data=x_train[:256])   # doctest: +SKIP
+        >>> sim.predict(x_test)                                                              # doctest: +SKIP
+    """
+    methods = dict(equalize=equalize, bias_correction=bias_correction, weight_rounding=weight_rounding,
+                   data_free=data_free)
+    _check_keywords(calibration, calibration_params, per_channel, verbose, None)
+    model = load_keras_model(model)
+    r = _build_recipe(mode, recipe, calibration, per_channel, "float32", float_layers, num_calibration_samples,
+                      methods, calibration_params)
+    if not TensorSpec(**get_export_mode(r.mode).default_activations).is_integer:
+        raise ValueError(f"fake_quantize simulates integer models: mode must be 'int8' or 'int16x8'. "
+                         f"Received: mode={r.mode!r}")
+    _check_methods(model, r, representative_data, calibration, report)
+    return _frozen_int8_model(model, r, representative_data, calibration, dict(r.calibration_params), verbose,
+                              report)
+
+
+def _strip_quantization(model):
+    """The float model under a tfq QAT model: float/fp16/dynamic export of a QAT model."""
+    from tfq.quantsim.rewrite import freeze_model, quantizers_of
+
+    return freeze_model(model, {}, strip=True) if quantizers_of(model) else model
+
+
+def _convert_float_family(model, r: Recipe) -> bytes:
+    """Modes the TFLite converter makes alone without data (float, fp16, dynamic): the mode's driver."""
+    if is_quantized_model(model):
+        model = _strip_quantization(model)
+    model = _with_unrolled_rnns(model, r.mode)
+    converter = _keras_converter(model)
+    get_export_mode(r.mode).configure(converter, r.io_dtype, None)
+    return run_converter(converter, r.mode, model)
+
+
+def _with_unrolled_rnns(model, mode: str):
+    """``model`` with its recurrent layers copied as ``unroll=True`` where the number of time steps
+    is static: the converter cannot lower Keras 3's recurrent loop (TensorList ops) in any mode.
+    Other layers are shared, not copied; the caller's model is untouched."""
+    if not isinstance(model, keras.Model):
+        return model
+    loops = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.RNN) and not layer.unroll
+             and _static_steps(layer)]
+    if not loops:
+        return model
+    pairs = []
+
+    def clone(layer):
+        if isinstance(layer, keras.Model) and any(inner in loops for inner in _all_layers(layer)):
+            return keras.models.clone_model(layer, clone_function=clone)
+        if layer in loops:
+            copy = layer.__class__.from_config(dict(layer.get_config(), unroll=True))
+            pairs.append((layer, copy))
+            return copy
+        return layer
+
+    unrolled = keras.models.clone_model(model, clone_function=clone)
+    for layer, copy in pairs:
+        copy.set_weights(layer.get_weights())
+    warnings.warn(
+        f"tfq: {type(loops[0]).__name__} layer(s) {', '.join(repr(layer.name) for layer in loops[:4])} unrolled over "
+        f"their time steps for {mode} export (the converter cannot lower Keras's recurrent loop).",
+        stacklevel=4,
+    )
+    return unrolled
+
+
+def _static_steps(layer) -> bool:
+    try:
+        shape = layer.input.shape
+    except (AttributeError, ValueError):
+        return False
+    return len(shape) >= 2 and shape[1] is not None
+
+
+def _require_data(data, mode):
+    if data is None:
+        raise ValueError(
+            f"mode={mode!r} needs representative_data (a few hundred typical inputs) to choose activation ranges. "
+            f"Pass representative_data=x_train[:300], or a trained tfq QAT model."
+        )
+
+
+def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> bytes:
+    """Modes whose ranges the TFLite converter chooses from representative data (int16x8): the mode's driver."""
+    from tfq.ptq import pipeline as ptq_methods
+    from tfq.core.representative import representative_dataset
+
+    if is_quantized_model(model):
+        model = _strip_quantization(model)
+    model = ptq_methods.prepare_model(model, r, report)
+    if r.data_free_method:
+        from tfq.quantsim.rewrite import rewrite_model
+
+        data = ptq_methods.calibration_inputs(rewrite_model(model, "int8", warn_unknown=False), r, data, report)
+    _require_data(data, r.mode)
+    rep = representative_dataset(data, r.num_calibration_samples,
+                                 model=None if isinstance(model, SavedModelPath) else model)
+    rep = _screened_inputs(rep, r)
+    converter = _keras_converter(_with_unrolled_rnns(model, r.mode))
+    get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
+    return run_converter(converter, r.mode, model)
+
+
+def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=None) -> bytes:
+    from tfq.quantsim.rewrite import uncovered_layers
+
+    if isinstance(model, SavedModelPath):
+        return _convert_saved_model_int8(model, r, data)
+    frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report, in_place=True)
+    uncovered = uncovered_layers(qmodel)
+    content = _int8_converter_run(frozen, r, data if uncovered else None)
+    float_ops = _unexpected_float_ops(content, r)
+    if float_ops and not uncovered and data is not None:
+        # Some op the converter made has no fake-quant range: let it calibrate that op too.
+        content = _int8_converter_run(frozen, r, data)
+        float_ops = _unexpected_float_ops(content, r)
+    if float_ops and uncovered and data is None:
+        class_name, names = sorted(uncovered.items())[0]
+        raise ValueError(
+            f"layer {names[0]!r} ({class_name}) has inner tensors tfq does not quantize itself (no rule, and its "
+            f"call could not be decomposed), and {len(float_ops)} op(s) stayed float: pass representative_data "
+            f"to tfq.convert, from which the TFLite converter calibrates them."
+        )
+    if float_ops:
+        _warn_float_ops(float_ops, model)
+    return content
+
+
+def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
+    """One TFLite conversion of a frozen fake-quant model.
+
+    Without ``data`` every range comes from the fake-quant ops. With it, the converter also
+    calibrates (MinMax) every tensor that has no fake-quant range — the inside of layers tfq keeps
+    whole — and keeps float only the ops that have no int8 kernel.
+    """
+    from tfq.export.graph_converter import keras_graph_converter
+    from tfq.core.representative import representative_dataset
+
+    converter = keras_graph_converter(frozen)  # one trace, no SavedModel export: see tfq.export.graph_converter
+    rep = None if data is None else representative_dataset(data, r.num_calibration_samples, model=frozen)
+    get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
+    return run_converter(converter, r.mode, frozen)
+
+
+def _frozen_int8_model(model, r: Recipe, data, calibration, params, verbose, report=None) -> keras.Model:
+    """The fake-quant Keras model with fixed ranges that the converter turns into the INT8 ``.tflite``."""
+    return _prepare_int8(model, r, data, calibration, params, verbose, report)[0]
+
+
+def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=None, in_place=False):
+    """(frozen model, the fake-quant model it was frozen from, the calibration data actually used).
+
+    ``in_place``: a model rewritten here is fixed in place rather than copied (for the converter only).
+    """
+    from tfq.ptq import pipeline as ptq_methods
+    from tfq.quantsim.rewrite import fix_ranges_in_place, freeze_model, quantizers_of, rewrite_model
+
+    ranges = None
+    if is_quantized_model(model):
+        qmodel = model
+        # A trained QAT model carries its ranges; only quantizers that never saw data need calibrating.
+        needs_calibration = _qat_needs_calibration(qmodel)
+    else:
+        qmodel = rewrite_model(ptq_methods.prepare_model(model, r, report), r)
+        needs_calibration = not isinstance(calibration, Calibration)
+        if not needs_calibration:
+            ranges = calibration.ranges
+            missing = sorted(n for n, q in quantizers_of(qmodel).items() if q.mode != "fixed" and n not in ranges)
+            if missing:
+                raise ValueError(
+                    f"the calibration has no range for {len(missing)} tensor(s) of this model (e.g. {missing[0]!r}): "
+                    f"it was made for another model or recipe. Re-run tfq.calibrate on this model."
+                )
+        data = ptq_methods.calibration_inputs(qmodel, r, data, report)
+    if needs_calibration:
+        _require_data(data, r.mode)
+        cal = calibrate(qmodel, data, r.calibration, num_samples=r.num_calibration_samples, verbose=verbose, **params)
+        ranges = cal.ranges
+        ranges.update(ptq_methods.data_free_ranges(qmodel, r))
+        if cal.method == DEFAULT_CALIBRATION and cal.outlier_samples:
+            from tfq.numerics.outliers import without_samples
+
+            # Set aside for what follows too: weight methods, the converter's calibration inside opaque layers.
+            data = without_samples(data, cal.outlier_samples, r.num_calibration_samples, model=qmodel)
+    if in_place and qmodel is not model:
+        frozen = fix_ranges_in_place(qmodel, ranges)  # rewritten here: no one else holds it
+    else:
+        frozen = freeze_model(qmodel, ranges)
+    ptq_methods.apply_weight_methods(frozen, r, data, report)
+    return frozen, qmodel, data
+
+
+def _unexpected_float_ops(content: bytes, r: Recipe) -> list:
+    """Float compute ops of an INT8 model, unless the recipe keeps some layers float."""
+    from tfq.tflite.info import inspect_tflite
+
+    if r.float_layers or any(o.float for o in r.overrides):
+        return []
+    info = inspect_tflite(content)
+    return [(op, info.tensors[op.outputs[0]].name if op.outputs else "?") for op in info.float_ops]
+
+
+def _warn_float_ops(float_ops, model) -> None:
+    """One warning: the ops TFLite could not make int8 (no int8 kernel), with the layers they come from."""
+    layer_names = sorted((layer.name for layer in _all_layers(model)), key=len, reverse=True)
+    by_type: dict[str, set] = {}
+    for op, tensor in float_ops:
+        layer = next((n for n in layer_names if n in tensor), tensor)
+        by_type.setdefault(op.type, set()).add(layer)
+    detail = "; ".join(f"{t} in {', '.join(sorted(v)[:4])}" for t, v in sorted(by_type.items()))
+    warnings.warn(
+        f"tfq: {len(float_ops)} op(s) stay float because TFLite has no int8 kernel for them ({detail}). The rest "
+        f"of the model is int8; list those layers in float_layers to accept this, or replace them.",
+        stacklevel=3,
+    )
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _screened_inputs(rep, r: Recipe):
+    """The data the TFLite converter calibrates with, after the outlier test on the model inputs
+    (:func:`tfq.numerics.outliers.input_outlier_samples`): warned about, and set aside with the default calibration.
+    For conversions where the converter runs the model itself (SavedModel, int16x8)."""
+    from tfq.numerics.outliers import input_outlier_samples, warn_outlier_samples, without_samples
+    from tfq.core.representative import representative_dataset
+
+    outliers = input_outlier_samples(rep)
+    set_aside = r.calibration == DEFAULT_CALIBRATION
+    warn_outlier_samples(outliers, r.calibration if set_aside else "minmax", set_aside=set_aside, stacklevel=5)
+    return representative_dataset(without_samples(rep, outliers.indices)) if set_aside and outliers else rep
+
+
+def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
+    """A SavedModel has no Keras graph to rewrite: the converter's own MinMax calibration is used
+    (:func:`_check_options` has refused every option that would need tfq's rewrite), on the samples
+    that pass the outlier test on the inputs (set aside by the default calibration)."""
+    from tfq.core.representative import representative_dataset
+
+    tf = _tf()
+    _require_data(data, r.mode)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
+    rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r)
+    get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
+    # No float fallback: tfq cannot tell which layer of a SavedModel an op came from.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return run_converter(converter, r.mode)

@@ -1,0 +1,507 @@
+"""tf_keras (Keras 2) models in tfq: an equivalent Keras 3 model, or tfmot QAT models to TFLite.
+
+tfq rewrites Keras 3 graphs, so a tf_keras model is first rebuilt in Keras 3 by
+:func:`to_keras3`: its config (Keras 2 format) is translated to Keras 3 and deserialized, then
+the weights are copied layer by layer, by name, with shape checks. Only public APIs are used:
+``model.get_config()``, ``keras.Model.from_config`` / ``keras.Sequential.from_config``,
+``get_weights`` / ``set_weights``.
+
+A tfmot QAT model (tf_keras with ``QuantizeWrapperV2``/``QuantizeLayer``) already carries its
+own fake-quant ops; :func:`convert_tfmot_model` traces it with ``tf.function`` and hands the
+concrete function to the TFLite converter, which works whether ``tf.keras`` is Keras 3 or
+tf_keras (``TF_USE_LEGACY_KERAS``) in this process.
+
+Example:
+    >>> k3_model = tfq.models.interop.to_keras3(tf_keras_model)                   # doctest: +SKIP
+    >>> tflite = tfq.models.interop.convert_tfmot_model(tfmot_qat_model, "int8")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import keras
+
+__all__ = ["convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "to_keras3"]
+
+TFMOT_QAT_CLASSES = frozenset({"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"})
+_FUNCTIONAL = "Functional"
+_SEQUENTIAL = "Sequential"
+_MODEL_CLASSES = frozenset({_FUNCTIONAL, _SEQUENTIAL, "Model"})
+# Layers whose config holds Python code or a raw TF op: nothing Keras 3 can rebuild.
+_CODE_LAYERS = {
+    "Lambda": "a Python function, which cannot be carried over",
+    "TFOpLambda": "a raw TensorFlow op called on a Keras tensor",
+    "SlicingOpLambda": "a tensor slice (x[...]) on a Keras tensor",
+}
+_REBUILD = "rebuild the model with Keras 3 layers (keras.layers / keras.ops)"
+
+
+def _class_names(obj) -> set[str]:
+    return {cls.__name__ for cls in type(obj).__mro__}
+
+
+def _sublayers(model):
+    """All layers of ``model``, nested models' layers included (depth first)."""
+    for layer in getattr(model, "layers", ()):
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _sublayers(layer)
+
+
+def is_tfmot_qat_model(model) -> bool:
+    """Whether ``model`` is a tf_keras model quantized by tfmot (``quantize_model``/``quantize_apply``).
+
+    Recognised by class names (``QuantizeWrapper``, ``QuantizeWrapperV2``, ``QuantizeLayer``),
+    without importing tfmot.
+
+    Example:
+        >>> is_tfmot_qat_model(tfmot.quantization.keras.quantize_model(model))  # doctest: +SKIP
+        True
+    """
+    from tfq.models.loading import is_tf_keras_model
+
+    if not is_tf_keras_model(model):
+        return False
+    return any(_class_names(layer) & TFMOT_QAT_CLASSES for layer in _sublayers(model))
+
+
+def load_keras_model(model, *, where: str = "model", saved_model: bool = False, tfmot: bool = False):
+    """The one way tfq loads a model: a Keras 3 model from a model, a tf_keras model or a path.
+
+    ``.keras``/``.h5`` files are loaded (:func:`tfq.models.loading.load_model`), tf_keras models rebuilt in
+    Keras 3 (:func:`to_keras3`). A SavedModel directory is returned as a
+    :class:`~tfq.models.loading.SavedModelPath` only with ``saved_model=True``, a tfmot QAT model as is only
+    with ``tfmot=True``; otherwise each is refused with one line.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: an unreadable file, a SavedModel or tfmot model where it does not apply, a
+            tf_keras model Keras 3 cannot rebuild.
+        TypeError: neither a model nor a path.
+
+    Example:
+        >>> model = load_keras_model("model.keras")   # doctest: +SKIP
+    """
+    from tfq.models.loading import SavedModelPath, is_tf_keras_model, load_model
+
+    model = load_model(model)
+    if isinstance(model, SavedModelPath):
+        if saved_model:
+            return model
+        raise ValueError(f"{where} {str(model)!r} is a SavedModel directory, which tfq cannot rewrite or run as Keras; "
+                         f"pass the .keras file (or tfq.convert the SavedModel with the converter's own calibration).")
+    if is_tf_keras_model(model):
+        if tfmot and is_tfmot_qat_model(model):
+            return model
+        return to_keras3(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# to_keras3: config translation
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_kind(obj) -> str | None:
+    """``"Functional"`` or ``"Sequential"`` for a tf_keras model, None for a subclassed one."""
+    names = _class_names(obj)
+    if _SEQUENTIAL in names:
+        return _SEQUENTIAL
+    if _FUNCTIONAL in names:
+        return _FUNCTIONAL
+    return None
+
+
+def _unsupported(name, class_name, why) -> ValueError:
+    return ValueError(f"cannot convert tf_keras layer {name!r} ({class_name}) to Keras 3: {why}; {_REBUILD}.")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def _policy_name(dtype):
+    """Keras 2 dtype policies (``{"class_name": "Policy", ...}``) become their name ("mixed_float16")."""
+    if isinstance(dtype, dict):
+        return dtype.get("config", {}).get("name", "float32")
+    return dtype
+
+
+def _fix_batch_norm(name, config):
+    axis = config.get("axis", -1)
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            raise _unsupported(name, "BatchNormalization", f"axis={list(axis)} (Keras 3 takes a single axis)")
+        config["axis"] = int(axis[0])
+    for key in ("renorm", "virtual_batch_size", "adjustment"):
+        if config.get(key):
+            raise _unsupported(name, "BatchNormalization", f"{key}={config[key]!r} has no Keras 3 equivalent")
+    for key in ("fused", "renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size", "adjustment"):
+        config.pop(key, None)
+
+
+def _fix_groups(name, config, class_name):
+    if config.get("groups", 1) != 1:
+        raise _unsupported(name, class_name, f"groups={config['groups']} is not a {class_name} argument in Keras 3")
+    config.pop("groups", None)
+
+
+def _fix_leaky_relu(name, config):
+    if "alpha" in config:
+        config["negative_slope"] = config.pop("alpha")
+
+
+def _fix_separable(name, config, class_name):
+    _fix_groups(name, config, class_name)
+    for key in ("kernel_initializer", "kernel_regularizer", "kernel_constraint"):  # unused by Keras 2 either
+        config.pop(key, None)
+
+
+def _fix_rnn(name, config, class_name):
+    if config.pop("time_major", False):
+        raise _unsupported(name, class_name, "time_major=True has no Keras 3 equivalent")
+
+
+def _fix_wrapper(name, config, class_name):
+    """Bidirectional / TimeDistributed: the wrapped layers' configs get the same fixes."""
+    for key in ("layer", "backward_layer"):
+        inner = config.get(key)
+        if isinstance(inner, dict) and "class_name" in inner:
+            inner = dict(inner, config=dict(inner.get("config") or {}))
+            _fix_config(inner["config"].get("name", name), inner["class_name"], inner["config"])
+            config[key] = inner
+
+
+# Keras 2 → Keras 3 argument changes of built-in layers: {class name: fix(name, config, class name)}.
+_CONFIG_FIXES = {
+    "BatchNormalization": lambda n, c, _: _fix_batch_norm(n, c),
+    "LeakyReLU": lambda n, c, _: _fix_leaky_relu(n, c),
+    **{cls: _fix_groups for cls in ("DepthwiseConv1D", "DepthwiseConv2D", "Conv1DTranspose", "Conv2DTranspose",
+                                    "Conv3DTranspose")},
+    **{cls: _fix_separable for cls in ("SeparableConv1D", "SeparableConv2D")},
+    **{cls: _fix_rnn for cls in ("LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")},
+    **{cls: _fix_wrapper for cls in ("Bidirectional", "TimeDistributed")},
+}
+
+
+def _fix_config(name, class_name, config):
+    """Applies the Keras 2 → Keras 3 fixes to a (non-input) layer config, in place."""
+    config.pop("batch_input_shape", None)  # Keras 2 kept the model's input shape on its first layer
+    config["dtype"] = _policy_name(config.get("dtype"))
+    if class_name in _CONFIG_FIXES:
+        _CONFIG_FIXES[class_name](name, config, class_name)
+
+
+def _input_layer_config(name, config):
+    config = dict(config)
+    if "batch_input_shape" in config:
+        config["batch_shape"] = config.pop("batch_input_shape")
+    if config.get("ragged"):
+        raise _unsupported(name, "InputLayer", "ragged inputs are not supported by Keras 3")
+    config.pop("ragged", None)
+    config["dtype"] = _policy_name(config.get("dtype"))
+    return config
+
+
+def _layer_entry(entry: dict, custom_objects) -> tuple[dict, int]:
+    """Keras 3 form of one layer entry of a model config; also the node-index shift it needs.
+
+    The shift is 1 for a nested model that tf_keras counts with a built-in first node (a model
+    that starts with an InputLayer), 0 otherwise; Keras 3 never counts that node.
+    """
+    class_name = entry["class_name"]
+    config = dict(entry.get("config") or {})
+    name = config.get("name", entry.get("name"))
+    out = {k: v for k, v in entry.items() if k not in ("config",)}
+    if class_name in _MODEL_CLASSES:
+        kind = _SEQUENTIAL if class_name == _SEQUENTIAL else _FUNCTIONAL
+        layers = config.get("layers") or []
+        shift = 1 if layers and layers[0].get("class_name") == "InputLayer" else 0
+        out.update(module="keras", class_name="Sequential" if kind == _SEQUENTIAL else "Model",
+                   registered_name=None, config=_model_config(config, kind, custom_objects))
+        out.pop("build_config", None)
+        return out, shift
+    if class_name in _CODE_LAYERS:
+        raise _unsupported(name, class_name, f"it holds {_CODE_LAYERS[class_name]}")
+    if class_name in TFMOT_QAT_CLASSES:
+        raise ValueError(f"layer {name!r} ({class_name}) is a tfmot quantization wrapper: convert the tfmot QAT "
+                         f"model with tfq.models.interop.convert_tfmot_model(model), or pass tfq the float model.")
+    custom = custom_objects or {}
+    # Built-in layers are serialized with module "keras.layers" and no registered name.
+    registered = entry.get("registered_name")
+    builtin = not registered and str(entry.get("module") or "keras").startswith("keras")
+    key = next((k for k in (registered, class_name) if k and k in custom), None)
+    if key is None and not (builtin and (class_name == "InputLayer" or hasattr(keras.layers, class_name))):
+        raise _unsupported(name, class_name, f"it is a custom or removed layer, not a Keras 3 built-in (or pass "
+                           f"a Keras 3 implementation: to_keras3(model, custom_objects={{{class_name!r}: ...}}))")
+    if class_name == "InputLayer":
+        config = _input_layer_config(name, config)
+    elif key is None:
+        _fix_config(name, class_name, config)
+    out["config"] = config
+    if key is not None:  # Keras 3 looks custom classes up by registered name
+        out.update(module=None, registered_name=key)
+    if class_name != "InputLayer":
+        _check_layer(out, name, class_name, custom_objects)
+    return out, 0
+
+
+def _check_layer(entry, name, class_name, custom_objects):
+    """Instantiates the layer alone (unbuilt): a failure names the layer rather than the model."""
+    probe = {k: v for k, v in entry.items() if k in ("module", "class_name", "config", "registered_name")}
+    try:
+        keras.layers.deserialize(probe, custom_objects=custom_objects)
+    except Exception as err:  # Keras raises TypeError/ValueError/... for configs it cannot take
+        raise _unsupported(name, class_name, f"Keras 3 does not accept its config ({_first_line(err)})") from None
+
+
+def _is_ref(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) == 3 and isinstance(x[0], str) and isinstance(x[1], int)
+
+
+def _map_refs(obj, fn):
+    """Applies ``fn`` to every ``[layer_name, node_index, tensor_index]`` in a nested structure."""
+    if _is_ref(obj):
+        return fn(list(obj))
+    if isinstance(obj, dict):
+        return {k: _map_refs(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_map_refs(v, fn) for v in obj]
+    return obj
+
+
+def _inbound_nodes(nodes, shifts, layer_name, class_name):
+    """Keras 2 inbound nodes (``[[name, node, tensor, kwargs], ...]`` per call), shifts applied."""
+    out = []
+    for node in nodes:
+        if isinstance(node, dict):  # already Keras 3 format
+            raise _unsupported(layer_name, class_name, "unexpected Keras 3 node format in a tf_keras config")
+        call = []
+        for item in node:
+            inbound, node_index, tensor_index = item[0], item[1], item[2]
+            kwargs = item[3] if len(item) > 3 else {}
+            for key, value in kwargs.items():
+                if not (value is None or isinstance(value, (bool, int, float, str))):
+                    raise _unsupported(layer_name, class_name,
+                                       f"it is called with a tensor or structure as keyword argument {key!r}")
+            call.append([inbound, node_index - shifts.get(inbound, 0), tensor_index, kwargs])
+        out.append(call)
+    return out
+
+
+def _model_config(config: dict, kind: str, custom_objects) -> dict:
+    """Keras 3 config of a tf_keras Functional or Sequential model config."""
+    config = copy.deepcopy(config)
+    layers = config.get("layers") or []
+    if kind == _SEQUENTIAL:
+        converted = []
+        first = layers[0] if layers else None
+        shape = (first or {}).get("config", {}).get("batch_input_shape")
+        if shape and first["class_name"] != "InputLayer":  # Keras 2's Dense(..., input_shape=...) as first layer
+            cfg = first["config"]
+            converted.append({"module": "keras.layers", "class_name": "InputLayer", "registered_name": None,
+                              "config": {"batch_shape": shape, "dtype": _policy_name(cfg.get("dtype")),
+                                         "name": f"{cfg.get('name', 'layer')}_input"}})
+        for entry in layers:
+            converted.append(_layer_entry(entry, custom_objects)[0])
+        out = {"name": config.get("name"), "layers": converted}
+        if config.get("build_input_shape") is not None:
+            out["build_input_shape"] = config["build_input_shape"]
+        return out
+    entries, shifts, k3_classes = [], {}, {}
+    for entry in layers:
+        new, shift = _layer_entry(entry, custom_objects)
+        layer_name = entry.get("name", new.get("config", {}).get("name"))
+        shifts[layer_name] = shift
+        k3_classes[layer_name] = new["class_name"]
+        entries.append(new)
+    for new in entries:
+        nodes = new.get("inbound_nodes") or []
+        new["inbound_nodes"] = _inbound_nodes(nodes, shifts, new["name"], new["class_name"])
+
+    def io_refs(refs):
+        # tf_keras always lists the inputs/outputs; Keras 3 returns a list only when given one.
+        refs = _map_refs(refs, io_ref)
+        return refs[0] if isinstance(refs, list) and len(refs) == 1 and _is_ref(refs[0]) else refs
+
+    def io_ref(ref):
+        # Keras 3 counts a nested Functional ("Model") model's first call as node 1 here.
+        name, node_index, tensor_index = ref
+        extra = 1 if k3_classes.get(name) == "Model" else 0
+        return [name, node_index - shifts.get(name, 0) + extra, tensor_index]
+
+    return {"name": config.get("name"), "trainable": config.get("trainable", True), "layers": entries,
+            "input_layers": io_refs(config["input_layers"]),
+            "output_layers": io_refs(config["output_layers"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# to_keras3: weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _copy_weights(src, dst, where: str):
+    src_layers = {layer.name: layer for layer in src.layers}
+    for layer in dst.layers:
+        path = f"{where}/{layer.name}" if where else layer.name
+        original = src_layers.get(layer.name)
+        if original is None:
+            if layer.weights:
+                raise ValueError(f"layer {path!r} of the Keras 3 model has no tf_keras counterpart to copy weights "
+                                 f"from; {_REBUILD}.")
+            continue
+        if hasattr(layer, "layers") and hasattr(original, "layers"):
+            _copy_weights(original, layer, path)
+            continue
+        values = original.get_weights()
+        targets = layer.weights
+        if len(values) != len(targets):
+            raise ValueError(f"layer {path!r} has {len(values)} weights in tf_keras but {len(targets)} in Keras 3; "
+                             f"{_REBUILD}.")
+        for value, target in zip(values, targets):
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"layer {path!r}: weight {target.name!r} has shape {tuple(value.shape)} in tf_keras "
+                                 f"but {tuple(target.shape)} in Keras 3; {_REBUILD}.")
+        if values:
+            layer.set_weights(values)
+
+
+def to_keras3(model, custom_objects: dict | None = None) -> keras.Model:
+    """Returns an equivalent Keras 3 model of a tf_keras (Keras 2) Functional or Sequential model.
+
+    The tf_keras model's config is translated (Keras 2 arguments such as ``batch_input_shape``,
+    list-valued BatchNormalization ``axis``, dtype policies, node indices of nested models) and
+    deserialized by Keras 3, then every layer's weights are copied by layer name, with shape
+    checks. The result has the same layer names and computes the same function. The caller's
+    model is not changed; a Keras 3 model is returned as is.
+
+    Works whether or not ``TF_USE_LEGACY_KERAS`` is set: only the model's own methods are used.
+
+    Args:
+        model: a tf_keras ``Sequential`` or Functional model (nested models allowed).
+        custom_objects: Keras 3 implementations of custom layers, by class name.
+
+    Returns:
+        A new ``keras.Model`` (Keras 3).
+
+    Raises:
+        TypeError: ``model`` is not a Keras model.
+        ValueError: a layer cannot be rebuilt in Keras 3 (``Lambda``, raw TF ops such as
+            ``tf.math.add`` on Keras tensors, custom layers, tfmot wrappers) or the model is
+            subclassed; the message names the layer.
+
+    Example:
+        >>> import tf_keras
+        >>> k2 = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(2)])
+        >>> k3 = to_keras3(k2)
+        >>> isinstance(k3, keras.Model)
+        True
+    """
+    from tfq.models.loading import is_keras3_model, is_tf_keras_model
+
+    if is_keras3_model(model):
+        return model
+    if not is_tf_keras_model(model):
+        raise TypeError(f"to_keras3 expects a tf_keras model. Received: {type(model).__name__}")
+    if is_tfmot_qat_model(model):
+        raise ValueError(f"model {model.name!r} is a tfmot QAT model (its layers are tfmot QuantizeWrappers): "
+                         f"convert it with tfq.models.interop.convert_tfmot_model(model), or pass tfq the float model "
+                         f"from before quantize_model.")
+    kind = _model_kind(model)
+    subclassed = (f"model {model.name!r} is a subclassed tf_keras model ({type(model).__name__}), which has no "
+                  f"config to rebuild from; {_REBUILD} (Functional or Sequential).")
+    if kind is None:
+        raise ValueError(subclassed)
+    try:
+        config = model.get_config()
+    except NotImplementedError:  # a Functional subclass with its own __init__ and no get_config
+        raise ValueError(subclassed) from None
+    k3_config = _model_config(config, kind, custom_objects)
+    cls = keras.Sequential if kind == _SEQUENTIAL else keras.Model
+    try:
+        new = cls.from_config(k3_config, custom_objects=custom_objects)
+    except Exception as err:  # Keras raises many types for a graph it cannot rebuild
+        raise ValueError(f"cannot rebuild tf_keras model {model.name!r} in Keras 3 ({_first_line(err)}); "
+                         f"{_REBUILD}.") from None
+    _copy_weights(model, new, "")
+    if len(model.weights) != len(new.weights):
+        raise ValueError(f"model {model.name!r} has {len(model.weights)} weights in tf_keras but {len(new.weights)} "
+                         f"after conversion to Keras 3; {_REBUILD}.")
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# tfmot QAT (and plain tf_keras) models → TFLite
+# ---------------------------------------------------------------------------------------------
+
+
+def _input_signature(model):
+    """``tf.TensorSpec``s in the structure of ``model.input`` (batch dimension kept as the model has it)."""
+    import tensorflow as tf
+
+    def spec(t):
+        name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", str(getattr(t, "name", "input") or "input").split(":")[0])
+        return tf.TensorSpec(tuple(t.shape), t.dtype, name=name)
+
+    return tf.nest.map_structure(spec, model.input)
+
+
+def convert_tfmot_model(model, mode: str = "int8", io_dtype: str = "float32") -> bytes:
+    """Converts a tfmot QAT model (or a plain tf_keras model) to TFLite with TensorFlow's converter.
+
+    A tfmot QAT model has its own fake-quant ops; with ``mode="int8"`` the converter
+    (``optimizations=[Optimize.DEFAULT]``) turns their ranges into the tensors' scales, without
+    calibration. The model is traced as ``model(x, training=False)`` by ``tf.function`` and given
+    to ``TFLiteConverter.from_concrete_functions``, which works whether ``tf.keras`` is Keras 3 or
+    tf_keras (``TF_USE_LEGACY_KERAS=1``) in this process. Plain tf_keras models convert the same
+    way in ``"float"``, ``"dynamic"`` or ``"fp16"`` mode (for INT8 use :func:`tfq.convert`, which
+    calibrates a Keras 3 copy made by :func:`to_keras3`).
+
+    Args:
+        model: a tf_keras model quantized by ``tfmot.quantization.keras.quantize_model`` (or
+            ``quantize_apply``), or a plain tf_keras model.
+        mode: ``"int8"`` for a tfmot QAT model; ``"float"``, ``"dynamic"`` or ``"fp16"`` for a plain one.
+        io_dtype: model input/output type in int8 mode: ``"float32"`` (quantize/dequantize inside
+            the model), ``"int8"`` or ``"uint8"``. Other modes take ``"float32"`` only.
+
+    Returns:
+        The ``.tflite`` flatbuffer bytes. The model is not changed.
+
+    Raises:
+        TypeError: ``model`` is not a tf_keras model.
+        ValueError: a mode or io_dtype that does not fit the model.
+        tfq.ConversionError: the converter refused an op (the message names it).
+
+    Example:
+        >>> qat = tfmot.quantization.keras.quantize_model(tf_keras_model)   # doctest: +SKIP
+        >>> tflite = convert_tfmot_model(qat, "int8", io_dtype="int8")        # doctest: +SKIP
+    """
+    import tensorflow as tf
+
+    from tfq.core.export_modes import export_mode_names, get_export_mode
+    from tfq.models.loading import is_tf_keras_model
+    from tfq.tflite.converter import run_converter
+
+    if not is_tf_keras_model(model):
+        raise TypeError(f"convert_tfmot_model expects a tf_keras (tfmot) model; for Keras 3 models use "
+                        f"tfq.convert. Received: {type(model).__name__}")
+    qat = is_tfmot_qat_model(model)
+    # A tfmot QAT model carries its ranges: int8 only. A plain model: the modes the converter makes alone.
+    modes = ("int8",) if qat else tuple(m for m in export_mode_names()
+                                        if not get_export_mode(m).needs_data and not get_export_mode(m).tfq_ranges)
+    if mode not in modes:
+        kind = "a tfmot QAT model" if qat else "a tf_keras model without tfmot quantization"
+        hint = ("its fake-quant ops make it an INT8 model" if qat else
+                f"for INT8 use tfq.convert(model, {mode!r}, representative_data), which calibrates it")
+        raise ValueError(f"mode must be one of {modes} for {kind} ({hint}). Received: mode={mode!r}")
+    allowed_io = get_export_mode(mode).io_dtypes
+    if io_dtype not in allowed_io:
+        raise ValueError(f"io_dtype must be one of {allowed_io} in mode {mode!r}. Received: io_dtype={io_dtype!r}")
+    function = tf.function(lambda inputs: model(inputs, training=False))
+    concrete = function.get_concrete_function(_input_signature(model))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    get_export_mode(mode).configure(converter, io_dtype, None)  # the mode's driver; ranges from tfmot's ops
+    return run_converter(converter, mode)

@@ -1,0 +1,258 @@
+"""Built-in decompositions: layers and ops rewritten as sequences of ops with int8 TFLite kernels.
+
+Each function computes a layer's (or a ``keras.ops`` operation's) output from its symbolic inputs
+with ``keras.ops`` only, so that the rewrite can give every intermediate tensor a fake-quant range
+chosen by tfq's calibration — the ranges the TFLite converter then writes. They are registered in
+:mod:`tfq.quantsim.registry`; the rewrite checks on probe data that each computes what the layer does.
+
+* :func:`layer_normalization` — without the NEG the converter leaves float in its own lowering.
+* :func:`dot_product_attention` — the fused attention op as scores, softmax and context.
+* :func:`lstm`, :func:`gru`, :func:`simple_rnn` — unrolled over a static number of time steps
+  (the converter's while loop has no int8 kernel, and fails on Keras's default RNNs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from tfq.quantsim.layers import Statistic
+
+__all__ = ["dot_product_attention", "gru", "layer_normalization", "lstm", "simple_rnn"]
+
+
+def _reduction_axes(layer, rank: int) -> list[int]:
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return sorted(a % rank for a in axis)
+
+
+def layer_normalization(layer: keras.layers.LayerNormalization, x, **kwargs):
+    """LayerNormalization as MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL, MUL, ADD — all int8 in TFLite::
+
+        μ = mean(x)            d = x − μ            v = mean(d · d)
+        y = d · rsqrt(v + ε) · γ + β
+
+    With ``rms_scaling``: ``y = x · rsqrt(mean(x · x) + ε) · γ``. Each line's results are
+    separate int8 tensors, so the normalisation has no float op (the converter's own lowering
+    keeps a NEG float). The statistics (μ, d·d, v, v + ε, its rsqrt) are calibrated by MinMax
+    whatever the method (see :class:`~tfq.quantsim.layers.Statistic`).
+    """
+    if kwargs.get("mask") is not None:
+        raise ValueError("masked LayerNormalization is not decomposed")
+    axes = _reduction_axes(layer, len(x.shape))
+    if getattr(layer, "rms_scaling", False):
+        d = x
+    else:
+        d = ops.subtract(x, Statistic()(ops.mean(x, axis=axes, keepdims=True)))
+    variance = Statistic()(ops.mean(Statistic()(ops.multiply(d, d)), axis=axes, keepdims=True))
+    y = ops.multiply(d, Statistic()(ops.rsqrt(Statistic()(ops.add(variance, layer.epsilon)))))
+    if layer.scale:
+        y = ops.multiply(y, _broadcastable(layer.gamma, axes, len(x.shape)))
+    if layer.center and not getattr(layer, "rms_scaling", False):
+        y = ops.add(y, _broadcastable(layer.beta, axes, len(x.shape)))
+    return y
+
+
+def _broadcastable(variable, axes: list[int], rank: int):
+    """γ/β as the op's operand: the variable itself when it already broadcasts (last axes)."""
+    if axes == list(range(rank - len(variable.shape), rank)):
+        return variable
+    shape = [1] * rank
+    for a, d in zip(axes, variable.shape):
+        shape[a] = d
+    return ops.reshape(variable, shape)
+
+
+def dot_product_attention(op, query, key, value, bias=None, mask=None, scale=None, **kwargs):
+    """``keras.ops.dot_product_attention`` (inputs ``(B, T, N, H)``) as TFLite runs attention::
+
+        q' = q · scale                      (MUL)
+        s  = einsum(q', k)                  (BATCH_MATMUL, logits B×N×T×S)
+        p  = softmax(where(mask, s, −∞))    (SOFTMAX, output range [0, 1) fixed by TFLite)
+        o  = einsum(p, v)                   (BATCH_MATMUL)
+
+    Each result is an int8 tensor with its own range. Logit soft-capping is not decomposed.
+    """
+    if getattr(op, "attn_logits_soft_cap", None) is not None or kwargs:
+        raise ValueError("soft-capped attention is not decomposed")
+    head_dim = query.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    logits = ops.einsum("btnh,bsnh->bnts", ops.multiply(query, scale), key)
+    if bias is not None:
+        logits = ops.add(logits, bias)
+    if getattr(op, "is_causal", False):
+        t, s = query.shape[1], key.shape[1]
+        if t is None or s is None:
+            raise ValueError("causal attention needs static sequence lengths")
+        causal = ops.tril(ops.ones((t, s), dtype="bool"))
+        mask = causal if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal)
+    if mask is not None:
+        logits = ops.where(ops.cast(mask, "bool"), logits, -1e9)
+    probs = ops.softmax(logits, axis=-1)
+    return ops.einsum("bnts,bsnh->btnh", probs, value)
+
+
+# -- recurrent layers -----------------------------------------------------------------------------
+def _steps(layer, sequences, mask) -> int:
+    """Time steps of a recurrent layer that can be unrolled (static length, no mask, not stateful)."""
+    if mask is not None:
+        raise ValueError("masked sequences are not unrolled")
+    if getattr(layer, "stateful", False):
+        raise ValueError("stateful recurrent layers are not unrolled")
+    steps = sequences.shape[1]
+    if steps is None:
+        raise ValueError("a sequence of unknown length cannot be unrolled")
+    return int(steps)
+
+
+def _fixed_dense(name: str, kernel, bias):
+    """A Dense layer holding ``kernel`` (and ``bias``), built: a matmul tfq quantizes per channel."""
+    dense = keras.layers.Dense(kernel.shape[-1], use_bias=bias is not None, name=name)
+    dense.build((None, kernel.shape[0]))
+    dense.set_weights([ops.convert_to_numpy(kernel)] + ([ops.convert_to_numpy(bias)] if bias is not None else []))
+    return dense
+
+
+def _input_steps(layer, sequences, kernel, bias, steps: int) -> list:
+    """``x_t·W + b`` for each step (one shared FULLY_CONNECTED), after the layer's input dropout."""
+    dropout = getattr(layer.cell, "dropout", 0.0)
+    if dropout:
+        # The cell drops the same input features at every step of a sequence.
+        sequences = keras.layers.Dropout(dropout, noise_shape=(None, 1, sequences.shape[-1]),
+                                         name="input_dropout")(sequences)
+    dense = _fixed_dense("input_kernel", kernel, bias)
+    return [dense(sequences[:, t, :]) for t in range(steps)]
+
+
+def _activation(fn, name: str):
+    from tfq.quantsim.layers import activation_name
+
+    return keras.layers.Activation(activation_name(fn), name=name)
+
+
+def _finish(layer, outputs: list, states: list):
+    y = ops.stack(outputs, axis=1) if layer.return_sequences else outputs[-1]
+    return [y, *states] if layer.return_state else y
+
+
+def _initial_states(initial_state, count: int) -> list:
+    if initial_state is None:
+        return [None] * count
+    states = list(initial_state) if isinstance(initial_state, (list, tuple)) else [initial_state]
+    if len(states) != count:
+        raise ValueError(f"expected {count} initial states")
+    return states
+
+
+def _gates(z, count: int) -> list:
+    """``z`` cut along its last axis into ``count`` gates, one STRIDED_SLICE each. (The converter
+    quantizes a SPLIT of a fake-quantized tensor unreliably: from one run to the next, the same
+    graph gave an int8 or a float SPLIT.)"""
+    size = z.shape[-1] // count
+    return [z[..., k * size:(k + 1) * size] for k in range(count)]
+
+
+def _order(layer, steps: int):
+    return range(steps - 1, -1, -1) if layer.go_backwards else range(steps)
+
+
+def lstm(layer, sequences, initial_state=None, mask=None, training=None):
+    """An LSTM unrolled over its (static) time steps, one int8 op per step and gate::
+
+        z = x_t·W + h·U + b   → i, f, g, o = σ(z_i), σ(z_f), tanh(z_g), σ(z_o)
+        c = f·c + i·g         h = o·tanh(c)
+
+    The matmuls are FULLY_CONNECTED with per-channel weights (the input one for all steps at
+    once); every other op is a shared layer, so each quantity (gates, cell, hidden state) has one
+    range over all steps. TFLite has no int8 kernel for the while loop the converter would make
+    otherwise. ``recurrent_dropout`` is not applied in training (input dropout is).
+    """
+    cell = layer.cell
+    steps = _steps(layer, sequences, mask)
+    xw = _input_steps(layer, sequences, cell.kernel, cell.bias if cell.use_bias else None, steps)
+    recurrent = _fixed_dense("recurrent_kernel", cell.recurrent_kernel, None)
+    add_gates = keras.layers.Add(name="gates")
+    gate, candidate = _activation(cell.recurrent_activation, "gate"), _activation(cell.activation, "candidate")
+    forget_cell, input_cell = keras.layers.Multiply(name="forget_cell"), keras.layers.Multiply(name="input_cell")
+    add_cell, cell_out = keras.layers.Add(name="cell"), _activation(cell.activation, "cell_activation")
+    hidden = keras.layers.Multiply(name="hidden")
+    h, c = _initial_states(initial_state, 2)
+    outputs = []
+    for t in _order(layer, steps):
+        z = xw[t] if h is None else add_gates([xw[t], recurrent(h)])
+        zi, zf, zg, zo = _gates(z, 4)
+        i, f, g, o = gate(zi), gate(zf), candidate(zg), gate(zo)
+        c = input_cell([i, g]) if c is None else add_cell([forget_cell([f, c]), input_cell([i, g])])
+        h = hidden([o, cell_out(c)])
+        outputs.append(h)
+    return _finish(layer, outputs, [h, c])
+
+
+def gru(layer, sequences, initial_state=None, mask=None, training=None):
+    """A GRU unrolled over its (static) time steps (Keras gate order z, r, h)::
+
+        z = σ(x_z + h·U_z + b_z)     r = σ(x_r + h·U_r + b_r)
+        h̃ = act(x_h + r·(h·U_h + b_h))   (reset_after; else act(x_h + (r·h)·U_h))
+        h = z·h + (1 − z)·h̃
+
+    At the first step (``h = 0``) the recurrent terms are the recurrent bias. Ops are shared
+    layers across steps, as in :func:`lstm`.
+    """
+    cell = layer.cell
+    steps = _steps(layer, sequences, mask)
+    units = cell.units
+    input_bias, recurrent_bias = None, None
+    if cell.use_bias:
+        if cell.reset_after:
+            input_bias, recurrent_bias = cell.bias[0], cell.bias[1]
+        else:
+            input_bias = cell.bias
+    xw = _input_steps(layer, sequences, cell.kernel, input_bias, steps)
+    u = cell.recurrent_kernel
+    recurrent_zr = _fixed_dense("recurrent_kernel", u[:, : 2 * units],
+                                None if recurrent_bias is None else recurrent_bias[: 2 * units])
+    recurrent_h = _fixed_dense("recurrent_candidate_kernel", u[:, 2 * units:],
+                               None if recurrent_bias is None else recurrent_bias[2 * units:])
+    zero_state_bias = None if recurrent_bias is None else ops.convert_to_numpy(recurrent_bias)
+    add_zr, add_h = keras.layers.Add(name="gates"), keras.layers.Add(name="candidate_input")
+    gate, candidate = _activation(cell.recurrent_activation, "gate"), _activation(cell.activation, "candidate")
+    reset = keras.layers.Multiply(name="reset")
+    keep, update = keras.layers.Multiply(name="keep"), keras.layers.Multiply(name="update")
+    add_hidden = keras.layers.Add(name="hidden")
+    (h,) = _initial_states(initial_state, 1)
+    outputs = []
+    for t in _order(layer, steps):
+        xz, xr, xh = _gates(xw[t], 3)
+        if h is None:  # h = 0: the recurrent matmuls give their bias only
+            if zero_state_bias is not None:
+                xz = ops.add(xz, zero_state_bias[:units])
+                xr = ops.add(xr, zero_state_bias[units: 2 * units])
+            z, r = gate(xz), gate(xr)
+            rh = None if zero_state_bias is None else ops.multiply(r, zero_state_bias[2 * units:])
+            h = update([ops.subtract(1.0, z), candidate(xh if rh is None else add_h([xh, rh]))])
+        else:
+            rz, rr = _gates(recurrent_zr(h), 2)
+            z, r = gate(add_zr([xz, rz])), gate(add_zr([xr, rr]))
+            rh = reset([r, recurrent_h(h)]) if cell.reset_after else recurrent_h(reset([r, h]))
+            hh = candidate(add_h([xh, rh]))
+            h = add_hidden([keep([z, h]), update([ops.subtract(1.0, z), hh])])
+        outputs.append(h)
+    return _finish(layer, outputs, [h])
+
+
+def simple_rnn(layer, sequences, initial_state=None, mask=None, training=None):
+    """A SimpleRNN unrolled over its (static) time steps: ``h = act(x_t·W + h·U + b)``."""
+    cell = layer.cell
+    steps = _steps(layer, sequences, mask)
+    xw = _input_steps(layer, sequences, cell.kernel, cell.bias if cell.use_bias else None, steps)
+    recurrent = _fixed_dense("recurrent_kernel", cell.recurrent_kernel, None)
+    add, act = keras.layers.Add(name="pre_activation"), _activation(cell.activation, "hidden")
+    (h,) = _initial_states(initial_state, 1)
+    outputs = []
+    for t in _order(layer, steps):
+        h = act(xw[t] if h is None else add([xw[t], recurrent(h)]))
+        outputs.append(h)
+    return _finish(layer, outputs, [h])
