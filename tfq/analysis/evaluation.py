@@ -29,6 +29,16 @@ from tfq.tflite.interpreter import TFLiteModel, available_cores, interpreter_cla
 from tfq.models.loading import is_tf_keras_model
 from tfq.numerics.ops import round_half_away
 from tfq.analysis.report import LayerErrorReport, Report
+from tfq.compression.common import keras_kernels, strip_all, weight_stats
+from tfq.core.export_modes import export_mode_names, get_export_mode
+from tfq.core.representative import model_input_specs
+from tfq.export.convert import convert
+from tfq.models.interop import load_keras_model
+from tfq.reference import explain
+from tfq.reference.executor import as_graph
+from tfq.reference.kernels import UnsupportedOpError
+from tfq.tflite.info import gzip_size, inspect_tflite
+from tfq.tflite.interpreter import _quantize_input
 
 __all__ = ["evaluate", "layer_errors", "sqnr_db", "METRIC_NAMES"]
 
@@ -216,7 +226,6 @@ def _as_arrays(data, what: str = "data") -> tuple[list[np.ndarray], list[str] | 
 
 def _keras_input_order(name: str, model, arrays, names) -> list[np.ndarray]:
     """The data in ``model.inputs`` order, checked against the input shapes."""
-    from tfq.core.representative import model_input_specs
 
     specs = model_input_specs(model)
     if len(specs) != len(arrays):
@@ -295,7 +304,6 @@ class _Runner:
         self.tflite = None
         if isinstance(model, keras.Model) or is_tf_keras_model(model) or (
                 isinstance(model, (str, os.PathLike)) and Path(model).suffix in (".keras", ".h5", ".hdf5")):
-            from tfq.models.interop import load_keras_model
 
             try:
                 self.keras_model = load_keras_model(model, where=f"models[{name!r}]")
@@ -319,7 +327,6 @@ class _Runner:
     @property
     def size(self) -> tuple[int, str]:
         if self.keras_model is not None:
-            from tfq.compression.common import strip_all
 
             return int(strip_all(self.keras_model).count_params()) * 4, "params_fp32"
         return self.tflite.size, "flatbuffer"
@@ -331,8 +338,6 @@ class _Runner:
         stored (int8 per channel). Keras: the float32 weights (pruning/clustering wrappers stripped)
         gzipped, and the main kernels of the weighted layers as computed with (per last axis).
         """
-        from tfq.compression.common import keras_kernels, strip_all, weight_stats
-        from tfq.tflite.info import gzip_size, inspect_tflite
 
         if self.keras_model is not None:
             weights = strip_all(self.keras_model).get_weights()
@@ -344,7 +349,6 @@ class _Runner:
                     max_distinct_per_channel=info.max_distinct_per_channel)
 
     def keras_input_names(self) -> list[str] | None:
-        from tfq.core.representative import model_input_specs
 
         return [s[0] for s in model_input_specs(self.keras_model)] if self.keras_model is not None else None
 
@@ -381,8 +385,6 @@ class _Runner:
 
 
 def _convert_variants(model, variants, representative_data, verbose) -> dict:
-    from tfq.export.convert import convert
-    from tfq.core.export_modes import export_mode_names, get_export_mode
 
     if isinstance(variants, str):
         variants = (variants,)
@@ -517,7 +519,6 @@ def evaluate(
 
     converted = {}
     if is_tf_keras_model(models):
-        from tfq.models.interop import load_keras_model
 
         models = load_keras_model(models)
     if isinstance(models, keras.Model):
@@ -622,7 +623,6 @@ def _debug_interpreter(content: bytes, num_threads):
 
 def _all_tensors(content: bytes, arrays, names, wanted, num_threads, where) -> dict[int, np.ndarray]:
     """Runs ``arrays`` one sample at a time; returns ``{tensor index: (N, *shape) values}``."""
-    from tfq.tflite.interpreter import _quantize_input
 
     interpreter = _debug_interpreter(content, num_threads)
     input_names, _ = _signature_io(interpreter)
@@ -762,7 +762,7 @@ def _fake_quantize(x: np.ndarray, tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(x̃, clipped)``: ``x`` quantized with the tensor's own parameters and back, and where it clipped."""
     info = np.iinfo(tensor.dtype.lower())
     scales, zero_points = _broadcast_qparams(tensor, x.ndim)
-    q = round_half_away(x / scales) + zero_points  # tfq's one tie rule (tfq.numerics.ops)
+    q = round_half_away(x / scales) + zero_points  # tfq's one tie rule (tfq.ops)
     clipped = (q < info.min) | (q > info.max)
     return (np.clip(q, info.min, info.max) - zero_points) * scales, clipped
 
@@ -848,12 +848,8 @@ def layer_errors(
         >>> print(errors)                                                  # doctest: +SKIP
         >>> errors.outliers[0]["tensor"]                                   # doctest: +SKIP
     """
-    from tfq.export.convert import convert
-    from tfq.core.representative import model_input_specs
-    from tfq.tflite.info import inspect_tflite
 
     if is_tf_keras_model(keras_model):
-        from tfq.models.interop import load_keras_model
 
         keras_model = load_keras_model(keras_model)
     if not isinstance(keras_model, keras.Model):
@@ -918,10 +914,6 @@ def _reference_saturation(content: bytes, arrays, names) -> dict:
 
     Empty when the reference executor cannot run the model (an op it has no kernel for).
     """
-    from tfq.tflite.interpreter import TFLiteModel
-    from tfq.reference import explain
-    from tfq.reference.executor import as_graph
-    from tfq.reference.kernels import UnsupportedOpError
 
     runner = TFLiteModel(content)
     try:

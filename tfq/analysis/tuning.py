@@ -46,6 +46,10 @@ from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
 from tfq.tflite.interpreter import available_cores
 from tfq.core.recipes import Recipe, TensorSpec, save_recipe
+from tfq.core.recipes import BIAS_CORRECTION, DATA_FREE, WEIGHT_ROUNDING
+from tfq.core.representative import representative_dataset
+from tfq.tflite.info import inspect_tflite
+from tfq.tflite.interpreter import TFLiteModel
 
 __all__ = ["tune", "TuneResult", "Trial", "DEFAULT_SEARCH_SPACE", "STRATEGIES"]
 
@@ -73,7 +77,7 @@ _LOWER_IS_BETTER = ("mse", "mae", "loss")
 
 
 def _takes(method: str, param: str) -> bool:
-    """Whether calibration ``method`` has parameter ``param`` (registry: tfq.core.calibration_methods)."""
+    """Whether calibration ``method`` has parameter ``param`` (registry: tfq.calibration_methods)."""
     return param in get_calibration_method(method).params
 
 
@@ -102,7 +106,7 @@ class TuneResult:
 
     Attributes:
         tflite: bytes of the chosen model.
-        recipe: the :class:`~tfq.core.recipes.Recipe` that reproduces it with
+        recipe: the :class:`~tfq.recipes.Recipe` that reproduces it with
             ``tfq.convert(model, recipe=result.recipe, representative_data=...)``.
         trials: every trial, in order.
         best: the chosen trial.
@@ -162,7 +166,6 @@ def _weighted_layer_names(model) -> list[str]:
 
 def _int8_weight_fraction(content: bytes) -> float:
     """Share of weight elements (constant tensors, biases excluded) stored as int8."""
-    from tfq.tflite.info import inspect_tflite
 
     info = inspect_tflite(content)
     int8 = other = 0
@@ -203,7 +206,6 @@ def _integer_modes() -> list[str]:
 
 
 def _check_method_space(space: dict) -> None:
-    from tfq.core.recipes import BIAS_CORRECTION, DATA_FREE, WEIGHT_ROUNDING
 
     allowed = {"equalize": (False, True), "bias_correction": BIAS_CORRECTION, "weight_rounding": WEIGHT_ROUNDING,
                "data_free": DATA_FREE}
@@ -335,19 +337,18 @@ class _Tuner:
 
     # -- one trial ---------------------------------------------------------------------------------
     def convert(self, choices: dict) -> bytes:
-        import tfq
+        from tfq.export.convert import convert
 
         key = _canonical(choices)
         if key in self.contents:
             return self.contents[key]
         recipe = _recipe_for(choices, self.seed, self.num_samples)
         data = None if recipe.data_free_method else self.rep
-        content = tfq.convert(self.model, recipe=recipe, mode=None, representative_data=data)
+        content = convert(self.model, recipe=recipe, mode=None, representative_data=data)
         self.contents[key] = content
         return content
 
     def run(self, choices: dict) -> Trial:
-        from tfq.tflite.interpreter import TFLiteModel
 
         key = _canonical(choices)
         for t in self.trials:
@@ -588,8 +589,7 @@ def tune(
         >>> result = tfq.tune(model, x_train[:300], x_val, y_val, max_drop=0.005)   # doctest: +SKIP
         >>> result.save("tuned/")                                                     # doctest: +SKIP
     """
-    import tfq
-    from tfq.core.representative import representative_dataset
+    from tfq.analysis.evaluation import evaluate
     from tfq.models.interop import load_keras_model
 
     if output_dir is not None:
@@ -641,7 +641,7 @@ def tune(
         raise ValueError(f"every trial failed; the first error: {best.error}")
     content = tuner.convert(best.choices)
     recipe = _recipe_for(best.choices, seed, num_calibration_samples)
-    report = tfq.evaluate({"keras_float": model, "tuned": content}, x_eval, y_eval, reference="keras_float",
+    report = evaluate({"keras_float": model, "tuned": content}, x_eval, y_eval, reference="keras_float",
                           latency=objective == "latency", num_threads=num_threads)
     return TuneResult(tflite=content, recipe=recipe, trials=tuner.trials, best=best, met=best.met,
                       baseline=tuner.baseline, max_drop=max_drop, metric_name=tuner.metric_name, report=report,

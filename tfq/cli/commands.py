@@ -25,6 +25,9 @@ from absl import app, flags
 from tfq.cli.flags import UsageError, help_requested, load_npz, print_help, quiet_logs
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names
 from tfq.core.export_modes import export_mode_names, io_dtype_names
+from tfq.cli.quickstart import run_quickstart
+from tfq.core.fileio import check_writable, check_writable_dir
+from tfq.reference import explain_table
 
 __all__ = ["main", "run", "COMMANDS"]
 
@@ -100,8 +103,8 @@ def model_keys(paths) -> list[str]:
 
 
 def _convert() -> int:
-    import tfq
-    from tfq.core.fileio import check_writable
+    from tfq.export.convert import convert
+    from tfq.tflite.info import inspect_tflite
 
     if not FLAGS.model:
         raise UsageError("--model is required (a .keras file or SavedModel directory).")
@@ -110,7 +113,7 @@ def _convert() -> int:
     check_writable(FLAGS.output, "--output")
     data = load_npz(FLAGS.data, "data")[0] if FLAGS.data else None
     params = {"percentile": FLAGS.percentile} if FLAGS.percentile is not None else None
-    content = tfq.convert(
+    content = convert(
         FLAGS.model, None if FLAGS.recipe else FLAGS.mode, data, recipe=FLAGS.recipe,
         calibration=FLAGS.calibration, per_channel=FLAGS.per_channel, io_dtype=FLAGS.io_dtype,
         float_layers=FLAGS.float_layers, num_calibration_samples=FLAGS.num_samples, output=FLAGS.output,
@@ -118,19 +121,18 @@ def _convert() -> int:
         bias_correction=_switch(FLAGS.bias_correction), weight_rounding=FLAGS.weight_rounding,
         data_free=_switch(FLAGS.data_free),
     )
-    info = tfq.inspect_tflite(content)
+    info = inspect_tflite(content)
     print(f"wrote {FLAGS.output}: {len(content):,} bytes, {len(info.ops)} ops, {info.num_float_ops} float ops, "
           f"inputs {info.input_dtypes}")
     return 0
 
 
 def _evaluate() -> int:
-    import tfq
+    from tfq.analysis.evaluation import evaluate
 
     if not FLAGS.model and not FLAGS.tflite:
         raise UsageError("give --model and/or --tflite=a.tflite,b.tflite to evaluate.")
     if FLAGS.output:
-        from tfq.core.fileio import check_writable
 
         check_writable(FLAGS.output, "--output")
     x, y = load_npz(FLAGS.data, "data")
@@ -143,7 +145,7 @@ def _evaluate() -> int:
             models[key] = load_keras_model(path, where="--model")
         else:
             models[key] = path
-    report = tfq.evaluate(models, x, y, num_threads=FLAGS.num_threads, max_samples=FLAGS.max_samples)
+    report = evaluate(models, x, y, num_threads=FLAGS.num_threads, max_samples=FLAGS.max_samples)
     print(report.to_markdown())
     if FLAGS.output:
         report.to_json(FLAGS.output)
@@ -151,7 +153,7 @@ def _evaluate() -> int:
 
 
 def _inspect() -> int:
-    import tfq
+    from tfq.tflite.info import inspect_tflite
 
     if not FLAGS.tflite:
         raise UsageError("--tflite=model.tflite is required.")
@@ -160,17 +162,14 @@ def _inspect() -> int:
     data = load_npz(FLAGS.data, "data")[0] if FLAGS.explain and FLAGS.data else None
     for path in FLAGS.tflite:
         print(f"# {path}")
-        print(tfq.inspect_tflite(path).summary())
+        print(inspect_tflite(path).summary())
         if FLAGS.explain:
-            from tfq.reference import explain_table
 
             print(explain_table(path, inputs=data))
     return 0
 
 
 def _quickstart() -> int:
-    from tfq.core.fileio import check_writable_dir
-    from tfq.cli.quickstart import run_quickstart
 
     check_writable_dir(FLAGS.output_dir or "tfq_quickstart", "--output_dir")
     report = run_quickstart(output_dir=FLAGS.output_dir or "tfq_quickstart", epochs=FLAGS.epochs,
@@ -180,17 +179,16 @@ def _quickstart() -> int:
 
 
 def _tune() -> int:
-    import tfq
+    from tfq.analysis.tuning import tune
 
     if not FLAGS.model:
         raise UsageError("--model is required.")
     if FLAGS.output_dir:
-        from tfq.core.fileio import check_writable_dir
 
         check_writable_dir(FLAGS.output_dir, "--output_dir")
     x_cal, _ = load_npz(FLAGS.data, "data")
     x_val, y_val = load_npz(FLAGS.eval_data, "eval_data", need_labels=True)
-    result = tfq.tune(FLAGS.model, x_cal, x_val, y_val, max_drop=FLAGS.max_drop, objective=FLAGS.objective,
+    result = tune(FLAGS.model, x_cal, x_val, y_val, max_drop=FLAGS.max_drop, objective=FLAGS.objective,
                       strategy=FLAGS.strategy, max_trials=FLAGS.max_trials, seed=FLAGS.seed,
                       output_dir=FLAGS.output_dir, verbose=not FLAGS.quiet)
     print(result.summary())

@@ -32,13 +32,16 @@ def run_quickstart(output_dir: str = "tfq_quickstart", epochs: int = 10, qat_epo
     """
     import keras
 
-    import tfq
+    from tfq.analysis.evaluation import evaluate, layer_errors
+    from tfq.datasets import load_digits
+    from tfq.export.convert import convert
+    from tfq.qat import quantize_model
     from tfq.models.examples import digits_cnn, train_model
 
     start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=seed)
+    (x_train, y_train), (x_test, y_test) = load_digits(seed=seed)
     _say(f"digits: {len(x_train)} train / {len(x_test)} test images of {x_train.shape[1:]}", verbose)
 
     keras.utils.set_random_seed(seed)
@@ -51,19 +54,19 @@ def run_quickstart(output_dir: str = "tfq_quickstart", epochs: int = 10, qat_epo
     models = {"keras_float": model}
     for mode in ("float", "fp16", "dynamic"):
         _say(f"exporting {mode} ...", verbose)
-        models[f"tflite_{mode}"] = tfq.convert(model, mode, output=out / f"model_{mode}.tflite")
+        models[f"tflite_{mode}"] = convert(model, mode, output=out / f"model_{mode}.tflite")
     _say(f"exporting int8 (PTQ, {calibration} calibration on {len(calib)} samples) ...", verbose)
-    models["tflite_int8_ptq"] = tfq.convert(model, "int8", calib, calibration=calibration,
+    models["tflite_int8_ptq"] = convert(model, "int8", calib, calibration=calibration,
                                             output=out / "model_int8_ptq.tflite")
     if qat_epochs > 0:
         _say(f"QAT: fine-tuning the fake-quantized model for {qat_epochs} epochs ...", verbose)
-        qat_model = tfq.qat.quantize_model(model, calibration_data=calib)
+        qat_model = quantize_model(model, calibration_data=calib)
         train_model(qat_model, x_train, y_train, epochs=qat_epochs, seed=seed, learning_rate=2e-4, verbose=0)
-        models["tflite_int8_qat"] = tfq.convert(qat_model, "int8", output=out / "model_int8_qat.tflite")
+        models["tflite_int8_qat"] = convert(qat_model, "int8", output=out / "model_int8_qat.tflite")
 
     _say("evaluating every variant through the TFLite interpreter ...", verbose)
-    report = tfq.evaluate(models, x_test, y_test, reference="keras_float", num_threads=2)
-    report.layer_errors = tfq.layer_errors(model, models["tflite_int8_ptq"], x_test[:64])
+    report = evaluate(models, x_test, y_test, reference="keras_float", num_threads=2)
+    report.layer_errors = layer_errors(model, models["tflite_int8_ptq"], x_test[:64])
     report.to_json(out / "report.json")
     (out / "report.md").write_text(report.to_markdown() + "\n")
     try:

@@ -11,10 +11,10 @@ values are a subset of the centroids, and quantization maps equal values to equa
 :func:`tfq.qat.quantize_model` with ``preserve="clusters"`` keeps this through QAT.
 
 Example:
-    >>> clustered = tfq.compression.clustering.cluster_weights(model, number_of_clusters=16)   # doctest: +SKIP
+    >>> clustered = tfq.clustering.cluster_weights(model, number_of_clusters=16)   # doctest: +SKIP
     >>> clustered.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")  # doctest: +SKIP
     >>> clustered.fit(x, y, epochs=2)                                              # doctest: +SKIP
-    >>> tflite = tfq.convert(tfq.compression.clustering.strip_clustering(clustered), "int8", x[:300])  # doctest: +SKIP
+    >>> tflite = tfq.convert(tfq.clustering.strip_clustering(clustered), "int8", x[:300])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -179,12 +179,11 @@ def cluster_weights(
     Example:
         >>> clustered = cluster_weights(model, 16, "kmeans++", skip_layers=["conv1"])   # doctest: +SKIP
     """
-    from tfq.compression.pruning import _load_plain
 
     k = _check_clusters(number_of_clusters)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}. Received: init={init!r}")
-    model = _load_plain(model, "cluster_weights")
+    model = _compression.load_plain_model(model, "cluster_weights")
     selected = _compression.layer_selector(model, layers, skip_layers, "cluster_weights")
     clustered = _compression.wrap_model(model, selected, lambda layer: ClusterWeights(layer, k, init, seed))
     if not clustered_layers_of(clustered):

@@ -1,7 +1,7 @@
 """What pruning and clustering share: which weight of a layer they compress, layer selection, the
 wrapper base class, and the model rewrites that add or remove wrappers.
 
-Internal: the public API is :mod:`tfq.compression.pruning` and :mod:`tfq.compression.clustering`.
+Internal: the public API is :mod:`tfq.pruning` and :mod:`tfq.clustering`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import inspect
 import keras
 import numpy as np
 
+from tfq.models.interop import load_keras_model
+from tfq.models.loading import is_quantized_model
 from tfq.tflite.info import distinct_per_channel
 from tfq.quantsim.rewrite import _as_functional, _clone_nested, _copy_layer, _walk_layers
 from tfq.core.recipes import _matches
+from tfq.quantsim.layers import QuantizedLayer
 
 # The weight each layer type has compressed (the one TFLite stores as the op's filter), most
 # specific class first: a separable convolution's pointwise kernel holds nearly all its weights.
@@ -233,7 +236,6 @@ def keras_kernels(model) -> list[tuple[str, np.ndarray]]:
     Wrappers give their effective weight (masked, clustered; a tfq QAT layer its preserved kernel),
     so the figures describe what the model computes with.
     """
-    from tfq.quantsim.layers import QuantizedLayer
 
     found = []
     for layer in _walk_layers(model):
@@ -267,3 +269,16 @@ def weight_stats(arrays_and_axes) -> dict:
             distinct = max(distinct, int(distinct_per_channel(v, axis).max()))
     return {"weight_sparsity": zeros / total if total else None,
             "max_distinct_per_channel": distinct if total else None}
+
+
+def load_plain_model(model, who: str) -> keras.Model:
+    """``model`` (or the file it names) as a Keras 3 model to compress: refused if it already carries
+    compression wrappers or is a tfq QAT model, with the fix named after ``who``."""
+    model = load_keras_model(model, where=who)
+    if wrappers_of(model):
+        raise ValueError(f"{who}: model {model.name!r} already has pruning/clustering wrappers; strip them first "
+                         f"(tfq.pruning.strip_pruning / tfq.clustering.strip_clustering).")
+    if is_quantized_model(model):
+        raise ValueError(f"{who}: model {model.name!r} is a tfq QAT model; compress the float model, strip it, then "
+                         f"quantize it with tfq.qat.quantize_model(..., preserve=...).")
+    return model

@@ -6,7 +6,7 @@ train as usual) and the teacher a float model, so a student is distilled straigh
 model it will ship as.
 
 Example:
-    >>> distiller = tfq.compression.distillation.Distiller(student=small, teacher=big, temperature=4.0, alpha=0.1)  # doctest: +SKIP
+    >>> distiller = tfq.distillation.Distiller(student=small, teacher=big, temperature=4.0, alpha=0.1)  # doctest: +SKIP
     >>> distiller.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])                            # doctest: +SKIP
     >>> distiller.fit(x_train, y_train, epochs=10)                                                      # doctest: +SKIP
     >>> tflite = tfq.convert(distiller.student, "int8", x_train[:300])                                  # doctest: +SKIP

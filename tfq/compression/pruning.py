@@ -5,15 +5,15 @@
 pruning step in non-trainable variables; during training, at the steps the schedule names, the
 mask is recomputed so that the smallest-magnitude weights (or blocks of weights) are zero, and the
 layer always computes with ``weight · mask`` (pruned weights get no gradient). The step comes from
-:class:`tfq.training.callbacks.UpdatePruningStep`, which ``fit`` must be given. :func:`strip_pruning` returns
+:class:`tfq.callbacks.UpdatePruningStep`, which ``fit`` must be given. :func:`strip_pruning` returns
 the plain Keras model with the zeros in its weights, ready for :func:`tfq.convert` (which strips a
 wrapped model itself) or :func:`tfq.qat.quantize_model` with ``preserve="sparsity"``.
 
 Example:
-    >>> pruned = tfq.compression.pruning.prune_low_magnitude(model, target_sparsity=0.75, frequency=20)  # doctest: +SKIP
+    >>> pruned = tfq.pruning.prune_low_magnitude(model, target_sparsity=0.75, frequency=20)  # doctest: +SKIP
     >>> pruned.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])               # doctest: +SKIP
-    >>> pruned.fit(x, y, epochs=4, callbacks=[tfq.training.callbacks.UpdatePruningStep()])            # doctest: +SKIP
-    >>> tflite = tfq.convert(tfq.compression.pruning.strip_pruning(pruned), "int8", x[:300])            # doctest: +SKIP
+    >>> pruned.fit(x, y, epochs=4, callbacks=[tfq.callbacks.UpdatePruningStep()])            # doctest: +SKIP
+    >>> tflite = tfq.convert(tfq.pruning.strip_pruning(pruned), "int8", x[:300])            # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class PolynomialDecay:
 
     Masks are updated at ``t = begin_step + k·frequency`` up to ``end_step``, and at ``end_step``
     itself, so ``final_sparsity`` is reached exactly at ``end_step``; after it the masks stay.
-    ``end_step=None`` is set by :class:`tfq.training.callbacks.UpdatePruningStep` to the last step of the
+    ``end_step=None`` is set by :class:`tfq.callbacks.UpdatePruningStep` to the last step of the
     first ``fit``.
 
     Example:
@@ -232,7 +232,7 @@ class PruneLowMagnitude(_compression.CompressionWrapper):
     """A layer trained with its main weight multiplied by a magnitude mask that the schedule tightens.
 
     Non-trainable variables: ``pruning_mask`` (shape of the weight), ``pruning_step`` (set before
-    every batch by :class:`tfq.training.callbacks.UpdatePruningStep`; −1 until then) and ``end_step``. In a
+    every batch by :class:`tfq.callbacks.UpdatePruningStep`; −1 until then) and ``end_step``. In a
     training call, when ``schedule`` says so, the mask becomes :func:`magnitude_mask` of
     ``|weight · mask|`` at the scheduled sparsity (a pruned weight never comes back). Every call
     computes with ``weight · mask``. Compressed weight: a convolution's or Dense/EinsumDense's
@@ -280,7 +280,7 @@ class PruneLowMagnitude(_compression.CompressionWrapper):
         end = tf.convert_to_tensor(self.end_step)
         checks = [tf.debugging.assert_non_negative(
             step, message=f"tfq: layer {self.name!r} is pruned but its pruning step was never set: pass "
-                          f"callbacks=[tfq.training.callbacks.UpdatePruningStep()] to fit.")]
+                          f"callbacks=[tfq.callbacks.UpdatePruningStep()] to fit.")]
         with tf.control_dependencies(checks):
             mask = tf.convert_to_tensor(self.pruning_mask)
             weight = tf.convert_to_tensor(self.main_weight)
@@ -332,8 +332,8 @@ def prune_low_magnitude(
 ) -> keras.Model:
     """Returns a new model that prunes its weights by magnitude while it trains; the caller's is untouched.
 
-    Train it with ``fit(..., callbacks=[tfq.training.callbacks.UpdatePruningStep()])`` (add
-    :class:`tfq.training.callbacks.PruningSummaries` for per-layer sparsity in the logs), then
+    Train it with ``fit(..., callbacks=[tfq.callbacks.UpdatePruningStep()])`` (add
+    :class:`tfq.callbacks.PruningSummaries` for per-layer sparsity in the logs), then
     :func:`strip_pruning`. Schedules (``t`` = training step, counted by the optimizer)::
 
         "polynomial":  s(t) = target + (initial − target) · (1 − p)^power,
@@ -387,28 +387,13 @@ def prune_low_magnitude(
         raise ValueError("initial_sparsity and power apply to schedule='polynomial' only. Received: schedule='constant' "
                          f"with initial_sparsity={initial_sparsity!r}, power={power!r}")
     block = _check_block(block_size)
-    model = _load_plain(model, "prune_low_magnitude")
+    model = _compression.load_plain_model(model, "prune_low_magnitude")
     selected = _compression.layer_selector(model, layers, skip_layers, "prune_low_magnitude")
     pruned = _compression.wrap_model(model, selected, lambda layer: PruneLowMagnitude(layer, sched, block))
     if not pruned_layers_of(pruned):
         raise ValueError(f"prune_low_magnitude: no layer of model {model.name!r} to prune (layers={layers!r}, "
                          f"skip_layers={skip_layers!r}). Prunable: {', '.join(_compression.supported_layer_types())}.")
     return pruned
-
-
-def _load_plain(model, who: str) -> keras.Model:
-    from tfq.models.interop import load_keras_model
-
-    model = load_keras_model(model, where=who)
-    if _compression.wrappers_of(model):
-        raise ValueError(f"{who}: model {model.name!r} already has pruning/clustering wrappers; strip them first "
-                         f"(tfq.compression.pruning.strip_pruning / tfq.compression.clustering.strip_clustering).")
-    from tfq.models.loading import is_quantized_model
-
-    if is_quantized_model(model):
-        raise ValueError(f"{who}: model {model.name!r} is a tfq QAT model; compress the float model, strip it, then "
-                         f"quantize it with tfq.qat.quantize_model(..., preserve=...).")
-    return model
 
 
 def pruned_layers_of(model) -> list[PruneLowMagnitude]:

@@ -3,13 +3,13 @@
 A calibration method is a name (``"kl"``) bound to the observer that computes its ranges, the
 parameters a user may set (each with its check, its description and its default), and whether
 the target grid's ``bits`` applies. Everything that accepts a method name reads it from here:
-:func:`tfq.numerics.observers.create_observer` builds the observer, :class:`tfq.Recipe` validates
+:func:`tfq.observers.create_observer` builds the observer, :class:`tfq.Recipe` validates
 ``calibration_params`` with the same checks the observer applies, :func:`tfq.calibrate` passes
 ``bits`` only where it applies, :func:`tfq.tune` searches the parameters a method has, and the
 CLI lists the names. Adding a method is one call to :func:`register_calibration_method`.
 
 This module imports nothing from tfq (and neither TensorFlow nor numpy): observers are named by
-class name (looked up in :mod:`tfq.numerics.observers`' registry) or given as a class.
+class name (looked up in :mod:`tfq.observers`' registry) or given as a class.
 
 Example:
     >>> get_calibration_method("percentile").check_params({"percentile": 99.9})
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 #: The method tfq.convert, tfq.calibrate, Recipe and the CLI use when none is named: MinMax over the
-#: calibration samples, the samples far outside the rest set aside (see tfq.numerics.outliers).
+#: calibration samples, the samples far outside the rest set aside (see tfq.outliers).
 DEFAULT_CALIBRATION = "robust_minmax"
 
 #: Observer arguments tfq sets itself from the quantizer (never user parameters).
@@ -77,7 +77,7 @@ class CalibrationMethod:
 
     Attributes:
         name: the method name (``calibration="kl"``).
-        observer: the observer class, or its class name in :mod:`tfq.numerics.observers`' registry.
+        observer: the observer class, or its class name in :mod:`tfq.observers`' registry.
         observer_args: fixed constructor arguments (``{"method": "kl"}`` for the histogram observer).
         params: user parameters by name; :meth:`check_params` validates them.
         uses_bits: the observer takes the target grid's ``bits`` (set by tfq from the tensor's spec).
@@ -165,7 +165,7 @@ def register_calibration_method(method: CalibrationMethod, *, replace: bool = Fa
         TypeError: ``method`` is not a :class:`CalibrationMethod`.
 
     Example:
-        >>> from tfq.numerics.observers import MinMaxObserver
+        >>> from tfq.observers import MinMaxObserver
         >>> _ = register_calibration_method(CalibrationMethod("my_minmax", MinMaxObserver))  # doctest: +SKIP
         >>> tfq.calibrate(model, x, method="my_minmax")                                       # doctest: +SKIP
     """
@@ -228,7 +228,7 @@ for _method in (
     CalibrationMethod("mse", "HistogramObserver", {"method": "mse"},
                       {"num_bins": _NUM_BINS, "batch_aggregate": _BATCH_AGGREGATE}, uses_bits=True,
                       description="the range minimizing the expected squared quantization error"),
-    # The observer is MinMax; tfq.calibrate sets the samples far outside the rest aside (tfq.numerics.outliers).
+    # The observer is MinMax; tfq.calibrate sets the samples far outside the rest aside (tfq.outliers).
     CalibrationMethod(DEFAULT_CALIBRATION, "MinMaxObserver",
                       description="MinMax over the calibration samples, those far outside the rest set aside "
                                   "(tfq's default)"),

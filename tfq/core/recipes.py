@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 # MODES, CALIBRATION_METHODS and IO_DTYPES are read from the registries at use (module __getattr__
-# below): tfq.core.export_modes and tfq.core.calibration_methods, where a new mode or method is one registration.
+# below): tfq.export_modes and tfq.calibration_methods, where a new mode or method is one registration.
 DTYPES = ("int8", "int16", "float16", "float32")
 # Methods beyond calibration (see tfq.ptq.equalization, tfq.ptq.bias_correction, tfq.ptq.weight_rounding,
 # tfq.ptq.data_free). True picks the default: bias correction empirical with data, analytical with
@@ -383,7 +383,7 @@ class Recipe:
             int8 asymmetric per-tensor (int8), int16 symmetric per-tensor
             (int16x8), else float32.
         calibration: Range estimator: "robust_minmax" (default: MinMax over the
-            samples not far outside the rest, see `tfq.numerics.outliers`), "minmax",
+            samples not far outside the rest, see `tfq.outliers`), "minmax",
             "moving_average", "kl", "percentile" or "mse".
         calibration_params: Method parameters: {"decay"} for moving_average,
             {"num_bins", "batch_aggregate"} for kl and mse, {"percentile", "num_bins",

@@ -22,6 +22,16 @@ from tfq.core.messages import short_repr
 from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.tflite.converter import ConversionError, run_converter
+from tfq.compression.common import strip_all
+from tfq.core.calibration_methods import get_calibration_method
+from tfq.core.representative import representative_dataset
+from tfq.export.graph_converter import keras_graph_converter
+from tfq.models.interop import convert_tfmot_model
+from tfq.numerics.outliers import input_outlier_samples, warn_outlier_samples, without_samples
+from tfq.ptq import pipeline as ptq_methods
+from tfq.ptq.pipeline import MethodsReport, uses_methods
+from tfq.quantsim.rewrite import fix_ranges_in_place, freeze_model, quantizers_of, rewrite_model, uncovered_layers
+from tfq.tflite.info import inspect_tflite
 
 __all__ = ["convert", "ConversionError", "fake_quantize"]
 
@@ -104,7 +114,6 @@ def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers
     methods = {k: v for k, v in (methods or {}).items() if v is not None}
     method = calibration if isinstance(calibration, str) else None
     if method is not None:
-        from tfq.core.calibration_methods import get_calibration_method
 
         get_calibration_method(method)  # a one-line error naming the registered methods
     patterns = _float_layer_patterns(float_layers)
@@ -150,7 +159,7 @@ def _describe(value) -> str:
 
 
 def _options_set(r: Recipe, data, calibration) -> dict:
-    """The :data:`tfq.core.export_modes.CONVERT_OPTIONS` a conversion asks for, with their values."""
+    """The :data:`tfq.export_modes.CONVERT_OPTIONS` a conversion asks for, with their values."""
     entry = get_export_mode(r.mode)
     options = {}
     if data is not None:
@@ -217,7 +226,6 @@ def _check_options(model, r: Recipe, data, calibration) -> None:
 
 def _qat_needs_calibration(qmodel) -> bool:
     """Whether some quantizer of a tfq QAT model never saw data (its range is still to calibrate)."""
-    from tfq.quantsim.rewrite import quantizers_of
 
     return any(q.mode != "fixed" and float(keras.ops.convert_to_numpy(q.initialized)) < 0.5
                for q in quantizers_of(qmodel).values())
@@ -225,7 +233,6 @@ def _qat_needs_calibration(qmodel) -> bool:
 
 def _check_methods(model, r: Recipe, data, calibration, report=None) -> None:
     """Refuses, in one line, the methods beyond calibration where they cannot apply."""
-    from tfq.ptq.pipeline import MethodsReport, uses_methods
 
     if report is not None and not isinstance(report, MethodsReport):
         raise TypeError(f"report must be a tfq.MethodsReport (or None). Received: {type(report).__name__}")
@@ -271,7 +278,7 @@ def convert(
     """Converts a Keras model to TFLite.
 
     Every option is honoured or refused with one line naming it: each mode honours the options
-    :mod:`tfq.core.export_modes` lists for it (``"int8"`` all of them; ``"int16x8"``, whose ranges
+    :mod:`tfq.export_modes` lists for it (``"int8"`` all of them; ``"int16x8"``, whose ranges
     the TFLite converter chooses itself, only representative data, ``num_calibration_samples``,
     ``equalize`` and ``data_free``; ``"float"``/``"fp16"``/``"dynamic"`` none), a SavedModel only
     representative data (the converter converts it alone), a tfq QAT model no layer choices.
@@ -283,14 +290,14 @@ def convert(
             ``recipe`` is given.
         representative_data: calibration data for ``"int8"``/``"int16x8"`` (arrays, dict,
             ``tf.data.Dataset`` or callable). Not needed for a trained QAT model.
-        recipe: a :class:`~tfq.core.recipes.Recipe`, preset name or file. Keyword choices that differ
+        recipe: a :class:`~tfq.recipes.Recipe`, preset name or file. Keyword choices that differ
             from it (``mode``, ``calibration``, ``io_dtype``, ``per_channel=False``) are refused;
             ``float_layers`` are added to its own, ``calibration_params`` merged into its own,
             ``num_calibration_samples`` and the methods below replace its values.
         calibration: a method name (or a registered one) or a :class:`~tfq.Calibration` from
             :func:`tfq.calibrate`. The default, ``"robust_minmax"``, takes each range by MinMax over
             the calibration samples, setting aside (with a warning naming them) the samples far
-            outside the rest (:mod:`tfq.numerics.outliers`); the rest of the conversion does not see them
+            outside the rest (:mod:`tfq.outliers`); the rest of the conversion does not see them
             either. ``"minmax"`` keeps every sample; ``"moving_average"``, ``"kl"``,
             ``"percentile"``, ``"mse"`` choose ranges from averages or histograms. Every method warns
             about such samples.
@@ -344,7 +351,6 @@ def convert(
         check_writable(output, "output")
     model = load_keras_model(model, saved_model=True, tfmot=True)
     if is_tf_keras_model(model):  # a tfmot QAT model: tfmot's own fake-quant ops carry the ranges
-        from tfq.models.interop import convert_tfmot_model
 
         r = _build_recipe(mode if mode is not None else "int8", recipe, calibration, per_channel, io_dtype,
                           float_layers, num_calibration_samples, methods, calibration_params)
@@ -359,7 +365,6 @@ def convert(
         if output is not None:
             atomic_write_bytes(output, content)
         return content
-    from tfq.compression.common import strip_all
 
     model = strip_all(model)  # pruning/clustering wrappers: convert the weights they compute with
     r = _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers, num_calibration_samples, methods,
@@ -430,7 +435,6 @@ def fake_quantize(
 
 def _strip_quantization(model):
     """The float model under a tfq QAT model: float/fp16/dynamic export of a QAT model."""
-    from tfq.quantsim.rewrite import freeze_model, quantizers_of
 
     return freeze_model(model, {}, strip=True) if quantizers_of(model) else model
 
@@ -495,14 +499,11 @@ def _require_data(data, mode):
 
 def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> bytes:
     """Modes whose ranges the TFLite converter chooses from representative data (int16x8): the mode's driver."""
-    from tfq.ptq import pipeline as ptq_methods
-    from tfq.core.representative import representative_dataset
 
     if is_quantized_model(model):
         model = _strip_quantization(model)
     model = ptq_methods.prepare_model(model, r, report)
     if r.data_free_method:
-        from tfq.quantsim.rewrite import rewrite_model
 
         data = ptq_methods.calibration_inputs(rewrite_model(model, "int8", warn_unknown=False), r, data, report)
     _require_data(data, r.mode)
@@ -515,7 +516,6 @@ def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> 
 
 
 def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=None) -> bytes:
-    from tfq.quantsim.rewrite import uncovered_layers
 
     if isinstance(model, SavedModelPath):
         return _convert_saved_model_int8(model, r, data)
@@ -546,8 +546,6 @@ def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
     calibrates (MinMax) every tensor that has no fake-quant range — the inside of layers tfq keeps
     whole — and keeps float only the ops that have no int8 kernel.
     """
-    from tfq.export.graph_converter import keras_graph_converter
-    from tfq.core.representative import representative_dataset
 
     converter = keras_graph_converter(frozen)  # one trace, no SavedModel export: see tfq.export.graph_converter
     rep = None if data is None else representative_dataset(data, r.num_calibration_samples, model=frozen)
@@ -565,8 +563,6 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
 
     ``in_place``: a model rewritten here is fixed in place rather than copied (for the converter only).
     """
-    from tfq.ptq import pipeline as ptq_methods
-    from tfq.quantsim.rewrite import fix_ranges_in_place, freeze_model, quantizers_of, rewrite_model
 
     ranges = None
     if is_quantized_model(model):
@@ -591,7 +587,6 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         ranges = cal.ranges
         ranges.update(ptq_methods.data_free_ranges(qmodel, r))
         if cal.method == DEFAULT_CALIBRATION and cal.outlier_samples:
-            from tfq.numerics.outliers import without_samples
 
             # Set aside for what follows too: weight methods, the converter's calibration inside opaque layers.
             data = without_samples(data, cal.outlier_samples, r.num_calibration_samples, model=qmodel)
@@ -605,7 +600,6 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
 
 def _unexpected_float_ops(content: bytes, r: Recipe) -> list:
     """Float compute ops of an INT8 model, unless the recipe keeps some layers float."""
-    from tfq.tflite.info import inspect_tflite
 
     if r.float_layers or any(o.float for o in r.overrides):
         return []
@@ -637,10 +631,8 @@ def _all_layers(model):
 
 def _screened_inputs(rep, r: Recipe):
     """The data the TFLite converter calibrates with, after the outlier test on the model inputs
-    (:func:`tfq.numerics.outliers.input_outlier_samples`): warned about, and set aside with the default calibration.
+    (:func:`tfq.outliers.input_outlier_samples`): warned about, and set aside with the default calibration.
     For conversions where the converter runs the model itself (SavedModel, int16x8)."""
-    from tfq.numerics.outliers import input_outlier_samples, warn_outlier_samples, without_samples
-    from tfq.core.representative import representative_dataset
 
     outliers = input_outlier_samples(rep)
     set_aside = r.calibration == DEFAULT_CALIBRATION
@@ -652,7 +644,6 @@ def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
     """A SavedModel has no Keras graph to rewrite: the converter's own MinMax calibration is used
     (:func:`_check_options` has refused every option that would need tfq's rewrite), on the samples
     that pass the outlier test on the inputs (set aside by the default calibration)."""
-    from tfq.core.representative import representative_dataset
 
     tf = _tf()
     _require_data(data, r.mode)

@@ -31,6 +31,7 @@ import logging
 
 import keras
 import numpy as np
+from tfq.core.representative import pack_model_inputs
 
 __all__ = ["keras_graph_converter", "add_serving_signature"]
 
@@ -68,7 +69,6 @@ def keras_graph_converter(model: keras.Model):
     Returns:
         A ``tf.lite.TFLiteConverter`` subclass; ``convert()`` returns ``.tflite`` bytes with the serving signature.
     """
-    from tfq.core.representative import pack_model_inputs
 
     tf = _tf()
     specs = _input_specs(model)

@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import keras
+from tfq.datasets import load_digits
 
 __all__ = ["PositionEmbedding", "digits_cnn", "digits_lstm", "digits_transformer", "mobilenet_style",
            "train_digits_cnn", "train_model", "unbalance_channels"]
@@ -118,7 +119,6 @@ def train_model(model: keras.Model, x, y, epochs: int = 8, batch_size: int = 32,
 
 def train_digits_cnn(epochs: int = 8, image_size: int = 8, seed: int = 0, verbose: int = 0, builder=digits_cnn):
     """Trains ``builder`` on the packaged digits; returns ``(model, (x_train, y_train), (x_test, y_test))``."""
-    from tfq.datasets import load_digits
 
     (x_train, y_train), (x_test, y_test) = load_digits(image_size=image_size, seed=seed)
     keras.utils.set_random_seed(seed)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import keras
+from tfq.quantsim.rewrite import _as_functional
 
 __all__ = ["GraphNode", "ModelGraph", "as_functional", "TensorKey"]
 
@@ -76,7 +77,6 @@ def as_functional(model: keras.Model) -> keras.Model:
     Raises:
         ValueError: an unbuilt Sequential or a subclassed model (no graph to read).
     """
-    from tfq.quantsim.rewrite import _as_functional
 
     return _as_functional(model)
 

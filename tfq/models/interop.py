@@ -12,8 +12,8 @@ concrete function to the TFLite converter, which works whether ``tf.keras`` is K
 tf_keras (``TF_USE_LEGACY_KERAS``) in this process.
 
 Example:
-    >>> k3_model = tfq.models.interop.to_keras3(tf_keras_model)                   # doctest: +SKIP
-    >>> tflite = tfq.models.interop.convert_tfmot_model(tfmot_qat_model, "int8")  # doctest: +SKIP
+    >>> k3_model = tfq.interop.to_keras3(tf_keras_model)                   # doctest: +SKIP
+    >>> tflite = tfq.interop.convert_tfmot_model(tfmot_qat_model, "int8")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import copy
 import re
 
 import keras
+from tfq.core.export_modes import export_mode_names, get_export_mode
+from tfq.models.loading import SavedModelPath, is_keras3_model, is_tf_keras_model, load_model
+from tfq.tflite.converter import run_converter
 
 __all__ = ["convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "to_keras3"]
 
@@ -60,7 +63,6 @@ def is_tfmot_qat_model(model) -> bool:
         >>> is_tfmot_qat_model(tfmot.quantization.keras.quantize_model(model))  # doctest: +SKIP
         True
     """
-    from tfq.models.loading import is_tf_keras_model
 
     if not is_tf_keras_model(model):
         return False
@@ -84,7 +86,6 @@ def load_keras_model(model, *, where: str = "model", saved_model: bool = False, 
     Example:
         >>> model = load_keras_model("model.keras")   # doctest: +SKIP
     """
-    from tfq.models.loading import SavedModelPath, is_tf_keras_model, load_model
 
     model = load_model(model)
     if isinstance(model, SavedModelPath):
@@ -228,7 +229,7 @@ def _layer_entry(entry: dict, custom_objects) -> tuple[dict, int]:
         raise _unsupported(name, class_name, f"it holds {_CODE_LAYERS[class_name]}")
     if class_name in TFMOT_QAT_CLASSES:
         raise ValueError(f"layer {name!r} ({class_name}) is a tfmot quantization wrapper: convert the tfmot QAT "
-                         f"model with tfq.models.interop.convert_tfmot_model(model), or pass tfq the float model.")
+                         f"model with tfq.interop.convert_tfmot_model(model), or pass tfq the float model.")
     custom = custom_objects or {}
     # Built-in layers are serialized with module "keras.layers" and no registered name.
     registered = entry.get("registered_name")
@@ -400,7 +401,6 @@ def to_keras3(model, custom_objects: dict | None = None) -> keras.Model:
         >>> isinstance(k3, keras.Model)
         True
     """
-    from tfq.models.loading import is_keras3_model, is_tf_keras_model
 
     if is_keras3_model(model):
         return model
@@ -408,7 +408,7 @@ def to_keras3(model, custom_objects: dict | None = None) -> keras.Model:
         raise TypeError(f"to_keras3 expects a tf_keras model. Received: {type(model).__name__}")
     if is_tfmot_qat_model(model):
         raise ValueError(f"model {model.name!r} is a tfmot QAT model (its layers are tfmot QuantizeWrappers): "
-                         f"convert it with tfq.models.interop.convert_tfmot_model(model), or pass tfq the float model "
+                         f"convert it with tfq.interop.convert_tfmot_model(model), or pass tfq the float model "
                          f"from before quantize_model.")
     kind = _model_kind(model)
     subclassed = (f"model {model.name!r} is a subclassed tf_keras model ({type(model).__name__}), which has no "
@@ -481,9 +481,6 @@ def convert_tfmot_model(model, mode: str = "int8", io_dtype: str = "float32") ->
     """
     import tensorflow as tf
 
-    from tfq.core.export_modes import export_mode_names, get_export_mode
-    from tfq.models.loading import is_tf_keras_model
-    from tfq.tflite.converter import run_converter
 
     if not is_tf_keras_model(model):
         raise TypeError(f"convert_tfmot_model expects a tf_keras (tfmot) model; for Keras 3 models use "

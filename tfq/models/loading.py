@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import keras
+from tfq.quantsim.rewrite import quantizers_of
 
 __all__ = ["load_model", "is_keras3_model", "is_tf_keras_model", "is_quantized_model", "SavedModelPath"]
 
@@ -25,7 +26,6 @@ def is_tf_keras_model(model) -> bool:
 
 def is_quantized_model(model) -> bool:
     """Whether ``model`` is a tfq-rewritten (QAT or calibrated) model."""
-    from tfq.quantsim.rewrite import quantizers_of
 
     return is_keras3_model(model) and bool(quantizers_of(model))
 

@@ -2,7 +2,7 @@
 
 An observer sees any number of batches (:meth:`Observer.update`) and, separately, turns what it
 saw into a range ``(min, max)`` (:meth:`Observer.compute_range`). Turning that range into a
-scale / zero-point is :func:`tfq.numerics.ops.range_to_qparams`'s job. Memory does not grow with the number
+scale / zero-point is :func:`tfq.ops.range_to_qparams`'s job. Memory does not grow with the number
 of batches: every observer keeps a fixed-size summary, never raw data.
 
 Range conventions, shared by every observer:
@@ -10,8 +10,8 @@ Range conventions, shared by every observer:
 * The range always contains 0.0 (``min ≤ 0 ≤ max``), because TFLite represents 0.0 exactly: the
   observed range is extended to 0.0. Data in ``[0.5, 2]`` gives ``(0.0, 2.0)``.
 * The range is not widened: constant data ``c > 0`` gives ``(0.0, c)`` and all-zero data gives
-  ``(0.0, 0.0)``. :func:`tfq.numerics.ops.prepare_range` later widens a range narrower than
-  :data:`tfq.numerics.ops.MIN_RANGE`.
+  ``(0.0, 0.0)``. :func:`tfq.ops.prepare_range` later widens a range narrower than
+  :data:`tfq.ops.MIN_RANGE`.
 * ``symmetric=True`` gives ``(-m, m)`` with ``m = max(|min|, |max|)``.
 * Per-tensor ranges are Python floats; per-channel ranges are float32 arrays of shape
   ``(channels,)``, one entry per index of ``axis`` (statistics are reduced over all other axes).
@@ -406,7 +406,7 @@ class SoftmaxInputObserver(MinMaxObserver):
     Per row (sample) with ``t1 >= t2`` its two largest logits and ``M = (bits + 1)·ln 2 +
     ln(classes - 1)`` (8.44 for int8 and 10 classes: logits that far below the largest have
     probabilities summing to under half a step of the output's ``2**-bits`` grid), as
-    :func:`tfq.numerics.ops.softmax_input_range_numpy` computes it::
+    :func:`tfq.ops.softmax_input_range_numpy` computes it::
 
         hi_r = min(t1, t2 + M)        lo_r = max(min(x_r), hi_r - M)
         min = min_r lo_r              max = max_r hi_r
@@ -417,7 +417,7 @@ class SoftmaxInputObserver(MinMaxObserver):
     (MobileNetV2 on the digits: [-4.2, 17.1] against MinMax's [-19.6, 27.3]). A
     :class:`MinMaxObserver` of these per-row bounds: a running min and max, so the result does not
     depend on the batches and shards :meth:`merge` exactly. The same statistic drives the moving
-    average of a QAT quantizer with ``calibration="softmax_input"`` (:func:`tfq.numerics.ops.softmax_input_range`).
+    average of a QAT quantizer with ``calibration="softmax_input"`` (:func:`tfq.ops.softmax_input_range`).
 
     Args:
         bits: bits of the softmax output (8: int8, 16: int16x8).
@@ -1118,7 +1118,7 @@ def __getattr__(name: str):
 def create_observer(method: str, **params) -> Observer:
     """Builds the observer for a calibration method name.
 
-    The method is looked up in :mod:`tfq.core.calibration_methods` (so registered methods work too):
+    The method is looked up in :mod:`tfq.calibration_methods` (so registered methods work too):
     ``"minmax"`` → :class:`MinMaxObserver`, ``"moving_average"`` →
     :class:`MovingAverageMinMaxObserver`, ``"kl"`` / ``"percentile"`` / ``"mse"`` →
     :class:`HistogramObserver` with that method.

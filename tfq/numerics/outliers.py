@@ -51,6 +51,8 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from tfq.core.representative import representative_dataset
+from tfq.numerics.observers import MinMaxObserver
 
 __all__ = ["DEFAULT_CAPACITY", "DEFAULT_OUTLIER_FACTOR", "OutlierSamples", "OutlierTest", "SampleRanges",
            "find_outlier_samples", "input_outlier_samples", "warn_outlier_samples", "without_samples"]
@@ -115,7 +117,7 @@ class _PerSampleFolding:
         """An object with ``update(x)`` (what calibration feeds) that records ``x`` under ``name`` and
         passes it on to ``observer`` (None: records only).
 
-        A :class:`tfq.numerics.observers.MinMaxObserver` (per tensor) gets the batch's minimum and maximum
+        A :class:`tfq.observers.MinMaxObserver` (per tensor) gets the batch's minimum and maximum
         instead of every value: the same statistics, without a second pass over the tensor.
         """
         return _Tap(self, name, observer)
@@ -191,7 +193,6 @@ class SampleRanges(_PerSampleFolding):
 
 class _Tap:
     def __init__(self, recorder: _PerSampleFolding, name: str, observer):
-        from tfq.numerics.observers import MinMaxObserver
 
         self.recorder, self.name, self.observer = recorder, name, observer
         self.summarize = type(observer) is MinMaxObserver and not observer.per_channel
@@ -657,7 +658,6 @@ def without_samples(data, indices, num_samples: int | None = None, model=None):
         >>> [b[0].ravel().tolist() for b in rep.batches(8)]
         [[0.0, 2.0, 4.0]]
     """
-    from tfq.core.representative import representative_dataset
 
     drop = {int(i) for i in indices}
     if not drop:

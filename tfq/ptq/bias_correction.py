@@ -31,6 +31,11 @@ import warnings
 
 import keras
 import numpy as np
+from tfq.core.representative import representative_dataset
+from tfq.models.graph import ModelGraph
+from tfq.ptq.weight_rounding import _factor, wrapped_kernel
+from tfq.quantsim.layers import ActivationQuantizer, FloatBarrier, QuantizedLayer, tapping
+from tfq.quantsim.rewrite import _walk_layers, quantized_layers_of
 
 __all__ = ["BIAS_CORRECTION_METHODS", "clipped_normal_mean", "correct_biases", "expected_shift"]
 
@@ -113,7 +118,6 @@ def _quantized_error(wrapper, references=None):
     ``references`` (``{id(wrapper): folded float kernel}``) gives the float kernel when the
     wrapper's own kernel was already put on the grid (by :mod:`tfq.ptq.weight_rounding`).
     """
-    from tfq.ptq.weight_rounding import wrapped_kernel
 
     target = wrapped_kernel(wrapper)
     if target is None:
@@ -133,7 +137,6 @@ def _apply(wrapper, delta: np.ndarray) -> bool:
         return True
     if bn is not None:
         # β is absent: b_fold = (b − μ)·f, so μ ← μ + Δ/f where f ≠ 0.
-        from tfq.ptq.weight_rounding import _factor
 
         f = _factor(wrapper).astype(np.float64)
         mean = keras.ops.convert_to_numpy(bn.moving_mean).astype(np.float64)
@@ -147,8 +150,6 @@ def _apply(wrapper, delta: np.ndarray) -> bool:
 
 def _empirical_shifts(model, wrappers, data, num_samples, batch_size, references) -> dict:
     """``Δ`` per wrapper: mean of ``x ⊛ ε`` over the calibration data, inputs from the fake-quant model."""
-    from tfq.core.representative import representative_dataset
-    from tfq.quantsim.layers import tapping
 
     errors = {}
     for w in wrappers:
@@ -174,7 +175,6 @@ def _empirical_shifts(model, wrappers, data, num_samples, batch_size, references
 
 def _input_statistics(graph, node) -> tuple | None:
     """``(E[x] per channel, repeat)`` of a wrapper's input, from the BatchNorm that made it (or None)."""
-    from tfq.quantsim.layers import ActivationQuantizer, FloatBarrier, QuantizedLayer
 
     key = node.first_input
     repeat = 1
@@ -207,9 +207,6 @@ def _input_statistics(graph, node) -> tuple | None:
 
 
 def _analytical_shifts(model, wrappers, references) -> dict:
-    from tfq.models.graph import ModelGraph
-    from tfq.quantsim.layers import QuantizedLayer
-    from tfq.quantsim.rewrite import _walk_layers
 
     wanted = {id(w) for w in wrappers}
     shifts = {}
@@ -255,7 +252,6 @@ def correct_biases(model, method: str, data=None, *, num_samples: int | None = 5
     Example:
         >>> shifts = correct_biases(frozen, "empirical", x_train[:256])    # doctest: +SKIP
     """
-    from tfq.quantsim.rewrite import quantized_layers_of
 
     if method not in BIAS_CORRECTION_METHODS:
         raise ValueError(f"bias correction method must be one of {BIAS_CORRECTION_METHODS}. Received: {method!r}")

@@ -9,12 +9,12 @@ Calibration scales out two ways, with the same result as one process on the same
 
 * **Shards** (per worker, per file): calibrate each shard with ``keep_observers=True``, save,
   and combine with :func:`merge_calibrations` (the observers' states merge, see
-  :meth:`tfq.numerics.observers.Observer.merge`).
+  :meth:`tfq.observers.Observer.merge`).
 * **A tf.distribute strategy**: ``calibrate(..., strategy=strategy)`` splits every batch over
   the replicas, each replica observing its slice, and merges the replicas' observers (across
   workers too, under ``MultiWorkerMirroredStrategy``).
 
-Every tensor is also summarised per sample (:mod:`tfq.numerics.outliers`): samples far outside the rest
+Every tensor is also summarised per sample (:mod:`tfq.outliers`): samples far outside the rest
 are named in one warning, whatever the method, and the default method, ``"robust_minmax"``, sets
 them aside (MinMax over the other samples).
 """
@@ -33,6 +33,14 @@ import numpy as np
 
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.fileio import atomic_write_text
+from tfq.core.recipes import load_recipe
+from tfq.core.representative import pack_model_inputs, representative_dataset
+from tfq.models.interop import load_keras_model
+from tfq.models.loading import is_quantized_model
+from tfq.numerics.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, SoftmaxInputObserver, create_observer
+from tfq.numerics.outliers import DEFAULT_OUTLIER_FACTOR, OutlierTest, warn_outlier_samples
+from tfq.quantsim.layers import observing
+from tfq.quantsim.rewrite import quantizers_of, rewrite_model
 
 __all__ = ["Calibration", "calibrate", "load_calibration", "merge_calibrations"]
 
@@ -50,10 +58,10 @@ class Calibration:
         num_samples: samples seen.
         model_name: the model calibrated.
         seconds: wall time of calibration.
-        observers: the observers' states by tensor name (:meth:`tfq.numerics.observers.Observer.get_state`),
+        observers: the observers' states by tensor name (:meth:`tfq.observers.Observer.get_state`),
             kept with ``calibrate(..., keep_observers=True)`` so that calibrations of shards can be
             merged (:meth:`merge`); None otherwise.
-        outlier_samples: positions of the samples found far outside the rest (:mod:`tfq.numerics.outliers`);
+        outlier_samples: positions of the samples found far outside the rest (:mod:`tfq.outliers`);
             ``"robust_minmax"`` set them aside, other methods kept them.
     """
 
@@ -125,7 +133,7 @@ def merge_calibrations(calibrations) -> Calibration:
     """Combines calibrations of shards of the data into the calibration of all of it.
 
     Each calibration must come from ``calibrate(..., keep_observers=True)`` on the same model with
-    the same method and parameters. Their observers merge (:meth:`tfq.numerics.observers.Observer.merge`),
+    the same method and parameters. Their observers merge (:meth:`tfq.observers.Observer.merge`),
     so the ranges equal those of one :func:`calibrate` call on all the shards' batches: exactly for
     ``"minmax"``, ``"kl"``, ``"percentile"`` and ``"mse"`` (histograms merge bin for bin), up to
     float64 rounding for ``"moving_average"``, whose average runs over the shards in the order
@@ -146,7 +154,6 @@ def merge_calibrations(calibrations) -> Calibration:
         >>> shards = [tfq.calibrate(model, x[i::4], "kl", keep_observers=True) for i in range(4)]  # doctest: +SKIP
         >>> cal = tfq.merge_calibrations(shards)                                                  # doctest: +SKIP
     """
-    from tfq.numerics.observers import Observer
 
     cals = [load_calibration(c) if isinstance(c, (str, os.PathLike)) else c for c in calibrations]
     if not cals:
@@ -244,7 +251,7 @@ def _constant_value(observer):
 def _warn_degenerate(observers: dict, ranges: dict, model_name: str) -> None:
     """One warning listing the tensors that took a single value on the calibration data (constant or all zeros).
 
-    Such a tensor's range is empty (all zeros: widened to :data:`tfq.numerics.ops.MIN_RANGE`) or ends at that
+    Such a tensor's range is empty (all zeros: widened to :data:`tfq.ops.MIN_RANGE`) or ends at that
     value: any other value it takes at inference saturates. The layer is the quantizer's name
     without its ``_fq`` suffix.
     """
@@ -287,7 +294,7 @@ def calibrate(
         representative_data: arrays, dict of arrays, ``tf.data.Dataset`` or callable (see
             :func:`tfq.representative_dataset`).
         method: ``"robust_minmax"`` (default: MinMax over the samples that are not far outside the
-            rest, see :mod:`tfq.numerics.outliers`), ``"minmax"``, ``"moving_average"``, ``"kl"``,
+            rest, see :mod:`tfq.outliers`), ``"minmax"``, ``"moving_average"``, ``"kl"``,
             ``"percentile"`` or ``"mse"``. Whatever the method, samples far outside the rest are
             named in one warning.
         recipe: recipe (or preset name) deciding which tensors are quantized; default int8.
@@ -320,12 +327,6 @@ def calibrate(
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
         >>> tflite = tfq.convert(model, "int8", calibration=cal)                           # doctest: +SKIP
     """
-    from tfq.models.interop import load_keras_model
-    from tfq.models.loading import is_quantized_model
-    from tfq.numerics.observers import SoftmaxInputObserver, create_observer
-    from tfq.core.representative import representative_dataset
-    from tfq.quantsim.rewrite import quantizers_of, rewrite_model
-    from tfq.core.recipes import load_recipe
 
     get_calibration_method(method, "method").check_params(params, "params")
     if strategy is not None and params.get("batch_aggregate") is not None:
@@ -369,7 +370,7 @@ def calibrate(
 
 
 def _observe_per_sample(model, data, batch_size, method, quantizers, observers, robust, bar):
-    """One process: feeds ``observers`` and runs the outlier test (:class:`tfq.numerics.outliers.OutlierTest`,
+    """One process: feeds ``observers`` and runs the outlier test (:class:`tfq.outliers.OutlierTest`,
     fixed-size state whatever the number of samples).
 
     Returns ``(samples seen, indices of the samples far outside the rest)``; with ``robust`` the
@@ -377,10 +378,6 @@ def _observe_per_sample(model, data, batch_size, method, quantizers, observers, 
     shard's kept state holds). In the rare case the test's state cannot tell (more samples far
     outside than it keeps), it runs the data through the model a second time (observers untouched).
     """
-    from tfq.numerics.observers import MinMaxObserver
-    from tfq.numerics.outliers import DEFAULT_OUTLIER_FACTOR, OutlierTest, warn_outlier_samples
-    from tfq.quantsim.layers import observing
-    from tfq.core.representative import pack_model_inputs
 
     def feed(recorder, taps, bar=None):
         seen = 0
@@ -438,9 +435,6 @@ def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observ
 
     import tensorflow as tf
 
-    from tfq.core.representative import pack_model_inputs
-    from tfq.numerics.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer
-    from tfq.quantsim.layers import observing
 
     lock = threading.Lock()
     names = list(quantizers)

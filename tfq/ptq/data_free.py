@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+from tfq.quantsim.layers import observing, tapping
+from tfq.quantsim.rewrite import quantized_layers_of
 
 __all__ = ["DATA_FREE_METHODS", "batchnorm_matching_loss", "batchnorm_range", "batchnorm_ranges",
            "synthesize_inputs"]
@@ -87,7 +89,6 @@ def batchnorm_range(beta, gamma, activation: str = "linear", num_std: float = NU
 
 
 def _bn_wrappers(qmodel):
-    from tfq.quantsim.rewrite import quantized_layers_of
 
     return [w for w in quantized_layers_of(qmodel) if w.batchnorm is not None]
 
@@ -123,7 +124,6 @@ def synthesize_inputs(qmodel, num_samples: int = NUM_SAMPLES, *, steps: int = ST
     """
     import tensorflow as tf
 
-    from tfq.quantsim.layers import observing, tapping
 
     inputs = qmodel.inputs
     if len(inputs) != 1:

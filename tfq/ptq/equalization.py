@@ -36,6 +36,8 @@ import numpy as np
 
 from tfq.models.graph import GraphNode, ModelGraph, as_functional
 from tfq.quantsim.rewrite import copy_layer
+from tfq.models.interop import load_keras_model
+from tfq.quantsim.layers import activation_name
 
 __all__ = ["equalize", "equalization_scales", "absorption_amount", "fold_batchnorm", "channel_ranges",
            "RELU6_MODES"]
@@ -183,7 +185,6 @@ def _kind(layer) -> str | None:
 
 
 def _activation(layer) -> str:
-    from tfq.quantsim.layers import activation_name
 
     return activation_name(getattr(layer, "activation", None))
 
@@ -489,7 +490,6 @@ def equalize(
         >>> balanced = tfq.equalize(model)                                     # doctest: +SKIP
         >>> tflite = tfq.convert(balanced, "int8", x_train[:300], per_channel=False)  # doctest: +SKIP
     """
-    from tfq.models.interop import load_keras_model
 
     _check_options(relu6, high_bias_absorption, fold_batchnorm, max_iterations, tolerance)
     model = load_keras_model(model)

@@ -45,6 +45,11 @@ import keras
 import numpy as np
 
 from tfq.numerics.ops import round_half_away as _round_half_away
+from tfq.core.representative import representative_dataset
+from tfq.numerics import ops
+from tfq.numerics.ops import MIN_RANGE
+from tfq.quantsim.layers import observing, tapping
+from tfq.quantsim.rewrite import quantized_layers_of
 
 __all__ = [
     "WEIGHT_ROUNDING_METHODS",
@@ -264,7 +269,6 @@ class WrappedKernel:
 
     def scales(self) -> np.ndarray:
         """Per-row scales ``max|w| / qmax`` (the same value on every row when per tensor)."""
-        from tfq.numerics.ops import MIN_RANGE
 
         m = np.abs(self.matrix)
         top = np.maximum(m.max(axis=1) if self.per_channel else np.full(m.shape[0], m.max()), MIN_RANGE)
@@ -310,7 +314,6 @@ def _factor(wrapper) -> np.ndarray | None:
 
 def wrapped_kernel(wrapper) -> WrappedKernel | None:
     """The folded kernel of a supported wrapper (None for others)."""
-    from tfq.numerics import ops
 
     kind = _supported(wrapper)
     if kind is None:
@@ -375,7 +378,6 @@ def _broadcast_out(v: np.ndarray, shape: tuple, kind: str) -> np.ndarray:
 
 def layer_inputs(model, wrapper, batches, float_mode: bool) -> list:
     """The inputs ``wrapper`` receives on each batch (numpy), in the float or the fake-quant model."""
-    from tfq.quantsim.layers import observing, tapping
 
     out = []
     context = observing({}) if float_mode else contextlib.nullcontext()
@@ -551,8 +553,6 @@ def round_weights(model, data, method: str, *, num_samples: int | None = None, s
     Example:
         >>> results = round_weights(frozen, x_train[:256], "gptq")     # doctest: +SKIP
     """
-    from tfq.core.representative import representative_dataset
-    from tfq.quantsim.rewrite import quantized_layers_of
 
     if method not in WEIGHT_ROUNDING_METHODS:
         raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDING_METHODS}. Received: {method!r}")

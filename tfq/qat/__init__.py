@@ -14,6 +14,10 @@ import keras
 from tfq.quantsim.layers import ActivationQuantizer, QuantizedLayer, QuantizedNormalization
 from tfq.quantsim.registry import register_layer, unregister_layer
 from tfq.quantsim.rewrite import batchnorm_layers_of, freeze_model, quantized_layers_of, quantizers_of, rewrite_model
+from tfq.compression.common import strip_all
+from tfq.core.recipes import load_recipe
+from tfq.models.interop import load_keras_model
+from tfq.ptq.calibration import calibrate
 
 __all__ = [
     "ActivationQuantizer",
@@ -62,9 +66,9 @@ def quantize_model(
     ``tfq.convert(qat_model, "int8")`` without representative data.
 
     ``preserve`` keeps what compression made (tfmot's PQAT/CQAT): ``"sparsity"`` fixes the zeros of
-    every weighted layer that has some (from :func:`tfq.compression.pruning.strip_pruning`), ``"clusters"`` the
+    every weighted layer that has some (from :func:`tfq.pruning.strip_pruning`), ``"clusters"`` the
     shared values of every kernel with at most 256 distinct ones (from
-    :func:`tfq.compression.clustering.strip_clustering`; the shared values train, the assignment stays). BN
+    :func:`tfq.clustering.strip_clustering`; the shared values train, the assignment stays). BN
     folding and per-channel fake-quant keep both, so the INT8 ``.tflite`` has the zeros and at most
     as many distinct int8 values per output channel (:meth:`QuantizedLayer.init_preservation`). A
     model still wrapped by ``prune_low_magnitude``/``cluster_weights`` is stripped first.
@@ -72,7 +76,7 @@ def quantize_model(
     Args:
         model: a built Functional or Sequential Keras 3 model (nested models allowed), a tf_keras
             model, or a path.
-        recipe: :class:`~tfq.core.recipes.Recipe`, preset name, dict or file (default ``"qat_int8"``).
+        recipe: :class:`~tfq.recipes.Recipe`, preset name, dict or file (default ``"qat_int8"``).
         range_mode: ``"moving_average"`` or ``"learned"``.
         decay: moving-average decay (default: the recipe's ``decay`` parameter, else 0.999).
         calibration_data: if given, ranges start from a calibration pass on it — recommended when
@@ -83,7 +87,7 @@ def quantize_model(
         num_calibration_samples: cap on calibration samples.
         warn_unknown: warn about layers that stay float because tfq has no rule for them.
         preserve: ``None``, ``"sparsity"`` or ``"clusters"`` (see above).
-        bn_folding: how folded BatchNorms train until :class:`tfq.training.callbacks.FreezeBatchNorm`
+        bn_folding: how folded BatchNorms train until :class:`tfq.callbacks.FreezeBatchNorm`
             freezes their statistics: ``"unfolded"`` (default; BN after the op on the
             fake-quantized weights, the cost of Keras' float BN) or ``"two_pass"``
             (Krishnamoorthi's batch-statistics correction, statistics from a second, float op:
@@ -91,7 +95,7 @@ def quantize_model(
         logits_range: range of the quantizer on the input of a softmax fused in its layer
             (``Dense(..., activation="softmax")``): ``"tensor"`` (default; its min/max, like every
             other activation) or ``"softmax"`` (the logits the int8 softmax output depends on,
-            :class:`~tfq.numerics.observers.SoftmaxInputObserver`, in calibration and in the moving
+            :class:`~tfq.observers.SoftmaxInputObserver`, in calibration and in the moving
             average: confident samples no longer stretch the range, so the logits between classes
             get a finer grid; the argmax is kept and no probability moves by more than one output
             step). README "QAT cost" has the accuracy measured with each: neither wins everywhere.
@@ -105,16 +109,12 @@ def quantize_model(
             to rewrite).
         TypeError: ``model`` is not a model or a path.
     """
-    from tfq.ptq.calibration import calibrate
-    from tfq.models.interop import load_keras_model
-    from tfq.core.recipes import load_recipe
 
     if range_mode not in ("moving_average", "learned"):
         raise ValueError(f"range_mode must be 'moving_average' or 'learned'. Received: range_mode={range_mode!r}")
     if preserve not in (None, "sparsity", "clusters"):
         raise ValueError(f"preserve must be None, 'sparsity' or 'clusters'. Received: preserve={preserve!r}")
     model = load_keras_model(model)
-    from tfq.compression.common import strip_all
 
     model = strip_all(model)
     r = load_recipe(recipe if recipe is not None else "qat_int8")

@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from tfq.quantsim.layers import Statistic
+from tfq.quantsim.layers import activation_name
 
 __all__ = ["dot_product_attention", "gru", "layer_normalization", "lstm", "simple_rnn"]
 
@@ -128,7 +129,6 @@ def _input_steps(layer, sequences, kernel, bias, steps: int) -> list:
 
 
 def _activation(fn, name: str):
-    from tfq.quantsim.layers import activation_name
 
     return keras.layers.Activation(activation_name(fn), name=name)
 

@@ -222,7 +222,7 @@ class ActivationQuantizer(keras.layers.Layer):
       the clipped values (straight-through for the rest).
 
     The range used is widened to contain 0.0 and made symmetric when ``symmetric`` (int16
-    activations), following :func:`tfq.numerics.ops.prepare_range`. Until a moving-average range has seen
+    activations), following :func:`tfq.ops.prepare_range`. Until a moving-average range has seen
     a batch, the layer passes its input through unchanged.
 
     Args:
@@ -236,7 +236,7 @@ class ActivationQuantizer(keras.layers.Layer):
             statistic such as a LayerNormalization variance, where any clipping biases whole
             tokens); ``"softmax_input"`` for the logits of a softmax over the last axis: the
             range is what the ``bits``-bit softmax output depends on (see
-            :func:`tfq.numerics.ops.softmax_input_range`), in calibration and in the moving average; None to
+            :func:`tfq.ops.softmax_input_range`), in calibration and in the moving average; None to
             follow the calibration method.
     """
 
@@ -577,7 +577,7 @@ class QuantizedLayer(keras.layers.Layer):
 
     Once frozen, training runs the folded form (one op, no statistics). ``bn_frozen`` is held in
     a non-trainable variable, so freezing takes effect inside an already-compiled ``fit``
-    (selects on it); :class:`tfq.training.callbacks.FreezeBatchNorm` also re-traces the step so that
+    (selects on it); :class:`tfq.callbacks.FreezeBatchNorm` also re-traces the step so that
     frozen layers carry no batch-statistics ops at all.
 
     Under a mixed-precision policy (``mixed_float16``/``mixed_bfloat16``) the op runs in the
@@ -770,7 +770,7 @@ class QuantizedLayer(keras.layers.Layer):
             if len(distinct) > MAX_CLUSTERS:
                 raise ValueError(f"layer {self.name!r}: preserve='clusters' needs a clustered kernel (at most "
                                  f"{MAX_CLUSTERS} distinct values); it has {len(distinct)}. Cluster it first "
-                                 f"(tfq.compression.clustering.cluster_weights, then strip_clustering).")
+                                 f"(tfq.clustering.cluster_weights, then strip_clustering).")
             padded = np.concatenate([distinct, np.zeros(MAX_CLUSTERS - len(distinct), distinct.dtype)])
             self.cluster_centroids.assign(padded.astype(values.dtype))
             self.cluster_indices.assign(indices.reshape(values.shape).astype(np.int32))
@@ -795,7 +795,7 @@ class QuantizedLayer(keras.layers.Layer):
 
         The range ``[-max|W|, max|W|]`` follows the weights but is not differentiated. With a
         narrow grid no weight lies outside it, so in training the gradient passes to the kernel
-        unchanged (:func:`tfq.numerics.ops.fake_quant` with ``identity_gradient``: no gradient op).
+        unchanged (:func:`tfq.ops.fake_quant` with ``identity_gradient``: no gradient op).
         """
         if self.float_weights or _OBSERVERS is not None:
             return kernel

@@ -709,7 +709,6 @@ def check_float_layers(patterns, layers: dict, model_name: str) -> None:
     """
     import difflib
 
-    from tfq.core.recipes import Recipe
 
     for pattern in patterns:
         probe = Recipe(float_layers=(pattern,))
@@ -744,7 +743,7 @@ def rewrite_model(
 
     Args:
         model: a built Functional or Sequential Keras 3 model (nested models allowed).
-        recipe: a :class:`~tfq.core.recipes.Recipe`, preset name, dict or file; default ``"int8"``.
+        recipe: a :class:`~tfq.recipes.Recipe`, preset name, dict or file; default ``"int8"``.
         range_mode: activation range mode of the new quantizers (``"moving_average"`` or
             ``"learned"``; ranges start uninitialised).
         decay: moving-average decay.
@@ -760,7 +759,7 @@ def rewrite_model(
             :class:`~tfq.qat.QuantizedLayer`).
         logits_range: range of the quantizer on a softmax's input (the logits): ``"tensor"``
             (the tensor's range, like every other quantizer) or ``"softmax"`` (the part of it the
-            int8 softmax output depends on, see :class:`~tfq.numerics.observers.SoftmaxInputObserver`).
+            int8 softmax output depends on, see :class:`~tfq.observers.SoftmaxInputObserver`).
 
     Returns:
         A new ``keras.Model``; the caller's model is untouched.

@@ -3,7 +3,7 @@
 The converter prints its progress and its errors to the process's stderr (C++ code) and
 stdout; :func:`run_converter` captures both and turns a failure into a :class:`ConversionError`
 naming the cause and the fix, without the MLIR locations that precede it. How the converter is
-set up for each mode is in :mod:`tfq.core.export_modes`.
+set up for each mode is in :mod:`tfq.export_modes`.
 """
 
 from __future__ import annotations

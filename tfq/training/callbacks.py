@@ -9,10 +9,10 @@ All of them work from a plain ``model.fit(..., callbacks=[...])`` on a model ret
 
 Example:
     >>> qat_model.fit(x_train, y_train, epochs=6, callbacks=[            # doctest: +SKIP
-    ...     tfq.training.callbacks.FreezeBatchNorm(2),
-    ...     tfq.training.callbacks.FreezeQuantizerRanges(4),
-    ...     tfq.training.callbacks.EvaluateTFLite(x_val, y_val),
-    ...     tfq.training.callbacks.ExportTFLite("ckpt_{epoch:02d}.tflite"),
+    ...     tfq.callbacks.FreezeBatchNorm(2),
+    ...     tfq.callbacks.FreezeQuantizerRanges(4),
+    ...     tfq.callbacks.EvaluateTFLite(x_val, y_val),
+    ...     tfq.callbacks.ExportTFLite("ckpt_{epoch:02d}.tflite"),
     ... ])
 """
 
@@ -22,6 +22,9 @@ import os
 
 import keras
 import numpy as np
+from tfq.compression.pruning import PolynomialDecay, pruned_layers_of
+from tfq.core.fileio import atomic_write_bytes
+from tfq.quantsim.rewrite import batchnorm_layers_of, quantizers_of
 
 __all__ = ["EvaluateTFLite", "ExportTFLite", "FreezeBatchNorm", "FreezeQuantizerRanges", "PruningSummaries",
            "UpdatePruningStep"]
@@ -40,7 +43,6 @@ def _check_every(every_n_epochs) -> int:
 
 
 def _require_quantized(model, who: str) -> None:
-    from tfq.quantsim.rewrite import quantizers_of
 
     if not quantizers_of(model):
         raise ValueError(
@@ -75,7 +77,6 @@ class FreezeBatchNorm(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.frozen_at is not None or epoch < self.epoch:
             return
-        from tfq.quantsim.rewrite import batchnorm_layers_of
 
         retrace = False
         for layer in batchnorm_layers_of(self.model):
@@ -117,7 +118,6 @@ class FreezeQuantizerRanges(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.frozen_at is not None or epoch < self.epoch:
             return
-        from tfq.quantsim.rewrite import quantizers_of
 
         retrace = False
         for quantizer in quantizers_of(self.model).values():
@@ -177,11 +177,10 @@ class ExportTFLite(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:
             return
-        import tfq
-        from tfq.core.fileio import atomic_write_bytes
+        from tfq.export.convert import convert
 
         path = self._path(epoch, dict(logs or {}))
-        content = tfq.convert(self.model, self.mode, **self.convert_kwargs)
+        content = convert(self.model, self.mode, **self.convert_kwargs)
         atomic_write_bytes(path, content)
         self.paths.append(path)
 
@@ -227,10 +226,11 @@ class EvaluateTFLite(keras.callbacks.Callback):
 
     def evaluate(self) -> float:
         """Converts the current model and returns its TFLite accuracy on ``(x, y)``."""
-        import tfq
+        from tfq.export.convert import convert
+        from tfq.tflite.interpreter import TFLiteModel
 
-        content = tfq.convert(self.model, self.mode, **self.convert_kwargs)
-        predictions = tfq.TFLiteModel(content).predict(self._named_inputs())
+        content = convert(self.model, self.mode, **self.convert_kwargs)
+        predictions = TFLiteModel(content).predict(self._named_inputs())
         return float(np.mean(np.asarray(predictions).argmax(-1) == self.labels))
 
     def _named_inputs(self):
@@ -251,9 +251,9 @@ class EvaluateTFLite(keras.callbacks.Callback):
 
 
 class UpdatePruningStep(keras.callbacks.Callback):
-    """Drives the pruning schedule of a model from :func:`tfq.compression.pruning.prune_low_magnitude`.
+    """Drives the pruning schedule of a model from :func:`tfq.pruning.prune_low_magnitude`.
 
-    Before every training batch it sets each :class:`~tfq.compression.pruning.PruneLowMagnitude` wrapper's
+    Before every training batch it sets each :class:`~tfq.pruning.PruneLowMagnitude` wrapper's
     ``pruning_step`` to the optimizer's step count (so a second ``fit`` continues the schedule);
     at the end of every epoch it writes ``weight · mask`` into the weights, so the model's weights
     hold the zeros. A ``"polynomial"`` schedule without ``end_step`` gets the last step of this
@@ -264,7 +264,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
             be set every few batches); an open-ended schedule in a ``fit`` of unknown length.
 
     Example:
-        >>> pruned.fit(x, y, epochs=4, callbacks=[tfq.training.callbacks.UpdatePruningStep()])   # doctest: +SKIP
+        >>> pruned.fit(x, y, epochs=4, callbacks=[tfq.callbacks.UpdatePruningStep()])   # doctest: +SKIP
     """
 
     def __init__(self):
@@ -273,11 +273,10 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self._wrappers: list = []
 
     def on_train_begin(self, logs=None):
-        from tfq.compression.pruning import PolynomialDecay, pruned_layers_of
 
         self._wrappers = pruned_layers_of(self.model)
         if not self._wrappers:
-            raise ValueError(f"UpdatePruningStep needs a model from tfq.compression.pruning.prune_low_magnitude; model "
+            raise ValueError(f"UpdatePruningStep needs a model from tfq.pruning.prune_low_magnitude; model "
                              f"{self.model.name!r} has no pruned layer.")
         spe = getattr(self.model, "steps_per_execution", 1)
         if isinstance(spe, (int, np.integer)) and spe > 1:
@@ -320,7 +319,7 @@ class PruningSummaries(keras.callbacks.Callback):
 
     Example:
         >>> history = pruned.fit(x, y, epochs=4, callbacks=[
-        ...     tfq.training.callbacks.UpdatePruningStep(), tfq.training.callbacks.PruningSummaries()])   # doctest: +SKIP
+        ...     tfq.callbacks.UpdatePruningStep(), tfq.callbacks.PruningSummaries()])   # doctest: +SKIP
         >>> history.history["sparsity"][-1]                                           # doctest: +SKIP
         0.75
     """
@@ -331,10 +330,9 @@ class PruningSummaries(keras.callbacks.Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
-        from tfq.compression.pruning import pruned_layers_of
 
         if not pruned_layers_of(self.model):
-            raise ValueError(f"PruningSummaries needs a model from tfq.compression.pruning.prune_low_magnitude; model "
+            raise ValueError(f"PruningSummaries needs a model from tfq.pruning.prune_low_magnitude; model "
                              f"{self.model.name!r} has no pruned layer.")
         if self.log_dir is not None and self._writer is None:
             import tensorflow as tf
@@ -342,7 +340,6 @@ class PruningSummaries(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
     def on_epoch_end(self, epoch, logs=None):
-        from tfq.compression.pruning import pruned_layers_of
 
         values, zeros, total = {}, 0, 0
         for wrapper in pruned_layers_of(self.model):

@@ -11,6 +11,7 @@ own ``TF_CONFIG`` (:mod:`tfq.training.distribute`).
 from __future__ import annotations
 
 from tfq.training.distribute import fit_distributed, worker_output_dir
+from tfq.core.fileio import atomic_write_bytes
 
 __all__ = ["prune_and_quantize", "train_qat"]
 
@@ -50,14 +51,14 @@ def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 
 
     import keras
 
-    import tfq
+    from tfq.export.convert import convert
+    from tfq.qat import quantize_model
     from tfq.training import callbacks as cb
-    from tfq.core.fileio import atomic_write_bytes
 
     keras.utils.set_random_seed(seed)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
-        qat = tfq.qat.quantize_model(model, calibration_data=x_train[:512], calibration=calibration,
+        qat = quantize_model(model, calibration_data=x_train[:512], calibration=calibration,
                                      bn_folding=bn_folding, logits_range=logits_range)
         qat.compile(keras.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
     callbacks = []
@@ -76,7 +77,7 @@ def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 
                           callbacks=callbacks, shuffle=True)
     else:
         history = fit_distributed(qat, strategy, x_train, y_train, epochs, batch_size, seed, callbacks, verbose)
-    content = tfq.convert(qat, "int8")
+    content = convert(qat, "int8")
     if out is not None:
         qat.save(out / "qat.keras")
         atomic_write_bytes(out / "qat_int8.tflite", content)
@@ -90,9 +91,9 @@ def prune_and_quantize(model, x_train, y_train, *, x_val=None, y_val=None, targe
                        num_calibration_samples: int = 300, output=None, seed: int = 0, verbose: int = 0):
     """Prunes a trained float model while fine-tuning it, then exports a full-integer TFLite model.
 
-    Steps: :func:`tfq.compression.pruning.prune_low_magnitude` (the target is reached after ``end_fraction`` of
+    Steps: :func:`tfq.pruning.prune_low_magnitude` (the target is reached after ``end_fraction`` of
     the ``epochs``, the rest of the fine-tuning recovers accuracy at that sparsity) →
-    :func:`tfq.compression.pruning.strip_pruning` → with ``qat_epochs`` > 0, sparsity-preserving QAT
+    :func:`tfq.pruning.strip_pruning` → with ``qat_epochs`` > 0, sparsity-preserving QAT
     (``tfq.qat.quantize_model(..., preserve="sparsity")``), else PTQ on ``num_calibration_samples``
     training inputs → ``tfq.convert(..., "int8")``.
 
@@ -129,9 +130,11 @@ def prune_and_quantize(model, x_train, y_train, *, x_val=None, y_val=None, targe
     import keras
     import numpy as np
 
-    import tfq
+    from tfq.export.convert import convert
+    from tfq.qat import quantize_model
+    from tfq.tflite.info import inspect_tflite
+    from tfq.tflite.interpreter import TFLiteModel
     from tfq.training import callbacks as cb
-    from tfq.core.fileio import atomic_write_bytes
     from tfq.models.loading import load_model
     from tfq.compression.pruning import prune_low_magnitude, sparsity_of, strip_pruning
 
@@ -154,13 +157,13 @@ def prune_and_quantize(model, x_train, y_train, *, x_val=None, y_val=None, targe
     stripped = strip_pruning(pruned)
     calib = x_train[:num_calibration_samples]
     if qat_epochs:
-        qat = tfq.qat.quantize_model(stripped, calibration_data=calib, preserve="sparsity")
+        qat = quantize_model(stripped, calibration_data=calib, preserve="sparsity")
         qat.compile(keras.optimizers.Adam(qat_learning_rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
         qat.fit(x_train, y_train, epochs=qat_epochs, batch_size=batch_size, verbose=verbose, shuffle=True)
-        content = tfq.convert(qat, "int8")
+        content = convert(qat, "int8")
     else:
-        content = tfq.convert(stripped, "int8", calib)
-    info = tfq.inspect_tflite(content)
+        content = convert(stripped, "int8", calib)
+    info = inspect_tflite(content)
     summary = {"sparsity": sparsity_of(stripped), "size": info.size, "gzip_size": info.gzip_size,
                "int8_weight_sparsity": info.weight_sparsity, "end_step": end_step, "steps": steps}
     if x_val is not None and y_val is not None:
@@ -171,7 +174,7 @@ def prune_and_quantize(model, x_train, y_train, *, x_val=None, y_val=None, targe
 
         summary["float_accuracy"] = accuracy(model.predict(x_val, verbose=0))
         summary["pruned_accuracy"] = accuracy(stripped.predict(x_val, verbose=0))
-        summary["int8_accuracy"] = accuracy(tfq.TFLiteModel(content).predict(x_val))
+        summary["int8_accuracy"] = accuracy(TFLiteModel(content).predict(x_val))
     if output is not None:
         atomic_write_bytes(output, content)
     return stripped, content, summary
