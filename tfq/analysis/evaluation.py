@@ -24,21 +24,26 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfq.core.input_order import order_by_name
-from tfq.tflite.interpreter import TFLiteModel, available_cores, interpreter_class, load_tflite_bytes
-from tfq.models.loading import is_tf_keras_model
-from tfq.numerics.ops import round_half_away
 from tfq.analysis.report import LayerErrorReport, Report
 from tfq.compression.common import keras_kernels, strip_all, weight_stats
 from tfq.core.export_modes import export_mode_names, get_export_mode
+from tfq.core.input_order import order_by_name
 from tfq.core.representative import model_input_specs
 from tfq.export.convert import convert
 from tfq.models.interop import load_keras_model
+from tfq.models.loading import is_tf_keras_model
+from tfq.numerics.ops import round_half_away
 from tfq.reference import explain
 from tfq.reference.executor import as_graph
 from tfq.reference.kernels import UnsupportedOpError
 from tfq.tflite.info import gzip_size, inspect_tflite
-from tfq.tflite.interpreter import _quantize_input
+from tfq.tflite.interpreter import (
+    TFLiteModel,
+    _quantize_input,
+    available_cores,
+    interpreter_class,
+    load_tflite_bytes,
+)
 
 __all__ = ["evaluate", "layer_errors", "sqnr_db", "METRIC_NAMES"]
 
@@ -327,7 +332,6 @@ class _Runner:
     @property
     def size(self) -> tuple[int, str]:
         if self.keras_model is not None:
-
             return int(strip_all(self.keras_model).count_params()) * 4, "params_fp32"
         return self.tflite.size, "flatbuffer"
 
@@ -349,7 +353,6 @@ class _Runner:
                     max_distinct_per_channel=info.max_distinct_per_channel)
 
     def keras_input_names(self) -> list[str] | None:
-
         return [s[0] for s in model_input_specs(self.keras_model)] if self.keras_model is not None else None
 
     def order_inputs(self, arrays, names, strict) -> list[np.ndarray]:
@@ -385,7 +388,6 @@ class _Runner:
 
 
 def _convert_variants(model, variants, representative_data, verbose) -> dict:
-
     if isinstance(variants, str):
         variants = (variants,)
     variants = tuple(variants)
@@ -519,7 +521,6 @@ def evaluate(
 
     converted = {}
     if is_tf_keras_model(models):
-
         models = load_keras_model(models)
     if isinstance(models, keras.Model):
         # Fail on data that does not fit before spending time on conversions.
@@ -784,14 +785,12 @@ def layer_errors(
     delegates, so every intermediate tensor can be read. Each quantized activation ``q`` (scale
     ``s``, zero-point ``z``, integer range ``[qmin, qmax]``) is dequantized, ``x̂ = s·(q − z)``,
     and compared with the float tensor ``x`` it stands for::
-
         rmse = sqrt(mean((x̂ − x)²))          rmse_over_scale = rmse / s
         sqnr_db = 10·log10(Σ x² / Σ (x̂ − x)²)
 
     These are accumulated errors: the INT8 model runs end to end, so a tensor's error includes that
     of every layer before it (and of the weights' quantization). The tensor's own share — the error
     of quantizing the exact float values with its scale and zero-point — is reported too::
-
         x̃ = s·(clip(round(x/s) + z, qmin, qmax) − z)
         range_rmse_over_scale = sqrt(mean((x̃ − x)²)) / s     range_sqnr_db = SQNR of x̃
         clipped_fraction = share of values outside the range
@@ -850,7 +849,6 @@ def layer_errors(
     """
 
     if is_tf_keras_model(keras_model):
-
         keras_model = load_keras_model(keras_model)
     if not isinstance(keras_model, keras.Model):
         raise TypeError(f"keras_model must be the float Keras model the INT8 model was made from. Received: "

@@ -44,12 +44,17 @@ import numpy as np
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
-from tfq.tflite.interpreter import available_cores
-from tfq.core.recipes import Recipe, TensorSpec, save_recipe
-from tfq.core.recipes import BIAS_CORRECTION, DATA_FREE, WEIGHT_ROUNDING
+from tfq.core.recipes import (
+    BIAS_CORRECTION,
+    DATA_FREE,
+    WEIGHT_ROUNDING,
+    Recipe,
+    TensorSpec,
+    save_recipe,
+)
 from tfq.core.representative import representative_dataset
 from tfq.tflite.info import inspect_tflite
-from tfq.tflite.interpreter import TFLiteModel
+from tfq.tflite.interpreter import TFLiteModel, available_cores
 
 __all__ = ["tune", "TuneResult", "Trial", "DEFAULT_SEARCH_SPACE", "STRATEGIES"]
 
@@ -206,7 +211,6 @@ def _integer_modes() -> list[str]:
 
 
 def _check_method_space(space: dict) -> None:
-
     allowed = {"equalize": (False, True), "bias_correction": BIAS_CORRECTION, "weight_rounding": WEIGHT_ROUNDING,
                "data_free": DATA_FREE}
     for key, choices in allowed.items():
@@ -349,7 +353,6 @@ class _Tuner:
         return content
 
     def run(self, choices: dict) -> Trial:
-
         key = _canonical(choices)
         for t in self.trials:
             if _canonical(t.choices) == key:

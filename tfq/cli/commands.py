@@ -1,7 +1,6 @@
 """The ``tfq`` command: a thin absl layer over the library.
 
 Usage::
-
     tfq quickstart [--output_dir=tfq_quickstart]
     tfq convert --model=m.keras --mode=int8 --data=calib.npz --calibration=kl --output=m.tflite
     tfq convert --model=m.keras --mode=int8 --data_free=on --equalize --bias_correction=analytical --output=m.tflite
@@ -23,9 +22,9 @@ from pathlib import Path
 from absl import app, flags
 
 from tfq.cli.flags import UsageError, help_requested, load_npz, print_help, quiet_logs
+from tfq.cli.quickstart import run_quickstart
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names
 from tfq.core.export_modes import export_mode_names, io_dtype_names
-from tfq.cli.quickstart import run_quickstart
 from tfq.core.fileio import check_writable, check_writable_dir
 from tfq.reference import explain_table
 
@@ -133,7 +132,6 @@ def _evaluate() -> int:
     if not FLAGS.model and not FLAGS.tflite:
         raise UsageError("give --model and/or --tflite=a.tflite,b.tflite to evaluate.")
     if FLAGS.output:
-
         check_writable(FLAGS.output, "--output")
     x, y = load_npz(FLAGS.data, "data")
     paths = ([FLAGS.model] if FLAGS.model else []) + list(FLAGS.tflite)
@@ -164,13 +162,11 @@ def _inspect() -> int:
         print(f"# {path}")
         print(inspect_tflite(path).summary())
         if FLAGS.explain:
-
             print(explain_table(path, inputs=data))
     return 0
 
 
 def _quickstart() -> int:
-
     check_writable_dir(FLAGS.output_dir or "tfq_quickstart", "--output_dir")
     report = run_quickstart(output_dir=FLAGS.output_dir or "tfq_quickstart", epochs=FLAGS.epochs,
                             qat_epochs=FLAGS.qat_epochs, seed=FLAGS.seed, verbose=not FLAGS.quiet)
@@ -184,7 +180,6 @@ def _tune() -> int:
     if not FLAGS.model:
         raise UsageError("--model is required.")
     if FLAGS.output_dir:
-
         check_writable_dir(FLAGS.output_dir, "--output_dir")
     x_cal, _ = load_npz(FLAGS.data, "data")
     x_val, y_val = load_npz(FLAGS.eval_data, "eval_data", need_labels=True)

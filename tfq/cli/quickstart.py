@@ -35,8 +35,8 @@ def run_quickstart(output_dir: str = "tfq_quickstart", epochs: int = 10, qat_epo
     from tfq.analysis.evaluation import evaluate, layer_errors
     from tfq.datasets import load_digits
     from tfq.export.convert import convert
-    from tfq.qat import quantize_model
     from tfq.models.examples import digits_cnn, train_model
+    from tfq.qat import quantize_model
 
     start = time.perf_counter()
     out = Path(output_dir)

@@ -11,12 +11,17 @@ import inspect
 import keras
 import numpy as np
 
+from tfq.core.recipes import _matches
 from tfq.models.interop import load_keras_model
 from tfq.models.loading import is_quantized_model
-from tfq.tflite.info import distinct_per_channel
-from tfq.quantsim.rewrite import _as_functional, _clone_nested, _copy_layer, _walk_layers
-from tfq.core.recipes import _matches
 from tfq.quantsim.layers import QuantizedLayer
+from tfq.quantsim.rewrite import (
+    _as_functional,
+    _clone_nested,
+    _copy_layer,
+    _walk_layers,
+)
+from tfq.tflite.info import distinct_per_channel
 
 # The weight each layer type has compressed (the one TFLite stores as the op's filter), most
 # specific class first: a separable convolution's pointwise kernel holds nearly all its weights.

@@ -64,7 +64,6 @@ def _check_frequency(frequency) -> int:
 @dataclasses.dataclass(frozen=True)
 class PolynomialDecay:
     """Sparsity rising from ``initial_sparsity`` to ``final_sparsity`` between two steps (Zhu & Gupta 2017)::
-
         p(t) = clip((t − begin_step) / (end_step − begin_step), 0, 1)
         s(t) = final + (initial − final) · (1 − p(t))^power
 
@@ -335,7 +334,6 @@ def prune_low_magnitude(
     Train it with ``fit(..., callbacks=[tfq.callbacks.UpdatePruningStep()])`` (add
     :class:`tfq.callbacks.PruningSummaries` for per-layer sparsity in the logs), then
     :func:`strip_pruning`. Schedules (``t`` = training step, counted by the optimizer)::
-
         "polynomial":  s(t) = target + (initial − target) · (1 − p)^power,
                        p = clip((t − begin_step) / (end_step − begin_step), 0, 1)
         "constant":    s(t) = target for t ≥ begin_step

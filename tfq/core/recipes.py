@@ -31,7 +31,11 @@ from typing import Any, Union
 
 import yaml
 
-from tfq.core.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names, get_calibration_method
+from tfq.core.calibration_methods import (
+    DEFAULT_CALIBRATION,
+    calibration_method_names,
+    get_calibration_method,
+)
 from tfq.core.export_modes import export_mode_names, get_export_mode, io_dtype_names
 from tfq.core.fileio import atomic_write_text
 from tfq.core.messages import short_repr

@@ -13,24 +13,32 @@ from collections.abc import Mapping
 
 import keras
 
-from tfq.ptq.calibration import Calibration, calibrate
-from tfq.core.calibration_methods import DEFAULT_CALIBRATION
+from tfq.compression.common import strip_all
+from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.export_modes import ExportMode, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, check_writable
-from tfq.models.interop import load_keras_model
 from tfq.core.messages import short_repr
-from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
-from tfq.tflite.converter import ConversionError, run_converter
-from tfq.compression.common import strip_all
-from tfq.core.calibration_methods import get_calibration_method
 from tfq.core.representative import representative_dataset
 from tfq.export.graph_converter import keras_graph_converter
-from tfq.models.interop import convert_tfmot_model
-from tfq.numerics.outliers import input_outlier_samples, warn_outlier_samples, without_samples
+from tfq.models.interop import convert_tfmot_model, load_keras_model
+from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
+from tfq.numerics.outliers import (
+    input_outlier_samples,
+    warn_outlier_samples,
+    without_samples,
+)
 from tfq.ptq import pipeline as ptq_methods
+from tfq.ptq.calibration import Calibration, calibrate
 from tfq.ptq.pipeline import MethodsReport, uses_methods
-from tfq.quantsim.rewrite import fix_ranges_in_place, freeze_model, quantizers_of, rewrite_model, uncovered_layers
+from tfq.quantsim.rewrite import (
+    fix_ranges_in_place,
+    freeze_model,
+    quantizers_of,
+    rewrite_model,
+    uncovered_layers,
+)
+from tfq.tflite.converter import ConversionError, run_converter
 from tfq.tflite.info import inspect_tflite
 
 __all__ = ["convert", "ConversionError", "fake_quantize"]
@@ -114,7 +122,6 @@ def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers
     methods = {k: v for k, v in (methods or {}).items() if v is not None}
     method = calibration if isinstance(calibration, str) else None
     if method is not None:
-
         get_calibration_method(method)  # a one-line error naming the registered methods
     patterns = _float_layer_patterns(float_layers)
     if recipe is not None:
@@ -504,7 +511,6 @@ def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> 
         model = _strip_quantization(model)
     model = ptq_methods.prepare_model(model, r, report)
     if r.data_free_method:
-
         data = ptq_methods.calibration_inputs(rewrite_model(model, "int8", warn_unknown=False), r, data, report)
     _require_data(data, r.mode)
     rep = representative_dataset(data, r.num_calibration_samples,
@@ -516,7 +522,6 @@ def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> 
 
 
 def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=None) -> bytes:
-
     if isinstance(model, SavedModelPath):
         return _convert_saved_model_int8(model, r, data)
     frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report, in_place=True)
@@ -587,7 +592,6 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         ranges = cal.ranges
         ranges.update(ptq_methods.data_free_ranges(qmodel, r))
         if cal.method == DEFAULT_CALIBRATION and cal.outlier_samples:
-
             # Set aside for what follows too: weight methods, the converter's calibration inside opaque layers.
             data = without_samples(data, cal.outlier_samples, r.num_calibration_samples, model=qmodel)
     if in_place and qmodel is not model:

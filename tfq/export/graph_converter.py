@@ -31,6 +31,7 @@ import logging
 
 import keras
 import numpy as np
+
 from tfq.core.representative import pack_model_inputs
 
 __all__ = ["keras_graph_converter", "add_serving_signature"]

@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import keras
+
 from tfq.datasets import load_digits
 
 __all__ = ["PositionEmbedding", "digits_cnn", "digits_lstm", "digits_transformer", "mobilenet_style",

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import keras
+
 from tfq.quantsim.rewrite import _as_functional
 
 __all__ = ["GraphNode", "ModelGraph", "as_functional", "TensorKey"]

@@ -22,8 +22,14 @@ import copy
 import re
 
 import keras
+
 from tfq.core.export_modes import export_mode_names, get_export_mode
-from tfq.models.loading import SavedModelPath, is_keras3_model, is_tf_keras_model, load_model
+from tfq.models.loading import (
+    SavedModelPath,
+    is_keras3_model,
+    is_tf_keras_model,
+    load_model,
+)
 from tfq.tflite.converter import run_converter
 
 __all__ = ["convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "to_keras3"]
@@ -480,7 +486,6 @@ def convert_tfmot_model(model, mode: str = "int8", io_dtype: str = "float32") ->
         >>> tflite = convert_tfmot_model(qat, "int8", io_dtype="int8")        # doctest: +SKIP
     """
     import tensorflow as tf
-
 
     if not is_tf_keras_model(model):
         raise TypeError(f"convert_tfmot_model expects a tf_keras (tfmot) model; for Keras 3 models use "

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import keras
+
 from tfq.quantsim.rewrite import quantizers_of
 
 __all__ = ["load_model", "is_keras3_model", "is_tf_keras_model", "is_quantized_model", "SavedModelPath"]

@@ -36,8 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from tfq.core.calibration_methods import (
+    calibration_method_names,
+    get_calibration_method,
+)
 from tfq.numerics import ops
-from tfq.core.calibration_methods import calibration_method_names, get_calibration_method
 
 __all__ = [
     "Observer",
@@ -370,7 +373,6 @@ class MinMaxObserver(_RangeObserver):
     """Running minimum and maximum over all batches.
 
     Starting from ``min_0 = +inf``, ``max_0 = -inf``, batch ``t`` updates::
-
         min_t = min(min_{t-1}, min(x_t))
         max_t = max(max_{t-1}, max(x_t))
 
@@ -407,7 +409,6 @@ class SoftmaxInputObserver(MinMaxObserver):
     ln(classes - 1)`` (8.44 for int8 and 10 classes: logits that far below the largest have
     probabilities summing to under half a step of the output's ``2**-bits`` grid), as
     :func:`tfq.ops.softmax_input_range_numpy` computes it::
-
         hi_r = min(t1, t2 + M)        lo_r = max(min(x_r), hi_r - M)
         min = min_r lo_r              max = max_r hi_r
 
@@ -446,7 +447,6 @@ class MovingAverageMinMaxObserver(_RangeObserver):
     """Exponential moving average of each batch's minimum and maximum.
 
     The first batch initializes ``min_1 = min(x_1)``, ``max_1 = max(x_1)``; batch ``t > 1`` updates::
-
         min_t = decay * min_{t-1} + (1 - decay) * min(x_t)
         max_t = decay * max_{t-1} + (1 - decay) * max(x_t)
 
@@ -500,7 +500,6 @@ class MovingAverageMinMaxObserver(_RangeObserver):
 
         ``other`` (``n_b`` batches, first batch ``min_b1``) started from its first batch instead
         of from our average ``min_a``; every later step is the same affine map, so::
-
             min = min_b + decay^n_b · (min_a − min_b1)        (same for max)
 
         which equals the sequential result up to float64 rounding. Merge shards in data order.
@@ -979,7 +978,6 @@ def _kl_threshold_bins(counts: np.ndarray, levels: int, point_mass: np.ndarray |
     levels and spreads each level's sum ``A_j`` evenly over its ``n_j`` occupied bins of ``P``
     (the outliers' bin counts as occupied, as in MXNet and ONNX Runtime). With ``T = Σ c + Σ s``,
     ``C_i = Σ_{k<i} c_k``, ``S_i = Σ_{k<i} s_k``::
-
         T·KL = Σ_{k<i} P_k ln P_k - Σ_j A_j ln(A_j / n_j) - o·ln(Q_{i-1}) + T·ln((C_i + S_i) / T)
 
     where ``P_k = c_k`` except ``P_{i-1} = c_{i-1} + o``, and ``Q_{i-1} = A_{L-1} / n_{L-1}``, or

@@ -7,7 +7,6 @@ several times per sample — an unrolled RNN's time steps, a shared layer — fo
 and ``q[t]`` the 90th percentile of ``m[:, t]`` over the samples (the sample at rank
 ``floor(0.9·(n - 1))``), sample ``i`` lies *far outside the rest* when, in some tensor with
 ``q[t] > 0`` (and finite)::
-
     m[i, t] > factor · q[t]          (factor = 8 by default)
 
 Measured here on 300 digits, the largest ``m[i, t] / q[t]`` over all tensors is 1.3 (digits
@@ -51,6 +50,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from tfq.core.representative import representative_dataset
 from tfq.numerics.observers import MinMaxObserver
 
@@ -193,7 +193,6 @@ class SampleRanges(_PerSampleFolding):
 
 class _Tap:
     def __init__(self, recorder: _PerSampleFolding, name: str, observer):
-
         self.recorder, self.name, self.observer = recorder, name, observer
         self.summarize = type(observer) is MinMaxObserver and not observer.per_channel
 

@@ -4,7 +4,6 @@ With quantized weights ``W̃ = W + ε``, a layer's output moves by ``ε·x``; it
 ``E[ε·x] = ε·E[x]`` is a per-channel bias error that survives averaging and accumulates through
 the network (Nagel et al., 2019, "Data-Free Quantization", section 4.2). Subtracting it from the
 layer's bias removes it::
-
     b ← b − Δ,      Δ_o = E[(x ⊛ ε)_o]
 
 * **empirical**: ``Δ`` measured on calibration data — the layer's input in the fake-quant model,
@@ -31,10 +30,16 @@ import warnings
 
 import keras
 import numpy as np
+
 from tfq.core.representative import representative_dataset
 from tfq.models.graph import ModelGraph
 from tfq.ptq.weight_rounding import _factor, wrapped_kernel
-from tfq.quantsim.layers import ActivationQuantizer, FloatBarrier, QuantizedLayer, tapping
+from tfq.quantsim.layers import (
+    ActivationQuantizer,
+    FloatBarrier,
+    QuantizedLayer,
+    tapping,
+)
 from tfq.quantsim.rewrite import _walk_layers, quantized_layers_of
 
 __all__ = ["BIAS_CORRECTION_METHODS", "clipped_normal_mean", "correct_biases", "expected_shift"]
@@ -46,7 +51,6 @@ def clipped_normal_mean(mean, std, low: float = -math.inf, high: float = math.in
     """``E[clip(z, low, high)]`` for ``z ~ N(mean, std²)``, per element.
 
     With ``a = (low − μ)/σ``, ``b = (high − μ)/σ``, ``Φ``/``φ`` the standard normal CDF/PDF::
-
         E = low·Φ(a) + high·(1 − Φ(b)) + μ·(Φ(b) − Φ(a)) + σ·(φ(a) − φ(b))
 
     (terms with an infinite bound vanish). ``σ = 0`` gives ``clip(μ, low, high)``.
@@ -207,7 +211,6 @@ def _input_statistics(graph, node) -> tuple | None:
 
 
 def _analytical_shifts(model, wrappers, references) -> dict:
-
     wanted = {id(w) for w in wrappers}
     shifts = {}
     levels = [model] + [layer for layer in _walk_layers(model) if isinstance(layer, keras.Model)]

@@ -37,8 +37,18 @@ from tfq.core.recipes import load_recipe
 from tfq.core.representative import pack_model_inputs, representative_dataset
 from tfq.models.interop import load_keras_model
 from tfq.models.loading import is_quantized_model
-from tfq.numerics.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, SoftmaxInputObserver, create_observer
-from tfq.numerics.outliers import DEFAULT_OUTLIER_FACTOR, OutlierTest, warn_outlier_samples
+from tfq.numerics.observers import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    Observer,
+    SoftmaxInputObserver,
+    create_observer,
+)
+from tfq.numerics.outliers import (
+    DEFAULT_OUTLIER_FACTOR,
+    OutlierTest,
+    warn_outlier_samples,
+)
 from tfq.quantsim.layers import observing
 from tfq.quantsim.rewrite import quantizers_of, rewrite_model
 
@@ -434,7 +444,6 @@ def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observ
     import threading
 
     import tensorflow as tf
-
 
     lock = threading.Lock()
     names = list(quantizers)

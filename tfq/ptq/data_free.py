@@ -7,7 +7,6 @@ channel after normalisation. Two ways to use it:
   BatchNorm — starting from Gaussian noise, minimise with Adam over the inputs
 
   ::
-
       L = Σ_l ‖mean(u_l)‖₂ + ‖std(u_l) − 1‖₂,     u_l = (z_l − β_l) / |γ_l|
 
   (means and standard deviations per channel over the batch and positions, ``z_l`` the
@@ -27,6 +26,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+
 from tfq.quantsim.layers import observing, tapping
 from tfq.quantsim.rewrite import quantized_layers_of
 
@@ -89,7 +89,6 @@ def batchnorm_range(beta, gamma, activation: str = "linear", num_std: float = NU
 
 
 def _bn_wrappers(qmodel):
-
     return [w for w in quantized_layers_of(qmodel) if w.batchnorm is not None]
 
 
@@ -123,7 +122,6 @@ def synthesize_inputs(qmodel, num_samples: int = NUM_SAMPLES, *, steps: int = ST
         >>> x_synthetic = synthesize_inputs(tfq.quantsim.rewrite.rewrite_model(model))   # doctest: +SKIP
     """
     import tensorflow as tf
-
 
     inputs = qmodel.inputs
     if len(inputs) != 1:

@@ -6,7 +6,6 @@ and Bias Correction"). Two weighted layers joined by a ReLU (or nothing) compute
 ``i`` of the first layer by ``1/sᵢ`` and input channel ``i`` of the second by ``sᵢ`` leaves the
 function unchanged. With ``r₁ᵢ`` the range (max |w|) of output channel ``i`` of ``W₁`` and
 ``r₂ᵢ`` that of input channel ``i`` of ``W₂``::
-
     sᵢ = sqrt(r₁ᵢ / r₂ᵢ)          →   r₁ᵢ / sᵢ = r₂ᵢ · sᵢ = sqrt(r₁ᵢ · r₂ᵢ)
 
 makes both channel ranges equal, which is what per-tensor weight quantization needs: no channel
@@ -35,9 +34,9 @@ import keras
 import numpy as np
 
 from tfq.models.graph import GraphNode, ModelGraph, as_functional
-from tfq.quantsim.rewrite import copy_layer
 from tfq.models.interop import load_keras_model
 from tfq.quantsim.layers import activation_name
+from tfq.quantsim.rewrite import copy_layer
 
 __all__ = ["equalize", "equalization_scales", "absorption_amount", "fold_batchnorm", "channel_ranges",
            "RELU6_MODES"]
@@ -105,7 +104,6 @@ def fold_batchnorm(kernel, bias, gamma, beta, mean, variance, epsilon: float, de
     """Folds a BatchNorm into the layer before it, as the TFLite converter does.
 
     ::
-
         σ = sqrt(variance + ε)
         W_fold = W · γ / σ            (per output channel)
         b_fold = β + (b − mean) · γ / σ
@@ -185,7 +183,6 @@ def _kind(layer) -> str | None:
 
 
 def _activation(layer) -> str:
-
     return activation_name(getattr(layer, "activation", None))
 
 

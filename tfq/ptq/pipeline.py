@@ -93,8 +93,8 @@ def data_free_ranges(qmodel, r: Recipe) -> dict:
 
 def apply_weight_methods(frozen, r: Recipe, data, report: MethodsReport | None = None) -> MethodsReport:
     """Learned rounding, then bias correction, on the frozen fake-quant model (changed in place)."""
-    from tfq.quantsim.rewrite import quantized_layers_of
     from tfq.ptq.weight_rounding import round_weights, wrapped_kernel
+    from tfq.quantsim.rewrite import quantized_layers_of
 
     report = report if report is not None else MethodsReport()
     references = {}

@@ -9,7 +9,6 @@ channel, or per tensor) and choose, for every weight, an integer ``q`` on that g
   ``h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1)`` (ζ = 1.1, γ = −0.1), ``V`` learned by Adam to minimise
 
   ::
-
       ‖f(W x̃ + b) − f(W̃ x̃ + b)‖² / R₀  +  λ · mean(1 − |2h(V) − 1|^β)
 
   on calibration data (``x̃``: the layer's input in the quantized model, layers before it already
@@ -44,10 +43,10 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from tfq.numerics.ops import round_half_away as _round_half_away
 from tfq.core.representative import representative_dataset
 from tfq.numerics import ops
 from tfq.numerics.ops import MIN_RANGE
+from tfq.numerics.ops import round_half_away as _round_half_away
 from tfq.quantsim.layers import observing, tapping
 from tfq.quantsim.rewrite import quantized_layers_of
 
@@ -154,7 +153,6 @@ def gptq_round(w, hessian, scale, qmax: int, damp: float = GPTQ_DAMP, pin=None, 
     """GPTQ: integers for ``w`` (rows = output channels) that minimise ``‖(W − Q·s) X‖²``.
 
     ::
-
         H ← H + damp · mean(diag H) · I              (dead inputs: H_jj = 1)
         U = cholesky(H⁻¹)ᵀ                            (upper triangular)
         for j = 1 … cols:

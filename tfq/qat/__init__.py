@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import keras
 
-from tfq.quantsim.layers import ActivationQuantizer, QuantizedLayer, QuantizedNormalization
-from tfq.quantsim.registry import register_layer, unregister_layer
-from tfq.quantsim.rewrite import batchnorm_layers_of, freeze_model, quantized_layers_of, quantizers_of, rewrite_model
 from tfq.compression.common import strip_all
 from tfq.core.recipes import load_recipe
 from tfq.models.interop import load_keras_model
 from tfq.ptq.calibration import calibrate
+from tfq.quantsim.layers import (
+    ActivationQuantizer,
+    QuantizedLayer,
+    QuantizedNormalization,
+)
+from tfq.quantsim.registry import register_layer, unregister_layer
+from tfq.quantsim.rewrite import (
+    batchnorm_layers_of,
+    freeze_model,
+    quantized_layers_of,
+    quantizers_of,
+    rewrite_model,
+)
 
 __all__ = [
     "ActivationQuantizer",

@@ -18,8 +18,7 @@ import math
 import keras
 from keras import ops
 
-from tfq.quantsim.layers import Statistic
-from tfq.quantsim.layers import activation_name
+from tfq.quantsim.layers import Statistic, activation_name
 
 __all__ = ["dot_product_attention", "gru", "layer_normalization", "lstm", "simple_rnn"]
 
@@ -31,7 +30,6 @@ def _reduction_axes(layer, rank: int) -> list[int]:
 
 def layer_normalization(layer: keras.layers.LayerNormalization, x, **kwargs):
     """LayerNormalization as MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL, MUL, ADD — all int8 in TFLite::
-
         μ = mean(x)            d = x − μ            v = mean(d · d)
         y = d · rsqrt(v + ε) · γ + β
 
@@ -68,7 +66,6 @@ def _broadcastable(variable, axes: list[int], rank: int):
 
 def dot_product_attention(op, query, key, value, bias=None, mask=None, scale=None, **kwargs):
     """``keras.ops.dot_product_attention`` (inputs ``(B, T, N, H)``) as TFLite runs attention::
-
         q' = q · scale                      (MUL)
         s  = einsum(q', k)                  (BATCH_MATMUL, logits B×N×T×S)
         p  = softmax(where(mask, s, −∞))    (SOFTMAX, output range [0, 1) fixed by TFLite)
@@ -129,7 +126,6 @@ def _input_steps(layer, sequences, kernel, bias, steps: int) -> list:
 
 
 def _activation(fn, name: str):
-
     return keras.layers.Activation(activation_name(fn), name=name)
 
 
@@ -161,7 +157,6 @@ def _order(layer, steps: int):
 
 def lstm(layer, sequences, initial_state=None, mask=None, training=None):
     """An LSTM unrolled over its (static) time steps, one int8 op per step and gate::
-
         z = x_t·W + h·U + b   → i, f, g, o = σ(z_i), σ(z_f), tanh(z_g), σ(z_o)
         c = f·c + i·g         h = o·tanh(c)
 
@@ -193,7 +188,6 @@ def lstm(layer, sequences, initial_state=None, mask=None, training=None):
 
 def gru(layer, sequences, initial_state=None, mask=None, training=None):
     """A GRU unrolled over its (static) time steps (Keras gate order z, r, h)::
-
         z = σ(x_z + h·U_z + b_z)     r = σ(x_r + h·U_r + b_r)
         h̃ = act(x_h + r·(h·U_h + b_h))   (reset_after; else act(x_h + (r·h)·U_h))
         h = z·h + (1 − z)·h̃

@@ -554,7 +554,6 @@ class QuantizedLayer(keras.layers.Layer):
 
     With ``batchnorm`` (the BatchNormalization that consumed this layer's output), the BN is
     folded into the weights the way the TFLite converter folds it::
-
         σ = sqrt(moving_variance + ε)
         W_fold = W · γ / σ              (per output channel)
         b_fold = β + (b − μ) · γ / σ
@@ -1118,7 +1117,6 @@ class QuantizedNormalization(keras.layers.Layer):
     """A standalone BatchNormalization or Normalization as TFLite runs it: MUL, then ADD.
 
     With per-channel ``s`` and ``t``::
-
         BatchNormalization:  s = γ / sqrt(var + ε),        t = β − mean · s
         Normalization:       s = 1 / max(sqrt(var), ε),    t = −mean · s
         (invert=True:        s = max(sqrt(var), ε),         t = mean)
@@ -1283,7 +1281,6 @@ def _live_batchnorm(y, gamma, beta, epsilon, channel_axis, frozen, moving_mean, 
     per layer and step; on MobileNetV2 α 0.35 at 32 px the fused forward and gradient kernels took
     16 ms of a 95 ms step, Keras' unfused BN ~13 ms).
     The gradient is written out, with ``d = y − μ``, ``s = Σ dout·d``, ``n`` values per channel::
-
         ∂β = Σ dout        ∂γ = s / σ        ∂y = (γ/σ)·dout − d·(γ/σ³)·s/n − (γ/σ)·∂β/n
 
     (σ = sqrt(σ² + ε)); the last two terms are the batch moments' share, 0 when frozen.

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.quantsim import registry
 from tfq.quantsim.layers import (
     BN_FOLDING,
-    LOGITS_RANGES,
     FUSABLE_ACTIVATIONS,
     INT8_ACTIVATIONS,
+    LOGITS_RANGES,
     ActivationQuantizer,
     FloatBarrier,
     QuantizedLayer,
@@ -45,7 +46,6 @@ from tfq.quantsim.layers import (
     activation_name,
     preserve_mode_for,
 )
-from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 
 __all__ = ["batchnorm_layers_of", "fix_ranges_in_place", "freeze_model", "opaque_message", "quantized_layers_of", "quantizers_of",
            "rewrite_model", "uncovered_layers"]
@@ -708,7 +708,6 @@ def check_float_layers(patterns, layers: dict, model_name: str) -> None:
         ValueError: a pattern matches no layer; the message lists the nearest names (``difflib``).
     """
     import difflib
-
 
     for pattern in patterns:
         probe = Recipe(float_layers=(pattern,))

@@ -21,7 +21,13 @@ Example:
 from __future__ import annotations
 
 from tfq.reference.executor import as_graph, execute
-from tfq.reference.explain import OpExplanation, Trace, build_trace, explain_ops, format_table
+from tfq.reference.explain import (
+    OpExplanation,
+    Trace,
+    build_trace,
+    explain_ops,
+    format_table,
+)
 from tfq.reference.fixedpoint import (
     multiply_by_quantized_multiplier,
     quantize_multiplier,

@@ -22,6 +22,7 @@ import os
 
 import keras
 import numpy as np
+
 from tfq.compression.pruning import PolynomialDecay, pruned_layers_of
 from tfq.core.fileio import atomic_write_bytes
 from tfq.quantsim.rewrite import batchnorm_layers_of, quantizers_of
@@ -43,7 +44,6 @@ def _check_every(every_n_epochs) -> int:
 
 
 def _require_quantized(model, who: str) -> None:
-
     if not quantizers_of(model):
         raise ValueError(
             f"{who} needs a tfq QAT model (from tfq.qat.quantize_model); model {model.name!r} has no quantizer."
@@ -273,7 +273,6 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self._wrappers: list = []
 
     def on_train_begin(self, logs=None):
-
         self._wrappers = pruned_layers_of(self.model)
         if not self._wrappers:
             raise ValueError(f"UpdatePruningStep needs a model from tfq.pruning.prune_low_magnitude; model "
@@ -330,7 +329,6 @@ class PruningSummaries(keras.callbacks.Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
-
         if not pruned_layers_of(self.model):
             raise ValueError(f"PruningSummaries needs a model from tfq.pruning.prune_low_magnitude; model "
                              f"{self.model.name!r} has no pruned layer.")
@@ -340,7 +338,6 @@ class PruningSummaries(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
     def on_epoch_end(self, epoch, logs=None):
-
         values, zeros, total = {}, 0, 0
         for wrapper in pruned_layers_of(self.model):
             mask = keras.ops.convert_to_numpy(wrapper.effective_weight(False))

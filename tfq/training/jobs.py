@@ -10,8 +10,8 @@ own ``TF_CONFIG`` (:mod:`tfq.training.distribute`).
 
 from __future__ import annotations
 
-from tfq.training.distribute import fit_distributed, worker_output_dir
 from tfq.core.fileio import atomic_write_bytes
+from tfq.training.distribute import fit_distributed, worker_output_dir
 
 __all__ = ["prune_and_quantize", "train_qat"]
 
@@ -130,13 +130,13 @@ def prune_and_quantize(model, x_train, y_train, *, x_val=None, y_val=None, targe
     import keras
     import numpy as np
 
+    from tfq.compression.pruning import prune_low_magnitude, sparsity_of, strip_pruning
     from tfq.export.convert import convert
+    from tfq.models.loading import load_model
     from tfq.qat import quantize_model
     from tfq.tflite.info import inspect_tflite
     from tfq.tflite.interpreter import TFLiteModel
     from tfq.training import callbacks as cb
-    from tfq.models.loading import load_model
-    from tfq.compression.pruning import prune_low_magnitude, sparsity_of, strip_pruning
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1. Received: epochs={epochs!r}")
