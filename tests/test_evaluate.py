@@ -547,11 +547,14 @@ def test_plot_writes_png(cnn_report, cnn_layers, tmp_path):
     pytest.importorskip("matplotlib")
     report = Report.from_dict(cnn_report.to_dict())
     report.rows[0]["latency_p50_ms"], report.rows[0]["latency_p90_ms"] = 12.0, 15.0
-    assert report.plot(tmp_path / "plain.png").read_bytes()[:8] == PNG_SIGNATURE
+    report.plot(tmp_path / "plain.png")  # plot() returns the Figure and writes the PNG when given a path
+    assert (tmp_path / "plain.png").read_bytes()[:8] == PNG_SIGNATURE
     report.layer_errors = cnn_layers
     with_layers = report.plot(tmp_path / "layers.png")
-    assert with_layers.read_bytes()[:8] == PNG_SIGNATURE
-    assert cnn_layers.plot(tmp_path / "only_layers.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert len(with_layers.axes) == 3
+    assert (tmp_path / "layers.png").read_bytes()[:8] == PNG_SIGNATURE
+    cnn_layers.plot(tmp_path / "only_layers.png")
+    assert (tmp_path / "only_layers.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_plot_without_matplotlib(cnn_report, tmp_path, monkeypatch):

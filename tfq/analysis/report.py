@@ -1,10 +1,11 @@
-"""Evaluation results as data: rows of figures, rendered as markdown, JSON or a PNG plot.
+"""Evaluation results as data: rows of figures, rendered as markdown, HTML, JSON or a matplotlib figure.
 
 :class:`Report` holds what :func:`tfq.evaluate` measured, one row (a dict) per model;
 :class:`LayerErrorReport` holds what :func:`tfq.layer_errors` measured, one row per quantized
 tensor. Both are plain data: ``to_dict``/``from_dict`` round-trip, and JSON stores the
 non-finite floats (an SQNR of ``inf`` for identical outputs) as the strings ``"inf"``, ``"-inf"``
-and ``"nan"`` so the file stays strict JSON.
+and ``"nan"`` so the file stays strict JSON. In Jupyter both display as a table
+(``_repr_html_``, ``_repr_markdown_``); ``plot()`` returns a ``matplotlib.figure.Figure``.
 
 Example:
     >>> report = Report([{"name": "keras", "accuracy": 0.97, "size": 4000}], metrics=["accuracy"])
@@ -14,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import math
@@ -21,7 +23,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from tfq.core.fileio import atomic_write_bytes, atomic_write_text
+from tfq.core.fileio import atomic_write_bytes
 
 __all__ = ["Report", "LayerErrorReport", "ROUNDING_RMSE_OVER_SCALE"]
 
@@ -85,18 +87,70 @@ def _table(header: list[str], align: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _html_cell(text) -> str:
+    text = str(text)
+    if text.startswith("**") and text.endswith("**") and len(text) > 4:
+        return f"<b>{html.escape(text[2:-2])}</b>"
+    return html.escape(text)
+
+
+def _html_table(header: list[str], align: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    """The same table as :func:`_table`, as HTML (what Jupyter and the docs site show)."""
+    style = {"r": ' style="text-align:right"', "l": ' style="text-align:left"'}
+    head = "".join(f"<th{style[a]}>{html.escape(h)}</th>" for h, a in zip(header, align))
+    body = "".join("<tr>" + "".join(f"<td{style[a]}>{_html_cell(c)}</td>" for c, a in zip(row, align)) + "</tr>"
+                   for row in rows)
+    foot = "".join(f"<p><small>{html.escape(n)}</small></p>" for n in notes)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{foot}"
+
+
 def _figure_class():
+    """A ``matplotlib.figure.Figure`` that Jupyter shows as a PNG without pyplot or ``%matplotlib inline``.
+
+    The figure is not registered with pyplot (no global state, nothing shown twice); where IPython's
+    inline backend registers its own PNG printer for figures, that printer is used instead.
+    """
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install matplotlib (or pip install 'tfq[plot]').") from None
-    return Figure
+
+    class ReportFigure(Figure):
+        """A matplotlib Figure with a PNG representation for Jupyter."""
+
+        def _repr_png_(self) -> bytes:
+            return _png_bytes(self)
+
+    return ReportFigure
 
 
-def _save_png(fig, path) -> Path:
+def _png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _write_file(path, data: bytes, method: str, example: str) -> Path:
+    """Writes ``data`` atomically; a bad ``path`` is one line naming the caller's path, never a temp file."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{method} expects a file path, not a directory. Received: path={str(path)!r}; "
+                         f"give a file name, e.g. {str(target / example)!r}.")
+    if not target.parent.exists():
+        raise FileNotFoundError(f"{method} cannot write path={str(path)!r}: its directory {str(target.parent)!r} "
+                                "does not exist. Create it first or choose another path.")
+    if not target.parent.is_dir():
+        raise ValueError(f"{method} cannot write path={str(path)!r}: {str(target.parent)!r} is a file, not a "
+                         "directory. Choose another path.")
+    try:
+        return atomic_write_bytes(target, data)
+    except OSError as err:
+        raise ValueError(f"{method} cannot write path={str(path)!r} ({err.strerror or type(err).__name__}). "
+                         "Choose a writable location.") from None
+
+
+def _save_png(fig, path, method: str) -> Path:
+    return _write_file(path, _png_bytes(fig), method, "plot.png")
 
 
 def _short_tensor_name(name: str, width: int = 48) -> str:
@@ -144,7 +198,7 @@ class LayerErrorReport(list):
         """The flagged rows, in graph order (the first is the one to look at)."""
         return [r for r in self if r.get("outlier")]
 
-    def to_markdown(self) -> str:
+    def _table_parts(self) -> tuple[list[str], list[str], list[list[str]], list[str]]:
         header = ["#", "tensor", "op", "scale", "zero point", "RMSE", "RMSE/scale", "SQNR (dB)", "own RMSE/scale",
                   "clipped", "saturated", "error source", "outlier"]
         align = ["r", "l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "l", "l"]
@@ -165,7 +219,18 @@ class LayerErrorReport(list):
         if self.skipped:
             notes.append(f"{len(self.skipped)} quantized tensor(s) without a float partner left out "
                          f"(e.g. {self.skipped[0]['tensor']!r}: {self.skipped[0]['reason']}).")
+        return header, align, body, notes
+
+    def to_markdown(self) -> str:
+        """One row per quantized tensor (scale, zero point, RMSE, SQNR, clipping, outlier flag) and a note."""
+        header, align, body, notes = self._table_parts()
         return _table(header, align, body) + "\n\n" + "\n".join(notes)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def _repr_html_(self) -> str:
+        return _html_table(*self._table_parts())
 
     def to_dict(self) -> dict:
         return _encode({"format": _LAYER_FORMAT, "rmse_outlier": self.rmse_outlier,
@@ -182,8 +247,13 @@ class LayerErrorReport(list):
                    num_samples=d.get("num_samples"), skipped=d.get("skipped", []))
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        """Writes :meth:`to_dict` as JSON, atomically."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        """Writes :meth:`to_dict` as JSON, atomically.
+
+        Raises:
+            ValueError: ``path`` is a directory, or cannot be written.
+        """
+        return _write_file(path, (json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"),
+                           "LayerErrorReport.to_json", "layer_errors.json")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LayerErrorReport:
@@ -210,15 +280,28 @@ class LayerErrorReport(list):
         ax.set_title("INT8 error per tensor (outliers in red)")
         ax.legend(fontsize=7, loc="best")
 
-    def plot(self, path: str | os.PathLike) -> Path:
-        """Writes a PNG of RMSE/scale per tensor (accumulated and own; outliers in red), atomically.
+    def plot(self, path: str | os.PathLike | None = None):
+        """RMSE/scale per tensor as horizontal bars (accumulated and own range; outliers in red).
+
+        Args:
+            path: if given, the figure is also written there as a PNG, atomically.
+
+        Returns:
+            The ``matplotlib.figure.Figure`` (one axes; bars in graph order, the accumulated error
+            first). Jupyter displays it when it is the cell's last expression.
 
         Raises:
             ImportError: matplotlib is not installed.
+            ValueError: ``path`` is a directory, or cannot be written.
+
+        Example:
+            >>> fig = tfq.layer_errors(model, tflite, x_test[:64]).plot("layer_errors.png")  # doctest: +SKIP
         """
         figure = _figure_class()(figsize=(7, 1.5 + 0.3 * max(len(self), 1)))
         self._draw(figure.add_subplot(1, 1, 1))
-        return _save_png(figure, path)
+        if path is not None:
+            _save_png(figure, path, "LayerErrorReport.plot")
+        return figure
 
     def __eq__(self, other) -> bool:
         if isinstance(other, LayerErrorReport):
@@ -291,8 +374,7 @@ class Report:
 
     # ---- rendering
 
-    def to_markdown(self) -> str:
-        """The main figures as a markdown table (metrics, agreement, SQNR, size, latency, throughput)."""
+    def _table_parts(self) -> tuple[list[str], list[str], list[list[str]], list[str]]:
         header = ["model"] + self.metrics + ["agreement", "SQNR (dB)", "size (KB)", "size ratio", "gzip (KB)",
                                              "sparsity", "distinct/ch", "p50 (ms)", "p90 (ms)", "samples/s"]
         align = ["l"] + ["r"] * (len(header) - 1)
@@ -327,7 +409,19 @@ class Report:
         if any(r.get("gzip_size") is not None for r in self.rows):
             notes.append("gzip = the file (Keras: the float32 weights) gzip-compressed; sparsity = zeros among the "
                          "weight tensors; distinct/ch = most distinct weight values in one output channel.")
+        return header, align, body, notes
+
+    def to_markdown(self) -> str:
+        """The main figures as a markdown table (metrics, agreement, SQNR, size, latency, throughput)."""
+        header, align, body, notes = self._table_parts()
         return _table(header, align, body) + "\n\n" + "\n".join(notes)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def _repr_html_(self) -> str:
+        """The table of :meth:`to_markdown` as HTML: what Jupyter shows for a report."""
+        return _html_table(*self._table_parts())
 
     def to_dict(self) -> dict:
         return _encode({
@@ -350,21 +444,40 @@ class Report:
                    layer_errors=LayerErrorReport.from_dict(layer) if layer is not None else None)
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        """Writes :meth:`to_dict` as JSON (strict: ``inf`` is stored as ``"inf"``), atomically."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        """Writes :meth:`to_dict` as JSON (strict: ``inf`` is stored as ``"inf"``), atomically.
+
+        Raises:
+            ValueError: ``path`` is a directory, or cannot be written.
+        """
+        return _write_file(path, (json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"),
+                           "Report.to_json", "report.json")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Report:
         """Reads a report written by :meth:`to_json`."""
         return cls.from_dict(_read_json(path, "report"))
 
-    def plot(self, path: str | os.PathLike) -> Path:
-        """Writes a PNG: quality vs size, latency per model and, if attached, per-tensor INT8 error.
+    def plot(self, path: str | os.PathLike | None = None):
+        """Quality vs size, latency per model and, if attached, per-tensor INT8 error, side by side.
 
-        Quality is the first metric (agreement with the reference when there is no metric).
+        Quality is the first metric (agreement with the reference when there is no metric): one
+        point per model with a size. Latency: one bar per model with a measured p50 (whisker to p90).
+        The third panel, with :attr:`layer_errors` set, is :meth:`LayerErrorReport.plot`'s.
+
+        Args:
+            path: if given, the figure is also written there as a PNG, atomically.
+
+        Returns:
+            The ``matplotlib.figure.Figure``; Jupyter displays it when it is the cell's last
+            expression. ``figure.axes`` holds the panels in the order above.
 
         Raises:
             ImportError: matplotlib is not installed (``pip install matplotlib``).
+            ValueError: ``path`` is a directory, or cannot be written.
+
+        Example:
+            >>> report = tfq.evaluate({"keras": model, "int8": tflite}, x_test, y_test)  # doctest: +SKIP
+            >>> fig = report.plot("report.png")  # doctest: +SKIP
         """
         Figure = _figure_class()
         panels = 3 if self.layer_errors else 2
@@ -374,7 +487,9 @@ class Report:
         self._draw_latency(figure.add_subplot(1, panels, 2))
         if self.layer_errors:
             self.layer_errors._draw(figure.add_subplot(1, panels, 3))
-        return _save_png(figure, path)
+        if path is not None:
+            _save_png(figure, path, "Report.plot")
+        return figure
 
     def _draw_quality(self, ax) -> None:
         key = self.metrics[0] if self.metrics else "agreement"
