@@ -1,9 +1,12 @@
-"""MkDocs hooks.
+"""MkDocs hooks (mkdocs.yml ``hooks:``).
 
-The home page is README.md. And docstrings index arrays in prose (``x[0]["agreement"]``, ``[0.0, 2.0]``); Markdown reads
-``[..][..]`` as a reference link, and autorefs warns that no such object exists. Those warnings (a target
-that is not a dotted Python name) are dropped, so that ``mkdocs build --strict`` still fails on every
-real broken link and on a cross-reference to a Python object that does not exist."""
+- The home page is README.md, its links made site-relative: one text for the repository and the site.
+- Docstrings cite objects Sphinx-style (:func:`tfq.evaluate`); the site shows the name alone.
+- Docstrings index arrays in prose (``x[0]["agreement"]``, ``[0.0, 2.0]``): Markdown reads ``[..][..]``
+  as a reference link and autorefs warns that no such object exists. Those warnings (a target that is
+  not a dotted Python name) are dropped, so ``mkdocs build --strict`` still fails on every broken link
+  and on a cross-reference to a Python object that does not exist.
+"""
 
 import logging
 import re
@@ -33,3 +36,11 @@ def on_page_read_source(page, config):
     readme = Path(config["docs_dir"]).parent / "README.md"
     text = readme.read_text(encoding="utf-8")
     return text.replace("](docs/", "](").replace("](notebooks/)", "](notebooks/01_ptq_quickstart.ipynb)")
+
+
+_SPHINX_ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj):(?=<code>)")
+
+
+def on_page_content(html, page, config, files):
+    """Docstrings cite objects Sphinx-style (:func:`tfq.evaluate`); the site shows the name alone."""
+    return _SPHINX_ROLE.sub("", html)
