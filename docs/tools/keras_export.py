@@ -20,10 +20,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
-import tfq  # noqa: E402
+import tfq
 
 
 def keras_export(model, calib=None, **options):
