@@ -101,14 +101,14 @@ def quantize_model(
             freezes their statistics: ``"unfolded"`` (default; BN after the op on the
             fake-quantized weights, the cost of Keras' float BN) or ``"two_pass"``
             (Krishnamoorthi's batch-statistics correction, statistics from a second, float op:
-            one more convolution per step). See README "QAT cost" for the trade-off measured.
+            one more convolution per step). See docs/benchmarks.md "QAT cost" for the trade-off measured.
         logits_range: range of the quantizer on the input of a softmax fused in its layer
             (``Dense(..., activation="softmax")``): ``"tensor"`` (default; its min/max, like every
             other activation) or ``"softmax"`` (the logits the int8 softmax output depends on,
             :class:`~tfq.observers.SoftmaxInputObserver`, in calibration and in the moving
             average: confident samples no longer stretch the range, so the logits between classes
             get a finer grid; the argmax is kept and no probability moves by more than one output
-            step). README "QAT cost" has the accuracy measured with each: neither wins everywhere.
+            step). docs/benchmarks.md "QAT cost" has the accuracy measured with each: neither wins everywhere.
         **calibration_params: parameters of the calibration method.
 
     Returns:
