@@ -504,8 +504,9 @@ class Recipe:
             entry = get_ptq_method(name)
             if self.mode not in entry.modes:
                 modes = [m for m in entry.modes if m in export_mode_names()]
+                where = f"Recipe.{name}" if name in fields else f"Recipe.methods[{name!r}]"
                 raise ValueError(
-                    f"Recipe.{name}={value!r} applies to mode {' or '.join(map(repr, modes))}, not "
+                    f"{where}={value!r} applies to mode {' or '.join(map(repr, modes))}, not "
                     f"mode={self.mode!r}. Use mode={modes[0]!r} or leave {name} at its default."
                 )
             if entry.check_recipe is not None:
