@@ -145,8 +145,8 @@ def test_bad_option_values_are_refused_in_one_line(toy_methods, trained_cnn, tmp
         (lambda: tfq.Recipe.from_dict({"methods": {"clip_weights": {"k": "big"}}}),
          "option 'k' must be a number > 0, e.g. 3.0. Received: k='big'"),
         (lambda: tfq.Recipe(methods={"clip_weights": {"kk": 1.0}}),
-         "Unknown option 'kk' of method 'clip_weights' (Recipe.methods['clip_weights']). Allowed options: 'k'. "
-         "Received: kk=1.0"),
+         ("Unknown option 'kk' of method 'clip_weights' (Recipe.methods['clip_weights']). Allowed options: 'k'. "
+          "Received: kk=1.0")),
         (lambda: tfq.Recipe(methods={"clip_weights": "yes"}), "Received: clip_weights='yes'"),
         (lambda: tfq.Recipe(mode="fp16", methods={"clip_weights": True}),
          "Recipe.methods['clip_weights']=True applies to mode 'int8', not mode='fp16'"),

@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tfq.core.calibration_methods import Param
-from tfq.core.export_modes import export_mode_names, get_export_mode
+from tfq.core.export_modes import get_export_mode
 
 __all__ = [
     "STAGES",
