@@ -4,7 +4,7 @@ Usage::
     tfq quickstart [--output_dir=tfq_quickstart]
     tfq convert --model=m.keras --mode=int8 --data=calib.npz --calibration=kl --output=m.tflite
     tfq convert --model=m.keras --mode=int8 --data_free=on --equalize --bias_correction=analytical --output=m.tflite
-    tfq convert --model=m.keras --data=calib.npz --method=weight_rounding=gptq --method=my_method:k=2 --output=m.tflite
+    tfq convert --model=m.keras --data=calib.npz --method=weight_rounding=gptq --method=bias_correction --output=m.tflite
     tfq evaluate --model=float.keras --tflite=a.tflite,b.tflite --data=test.npz
     tfq inspect --tflite=m.tflite [--explain [--data=samples.npz]]
     tfq tune --model=m.keras --data=calib.npz --eval_data=val.npz --max_drop=0.005 --output_dir=out
