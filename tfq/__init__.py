@@ -68,6 +68,7 @@ _ALIASES = {
     "ops": "tfq.numerics.ops",
     "outliers": "tfq.numerics.outliers",
     "pruning": "tfq.compression.pruning",
+    "ptq_methods": "tfq.core.ptq_methods",
     "recipes": "tfq.core.recipes",
 }
 

@@ -44,14 +44,8 @@ import numpy as np
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
-from tfq.core.recipes import (
-    BIAS_CORRECTION,
-    DATA_FREE,
-    WEIGHT_ROUNDING,
-    Recipe,
-    TensorSpec,
-    save_recipe,
-)
+from tfq.core.ptq_methods import get_ptq_method, ptq_method_names
+from tfq.core.recipes import Recipe, TensorSpec, save_recipe
 from tfq.core.representative import representative_dataset
 from tfq.tflite.info import inspect_tflite
 from tfq.tflite.interpreter import TFLiteModel, available_cores
@@ -69,14 +63,24 @@ DEFAULT_SEARCH_SPACE = {
     "symmetric_activations": [False, True],
     "precision": ["int8", "int16x8"],
     "float_layers": "auto",  # candidates: the model's weighted layers
-    # Methods beyond calibration (tfq.equalize, bias correction, learned rounding, data-free):
-    # the first value of each is the plain choice. "adaround" and data_free=True can be added.
-    "equalize": [False, True],
-    "bias_correction": [False, True],
-    "weight_rounding": ["nearest", "gptq"],
-    "data_free": [False],
+    # Methods beyond calibration (tfq.equalize, bias correction, learned rounding, data-free, any registered
+    # one): the values each registry entry lists in ``tune``, the first one the plain choice. "adaround" and
+    # data_free=True can be added.
+    **{name: list(get_ptq_method(name).tune) for name in ptq_method_names() if get_ptq_method(name).tune},
 }
-_METHOD_KEYS = ("equalize", "bias_correction", "weight_rounding", "data_free")
+# The built-in methods, tried in combinations (_method_choices); a method registered later is tried alone.
+_COMBINED_METHODS = ("equalize", "bias_correction", "weight_rounding", "data_free")
+
+
+def _default_search_space() -> dict:
+    """DEFAULT_SEARCH_SPACE with the ``tune`` values of the methods registered since tfq.tuning was imported."""
+    registered = {name: list(get_ptq_method(name).tune) for name in ptq_method_names() if get_ptq_method(name).tune}
+    return {**DEFAULT_SEARCH_SPACE, **{k: v for k, v in registered.items() if k not in DEFAULT_SEARCH_SPACE}}
+
+
+def _method_keys(space: dict) -> list[str]:
+    """The post-training methods the search space holds, in registration order."""
+    return [name for name in ptq_method_names() if name in space]
 
 _LOWER_IS_BETTER = ("mse", "mae", "loss")
 
@@ -193,16 +197,16 @@ def _recipe_for(choices: dict, base_seed: int, num_samples: int | None) -> Recip
     if _takes(calibration, "batch_aggregate") and choices.get("batch_aggregate") is not None:
         params["batch_aggregate"] = choices["batch_aggregate"]
     weights = TensorSpec(per_channel=bool(choices.get("per_channel", True)))
-    methods = {key: choices[key] for key in _METHOD_KEYS if key in choices and key in entry.honours}
+    methods = {key: choices[key] for key in _method_keys(choices) if mode in get_ptq_method(key).modes}
     if not entry.tfq_ranges:
         # The converter calibrates this mode itself (int16x8: per-channel weights, MinMax): only what it honours.
         return Recipe(mode=mode, calibration="minmax", seed=base_seed, num_calibration_samples=num_samples,
-                      name="tuned", **methods)
+                      name="tuned", methods=methods)
     activations = TensorSpec(**dict(entry.default_activations,
                                     symmetric=bool(choices.get("symmetric_activations", False))))
     return Recipe(mode=mode, weights=weights, activations=activations, calibration=calibration,
                   calibration_params=params, float_layers=tuple(choices.get("float_layers", ())),
-                  seed=base_seed, num_calibration_samples=num_samples, name="tuned", **methods)
+                  seed=base_seed, num_calibration_samples=num_samples, name="tuned", methods=methods)
 
 
 def _integer_modes() -> list[str]:
@@ -211,22 +215,26 @@ def _integer_modes() -> list[str]:
 
 
 def _check_method_space(space: dict) -> None:
-    allowed = {"equalize": (False, True), "bias_correction": BIAS_CORRECTION, "weight_rounding": WEIGHT_ROUNDING,
-               "data_free": DATA_FREE}
-    for key, choices in allowed.items():
+    """Each method's values are settings its registry entry accepts (a value, or a dict of its options)."""
+    for key in _method_keys(space):
         values = space[key]
         if not isinstance(values, (list, tuple)) or not values:
             raise ValueError(f"search_space[{key!r}] must be a non-empty list. Received: {values!r}")
+        entry = get_ptq_method(key)
         for value in values:
-            if not any(value is a if isinstance(a, bool) else (isinstance(value, str) and value == a) for a in choices):
-                raise ValueError(f"search_space[{key!r}] values must be among {list(choices)}. Received: {value!r}")
+            try:
+                entry.check(value, f"search_space[{key!r}] value")
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"search_space[{key!r}] values must be among {list(entry.values)} (or dicts of "
+                                 f"its options): {err}") from None
 
 
 def _method_choices(space: dict) -> list[dict]:
     """Method combinations to try on the best global configuration, cheapest first.
 
     Equalization, then bias correction (with and without equalization), then each learned rounding
-    (alone, then with equalization and bias correction); only values the search space allows.
+    (alone, then with equalization and bias correction), then data-free, then each value of the other
+    registered methods alone; only values the search space allows.
     """
     found = []
 
@@ -243,6 +251,10 @@ def _method_choices(space: dict) -> list[dict]:
             add(equalize=True, bias_correction=True, weight_rounding=rounding)
     if True in space.get("data_free", []):
         add(data_free=True, equalize=True, bias_correction=True)
+    for name in _method_keys(space):  # methods registered beyond the built-ins: each value alone
+        if name not in _COMBINED_METHODS:
+            for value in space[name][1:]:
+                add(**{name: value})
     return found
 
 
@@ -347,8 +359,9 @@ class _Tuner:
         if key in self.contents:
             return self.contents[key]
         recipe = _recipe_for(choices, self.seed, self.num_samples)
-        data = None if recipe.data_free_method else self.rep
-        content = convert(self.model, recipe=recipe, mode=None, representative_data=data)
+        excludes = any(get_ptq_method(name).data == "excludes" for name in recipe.method_settings())
+        data = None if excludes else self.rep
+        content = convert(self.model, recipe=recipe, representative_data=data)
         self.contents[key] = content
         return content
 
@@ -482,7 +495,7 @@ def _random_choices(rng: random.Random, space: dict, candidates: list[str]) -> d
 
 def _random_methods(rng: random.Random, space: dict, c: dict) -> None:
     """Adds drawn method choices (only those off their plain first value) to ``c``."""
-    for key in _METHOD_KEYS:
+    for key in _method_keys(space):
         values = space.get(key, [])
         if len(values) > 1:
             value = rng.choice(values)
@@ -524,10 +537,13 @@ def _bayesian(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
             floats = [n for n in candidates if trial.suggest_categorical(f"float:{n}", [False, True])]
             if floats:
                 c["float_layers"] = floats
-            for key in _METHOD_KEYS:
+            for key in _method_keys(space):
                 values = list(space.get(key, []))
                 if len(values) > 1:
-                    value = trial.suggest_categorical(key, values)
+                    if all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+                        value = trial.suggest_categorical(key, values)
+                    else:  # settings with options (dicts): Optuna draws their index
+                        value = values[trial.suggest_categorical(key, list(range(len(values))))]
                     if value != values[0]:
                         c[key] = value
         result = tuner.run(c)
@@ -615,10 +631,11 @@ def tune(
         raise ValueError(f"eval_labels has {len(y_eval)} rows but eval_data has {len(x_eval)} samples; they must match.")
     if num_threads is None:
         num_threads = available_cores()
-    space = dict(DEFAULT_SEARCH_SPACE)
+    space = _default_search_space()
+    allowed = set(space) | set(ptq_method_names())
     for key, value in (search_space or {}).items():
-        if key not in DEFAULT_SEARCH_SPACE:
-            raise ValueError(f"unknown search_space key {key!r}; allowed: {sorted(DEFAULT_SEARCH_SPACE)}")
+        if key not in allowed:
+            raise ValueError(f"unknown search_space key {key!r}; allowed: {sorted(allowed)}")
         space[key] = value
     _check_method_space(space)
     for method in space["calibration"]:

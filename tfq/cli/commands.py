@@ -4,6 +4,7 @@ Usage::
     tfq quickstart [--output_dir=tfq_quickstart]
     tfq convert --model=m.keras --mode=int8 --data=calib.npz --calibration=kl --output=m.tflite
     tfq convert --model=m.keras --mode=int8 --data_free=on --equalize --bias_correction=analytical --output=m.tflite
+    tfq convert --model=m.keras --data=calib.npz --method=weight_rounding=gptq --method=bias_correction --output=m.tflite
     tfq evaluate --model=float.keras --tflite=a.tflite,b.tflite --data=test.npz
     tfq inspect --tflite=m.tflite [--explain [--data=samples.npz]]
     tfq tune --model=m.keras --data=calib.npz --eval_data=val.npz --max_drop=0.005 --output_dir=out
@@ -63,6 +64,8 @@ flags.DEFINE_boolean("equalize", None, "Convert: cross-layer equalization and hi
 flags.DEFINE_string("bias_correction", None, "Convert: bias correction: off, on, empirical or analytical.")
 flags.DEFINE_string("weight_rounding", None, "Convert: nearest, adaround or gptq.")
 flags.DEFINE_string("data_free", None, "Convert: off, on, synthetic or bn_statistics (no --data).")
+flags.DEFINE_multi_string("method", [], "Convert: a registered post-training method (tfq.ptq_methods), repeatable: "
+                          "name (on), name=value, or name[=value]:option=value,option=value.")
 
 COMMANDS = ("quickstart", "convert", "evaluate", "inspect", "tune")
 
@@ -74,6 +77,44 @@ def _switch(value):
     if value is None:
         return None
     return _SWITCH.get(value.lower(), value)
+
+
+def _scalar(text: str):
+    """A flag value: on/off/true/false/yes/no as a bool, an int, a float, else the string."""
+    if text.lower() in _SWITCH:
+        return _SWITCH[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def method_flag(text: str) -> tuple[str, object]:
+    """``--method`` as ``(name, setting)``: ``name`` (on), ``name=value``, ``name[=value]:opt=v,opt=v``.
+
+    ``--method=name`` switches the method on with the first value after its off value.
+
+    The setting is validated by the method's registry entry when the recipe is built.
+
+    Example:
+        >>> method_flag("weight_rounding=gptq"), method_flag("clip:k=2.5")
+        (('weight_rounding', 'gptq'), ('clip', {'k': 2.5}))
+    """
+    head, _, tail = text.partition(":")
+    name, has_value, value = head.partition("=")
+    if not name.isidentifier():
+        raise UsageError(f"--method takes name, name=value or name[=value]:option=value,... Received: --method={text}")
+    options = {}
+    for item in filter(None, tail.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise UsageError(f"--method options are option=value, separated by commas. Received: --method={text}")
+        options[key] = _scalar(raw)
+    if not options:
+        return name, _scalar(value) if has_value else {}  # {}: on, with the method's first "on" value
+    return name, ({"value": _scalar(value)} if has_value else {}) | options
 
 
 def model_keys(paths) -> list[str]:
@@ -112,13 +153,14 @@ def _convert() -> int:
     check_writable(FLAGS.output, "--output")
     data = load_npz(FLAGS.data, "data")[0] if FLAGS.data else None
     params = {"percentile": FLAGS.percentile} if FLAGS.percentile is not None else None
+    methods = dict(method_flag(text) for text in FLAGS.method)
     content = convert(
         FLAGS.model, None if FLAGS.recipe else FLAGS.mode, data, recipe=FLAGS.recipe,
         calibration=FLAGS.calibration, per_channel=FLAGS.per_channel, io_dtype=FLAGS.io_dtype,
         float_layers=FLAGS.float_layers, num_calibration_samples=FLAGS.num_samples, output=FLAGS.output,
         calibration_params=params, verbose=not FLAGS.quiet, equalize=FLAGS.equalize,
         bias_correction=_switch(FLAGS.bias_correction), weight_rounding=FLAGS.weight_rounding,
-        data_free=_switch(FLAGS.data_free),
+        data_free=_switch(FLAGS.data_free), methods=methods,
     )
     info = inspect_tflite(content)
     print(f"wrote {FLAGS.output}: {len(content):,} bytes, {len(info.ops)} ops, {info.num_float_ops} float ops, "

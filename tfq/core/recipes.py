@@ -39,6 +39,7 @@ from tfq.core.calibration_methods import (
 from tfq.core.export_modes import export_mode_names, get_export_mode, io_dtype_names
 from tfq.core.fileio import atomic_write_text
 from tfq.core.messages import short_repr
+from tfq.core.ptq_methods import get_ptq_method, ptq_method_names
 
 __all__ = [
     "BIAS_CORRECTION",
@@ -60,14 +61,11 @@ __all__ = [
 # MODES, CALIBRATION_METHODS and IO_DTYPES are read from the registries at use (module __getattr__
 # below): tfq.export_modes and tfq.calibration_methods, where a new mode or method is one registration.
 DTYPES = ("int8", "int16", "float16", "float32")
-# Methods beyond calibration (see tfq.ptq.equalization, tfq.ptq.bias_correction, tfq.ptq.weight_rounding,
-# tfq.ptq.data_free). True picks the default: bias correction empirical with data, analytical with
-# data_free; data_free "synthetic".
-BIAS_CORRECTION = (False, True, "empirical", "analytical")
-WEIGHT_ROUNDING = ("nearest", "adaround", "gptq")
-DATA_FREE = (False, True, "synthetic", "bn_statistics")
-# The methods beyond calibration: a mode that does not honour one refuses it at construction.
-_METHOD_FIELDS = ("equalize", "data_free", "bias_correction", "weight_rounding")
+# The values of the built-in post-training methods' fields, from their registry (tfq.core.ptq_methods).
+# True picks the default: bias correction empirical with data, analytical with data_free; data_free "synthetic".
+BIAS_CORRECTION = get_ptq_method("bias_correction").values
+WEIGHT_ROUNDING = get_ptq_method("weight_rounding").values
+DATA_FREE = get_ptq_method("data_free").values
 
 _REGISTRY_CONSTANTS = {
     "MODES": export_mode_names,
@@ -415,6 +413,9 @@ class Recipe:
             statistics: "synthetic" (inputs synthesized to match them, ZeroQ), "bn_statistics"
             (ranges from β ± 6γ where a BatchNorm precedes, synthetic elsewhere), True
             ("synthetic") or False; int8 and int16x8.
+        methods: The other registered post-training methods (`tfq.ptq_methods`) switched on, by
+            name: a value (e.g. True) or a dict of options (`{"k": 2.0}`, the value under "value").
+            A built-in method given here goes to its own field. Stored read-only, in canonical form.
 
     Example:
         >>> recipe = Recipe(mode="int8", float_layers=("class:Softmax",))
@@ -438,6 +439,7 @@ class Recipe:
     bias_correction: Union[bool, str] = False
     weight_rounding: str = "nearest"
     data_free: Union[bool, str] = False
+    methods: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         _check_choice("Recipe", "mode", self.mode, export_mode_names())
@@ -470,31 +472,93 @@ class Recipe:
         self._check_methods()
 
     def _check_methods(self) -> None:
-        """Validates equalize / bias_correction / weight_rounding / data_free and their modes."""
-        _check_bool("Recipe", "equalize", self.equalize)
-        for name, allowed in (("bias_correction", BIAS_CORRECTION), ("weight_rounding", WEIGHT_ROUNDING),
-                              ("data_free", DATA_FREE)):
-            value = getattr(self, name)
-            if not any(value is a if isinstance(a, bool) else (isinstance(value, str) and value == a)
-                       for a in allowed):
-                raise ValueError(f"Recipe.{name} must be one of {_quote_all(allowed)}. Received: {name}={value!r}")
-        for name in _METHOD_FIELDS:
-            value = getattr(self, name)
-            modes = [m for m in export_mode_names() if name in get_export_mode(m).honours]
-            if value not in (False, "nearest") and self.mode not in modes:
+        """Validates the post-training methods (their fields and ``methods``) through their registry entries:
+        values, options, the modes they apply to, their own checks of the recipe."""
+        if not isinstance(self.methods, Mapping):
+            raise TypeError(f"Recipe.methods must be a mapping of method names to settings. "
+                            f"Received: methods={short_repr(self.methods)}")
+        fields = _method_fields()
+        moved, methods = {}, {}
+        for name, setting in self.methods.items():
+            entry = get_ptq_method(name, "Recipe.methods key")
+            normal = entry.normalize(setting, f"Recipe.methods[{name!r}]")
+            if normal is None:
+                continue
+            if name in fields:  # a built-in given by name: its own field holds it
+                if isinstance(normal, Mapping):
+                    raise ValueError(f"Recipe.methods[{name!r}] takes no options (method {name!r} has none). "
+                                     f"Received: {name}={short_repr(dict(setting))}")
+                current = getattr(self, name)
+                if not entry.is_off(current) and current != normal:
+                    raise ValueError(f"Recipe.methods[{name!r}]={normal!r} conflicts with Recipe.{name}={current!r}. "
+                                     f"Give one of them.")
+                moved[name] = normal
+            else:
+                methods[name] = types.MappingProxyType(normal) if isinstance(normal, Mapping) else normal
+        for name, value in moved.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "methods", types.MappingProxyType(methods))
+        for name in fields:
+            get_ptq_method(name).check(getattr(self, name), f"Recipe.{name}")
+        for name, (value, _) in self.method_settings().items():
+            entry = get_ptq_method(name)
+            if self.mode not in entry.modes:
+                modes = [m for m in entry.modes if m in export_mode_names()]
+                where = f"Recipe.{name}" if name in fields else f"Recipe.methods[{name!r}]"
                 raise ValueError(
-                    f"Recipe.{name}={value!r} applies to mode {' or '.join(map(repr, modes))}, not "
+                    f"{where}={value!r} applies to mode {' or '.join(map(repr, modes))}, not "
                     f"mode={self.mode!r}. Use mode={modes[0]!r} or leave {name} at its default."
                 )
-        if self.weight_rounding != "nearest":
-            specs = [("weights", self.weights)] + [(f"overrides[{i}].weights", o.weights)
-                                                   for i, o in enumerate(self.overrides) if o.weights is not None]
-            for where, spec in specs:
-                if spec.is_integer and not spec.narrow_range:
-                    raise ValueError(
-                        f"weight_rounding={self.weight_rounding!r} keeps TFLite's narrow weight grid "
-                        f"[-(2^(b-1)-1), 2^(b-1)-1]. Received: {where}.narrow_range=False; set it to True."
-                    )
+            if entry.check_recipe is not None:
+                entry.check_recipe(self, value)
+
+    def method_settings(self) -> dict[str, tuple[Any, dict]]:
+        """The post-training methods switched on, in registration order: ``{name: (value, options)}``,
+        every option present (defaults filled in).
+
+        Example:
+            >>> Recipe(equalize=True, weight_rounding="gptq").method_settings()
+            {'equalize': (True, {}), 'weight_rounding': ('gptq', {})}
+        """
+        fields = _method_fields()
+        out = {}
+        for name in ptq_method_names():
+            setting = getattr(self, name) if name in fields else self.methods.get(name)
+            entry = get_ptq_method(name)
+            if not entry.is_off(setting):
+                out[name] = entry.check(setting, name)
+        return out
+
+    def with_methods(self, settings: Mapping[str, Any]) -> Recipe:
+        """Returns a copy with the post-training methods in ``settings`` set (None: keep; off: switch off).
+
+        Example:
+            >>> load_recipe("int8_dfq").with_methods({"bias_correction": False}).bias_correction
+            False
+        """
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"methods must be a dict of method names to settings (e.g. {{'equalize': True}}). "
+                            f"Received: methods={short_repr(settings)}")
+        fields = _method_fields()
+        changes: dict[str, Any] = {}
+        methods = dict(self.methods)
+        for name, setting in settings.items():
+            entry = get_ptq_method(name, "methods key")
+            if setting is None:
+                continue
+            if name in fields:
+                if isinstance(setting, Mapping):
+                    value, _ = entry.check(setting, f"methods[{name!r}]")
+                    if set(setting) - {"value"}:
+                        raise ValueError(f"methods[{name!r}] takes no options (method {name!r} has none). "
+                                         f"Received: {name}={short_repr(dict(setting))}")
+                    setting = value
+                changes[name] = setting
+            else:
+                methods.pop(name, None)
+                if not entry.is_off(setting):
+                    methods[name] = setting
+        return self.replace(methods=methods, **changes)
 
     @property
     def bias_correction_method(self) -> str | None:
@@ -650,6 +714,8 @@ class Recipe:
             "bias_correction": self.bias_correction,
             "weight_rounding": self.weight_rounding,
             "data_free": self.data_free,
+            **({"methods": {k: dict(v) if isinstance(v, Mapping) else v for k, v in self.methods.items()}}
+               if self.methods else {}),
         }
 
     @classmethod
@@ -694,6 +760,11 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+def _method_fields() -> tuple[str, ...]:
+    """The registered post-training methods that have a Recipe field of their name (the built-ins)."""
+    return tuple(n for n in ptq_method_names() if n in _RECIPE_FIELDS)
+
+
 def _spec_from_dict(d: Any, path: str) -> TensorSpec:
     _check_mapping(d, path, _field_names(TensorSpec))
     with _at(path):
@@ -723,12 +794,14 @@ def _recipe_from_dict(d: Any, path: str) -> Recipe:
     if not isinstance(overrides, (list, tuple)):
         raise TypeError(f"{path}.overrides must be a list. Received: {short_repr(overrides)}")
     kwargs["overrides"] = tuple(_override_from_dict(o, f"{path}.overrides[{i}]") for i, o in enumerate(overrides))
-    for key in ("float_layers", "calibration_params"):
+    for key in ("float_layers", "calibration_params", "methods"):
         if key in kwargs and kwargs[key] is None:  # An empty YAML key reads as None.
             del kwargs[key]
     with _at(path):
         return Recipe(**kwargs)
 
+
+_RECIPE_FIELDS = frozenset(_field_names(Recipe)) - {"methods"}
 
 # ---------------------------------------------------------------------------
 # Presets and files.

@@ -7,6 +7,7 @@ ranges into the tensors' scales: the ranges tfq chose are the ones in the file.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Mapping
@@ -15,9 +16,10 @@ import keras
 
 from tfq.compression.common import strip_all
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
-from tfq.core.export_modes import ExportMode, get_export_mode
+from tfq.core.export_modes import CONVERT_OPTIONS, ExportMode, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, check_writable
 from tfq.core.messages import short_repr
+from tfq.core.ptq_methods import RANGE_STAGES, get_ptq_method, methods_at
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
 from tfq.export.graph_converter import keras_graph_converter
@@ -30,7 +32,7 @@ from tfq.numerics.outliers import (
 )
 from tfq.ptq import pipeline as ptq_methods
 from tfq.ptq.calibration import Calibration, calibrate
-from tfq.ptq.pipeline import MethodsReport, uses_methods
+from tfq.ptq.pipeline import MethodsReport, uses_methods, uses_stage
 from tfq.quantsim.rewrite import (
     fix_ranges_in_place,
     freeze_model,
@@ -118,7 +120,7 @@ def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers
                   methods=None, calibration_params=None) -> Recipe:
     """The recipe of a conversion: the recipe given (keyword options that differ from it are refused,
     ``float_layers`` added, ``calibration_params`` merged, ``num_calibration_samples`` and the
-    ``methods`` given replace its values), or one built from the keyword options."""
+    ``methods`` given replace its values), or one built from the keyword options (``mode`` None: int8)."""
     methods = {k: v for k, v in (methods or {}).items() if v is not None}
     method = calibration if isinstance(calibration, str) else None
     if method is not None:
@@ -137,14 +139,16 @@ def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers
         if per_channel is False and r.weights.is_integer and r.weights.per_channel:
             raise ValueError("per_channel=False conflicts with the recipe's per-channel weights. Pass one of them "
                              "(e.g. a recipe with weights=TensorSpec(per_channel=False)).")
-        changes = dict(methods)
+        changes = {}
         if patterns:
             changes["float_layers"] = tuple(r.float_layers) + tuple(patterns)
         if calibration_params:
             changes["calibration_params"] = {**r.calibration_params, **calibration_params}
         if num_calibration_samples is not None:
             changes["num_calibration_samples"] = num_calibration_samples
+        r = r.with_methods(methods) if methods else r
         return r.replace(**changes) if changes else r
+    mode = "int8" if mode is None else mode
     entry = get_export_mode(mode)
     weights = None
     if not per_channel:
@@ -153,7 +157,7 @@ def _build_recipe(mode, recipe, calibration, per_channel, io_dtype, float_layers
         weights = TensorSpec(**dict(entry.default_weights, per_channel=False))
     return Recipe(mode=mode, weights=weights, calibration=method or DEFAULT_CALIBRATION,
                   calibration_params=dict(calibration_params or {}), io_dtype=io_dtype,
-                  float_layers=tuple(patterns), num_calibration_samples=num_calibration_samples, **methods)
+                  float_layers=tuple(patterns), num_calibration_samples=num_calibration_samples).with_methods(methods)
 
 
 def _describe(value) -> str:
@@ -191,10 +195,8 @@ def _options_set(r: Recipe, data, calibration) -> dict:
         options["overrides"] = [o.pattern for o in r.overrides]
     if r.float_layers:
         options["float_layers"] = list(r.float_layers)
-    for name in ("equalize", "bias_correction", "weight_rounding", "data_free"):
-        value = getattr(r, name)
-        if value not in (False, "nearest"):
-            options[name] = value
+    for name, (value, given) in r.method_settings().items():
+        options[name] = {"value": value, **given} if given else value
     return options
 
 
@@ -213,7 +215,8 @@ def _check_options(model, r: Recipe, data, calibration) -> None:
         # the inputs (_screened_inputs), so both are honoured.
         if options.get("calibration") == "minmax":
             del options["calibration"]
-    _refuse_unhonoured(options, entry.honours, lambda name, value: entry.refusal(name, value))
+    registered = set(uses_methods(r)) - set(CONVERT_OPTIONS)  # the recipe checked the modes of these
+    _refuse_unhonoured(options, entry.honours | registered, lambda name, value: entry.refusal(name, value))
     if isinstance(model, SavedModelPath):
         honours = {"representative_data", "num_calibration_samples"}
         _refuse_unhonoured(options, honours, lambda name, value: (
@@ -221,8 +224,7 @@ def _check_options(model, r: Recipe, data, calibration) -> None:
             f"TFLite converter converts alone (MinMax calibration). Pass the .keras file, or drop {name}."))
     elif is_quantized_model(model):
         needs_calibration = _qat_needs_calibration(model)
-        honours = {"representative_data", "num_calibration_samples", "equalize", "bias_correction",
-                   "weight_rounding", "data_free"}
+        honours = {"representative_data", "num_calibration_samples", *uses_methods(r)}
         if needs_calibration:
             honours |= {"calibration", "calibration_params"}
         _refuse_unhonoured(options, honours, lambda name, value: (
@@ -253,18 +255,22 @@ def _check_methods(model, r: Recipe, data, calibration, report=None) -> None:
     if is_quantized_model(model):
         raise ValueError(f"{names} apply to a float model, and {model.name!r} is already a tfq QAT model. Apply them "
                          f"before QAT (e.g. tfq.qat.quantize_model(tfq.equalize(model))) or convert without them.")
-    if r.data_free_method and data is not None:
-        raise ValueError("data_free takes activation ranges without data, so it excludes representative_data. "
-                         "Pass representative_data=None, or data_free=False to calibrate on your data.")
-    if isinstance(calibration, Calibration) and (r.equalize or r.data_free_method):
-        raise ValueError(f"{'equalize' if r.equalize else 'data_free'} chooses the ranges itself, so it cannot use a "
-                         f"precomputed calibration. Pass calibration as a method name, or calibrate the equalized "
-                         f"model (tfq.calibrate(tfq.equalize(model), ...)) and convert that.")
+    for name in on:
+        entry = get_ptq_method(name)
+        if entry.data == "excludes" and data is not None:
+            raise ValueError(f"{name} takes activation ranges without data, so it excludes representative_data. "
+                             f"Pass representative_data=None, or {name}={entry.off!r} to calibrate on your data.")
+    if isinstance(calibration, Calibration):
+        chooses = [m.name for stage in RANGE_STAGES for m in methods_at(stage) if m.name in on]
+        if chooses:
+            raise ValueError(f"{chooses[0]} chooses the ranges itself, so it cannot use a precomputed calibration. "
+                             f"Pass calibration as a method name, or calibrate the equalized model "
+                             f"(tfq.calibrate(tfq.equalize(model), ...)) and convert that.")
 
 
 def convert(
     model,
-    mode: str | None = "int8",
+    mode: str | None = None,
     representative_data=None,
     *,
     recipe=None,
@@ -281,6 +287,7 @@ def convert(
     weight_rounding: str | None = None,
     data_free: bool | str | None = None,
     report=None,
+    methods: Mapping | None = None,
 ) -> bytes:
     """Converts a Keras model to TFLite.
 
@@ -293,8 +300,8 @@ def convert(
     Args:
         model: a Keras 3 or tf_keras model, a tfq QAT model, or a path to ``.keras``/SavedModel.
         mode: ``"float"``, ``"dynamic"`` (int8 weights, float activations), ``"fp16"``,
-            ``"int8"`` (full integer) or ``"int16x8"`` (or a registered mode). May be None when
-            ``recipe`` is given.
+            ``"int8"`` (full integer) or ``"int16x8"`` (or a registered mode). None (the default):
+            the recipe's mode, or ``"int8"`` without a recipe.
         representative_data: calibration data for ``"int8"``/``"int16x8"`` (arrays, dict,
             ``tf.data.Dataset`` or callable). Not needed for a trained QAT model.
         recipe: a :class:`~tfq.recipes.Recipe`, preset name or file. Keyword choices that differ
@@ -332,6 +339,9 @@ def convert(
             are refused for float/fp16/dynamic modes, SavedModels, tfq QAT and tfmot models.
         report: a :class:`tfq.MethodsReport` to fill in with what those methods did
             (seconds per method, the integers chosen per layer, the bias shifts).
+        methods: any registered post-training method (:mod:`tfq.ptq_methods`) by name: its value or a
+            dict of its options, e.g. ``{"weight_rounding": "gptq"}`` or ``{"my_method": {"k": 2.0}}``;
+            validated by the method's registry entry. The four keywords above are shorthands for it.
 
     Returns:
         The ``.tflite`` flatbuffer bytes. Same inputs give the same bytes.
@@ -348,18 +358,19 @@ def convert(
         >>> tflite = tfq.convert(model, "int8", x_train[:300], calibration="kl")   # doctest: +SKIP
         >>> tflite = tfq.convert(model, "int8", None, data_free=True, equalize=True,
         ...                      bias_correction="analytical")                    # doctest: +SKIP
+        >>> tflite = tfq.convert(model, recipe="int16x8", representative_data=x_train[:300])  # doctest: +SKIP
     """
-    methods = dict(equalize=equalize, bias_correction=bias_correction, weight_rounding=weight_rounding,
-                   data_free=data_free)
+    methods = _methods_given(methods, equalize=equalize, bias_correction=bias_correction,
+                             weight_rounding=weight_rounding, data_free=data_free)
     _check_keywords(calibration, calibration_params, per_channel, verbose, output)
     if recipe is None:
-        get_export_mode(mode)  # before loading anything
+        get_export_mode("int8" if mode is None else mode)  # before loading anything
     if output is not None:
         check_writable(output, "output")
     model = load_keras_model(model, saved_model=True, tfmot=True)
     if is_tf_keras_model(model):  # a tfmot QAT model: tfmot's own fake-quant ops carry the ranges
 
-        r = _build_recipe(mode if mode is not None else "int8", recipe, calibration, per_channel, io_dtype,
+        r = _build_recipe(mode, recipe, calibration, per_channel, io_dtype,
                           float_layers, num_calibration_samples, methods, calibration_params)
         given = sorted(_options_set(r, representative_data, calibration))
         if recipe is not None or given:
@@ -391,27 +402,51 @@ def convert(
     return content
 
 
-def fake_quantize(
-    model,
-    mode: str | None = "int8",
-    representative_data=None,
-    *,
-    recipe=None,
-    calibration=DEFAULT_CALIBRATION,
-    per_channel: bool = True,
-    float_layers=(),
-    num_calibration_samples: int | None = None,
-    calibration_params: dict | None = None,
-    verbose: bool = False,
-    equalize: bool | None = None,
-    bias_correction: bool | str | None = None,
-    weight_rounding: str | None = None,
-    data_free: bool | str | None = None,
-    report=None,
-) -> keras.Model:
+def _same_options_as(source, *, without: tuple[str, ...]):
+    """Gives the decorated function ``source``'s signature minus ``without``: one list of options, not a copy.
+
+    The decorated function takes ``(model, mode=None, representative_data=None, **options)`` and reads
+    the options through :func:`_bound_options`, which checks them against that signature.
+    """
+
+    def wrap(fn):
+        sig = inspect.signature(source)
+        params = [p for p in sig.parameters.values() if p.name not in without]
+        fn.__signature__ = sig.replace(parameters=params, return_annotation=inspect.signature(fn).return_annotation)
+        return fn
+
+    return wrap
+
+
+def _bound_options(fn, *args, **kwargs) -> dict:
+    """The arguments of a call of ``fn`` (a :func:`_same_options_as` function), defaults included; an unknown
+    keyword is a one-line TypeError naming it."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _methods_given(methods, **shorthands) -> dict:
+    """``methods`` (name → setting) with the keyword shorthands (``equalize=`` …) given (not None) added."""
+    if methods is not None and not isinstance(methods, Mapping):
+        raise TypeError(f"methods must be a dict of post-training method names to settings (e.g. "
+                        f"{{'equalize': True}}) or None. Received: methods={short_repr(methods)}")
+    out = dict(methods or {})
+    for name, value in shorthands.items():
+        if value is None:
+            continue
+        if out.get(name) is not None and out[name] != value:
+            raise ValueError(f"{name}={value!r} conflicts with methods[{name!r}]={out[name]!r}. Give one of them.")
+        out[name] = value
+    return out
+
+
+@_same_options_as(convert, without=("io_dtype", "output"))
+def fake_quantize(model, mode=None, representative_data=None, **options) -> keras.Model:
     """The fake-quant Keras model that :func:`convert` hands to the TFLite converter, for simulation.
 
-    Same arguments as :func:`convert` (int8 and int16x8 recipes). The model computes in float with
+    Same arguments as :func:`convert` (its signature, without ``io_dtype`` and ``output``; int8 and
+    int16x8 recipes). The model computes in float with
     every quantization simulated (weights on their integer grid, activations on their ranges), so
     it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 4-bit weights) —
     with the same calibration, equalization, learned rounding and bias correction as the export.
@@ -426,18 +461,19 @@ def fake_quantize(
         >>> sim = tfq.fake_quantize(model, recipe=w4a8, representative_data=x_train[:256])   # doctest: +SKIP
         >>> sim.predict(x_test)                                                              # doctest: +SKIP
     """
-    methods = dict(equalize=equalize, bias_correction=bias_correction, weight_rounding=weight_rounding,
-                   data_free=data_free)
-    _check_keywords(calibration, calibration_params, per_channel, verbose, None)
+    o = _bound_options(fake_quantize, model, mode, representative_data, **options)
+    methods = _methods_given(o["methods"], **{k: o[k] for k in ("equalize", "bias_correction", "weight_rounding",
+                                                                "data_free")})
+    _check_keywords(o["calibration"], o["calibration_params"], o["per_channel"], o["verbose"], None)
     model = load_keras_model(model)
-    r = _build_recipe(mode, recipe, calibration, per_channel, "float32", float_layers, num_calibration_samples,
-                      methods, calibration_params)
+    r = _build_recipe(mode, o["recipe"], o["calibration"], o["per_channel"], "float32", o["float_layers"],
+                      o["num_calibration_samples"], methods, o["calibration_params"])
     if not TensorSpec(**get_export_mode(r.mode).default_activations).is_integer:
         raise ValueError(f"fake_quantize simulates integer models: mode must be 'int8' or 'int16x8'. "
                          f"Received: mode={r.mode!r}")
-    _check_methods(model, r, representative_data, calibration, report)
-    return _frozen_int8_model(model, r, representative_data, calibration, dict(r.calibration_params), verbose,
-                              report)
+    _check_methods(model, r, representative_data, o["calibration"], o["report"])
+    return _frozen_int8_model(model, r, representative_data, o["calibration"], dict(r.calibration_params),
+                              o["verbose"], o["report"])
 
 
 def _strip_quantization(model):
@@ -510,7 +546,7 @@ def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> 
     if is_quantized_model(model):
         model = _strip_quantization(model)
     model = ptq_methods.prepare_model(model, r, report)
-    if r.data_free_method:
+    if uses_stage(r, "calibration_inputs"):
         data = ptq_methods.calibration_inputs(rewrite_model(model, "int8", warn_unknown=False), r, data, report)
     _require_data(data, r.mode)
     rep = representative_dataset(data, r.num_calibration_samples,

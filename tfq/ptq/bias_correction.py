@@ -276,3 +276,19 @@ def correct_biases(model, method: str, data=None, *, num_samples: int | None = 5
         warnings.warn(f"tfq: bias correction cannot change {', '.join(refused)}: these layers have neither a bias "
                       f"nor a BatchNorm (build them with use_bias=True to correct them).", stacklevel=3)
     return done
+
+
+def correction_step(frozen, ctx) -> dict:
+    """The ``bias_correction`` post-training method (:mod:`tfq.core.ptq_methods`) on the frozen model:
+    :func:`correct_biases`, the shift measured against the float kernels before the earlier steps
+    (learned rounding) changed them; the shifts are also ``MethodsReport.bias_shifts``."""
+    r = ctx.recipe
+    method = r.bias_correction_method
+    if method == "empirical" and ctx.data is None:
+        raise ValueError("bias_correction='empirical' measures the shift on calibration data: pass "
+                         "representative_data, or use bias_correction='analytical' (BatchNorm statistics).")
+    shifts = correct_biases(frozen, method, ctx.data, num_samples=r.num_calibration_samples or 512,
+                            references=ctx.shared.get("references"))
+    if ctx.report is not None:
+        ctx.report.bias_shifts = shifts
+    return shifts

@@ -185,3 +185,15 @@ def batchnorm_ranges(qmodel, num_std: float = NUM_STD) -> dict[str, tuple[float,
         beta, gamma = _bn_vectors(wrapper)
         ranges[q.name] = batchnorm_range(beta, gamma, wrapper.activation, num_std)
     return ranges
+
+
+def synthesize_step(qmodel, ctx):
+    """The ``data_free`` method's ``"calibration_inputs"`` step (:mod:`tfq.core.ptq_methods`): inputs
+    synthesized from BatchNorm statistics (the recipe's ``num_calibration_samples``, default :data:`NUM_SAMPLES`)."""
+    r = ctx.recipe
+    return synthesize_inputs(qmodel, r.num_calibration_samples or NUM_SAMPLES, seed=r.seed)
+
+
+def ranges_step(qmodel, ctx) -> dict:
+    """The ``data_free`` method's ``"ranges"`` step: BatchNorm ranges with ``data_free="bn_statistics"``."""
+    return batchnorm_ranges(qmodel) if ctx.recipe.data_free_method == "bn_statistics" else {}

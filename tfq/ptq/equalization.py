@@ -568,3 +568,9 @@ def _set_weights(source, new, unit: _Unit | None, bn_unit: _Unit | None, fold: b
     weights = source.get_weights()
     if weights:
         new.set_weights(weights)
+
+
+def equalize_step(model, ctx) -> keras.Model:
+    """The ``equalize`` post-training method (:mod:`tfq.core.ptq_methods`): :func:`equalize` with its defaults."""
+    del ctx
+    return equalize(model)

@@ -1,29 +1,34 @@
-"""Beyond calibration: where the recipe's equalize / data_free / weight_rounding / bias_correction run.
+"""Beyond calibration: where the registered post-training methods run in the INT8 pipeline.
 
-:func:`tfq.convert` calls these three hooks around its INT8 pipeline (rewrite → calibrate →
-freeze → converter):
+:func:`tfq.convert` calls these hooks around its pipeline (rewrite → calibrate → freeze →
+converter); each runs the steps the methods switched on in the recipe have at its stage
+(:mod:`tfq.core.ptq_methods`, where a method is registered), in their order:
 
-1. :func:`prepare_model` — before the rewrite: cross-layer equalization (:mod:`tfq.ptq.equalization`).
-2. :func:`calibration_inputs` and :func:`data_free_ranges` — instead of calibration data:
-   ZeroQ-style synthetic inputs, and ranges from BatchNorm statistics (:mod:`tfq.ptq.data_free`).
-3. :func:`apply_weight_methods` — on the frozen fake-quant model, before the converter: learned
-   rounding (:mod:`tfq.ptq.weight_rounding`), then bias correction (:mod:`tfq.ptq.bias_correction`)
-   measured against the float kernels.
+1. :func:`prepare_model` — ``"float_model"``, before the rewrite: e.g. cross-layer equalization
+   (:mod:`tfq.ptq.equalization`).
+2. :func:`calibration_inputs` and :func:`data_free_ranges` — ``"calibration_inputs"`` and
+   ``"ranges"``, instead of calibration data: e.g. ZeroQ-style synthetic inputs, and ranges from
+   BatchNorm statistics (:mod:`tfq.ptq.data_free`).
+3. :func:`apply_weight_methods` — ``"frozen_model"``, on the frozen fake-quant model before the
+   converter: e.g. learned rounding (:mod:`tfq.ptq.weight_rounding`), then bias correction
+   (:mod:`tfq.ptq.bias_correction`) measured against the float kernels.
 
-Each returns what it did, with its wall time, so that callers (the benchmark) can report cost.
+Each records what it did, with its wall time, so that callers (the benchmark) can report cost.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from tfq.core.ptq_methods import MethodContext, PTQMethod, methods_at
 from tfq.core.recipes import Recipe
 
 __all__ = ["MethodsReport", "apply_weight_methods", "calibration_inputs", "data_free_ranges", "prepare_model",
-           "uses_methods"]
+           "uses_methods", "uses_stage"]
 
 
 @dataclass
@@ -32,93 +37,96 @@ class MethodsReport:
 
     Attributes:
         seconds: wall time per method (``"equalize"``, ``"data_free"``, ``"weight_rounding"``,
-            ``"bias_correction"``).
+            ``"bias_correction"``, or any registered method).
         rounding: per layer, the :class:`~tfq.ptq.weight_rounding.RoundingResult`.
         bias_shifts: per layer, the shift subtracted from its folded bias.
+        results: per method, what its ``"frozen_model"`` step returned.
     """
 
     seconds: dict = field(default_factory=dict)
     rounding: dict = field(default_factory=dict)
     bias_shifts: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
 
 
 def uses_methods(r: Recipe) -> list[str]:
-    """The method fields of ``r`` that are switched on."""
-    on = []
-    if r.equalize:
-        on.append("equalize")
-    if r.bias_correction is not False:
-        on.append("bias_correction")
-    if r.weight_rounding != "nearest":
-        on.append("weight_rounding")
-    if r.data_free is not False:
-        on.append("data_free")
-    return on
+    """The post-training methods switched on in ``r``, in registration order."""
+    return list(r.method_settings())
+
+
+def uses_stage(r: Recipe, stage: str) -> bool:
+    """Whether a method switched on in ``r`` has a step at ``stage``."""
+    settings = r.method_settings()
+    return any(m.name in settings for m in methods_at(stage))
+
+
+def _step(method: PTQMethod, stage: str):
+    """The step callable (a lazy ``"module:function"`` imported now)."""
+    step = method.steps[stage]
+    if isinstance(step, str):
+        module, _, name = step.partition(":")
+        step = getattr(importlib.import_module(module), name)
+    return step
+
+
+def _run(stage: str, target, r: Recipe, data, report: MethodsReport | None, shared: dict | None = None):
+    """Runs the steps at ``stage`` of the methods switched on; yields (method, what its step returned)."""
+    settings = r.method_settings()
+    for method in methods_at(stage):
+        if method.name not in settings:
+            continue
+        value, options = settings[method.name]
+        ctx = MethodContext(method.name, value, options, r, data, report, shared if shared is not None else {})
+        start = time.perf_counter()
+        out = _step(method, stage)(target, ctx)
+        if report is not None:
+            report.seconds[method.name] = report.seconds.get(method.name, 0.0) + time.perf_counter() - start
+        yield method, out
 
 
 def prepare_model(model, r: Recipe, report: MethodsReport | None = None):
-    """The float model to quantize: equalized when ``r.equalize``."""
-    if not r.equalize:
-        return model
-    from tfq.ptq.equalization import equalize
-
-    start = time.perf_counter()
-    out = equalize(model)
-    if report is not None:
-        report.seconds["equalize"] = time.perf_counter() - start
-    return out
+    """The float model to quantize, after the ``"float_model"`` steps (e.g. equalized with ``r.equalize``)."""
+    for _, out in _run("float_model", model, r, None, report):
+        model = out
+    return model
 
 
 def calibration_inputs(qmodel, r: Recipe, data, report: MethodsReport | None = None):
-    """Calibration data: ``data``, or inputs synthesized from BatchNorm statistics with ``r.data_free``."""
-    if not r.data_free_method:
-        return data
-    from tfq.ptq.data_free import NUM_SAMPLES, synthesize_inputs
-
-    start = time.perf_counter()
-    x = synthesize_inputs(qmodel, r.num_calibration_samples or NUM_SAMPLES, seed=r.seed)
-    if report is not None:
-        report.seconds["data_free"] = time.perf_counter() - start
-    return x
+    """Calibration data: ``data``, or what the ``"calibration_inputs"`` steps give (inputs synthesized from
+    BatchNorm statistics with ``r.data_free``)."""
+    for _, out in _run("calibration_inputs", qmodel, r, data, report):
+        data = out
+    return data
 
 
 def data_free_ranges(qmodel, r: Recipe) -> dict:
-    """Ranges taken from BatchNorm statistics (``data_free="bn_statistics"``), by quantizer name."""
-    if r.data_free_method != "bn_statistics":
-        return {}
-    from tfq.ptq.data_free import batchnorm_ranges
-
-    return batchnorm_ranges(qmodel)
+    """Ranges set without data by the ``"ranges"`` steps (``data_free="bn_statistics"``), by quantizer name."""
+    ranges: dict = {}
+    for _, out in _run("ranges", qmodel, r, None, None):
+        ranges.update(out)
+    return ranges
 
 
 def apply_weight_methods(frozen, r: Recipe, data, report: MethodsReport | None = None) -> MethodsReport:
-    """Learned rounding, then bias correction, on the frozen fake-quant model (changed in place)."""
-    from tfq.ptq.weight_rounding import round_weights, wrapped_kernel
+    """The ``"frozen_model"`` steps on the frozen fake-quant model (changed in place): learned rounding,
+    then registered methods, then bias correction (by their ``order``)."""
+    from tfq.ptq.weight_rounding import wrapped_kernel
     from tfq.quantsim.rewrite import quantized_layers_of
 
     report = report if report is not None else MethodsReport()
-    references = {}
-    if r.weight_rounding != "nearest":
-        if data is None:
-            raise ValueError(f"weight_rounding={r.weight_rounding!r} learns from calibration data: pass "
+    settings = r.method_settings()
+    on = [m for m in methods_at("frozen_model") if m.name in settings]
+    if not on:
+        return report
+    for method in on:
+        if method.data == "needs" and data is None:
+            raise ValueError(f"{method.name}={settings[method.name][0]!r} learns from calibration data: pass "
                              f"representative_data (or data_free=True to synthesize it).")
-        for w in quantized_layers_of(frozen):
-            target = wrapped_kernel(w)
-            if target is not None:
-                references[id(w)] = np.array(target.folded)
-        start = time.perf_counter()
-        report.rounding = round_weights(frozen, data, r.weight_rounding, num_samples=r.num_calibration_samples,
-                                        seed=r.seed)
-        report.seconds["weight_rounding"] = time.perf_counter() - start
-    method = r.bias_correction_method
-    if method is not None:
-        from tfq.ptq.bias_correction import correct_biases
-
-        if method == "empirical" and data is None:
-            raise ValueError("bias_correction='empirical' measures the shift on calibration data: pass "
-                             "representative_data, or use bias_correction='analytical' (BatchNorm statistics).")
-        start = time.perf_counter()
-        report.bias_shifts = correct_biases(frozen, method, data, num_samples=r.num_calibration_samples or 512,
-                                            references=references)
-        report.seconds["bias_correction"] = time.perf_counter() - start
+    references = {}  # the float kernels before any step changes them (bias correction measures against them)
+    for w in quantized_layers_of(frozen):
+        target = wrapped_kernel(w)
+        if target is not None:
+            references[id(w)] = np.array(target.folded)
+    for method, out in _run("frozen_model", frozen, r, data, report, {"references": references}):
+        report.results[method.name] = out
     return report

@@ -581,3 +581,13 @@ def round_weights(model, data, method: str, *, num_samples: int | None = None, s
         warnings.warn(f"tfq: weight_rounding={method!r} does not handle {', '.join(skipped)} (separable, transposed "
                       f"or 3-D layers): their weights keep nearest rounding.", stacklevel=3)
     return results
+
+
+def rounding_step(frozen, ctx) -> dict:
+    """The ``weight_rounding`` post-training method (:mod:`tfq.core.ptq_methods`) on the frozen model:
+    :func:`round_weights`; the results are also ``MethodsReport.rounding``."""
+    r = ctx.recipe
+    results = round_weights(frozen, ctx.data, ctx.value, num_samples=r.num_calibration_samples, seed=r.seed)
+    if ctx.report is not None:
+        ctx.report.rounding = results
+    return results
