@@ -20,6 +20,7 @@ from tfq.core.fileio import atomic_write_bytes, check_writable
 from tfq.core.messages import short_repr
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
+from tfq.export import check as checker
 from tfq.export.graph_converter import keras_graph_converter
 from tfq.models.interop import convert_tfmot_model, load_keras_model
 from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
@@ -281,6 +282,8 @@ def convert(
     weight_rounding: str | None = None,
     data_free: bool | str | None = None,
     report=None,
+    check: bool = True,
+    strict: bool = False,
 ) -> bytes:
     """Converts a Keras model to TFLite.
 
@@ -332,6 +335,17 @@ def convert(
             are refused for float/fp16/dynamic modes, SavedModels, tfq QAT and tfmot models.
         report: a :class:`tfq.MethodsReport` to fill in with what those methods did
             (seconds per method, the integers chosen per layer, the bias shifts).
+        check: run the produced model in LiteRT's interpreter (in a separate process, so a kernel
+            that aborts cannot take this one down) on 8 calibration samples, an all-zeros input and
+            a near-silent one, against the float model (:mod:`tfq.export.check`). An op that fails
+            or outputs NaN/inf where float is finite is kept float (int8 from a Keras model: its
+            layers are added to ``float_layers`` and the model converted again) with a warning
+            naming the op and the layers; where that cannot be done, or an output is below 0 dB
+            SQNR (or 30 dB below the best output), a warning names it. ``io_dtype`` not honoured
+            on every input and output is refused. Costs 10–40 ms once the checker process runs
+            (it starts while the model converts).
+        strict: refuse (``ConversionError``) a model the check finds broken or far from float,
+            instead of fixing or warning.
 
     Returns:
         The ``.tflite`` flatbuffer bytes. Same inputs give the same bytes.
@@ -352,6 +366,7 @@ def convert(
     methods = dict(equalize=equalize, bias_correction=bias_correction, weight_rounding=weight_rounding,
                    data_free=data_free)
     _check_keywords(calibration, calibration_params, per_channel, verbose, output)
+    checker.check_keywords(check, strict)
     if recipe is None:
         get_export_mode(mode)  # before loading anything
     if output is not None:
@@ -369,6 +384,8 @@ def convert(
                 f"Pass mode='int8' and io_dtype only."
             )
         content = convert_tfmot_model(model, r.mode, r.io_dtype)
+        if check:
+            content = checker.checked(content, model, None, mode=r.mode, io_dtype=r.io_dtype, strict=strict)
         if output is not None:
             atomic_write_bytes(output, content)
         return content
@@ -386,6 +403,14 @@ def convert(
         content = _convert_with_converter_calibration(model, r, representative_data, report)
     else:
         content = _convert_float_family(model, r)
+    if check:
+        fixable = entry.tfq_ranges and not is_quantized_model(model) and (
+            representative_data is not None or isinstance(model, SavedModelPath))
+        content = checker.checked(
+            content, model, representative_data, mode=r.mode, io_dtype=r.io_dtype, strict=strict,
+            layer_names=[layer.name for layer in _all_layers(model)],
+            reconvert=(lambda nodes: _int8_keeping_float(model, r, representative_data, calibration, params, nodes))
+            if fixable else None)
     if output is not None:
         atomic_write_bytes(output, content)
     return content
@@ -657,3 +682,17 @@ def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
     # No float fallback: tfq cannot tell which layer of a SavedModel an op came from.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return run_converter(converter, r.mode)
+
+
+def _int8_keeping_float(model, r: Recipe, data, calibration, params, nodes) -> bytes:
+    """The int8 conversion again, the ops making the tensors ``nodes`` kept float (the converter's denylist,
+    :func:`tfq.export.check.convert_keeping_float`): the fix for an op that fails or makes NaN."""
+    if isinstance(model, SavedModelPath):
+        converter = _tf().lite.TFLiteConverter.from_saved_model(str(model))
+        rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r)
+    else:
+        frozen, _, data = _prepare_int8(model, r, data, calibration, params, False)
+        converter = keras_graph_converter(frozen)
+        rep = representative_dataset(data, r.num_calibration_samples, model=frozen)
+    get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
+    return checker.convert_keeping_float(converter, nodes, r.mode)
