@@ -18,6 +18,7 @@ second run that keeps every tensor).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -64,21 +65,39 @@ class Sandbox:
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
                 return
+            self._end()  # a worker that died: its pipes and stderr file
             self._stderr = tempfile.TemporaryFile()
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
             self._proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True)
 
     def close(self) -> None:
+        """Ends the worker (it exits when its stdin closes)."""
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.stdin.close()
+            self._end()
+
+    def _end(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.stdin.close()
                 try:
-                    self._proc.wait(timeout=5)
+                    proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-            self._proc = None
+                    proc.kill()
+                    proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None and not stream.closed:
+                    stream.close()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run(self, content: bytes, samples, scan=(), timeout: float = 300.0) -> SandboxResult:
         """Runs ``samples`` (a list of samples, each a list of arrays with a batch axis of 1) through ``content``.
@@ -123,8 +142,8 @@ class Sandbox:
                     proc.wait()
                     stderr.seek(offset)
                     text = stderr.read().decode("utf-8", "replace")
-                    self._proc = None
                     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("INFO:")]
+                    self._end()
                     return SandboxResult([], None, failed_sample=current if current is not None else 0,
                                          message=" ".join(lines[-3:]) or f"the interpreter process died "
                                          f"(exit code {proc.returncode})", aborted=True)
@@ -136,6 +155,7 @@ class Sandbox:
 
 
 _SANDBOX = Sandbox()
+atexit.register(_SANDBOX.close)
 
 
 def prestart() -> Sandbox:
