@@ -279,4 +279,6 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # tfq/tflite's modules are not top-level
     _main()
