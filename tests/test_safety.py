@@ -152,6 +152,12 @@ def test_int8_crash_is_fixed_and_named(frontend, audio):
     info = inspect_tflite(content)
     assert [op.type for op in info.float_ops] == ["ADD", "DIV"]  # the eps ADD too: int8 rounds 1e-10 to 0
     assert sum(op.type == "FULLY_CONNECTED" and not op.is_float for op in info.ops) == 2  # the rest stays int8
+
+    def dense_scales(c):
+        i = inspect_tflite(c)
+        return [i.tensors[op.outputs[0]].scales for op in i.ops if op.type == "FULLY_CONNECTED"]
+
+    assert dense_scales(content) == dense_scales(unchecked)  # tfq's ranges survive the fix, not the converter's
     # Runs on silence (this process: the fixed model no longer fails), equal to the float model there.
     runner = TFLiteModel(content)
     for x in (_zeros(), audio[:8]):
