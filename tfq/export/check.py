@@ -11,7 +11,8 @@ model run on the same inputs. It finds:
   whose output is non-finite while its inputs are finite;
 * ``"low_sqnr"``: an output whose SQNR against the float model (calibration samples only) is below
   :data:`SQNR_FLOOR_DB`, or more than :data:`SQNR_GAP_DB` below the model's best output;
-* ``"io_dtype"``: a model input or output whose type is not the ``io_dtype`` asked for.
+* ``"io_dtype"``: a model input or output left float when an integer ``io_dtype`` was asked for
+  (integer tensors such as token ids or argmax indices keep their type).
 
 :func:`tfq.convert` then fixes what it can (int8: the crashing or NaN op, and the int8 ops feeding it
 where their rounding is the cause, kept float through the converter's ``denylisted_nodes``, and the
@@ -307,7 +308,7 @@ def _io_findings(info, io_dtype: str) -> list[Finding]:
     for kind, indices in (("input", info.inputs), ("output", info.outputs)):
         for k, index in enumerate(indices):
             tensor = info.tensors[index]
-            if tensor.dtype != want:
+            if tensor.dtype != want and tensor.dtype in ("FLOAT32", "FLOAT16", "FLOAT64"):  # ids, masks stay theirs
                 found.append(Finding("io_dtype", None, (tensor.name,), f"{kind} {k} ({tensor.name!r})",
                                      f"{tensor.dtype.lower()}, not io_dtype={io_dtype!r}"))
     return found
@@ -433,7 +434,11 @@ def convert_keeping_float(converter, nodes, mode: str) -> bytes:
 
     import tensorflow as tf
 
-    from tfq.tflite.converter import ConversionError, _captured_stderr, summarize_converter_error
+    from tfq.tflite.converter import (
+        ConversionError,
+        _captured_stderr,
+        summarize_converter_error,
+    )
 
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(nodes))

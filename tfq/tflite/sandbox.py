@@ -268,9 +268,8 @@ def _serve_one(request, np):
 
 
 def _main() -> None:
-    import numpy as np
-
     import ai_edge_litert.interpreter  # noqa: F401  (imported before the first request)
+    import numpy as np
 
     for line in sys.stdin:
         if line.strip():
