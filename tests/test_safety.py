@@ -312,3 +312,15 @@ def test_evaluate_counts_failing_samples(frontend, audio):
     expected = sqnr_db(frontend(data[ok]).numpy(), TFLiteModel(crashing).predict(data[ok]))
     assert row["sqnr_db"] == pytest.approx(expected, abs=0.01)
     assert "int8 failed on 2 sample(s)" in str(report)
+
+
+def test_evaluate_isolated_counts_failures_in_a_worker(frontend, audio):
+    crashing = convert(frontend, "int8", audio[:32], check=False)
+    data = audio[:6].copy()
+    data[[0, 4]] = 0.0  # the first sample fails too: the worker goes on from the next one
+    isolated = evaluate({"keras": frontend, "int8": crashing}, data, latency=True, latency_runs=3, isolate=True)
+    in_process = evaluate({"keras": frontend, "int8": crashing}, data, latency=False)
+    row = isolated.row("int8")
+    assert row["errors"] == 2 and "data[i] != zero_point" in row["error"]
+    assert row["sqnr_db"] == pytest.approx(in_process.row("int8")["sqnr_db"], abs=0.01)
+    assert row["latency_p50_ms"] is not None  # timed on a sample that ran

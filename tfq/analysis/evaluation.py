@@ -448,9 +448,38 @@ class _Runner:
             chunks.append([np.asarray(out[k].numpy()) for k in self.saved_output_names])
         return [np.concatenate([c[k] for c in chunks], axis=0) for k in range(len(self.saved_output_names))]
 
-    def predict(self, arrays, batch_size: int) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    def _isolated_predict(self, arrays) -> tuple[list[np.ndarray] | None, np.ndarray]:
+        """A TFLite model run sample by sample in a worker process (:mod:`tfq.tflite.sandbox`): a kernel that
+        aborts kills the worker, not this process; the sample is counted failed and the rest run on."""
+        from tfq.tflite.sandbox import Sandbox
+
+        n = len(arrays[0])
+        failed = np.zeros(n, bool)
+        per_sample: list = [None] * n
+        raw = [d["index"] for d in self.tflite.interpreter.get_output_details()]
+        order = [raw.index(d["index"]) for d in self.tflite.output_details]
+        start = 0
+        with Sandbox() as sandbox:
+            while start < n:
+                result = sandbox.run(self.tflite.content, [[a[i:i + 1] for a in arrays] for i in range(start, n)])
+                for j, outputs in enumerate(result.outputs):
+                    per_sample[start + j] = [outputs[k] for k in order]
+                if result.failed_sample is None:
+                    break
+                self.error = self.error or ("process aborted: " if result.aborted else "") + result.message[:200]
+                if result.failed_sample < 0:  # the model does not even load
+                    failed[start:] = True
+                    break
+                failed[start + result.failed_sample] = True
+                start += result.failed_sample + 1
+        return _merge_samples(per_sample, failed)
+
+    def predict(self, arrays, batch_size: int, isolate: bool = False) -> tuple[list[np.ndarray] | None, np.ndarray]:
         """(outputs, failed): a sample the model fails on (an interpreter error, a TF error) gets NaN outputs
-        and ``failed[i] = True``; the others run in batches as usual. Outputs are None when every sample failed."""
+        and ``failed[i] = True``; the others run in batches as usual. Outputs are None when every sample failed.
+        ``isolate``: a TFLite model runs in a worker process (aborts counted too)."""
+        if isolate and self.tflite is not None:
+            return self._isolated_predict(arrays)
         n = len(arrays[0])
         try:
             return self._predict(arrays, batch_size), np.zeros(n, bool)
@@ -465,13 +494,7 @@ class _Runner:
                 self.error = self.error or _one_line(err)
                 failed[i] = True
                 per_sample.append(None)
-        good = next((o for o in per_sample if o is not None), None)
-        if good is None:
-            return None, failed
-        filler = [np.full_like(np.asarray(o, np.float64), np.nan) for o in good]
-        outputs = [np.concatenate([np.asarray(o[k], np.float64) if o is not None else filler[k]
-                                   for o in per_sample], axis=0) for k in range(len(good))]
-        return outputs, failed
+        return _merge_samples(per_sample, failed)
 
     def latency_ms(self, arrays, runs: int) -> np.ndarray:
         if self.tflite is not None:
@@ -493,6 +516,17 @@ class _Runner:
             call()
             times[i] = (time.perf_counter() - start) * 1000.0
         return times
+
+
+def _merge_samples(per_sample, failed) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    """Per-sample outputs (None where the sample failed) as one array per output, NaN rows for the failures."""
+    good = next((o for o in per_sample if o is not None), None)
+    if good is None:
+        return None, failed
+    filler = [np.full_like(np.asarray(o, np.float64), np.nan) for o in good]
+    outputs = [np.concatenate([np.asarray(o[k], np.float64) if o is not None else filler[k]
+                               for o in per_sample], axis=0) for k in range(len(good))]
+    return outputs, failed
 
 
 def _one_line(err: BaseException) -> str:
@@ -544,6 +578,7 @@ def evaluate(
     latency_runs: int = 50,
     verbose: bool = False,
     output: int | str = 0,
+    isolate: bool = False,
 ) -> Report:
     """Runs models on the same data and compares them: metrics, agreement, size and speed.
 
@@ -564,7 +599,8 @@ def evaluate(
       ``error``: the first message (None when none failed). A failing sample does not abort the
       report: every figure above is taken over the samples both this model and the reference ran
       (all None when none did). A kernel that aborts the process (a failed ``TFLITE_CHECK``) cannot
-      be caught here; :func:`tfq.convert` checks its models for that in a separate process;
+      be caught in this process: pass ``isolate=True`` to run the TFLite models in a worker
+      process, sample by sample (:func:`tfq.convert` checks its own models that way);
     * ``size`` in bytes: the flatbuffer length for TFLite rows (``size_kind="flatbuffer"``),
       ``count_params() × 4`` for Keras rows (``size_kind="params_fp32"``); ``size_ratio`` = size /
       reference size; ``gzip_size``: the same bytes gzip-compressed (level 9), how pruned and
@@ -607,6 +643,9 @@ def evaluate(
         output: the output metrics and agreement read: an index in output order, or a name (a Keras
             output name, or a signature output key of a TFLite model or SavedModel, e.g.
             ``"output_1"``) of any of the models. Default: the first output.
+        isolate: run TFLite models in a worker process, one sample at a time, so a kernel that
+            aborts counts as a failed sample instead of ending this process (slower: for models
+            you suspect). Latency is still timed here, on a sample that ran.
 
     Returns:
         A :class:`~tfq.analysis.report.Report`; ``print(report)`` shows the markdown table.
@@ -644,6 +683,8 @@ def evaluate(
         num_samples = max_samples
     batch_size = batch_size or _DEFAULT_BATCH_SIZE
 
+    if not isinstance(isolate, bool):
+        raise TypeError(f"isolate must be True or False. Received: isolate={isolate!r}")
     if isinstance(output, bool) or not isinstance(output, (int, np.integer, str)):
         raise TypeError(f"output must be an output index or name. Received: output={output!r}")
     converted = {}
@@ -689,7 +730,7 @@ def evaluate(
         if runner.kind == "keras":  # tracing the predict function is a one-time cost, not throughput
             runner.predict([a[:batch_size] for a in inputs], batch_size)
         t0 = time.perf_counter()
-        outputs, failed = runner.predict(inputs, batch_size)
+        outputs, failed = runner.predict(inputs, batch_size, isolate)
         elapsed = time.perf_counter() - t0
         size, size_kind = runner.size
         if ref_failed is None:
