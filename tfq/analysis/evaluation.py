@@ -31,7 +31,7 @@ from tfq.core.input_order import order_by_name
 from tfq.core.representative import model_input_specs
 from tfq.export.convert import convert
 from tfq.models.interop import load_keras_model
-from tfq.models.loading import is_tf_keras_model
+from tfq.models.loading import SavedModelPath, is_tf_keras_model
 from tfq.numerics.ops import round_half_away
 from tfq.reference import explain
 from tfq.reference.executor import as_graph
@@ -55,7 +55,7 @@ _LATENCY_WARMUP = 5
 # Keys every row has; a metric may not take one of these names.
 _ROW_KEYS = ("name", "kind", "num_samples", "agreement", "sqnr_db", "max_abs_diff", "size", "size_kind",
              "size_ratio", "gzip_size", "weight_sparsity", "max_distinct_per_channel", "latency_p50_ms",
-             "latency_p90_ms", "throughput", "num_threads")
+             "latency_p90_ms", "throughput", "num_threads", "errors", "error", "sqnr_db_per_output")
 _QUANTIZED_DTYPES = ("INT8", "UINT8", "INT16")
 _FLOAT_DTYPES = ("FLOAT32", "FLOAT16")
 
@@ -301,12 +301,17 @@ def _normalize_outputs(outputs) -> list[np.ndarray]:
 
 
 class _Runner:
-    """One model under evaluation: a Keras model or a TFLite model, with the same interface."""
+    """One model under evaluation: a Keras model, a SavedModel or a TFLite model, with the same interface."""
 
     def __init__(self, name: str, model, num_threads: int | None):
         self.name = name
         self.keras_model = None
         self.tflite = None
+        self.saved_model = None
+        self.error = None  # the first failure's message
+        if isinstance(model, SavedModelPath) or (isinstance(model, (str, os.PathLike)) and Path(model).is_dir()):
+            self._load_saved_model(model)
+            return
         if isinstance(model, keras.Model) or is_tf_keras_model(model) or (
                 isinstance(model, (str, os.PathLike)) and Path(model).suffix in (".keras", ".h5", ".hdf5")):
 
@@ -317,8 +322,8 @@ class _Runner:
             self.kind = "keras"
             return
         if not isinstance(model, (bytes, bytearray, memoryview, str, os.PathLike)):
-            raise TypeError(f"models[{name!r}] must be a Keras model, TFLite bytes or a .tflite path. "
-                            f"Received: {type(model).__name__}")
+            raise TypeError(f"models[{name!r}] must be a Keras model, a SavedModel directory, TFLite bytes or a "
+                            f".tflite path. Received: {type(model).__name__}")
         try:
             self.tflite = TFLiteModel(model, num_threads=num_threads)
         except FileNotFoundError as err:
@@ -329,10 +334,47 @@ class _Runner:
         # TFLiteModel returns outputs in the signature's (Keras) order already.
         self.input_names, _ = _signature_io(self.tflite.interpreter)
 
+    def _load_saved_model(self, path) -> None:
+        import tensorflow as tf
+
+        path = Path(path)
+        if not (path / "saved_model.pb").is_file():
+            raise ValueError(f"models[{self.name!r}]: {str(path)!r} is a directory without saved_model.pb: not a "
+                             f"SavedModel. Pass a SavedModel directory, a Keras model or a .tflite file.")
+        loaded = tf.saved_model.load(str(path))
+        if "serving_default" not in loaded.signatures:
+            raise ValueError(f"models[{self.name!r}]: SavedModel {str(path)!r} has no 'serving_default' signature "
+                             f"(it has {sorted(loaded.signatures)}). Save it with signatures=... .")
+        self.saved_model = (path, loaded, loaded.signatures["serving_default"])
+        self.kind = "saved_model"
+        specs = self.saved_model[2].structured_input_signature[1]
+        self.input_names = list(specs)
+        self._input_specs = [specs[k] for k in self.input_names]
+        keys = list(self.saved_model[2].structured_outputs)
+        numbered = all(re.fullmatch(r"output_(\d+)", k) for k in keys)
+        self.saved_output_names = sorted(keys, key=lambda k: int(k.split("_")[1])) if numbered else sorted(keys)
+
+    @property
+    def output_names(self) -> list[str] | None:
+        """Output names in this runner's output order (Keras: the model's; TFLite and SavedModel: signature keys)."""
+        if self.keras_model is not None:
+            names = getattr(self.keras_model, "output_names", None)
+            return [str(n) for n in names] if names else None
+        if self.saved_model is not None:
+            return list(self.saved_output_names)
+        try:
+            runner = self.tflite.interpreter.get_signature_runner()
+        except (ValueError, RuntimeError):
+            return None
+        by_index = {d["index"]: k for k, d in runner.get_output_details().items()}
+        return [by_index.get(d["index"]) for d in self.tflite.output_details]
+
     @property
     def size(self) -> tuple[int, str]:
         if self.keras_model is not None:
             return int(strip_all(self.keras_model).count_params()) * 4, "params_fp32"
+        if self.saved_model is not None:
+            return sum(f.stat().st_size for f in self.saved_model[0].rglob("*") if f.is_file()), "saved_model"
         return self.tflite.size, "flatbuffer"
 
     def compression(self) -> dict:
@@ -348,6 +390,11 @@ class _Runner:
             raw = b"".join(np.asarray(w, np.float32).tobytes() for w in weights)
             stats = weight_stats([(w, -1) for _, w in keras_kernels(self.keras_model)])
             return dict(gzip_size=gzip_size(raw), **stats)
+        if self.saved_model is not None:
+            weights = [v.numpy() for v in getattr(self.saved_model[1], "variables", ())]
+            raw = b"".join(np.asarray(w).tobytes() for w in weights)
+            stats = weight_stats([(w, -1) for w in weights if np.ndim(w) >= 2])
+            return dict(gzip_size=gzip_size(raw), **stats)
         info = inspect_tflite(self.tflite.content)
         return dict(gzip_size=info.gzip_size, weight_sparsity=info.weight_sparsity,
                     max_distinct_per_channel=info.max_distinct_per_channel)
@@ -358,6 +405,19 @@ class _Runner:
     def order_inputs(self, arrays, names, strict) -> list[np.ndarray]:
         if self.keras_model is not None:
             return _keras_input_order(self.name, self.keras_model, arrays, names)
+        if self.saved_model is not None:
+            ordered = _tflite_input_order(f"models[{self.name!r}]", self.input_names, arrays, names, strict)
+            if len(ordered) != len(self.input_names):
+                raise ValueError(f"models[{self.name!r}] has {len(self.input_names)} input(s) {self.input_names}; the "
+                                 f"data has {len(ordered)} array(s). Pass one array per model input.")
+            for array, name, spec in zip(ordered, self.input_names, self._input_specs):
+                expected = tuple(spec.shape[1:])
+                if len(expected) != array.ndim - 1 or any(e is not None and e != g
+                                                          for e, g in zip(expected, array.shape[1:])):
+                    raise ValueError(f"models[{self.name!r}] input {name!r} expects samples of shape {expected}; "
+                                     f"received {tuple(array.shape[1:])} (data shape {array.shape}). Reshape the "
+                                     f"data.")
+            return ordered
         ordered = _tflite_input_order(f"models[{self.name!r}]", self.input_names, arrays, names, strict)
         try:
             self.tflite._prepare(ordered)  # checks the number of inputs and the sample shapes
@@ -365,29 +425,116 @@ class _Runner:
             raise ValueError(f"models[{self.name!r}]: {err}") from None
         return ordered
 
-    def predict(self, arrays, batch_size: int) -> list[np.ndarray]:
+    def _predict(self, arrays, batch_size: int) -> list[np.ndarray]:
         if self.keras_model is not None:
             x = arrays if len(arrays) > 1 else arrays[0]
             return _normalize_outputs(self.keras_model.predict(x, batch_size=batch_size, verbose=0))
+        if self.saved_model is not None:
+            return self._saved_model_predict(arrays, batch_size)
         outputs = self.tflite.predict(list(arrays), batch_size=batch_size)
         return outputs if isinstance(outputs, list) else [outputs]
+
+    def _saved_model_predict(self, arrays, batch_size: int) -> list[np.ndarray]:
+        import tensorflow as tf
+
+        fn = self.saved_model[2]
+        fixed = [spec.shape[0] for spec in self._input_specs]
+        step = int(fixed[0]) if fixed and fixed[0] is not None else batch_size
+        chunks = []
+        for start in range(0, len(arrays[0]), step):
+            feed = {name: tf.constant(a[start:start + step], dtype=spec.dtype)
+                    for name, a, spec in zip(self.input_names, arrays, self._input_specs)}
+            out = fn(**feed)
+            chunks.append([np.asarray(out[k].numpy()) for k in self.saved_output_names])
+        return [np.concatenate([c[k] for c in chunks], axis=0) for k in range(len(self.saved_output_names))]
+
+    def _isolated_predict(self, arrays) -> tuple[list[np.ndarray] | None, np.ndarray]:
+        """A TFLite model run sample by sample in a worker process (:mod:`tfq.tflite.sandbox`): a kernel that
+        aborts kills the worker, not this process; the sample is counted failed and the rest run on."""
+        from tfq.tflite.sandbox import Sandbox
+
+        n = len(arrays[0])
+        failed = np.zeros(n, bool)
+        per_sample: list = [None] * n
+        raw = [d["index"] for d in self.tflite.interpreter.get_output_details()]
+        order = [raw.index(d["index"]) for d in self.tflite.output_details]
+        start = 0
+        with Sandbox() as sandbox:
+            while start < n:
+                result = sandbox.run(self.tflite.content, [[a[i:i + 1] for a in arrays] for i in range(start, n)])
+                for j, outputs in enumerate(result.outputs):
+                    per_sample[start + j] = [outputs[k] for k in order]
+                if result.failed_sample is None:
+                    break
+                self.error = self.error or ("process aborted: " if result.aborted else "") + result.message[:200]
+                if result.failed_sample < 0:  # the model does not even load
+                    failed[start:] = True
+                    break
+                failed[start + result.failed_sample] = True
+                start += result.failed_sample + 1
+        return _merge_samples(per_sample, failed)
+
+    def predict(self, arrays, batch_size: int, isolate: bool = False) -> tuple[list[np.ndarray] | None, np.ndarray]:
+        """(outputs, failed): a sample the model fails on (an interpreter error, a TF error) gets NaN outputs
+        and ``failed[i] = True``; the others run in batches as usual. Outputs are None when every sample failed.
+        ``isolate``: a TFLite model runs in a worker process (aborts counted too)."""
+        if isolate and self.tflite is not None:
+            return self._isolated_predict(arrays)
+        n = len(arrays[0])
+        try:
+            return self._predict(arrays, batch_size), np.zeros(n, bool)
+        except Exception as err:  # noqa: BLE001 - a model failing on some samples is measured, not fatal
+            self.error = self.error or _one_line(err)
+        failed = np.zeros(n, bool)
+        per_sample: list = []
+        for i in range(n):
+            try:
+                per_sample.append(self._predict([a[i:i + 1] for a in arrays], 1))
+            except Exception as err:  # noqa: BLE001
+                self.error = self.error or _one_line(err)
+                failed[i] = True
+                per_sample.append(None)
+        return _merge_samples(per_sample, failed)
 
     def latency_ms(self, arrays, runs: int) -> np.ndarray:
         if self.tflite is not None:
             return self.tflite.latency_ms(list(arrays), warmup=_LATENCY_WARMUP, runs=runs)
         sample = [a[:1] for a in arrays]
-        x = sample if len(sample) > 1 else sample[0]
+        if self.saved_model is not None:
+            def call():
+                return self._predict(sample, 1)
+        else:
+            x = sample if len(sample) > 1 else sample[0]
+
+            def call():
+                return self.keras_model(x, training=False)
         for _ in range(_LATENCY_WARMUP):
-            self.keras_model(x, training=False)
+            call()
         times = np.empty(runs)
         for i in range(runs):
             start = time.perf_counter()
-            self.keras_model(x, training=False)
+            call()
             times[i] = (time.perf_counter() - start) * 1000.0
         return times
 
 
-def _convert_variants(model, variants, representative_data, verbose) -> dict:
+def _merge_samples(per_sample, failed) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    """Per-sample outputs (None where the sample failed) as one array per output, NaN rows for the failures."""
+    good = next((o for o in per_sample if o is not None), None)
+    if good is None:
+        return None, failed
+    filler = [np.full_like(np.asarray(o, np.float64), np.nan) for o in good]
+    outputs = [np.concatenate([np.asarray(o[k], np.float64) if o is not None else filler[k]
+                               for o in per_sample], axis=0) for k in range(len(good))]
+    return outputs, failed
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _convert_variants(model, variants, representative_data, verbose, reference: str = "keras") -> dict:
     if isinstance(variants, str):
         variants = (variants,)
     variants = tuple(variants)
@@ -400,7 +547,7 @@ def _convert_variants(model, variants, representative_data, verbose) -> dict:
     if missing and representative_data is None:
         raise ValueError(f"variant {missing[0]!r} needs representative_data (calibration inputs, e.g. "
                          f"x_train[:300]): pass it or drop {missing[0]!r} from variants.")
-    models = {"keras": model}
+    models = {reference: model}
     for variant in variants:
         start = time.perf_counter()
         data = representative_data if variant in needs_data else None
@@ -430,21 +577,30 @@ def evaluate(
     representative_data=None,
     latency_runs: int = 50,
     verbose: bool = False,
+    output: int | str = 0,
+    isolate: bool = False,
 ) -> Report:
     """Runs models on the same data and compares them: metrics, agreement, size and speed.
 
     Every model runs on all samples (``max_samples`` caps them). Per model (one row of the report):
 
-    * metrics on the **first output** against ``labels`` (skipped when ``labels`` is None):
+    * metrics on the output chosen by ``output`` (the first by default) against ``labels`` (skipped when ``labels`` is None):
       ``"accuracy"`` (integer or one-hot labels; a one-unit output is binary, thresholded at 0.5),
       ``"top5"``/``"top_k:K"`` (ties count as in the top K, like ``tf.math.in_top_k``),
       ``"mse"``, ``"mae"``, or any callable ``f(y_true, y_pred) -> float`` (column named by its
       ``__name__``);
     * agreement with the reference model's predictions: ``agreement`` = share of samples whose
-      top-1 class (argmax of the first output's last axis) equals the reference's (None unless the
-      first output is classifier-shaped, i.e. has a class axis of size ≥ 2);
+      top-1 class (argmax of the chosen output's last axis) equals the reference's (None unless that
+      output is classifier-shaped, i.e. has a class axis of size ≥ 2);
       ``sqnr_db = 10·log10(Σ ref² / Σ (ref − out)²)`` over **all outputs** flattened and
-      concatenated (inf when identical); ``max_abs_diff = max |ref − out|``;
+      concatenated (inf when identical), and ``sqnr_db_per_output``: the same per output, in output
+      order; ``max_abs_diff = max |ref − out|``;
+    * ``errors``: the samples the model failed on (an interpreter error, a TensorFlow error), and
+      ``error``: the first message (None when none failed). A failing sample does not abort the
+      report: every figure above is taken over the samples both this model and the reference ran
+      (all None when none did). A kernel that aborts the process (a failed ``TFLITE_CHECK``) cannot
+      be caught in this process: pass ``isolate=True`` to run the TFLite models in a worker
+      process, sample by sample (:func:`tfq.convert` checks its own models that way);
     * ``size`` in bytes: the flatbuffer length for TFLite rows (``size_kind="flatbuffer"``),
       ``count_params() × 4`` for Keras rows (``size_kind="params_fp32"``); ``size_ratio`` = size /
       reference size; ``gzip_size``: the same bytes gzip-compressed (level 9), how pruned and
@@ -464,10 +620,12 @@ def evaluate(
     outputs are ordered by key).
 
     Args:
-        models: a dict ``name -> Keras model | TFLite bytes | .tflite path`` (a ``.keras`` path is
-            loaded as a Keras model). Or a single Keras model: it is converted with
-            :func:`tfq.convert` into each of ``variants`` and the report has a ``"keras"`` row and
-            one ``"tflite_<variant>"`` row per variant; the bytes are in ``report.converted``.
+        models: a dict ``name -> Keras model | SavedModel directory | TFLite bytes | .tflite path``
+            (a ``.keras`` path is loaded as a Keras model; a float ``.tflite`` is a TFLite model like
+            any other, and may be the reference). Or a single Keras model or SavedModel directory: it
+            is converted with :func:`tfq.convert` into each of ``variants`` and the report has a
+            ``"keras"`` (or ``"saved_model"``) row and one ``"tflite_<variant>"`` row per variant; the
+            bytes are in ``report.converted``.
         data: inputs: an array, a list of arrays (one per input, in ``model.inputs`` order) or a
             dict by input name.
         labels: targets for the metrics (first output), one per sample; None skips the metrics.
@@ -482,6 +640,12 @@ def evaluate(
         representative_data: calibration inputs for the ``"int8"``/``"int16x8"`` variants.
         latency_runs: timed runs per model.
         verbose: print progress.
+        output: the output metrics and agreement read: an index in output order, or a name (a Keras
+            output name, or a signature output key of a TFLite model or SavedModel, e.g.
+            ``"output_1"``) of any of the models. Default: the first output.
+        isolate: run TFLite models in a worker process, one sample at a time, so a kernel that
+            aborts counts as a failed sample instead of ending this process (slower: for models
+            you suspect). Latency is still timed here, on a sample that ran.
 
     Returns:
         A :class:`~tfq.analysis.report.Report`; ``print(report)`` shows the markdown table.
@@ -519,23 +683,33 @@ def evaluate(
         num_samples = max_samples
     batch_size = batch_size or _DEFAULT_BATCH_SIZE
 
+    if not isinstance(isolate, bool):
+        raise TypeError(f"isolate must be True or False. Received: isolate={isolate!r}")
+    if isinstance(output, bool) or not isinstance(output, (int, np.integer, str)):
+        raise TypeError(f"output must be an output index or name. Received: output={output!r}")
     converted = {}
     if is_tf_keras_model(models):
         models = load_keras_model(models)
-    if isinstance(models, keras.Model):
+    if isinstance(models, (str, os.PathLike)) and Path(models).is_dir():
+        reference_runner = _Runner("saved_model", SavedModelPath(str(models)), None)
+        reference_runner.order_inputs(arrays, names, names is not None)  # data that does not fit fails first
+        models = _convert_variants(SavedModelPath(str(models)), variants, representative_data, verbose,
+                                   reference="saved_model")
+        converted = {k: v for k, v in models.items() if isinstance(v, bytes)}
+    elif isinstance(models, keras.Model):
         # Fail on data that does not fit before spending time on conversions.
         _keras_input_order("keras", models, arrays, names)
         models = _convert_variants(models, variants, representative_data, verbose)
         converted = {k: v for k, v in models.items() if isinstance(v, bytes)}
     elif not isinstance(models, Mapping):
-        raise TypeError(f"models must be a dict name -> model or a single Keras model. Received: "
-                        f"{type(models).__name__}")
+        raise TypeError(f"models must be a dict name -> model, a single Keras model or a SavedModel directory. "
+                        f"Received: {type(models).__name__}")
     if not models:
         raise ValueError("models is empty. Pass a dict name -> Keras model / TFLite bytes / .tflite path.")
     num_threads = available_cores() if num_threads is None else int(num_threads)
     runners = [_Runner(str(name), model, num_threads) for name, model in models.items()]
     if reference is None:
-        reference = next((r.name for r in runners if r.kind == "keras"), runners[0].name)
+        reference = next((r.name for r in runners if r.kind in ("keras", "saved_model")), runners[0].name)
     elif reference not in [r.name for r in runners]:
         raise ValueError(f"reference={reference!r} is not in models ({[r.name for r in runners]}). "
                          f"Pass one of those names.")
@@ -548,33 +722,47 @@ def evaluate(
     ordered = {r.name: r.order_inputs(arrays, names, strict) for r in runners}
 
     runners.sort(key=lambda r: r.name != reference)  # the reference runs first
-    rows, ref_outputs, ref_size = {}, None, None
+    output_index = _output_index(output, runners)
+    rows, ref_outputs, ref_failed, ref_size = {}, None, None, None
     for runner in runners:
         start = time.perf_counter()
         inputs = ordered[runner.name]
         if runner.kind == "keras":  # tracing the predict function is a one-time cost, not throughput
             runner.predict([a[:batch_size] for a in inputs], batch_size)
         t0 = time.perf_counter()
-        outputs = runner.predict(inputs, batch_size)
+        outputs, failed = runner.predict(inputs, batch_size, isolate)
         elapsed = time.perf_counter() - t0
         size, size_kind = runner.size
-        if ref_outputs is None:
-            ref_outputs, ref_size = outputs, size
+        if ref_failed is None:
+            ref_outputs, ref_failed, ref_size = outputs, failed, size
         row = {"name": runner.name, "kind": runner.kind, "num_samples": num_samples}
+        ok = ~failed & ~ref_failed
+        if outputs is not None and output_index >= len(outputs):
+            raise ValueError(f"output={output!r} is beyond models[{runner.name!r}]'s {len(outputs)} output(s). "
+                             f"Pass an index below {len(outputs)}.")
+        usable = outputs is not None and ref_outputs is not None and bool(ok.any())
         if labels is not None:
             for metric_name, fn in resolved_metrics:
-                row[metric_name] = float(fn(labels, outputs[0]))
-        row.update(_agreement(runner.name, reference, ref_outputs, outputs))
+                row[metric_name] = float(fn(labels[ok], outputs[output_index][ok])) if usable else None
+        if usable:
+            row.update(_agreement(runner.name, reference, [o[ok] for o in ref_outputs], [o[ok] for o in outputs],
+                                  output_index))
+        else:
+            row.update(agreement=None, sqnr_db=None, max_abs_diff=None, sqnr_db_per_output=None)
+        row.update(errors=int(failed.sum()), error=runner.error)
         row.update(size=size, size_kind=size_kind, size_ratio=size / ref_size if ref_size else None)
         row.update(runner.compression())
-        if latency:
-            times = runner.latency_ms(inputs, latency_runs)
+        first_ok = int(np.argmax(~failed)) if (~failed).any() else None
+        if latency and first_ok is not None:
+            times = runner.latency_ms([a[first_ok:] for a in inputs], latency_runs)
             row.update(latency_p50_ms=float(np.percentile(times, 50)), latency_p90_ms=float(np.percentile(times, 90)))
         else:
             row.update(latency_p50_ms=None, latency_p90_ms=None)
         row["throughput"] = num_samples / elapsed if elapsed > 0 else None
         row["num_threads"] = num_threads if runner.kind == "tflite" else None
         rows[runner.name] = row
+        if verbose and row["errors"]:
+            print(f"tfq.evaluate: {runner.name} failed on {row['errors']} sample(s): {runner.error}")
         if verbose:
             print(f"tfq.evaluate: {runner.name} done in {time.perf_counter() - start:.1f} s")
     ordered_rows = [rows[str(name)] for name in models]
@@ -583,19 +771,37 @@ def evaluate(
                   converted=converted)
 
 
-def _agreement(name: str, reference: str, ref_outputs, outputs) -> dict:
+def _output_index(output, runners) -> int:
+    """The index of ``output`` (an index, or a name any of the models gives an output)."""
+    if not isinstance(output, str):
+        if output < 0:
+            raise ValueError(f"output must be a non-negative output index or a name. Received: output={output}")
+        return int(output)
+    known = {}
+    for runner in runners:
+        for i, name in enumerate(runner.output_names or []):
+            if name is not None:
+                known.setdefault(name, i)
+    if output not in known:
+        raise ValueError(f"output={output!r} is not an output name of these models ({sorted(known)}). Pass one of "
+                         f"those names, or an index.")
+    return known[output]
+
+
+def _agreement(name: str, reference: str, ref_outputs, outputs, output_index: int = 0) -> dict:
     ref_shapes = [o.shape for o in ref_outputs]
     shapes = [o.shape for o in outputs]
     if ref_shapes != shapes:
         raise ValueError(f"models[{name!r}] gives outputs of shapes {shapes}; the reference {reference!r} gives "
                          f"{ref_shapes}. Compare models of the same network, or pick another reference.")
-    first_ref, first = ref_outputs[0], outputs[0]
+    chosen_ref, chosen = ref_outputs[output_index], outputs[output_index]
     agreement = None
-    if first.ndim >= 2 and first.shape[-1] >= 2:
-        agreement = float(np.mean(first.argmax(-1) == first_ref.argmax(-1)))
+    if chosen.ndim >= 2 and chosen.shape[-1] >= 2:
+        agreement = float(np.mean(chosen.argmax(-1) == chosen_ref.argmax(-1)))
     diff = _flat(ref_outputs) - _flat(outputs)
     return {"agreement": agreement, "sqnr_db": sqnr_db(ref_outputs, outputs),
-            "max_abs_diff": float(np.max(np.abs(diff))) if diff.size else 0.0}
+            "max_abs_diff": float(np.max(np.abs(diff))) if diff.size else 0.0,
+            "sqnr_db_per_output": [sqnr_db(r, o) for r, o in zip(ref_outputs, outputs)]}
 
 
 # --------------------------------------------------------------------------------------------

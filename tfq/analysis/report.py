@@ -32,7 +32,7 @@ ROUNDING_RMSE_OVER_SCALE = 1.0 / math.sqrt(12.0)
 
 _REPORT_FORMAT = "tfq.analysis.report/1"
 _LAYER_FORMAT = "tfq.layer_errors/1"
-_REPORT_TEXT_KEYS = ("name", "kind", "size_kind")
+_REPORT_TEXT_KEYS = ("name", "kind", "size_kind", "error")
 _LAYER_TEXT_KEYS = ("tensor", "op", "float_tensor", "match", "dtype")
 
 
@@ -54,11 +54,19 @@ def _encode(value):
     return value
 
 
+def _decode_value(value):
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, list):
+        return [_decode_value(v) for v in value]
+    return value
+
+
 def _decode_row(row: Mapping, text_keys: tuple[str, ...]) -> dict:
     out = {}
     for key, value in row.items():
-        if key not in text_keys and isinstance(value, str) and value in ("inf", "-inf", "nan"):
-            value = float(value)
+        if key not in text_keys:
+            value = _decode_value(value)
         out[key] = value
     return out
 
@@ -329,7 +337,9 @@ class Report:
     (``"flatbuffer"`` or ``"params_fp32"``), ``size_ratio``, ``gzip_size`` (bytes),
     ``weight_sparsity``, ``max_distinct_per_channel``, ``latency_p50_ms``,
     ``latency_p90_ms``, ``throughput`` (samples/s), ``num_threads`` (interpreter threads; None for
-    Keras rows). Missing figures are None.
+    Keras rows), ``errors`` (samples the model failed on) and ``error`` (the first message),
+    ``sqnr_db_per_output`` (a list, in output order). Missing figures are None; rows written before
+    the last three existed read back without them.
 
     Args:
         rows: the rows, in display order.
@@ -406,6 +416,16 @@ class Report:
                  + "; agreement = top-1 match rate with the reference; SQNR over all outputs; latency at batch 1."]
         if any(r.get("size_kind") == "params_fp32" for r in self.rows):
             notes.append("* Keras size = parameters × 4 bytes; Keras latency = eager model(x[:1]) call.")
+        failing = [r for r in self.rows if r.get("errors")]
+        if failing:
+            notes.append("errors: " + "; ".join(f"{r.get('name')} failed on {r['errors']} sample(s) ({r.get('error')})"
+                                                for r in failing)
+                         + "; its figures are over the samples it ran.")
+        per_output = [r for r in self.rows if len(r.get("sqnr_db_per_output") or ()) > 1]
+        if per_output:
+            notes.append("SQNR per output (dB): " + "; ".join(
+                f"{r.get('name')} " + ", ".join(_number(v, ".1f") for v in r["sqnr_db_per_output"])
+                for r in per_output))
         if any(r.get("gzip_size") is not None for r in self.rows):
             notes.append("gzip = the file (Keras: the float32 weights) gzip-compressed; sparsity = zeros among the "
                          "weight tensors; distinct/ch = most distinct weight values in one output channel.")
