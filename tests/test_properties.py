@@ -8,6 +8,7 @@ import contextlib
 import io
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -270,3 +271,143 @@ def test_cli_exits_with_a_status_and_one_line(tmp_path, small, command, pairs):
     if status:
         lines = [line for line in err.getvalue().splitlines() if line.startswith("tfq")]
         assert len(lines) == 1 and "Traceback" not in err.getvalue(), err.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Every keyword of every public entry point: a wrong-type value is refused in one line naming it
+# (issue 29), and a valid non-default value changes something observable.
+
+BOOL = ["False", "True", 1, 0, 0.5, [True]]
+COUNT_OR_NONE = ["5", 2.5, True, -3, [4]]  # an int >= 1, or None
+COUNT = COUNT_OR_NONE + [None]
+CHOICE = [1, 2.5, "bogus", ["x"], b"x"]  # a name among a few
+CHOICE_OR_NONE = [1, 2.5, "bogus", ["x"]]
+MAPPING_OR_NONE = ["x", 1, [1]]
+PATH_OR_NONE = [1, 2.5, ["x"]]
+NAMES = [1, 2.5, [1], {"a": 1}]  # names/patterns (a string or a list of them)
+RECIPE = [1, 2.5, ["x"]]
+
+
+def _number(low: float, high: float, none_ok: bool = False):
+    """Wrong values for a number that must lie in [low, high]."""
+    bad = ["0.5", [0.5], True, float("nan")]
+    bad += [low - 1.0] if math.isfinite(low) else []
+    bad += [high + 1.0] if math.isfinite(high) else []
+    return bad if none_ok else bad + [None]
+
+
+# entry point -> {keyword: wrong values}. Positional-only inputs (the model, the data) are covered above.
+KEYWORDS = {
+    "convert": {
+        "mode": CHOICE, "recipe": RECIPE, "calibration": [1, 2.5, "bogus", ["kl"]], "per_channel": BOOL,
+        "io_dtype": CHOICE, "float_layers": NAMES, "num_calibration_samples": COUNT_OR_NONE,
+        "output": PATH_OR_NONE, "calibration_params": MAPPING_OR_NONE, "verbose": BOOL,
+        "equalize": ["False", 1, [True]], "bias_correction": ["False", 1, "bogus", [True]],
+        "weight_rounding": [1, "bogus", [True]], "data_free": ["False", 1, "bogus", [True]], "report": [1, "x", {}],
+    },
+    "fake_quantize": {
+        "mode": CHOICE, "recipe": RECIPE, "calibration": [1, 2.5, "bogus"], "per_channel": BOOL,
+        "float_layers": NAMES, "num_calibration_samples": COUNT_OR_NONE, "calibration_params": MAPPING_OR_NONE,
+        "verbose": BOOL, "equalize": ["False", 1], "bias_correction": ["False", 1, "bogus"],
+        "weight_rounding": [1, "bogus"], "data_free": ["False", 1, "bogus"], "report": [1, "x"],
+    },
+    "calibrate": {
+        "method": [1, 2.5, "bogus", ["kl"]], "recipe": RECIPE, "num_samples": COUNT_OR_NONE,
+        "batch_size": COUNT_OR_NONE, "verbose": BOOL, "keep_observers": BOOL, "strategy": [1, "mirrored", [1]],
+    },
+    "quantize_model": {
+        "recipe": RECIPE, "range_mode": CHOICE, "decay": _number(0.0, 1.0, none_ok=True),
+        "calibration": [1, 2.5, "bogus", ["kl"]], "num_calibration_samples": COUNT_OR_NONE, "warn_unknown": BOOL,
+        "preserve": CHOICE_OR_NONE, "bn_folding": CHOICE, "logits_range": CHOICE, "percentile": [99.9],
+        "bogus_keyword": [1],
+    },
+    "equalize": {
+        "high_bias_absorption": BOOL, "relu6": CHOICE, "fold_batchnorm": BOOL, "max_iterations": COUNT,
+        "tolerance": ["0.1", None, [0.1], True, -1.0, float("nan")],
+    },
+    "evaluate": {
+        "metrics": [1, 2.5, "bogus", [1]], "reference": [1, "bogus", ["k"]], "latency": BOOL,
+        "num_threads": COUNT_OR_NONE, "batch_size": COUNT_OR_NONE, "max_samples": COUNT_OR_NONE,
+        "variants": [1, "bogus", ["int8"]], "representative_data": ["x", [1]], "latency_runs": COUNT,
+        "verbose": BOOL,
+    },
+    "tune": {
+        "metric": [1, 2.5, "bogus"], "max_drop": _number(0.0, math.inf), "relative": BOOL,
+        "objective": CHOICE, "strategy": CHOICE, "search_space": ["x", 1, [1], {"bogus": [1]}],
+        "max_trials": COUNT, "timeout": ["5", [5], True, -1.0, float("nan")], "seed": ["0", 2.5, None, [0]],
+        "output_dir": PATH_OR_NONE, "num_threads": COUNT_OR_NONE, "num_calibration_samples": COUNT_OR_NONE,
+        "verbose": BOOL,
+    },
+    "prune_low_magnitude": {
+        "target_sparsity": _number(0.0, 0.999), "schedule": CHOICE, "begin_step": ["0", 2.5, None, True, -1],
+        "end_step": ["5", 2.5, True, -1, [4]], "frequency": COUNT, "block_size": [1, "x", (0, 1), (1, 2, 3)],
+        "layers": NAMES, "skip_layers": NAMES, "initial_sparsity": _number(0.0, 0.999), "power": _number(0.0, math.inf),
+    },
+    "cluster_weights": {
+        "number_of_clusters": COUNT + [1], "init": CHOICE, "layers": NAMES, "skip_layers": NAMES,
+        "seed": ["0", 2.5, None, [0]],
+    },
+    "Distiller": {
+        "temperature": _number(0.0, math.inf), "alpha": _number(0.0, 1.0), "from_logits": BOOL,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def keyword_models(small):
+    """(float model, x, labels, a QAT-free conv model with a BatchNorm) for the keyword properties."""
+    import keras
+
+    model, x = small
+    keras.utils.set_random_seed(1)
+    conv = keras.Sequential([keras.Input((4, 4, 1), name="image"), keras.layers.Conv2D(4, 3, name="conv"),
+                             keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(name="relu"),
+                             keras.layers.Flatten(name="flat"), keras.layers.Dense(3, name="head")], name="conv")
+    return model, x, np.arange(len(x)) % 3, conv
+
+
+def call_entry(entry: str, models, **kwargs):
+    """One call of a public entry point on the tiny models, with ``kwargs`` added."""
+    model, x, y, conv = models
+    if entry == "convert":
+        return tfq.convert(model, **{"mode": "int8", **kwargs}, representative_data=x)
+    if entry == "fake_quantize":
+        return tfq.fake_quantize(model, **{"mode": "int8", **kwargs}, representative_data=x)
+    if entry == "calibrate":
+        return tfq.calibrate(model, x, **kwargs)
+    if entry == "quantize_model":
+        return tfq.qat.quantize_model(model, **kwargs)
+    if entry == "equalize":
+        return tfq.equalize(conv, **kwargs)
+    if entry == "evaluate":
+        return tfq.evaluate({"k": model}, x, y, **{"latency": False, **kwargs})
+    if entry == "tune":
+        return tfq.tune(model, x, x, y, **{"max_trials": 1, "verbose": False, **kwargs})
+    if entry == "prune_low_magnitude":
+        return tfq.pruning.prune_low_magnitude(conv, **kwargs)
+    if entry == "cluster_weights":
+        return tfq.clustering.cluster_weights(conv, **kwargs)
+    if entry == "Distiller":
+        return tfq.distillation.Distiller(model, model, **kwargs)
+    raise AssertionError(entry)
+
+
+KEYWORD_CASES = [(entry, keyword) for entry, keywords in KEYWORDS.items() for keyword in keywords]
+
+
+@pytest.mark.parametrize("entry, keyword", KEYWORD_CASES, ids=[f"{e}-{k}" for e, k in KEYWORD_CASES])
+@settings(max_examples=3, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_keyword_refuses_a_wrong_value_in_one_line_naming_it(keyword_models, tmp_path, entry, keyword, data):
+    value = data.draw(st.sampled_from(KEYWORDS[entry][keyword]), label="value")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            result = call_entry(entry, keyword_models, **{keyword: value})
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            check_error(err, (ValueError, TypeError, FileNotFoundError))
+            assert keyword in str(err) or (keyword == "method" and "calibration" in str(err)), \
+                f"{entry}({keyword}={value!r}): {err}"
+            return
+    pytest.fail(f"{entry}({keyword}={value!r}) was accepted: {type(result).__name__}")
