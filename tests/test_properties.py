@@ -363,12 +363,13 @@ def keyword_models(small):
     conv = keras.Sequential([keras.Input((4, 4, 1), name="image"), keras.layers.Conv2D(4, 3, name="conv"),
                              keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(name="relu"),
                              keras.layers.Flatten(name="flat"), keras.layers.Dense(3, name="head")], name="conv")
-    return model, x, np.arange(len(x)) % 3, conv
+    heavy = np.random.default_rng(1).lognormal(0.0, 1.5, (64, 4, 4, 1)).astype("float32")  # long-tailed inputs
+    return model, x, np.arange(len(x)) % 3, conv, heavy
 
 
 def call_entry(entry: str, models, **kwargs):
     """One call of a public entry point on the tiny models, with ``kwargs`` added."""
-    model, x, y, conv = models
+    model, x, y, conv, _ = models
     if entry == "convert":
         return tfq.convert(model, **{"mode": "int8", **kwargs}, representative_data=x)
     if entry == "fake_quantize":
@@ -411,3 +412,129 @@ def test_every_keyword_refuses_a_wrong_value_in_one_line_naming_it(keyword_model
                 f"{entry}({keyword}={value!r}): {err}"
             return
     pytest.fail(f"{entry}({keyword}={value!r}) was accepted: {type(result).__name__}")
+
+
+# A valid non-default value of each keyword changes what the call returns (or writes, or prints).
+# Knobs of speed only (batch_size, num_threads) and of printing (verbose) are compared on what they
+# print or left out; tune's keywords have their own tests (tests/test_tune.py).
+CHANGES = {
+    "convert": {
+        "mode": "int16x8", "recipe": "int8_kl", "calibration": "kl", "per_channel": False, "io_dtype": "int8",
+        "float_layers": ["head"], "num_calibration_samples": 5, "equalize": True,
+        "bias_correction": "empirical", "weight_rounding": "adaround",
+    },
+    "fake_quantize": {
+        "mode": "int16x8", "recipe": "int8_kl", "calibration": "kl", "per_channel": False,
+        "float_layers": ["head"], "num_calibration_samples": 5, "equalize": True, "bias_correction": "empirical",
+    },
+    "calibrate": {"method": "kl", "recipe": "int16x8", "num_samples": 5, "keep_observers": True},
+    "quantize_model": {
+        "recipe": "int8_kl", "calibration": "kl", "num_calibration_samples": 5, "range_mode": "learned",
+        "decay": 0.5, "preserve": "sparsity", "bn_folding": "two_pass", "logits_range": "softmax",
+    },
+    "equalize": {"high_bias_absorption": False, "relu6": "skip", "fold_batchnorm": True, "max_iterations": 1,
+                 "tolerance": 10.0},
+    "evaluate": {"metrics": ["top_k:2"], "reference": "j", "latency": True, "max_samples": 5},
+    "prune_low_magnitude": {"target_sparsity": 0.5, "schedule": "constant", "begin_step": 3, "end_step": 7,
+                            "frequency": 2, "block_size": (1, 2), "layers": ["conv"], "skip_layers": ["head"],
+                            "initial_sparsity": 0.2, "power": 1.0},
+    "cluster_weights": {"number_of_clusters": 2, "init": "linear", "layers": ["conv"], "skip_layers": ["head"],
+                        "seed": 3},
+    "Distiller": {"temperature": 2.0, "alpha": 0.5, "from_logits": True},
+}
+# Keywords whose default does nothing unless another keyword is set: compared from that base.
+BASES = {
+    ("quantize_model", "calibration"): {"calibration_data": "x"},
+    ("quantize_model", "num_calibration_samples"): {"calibration_data": "x"},
+    ("quantize_model", "recipe"): {"calibration_data": "x"},
+    ("quantize_model", "logits_range"): {"calibration_data": "x"},
+    ("quantize_model", "preserve"): {"model": "sparse"},
+    ("equalize", "relu6"): {"model": "relu6"},
+    ("evaluate", "reference"): {"models": 2},
+}
+
+
+def observe(result, models):
+    """What a call returned, as plain comparable data."""
+    import keras
+
+    from tfq.analysis.report import Report
+
+    model, x, y, conv, _ = models
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, tfq.Calibration):
+        return result.to_dict() | {"seconds": 0}
+    if isinstance(result, Report):
+        timed = ("latency", "throughput", "seconds")  # measured: whether they are there, not their values
+        return [{k: (v is not None) if any(t in k for t in timed) else v for k, v in row.items()}
+                for row in result.rows]
+    if isinstance(result, tfq.distillation.Distiller):
+        return (result.temperature, result.alpha, result.from_logits)
+    if isinstance(result, keras.Model):
+        inputs = x if result.inputs[0].shape[1:] == x.shape[1:] else None
+        outputs = result.predict(inputs, verbose=0).round(6).tolist() if inputs is not None else None
+        return (repr(result.get_config()), [w.round(6).tolist() for w in result.get_weights()], outputs)
+    raise AssertionError(type(result))
+
+
+def call_with_base(entry, models, base, **kwargs):
+    import keras
+
+    model, x, y, conv, heavy = models
+    if entry == "quantize_model":
+        if base.get("model") == "sparse":
+            sparse = keras.models.clone_model(model)
+            kernel = model.get_layer("head").get_weights()
+            kernel[0][::2] = 0.0
+            sparse.set_weights(kernel)
+            model = sparse
+        extra = {"calibration_data": heavy} if "calibration_data" in base else {}
+        return tfq.qat.quantize_model(model, **extra, **kwargs)
+    if entry == "equalize" and base.get("model") != "relu6":
+        # A chain of three Dense layers (iterations matter) after a BatchNorm with large β (absorption applies).
+        keras.utils.set_random_seed(2)
+        chain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, name="a"), keras.layers.BatchNormalization(
+            name="bn"), keras.layers.ReLU(), keras.layers.Dense(6, name="b"), keras.layers.ReLU(),
+            keras.layers.Dense(3, name="c")])
+        chain.get_layer("bn").set_weights([np.full(6, 0.5, "float32"), np.linspace(1, 4, 6).astype("float32"),
+                                           np.zeros(6, "float32"), np.ones(6, "float32")])
+        chain.get_layer("a").set_weights([np.random.default_rng(0).normal(0, 1, (4, 6)).astype("float32")
+                                          * np.geomspace(0.1, 10, 6).astype("float32"), np.zeros(6, "float32")])
+        return tfq.equalize(chain, **kwargs)
+    if entry == "equalize" and base.get("model") == "relu6":
+        keras.utils.set_random_seed(2)
+        six = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="a"), keras.layers.ReLU(6.0),
+                                keras.layers.Dense(2, name="b")])
+        six.get_layer("a").set_weights([np.diag([10.0, 1.0, 0.1, 5.0]).astype("float32"), np.zeros(4, "float32")])
+        return tfq.equalize(six, **kwargs)
+    if entry == "evaluate" and base.get("models") == 2:
+        return tfq.evaluate({"k": model, "j": tfq.convert(model, "int8", x)}, x, y, **{"latency": False, **kwargs})
+    if entry in ("convert", "fake_quantize"):
+        fn = tfq.convert if entry == "convert" else tfq.fake_quantize
+        return fn(conv, **{"mode": "int8", **kwargs}, representative_data=heavy)
+    if entry == "calibrate":
+        return tfq.calibrate(conv, heavy, **kwargs)
+    if entry == "evaluate":
+        return tfq.evaluate({"k": conv}, x, y, **{"latency": False, **kwargs})
+    return call_entry(entry, models, **kwargs)
+
+
+CHANGE_CASES = [(entry, keyword) for entry, keywords in CHANGES.items() for keyword in keywords]
+
+
+@pytest.mark.parametrize("entry, keyword", CHANGE_CASES, ids=[f"{e}-{k}" for e, k in CHANGE_CASES])
+def test_every_keyword_changes_the_result(keyword_models, entry, keyword):
+    import keras
+
+    value = CHANGES[entry][keyword]
+    if entry == "convert" and keyword == "float_layers":
+        value = ["conv"]
+    base = BASES.get((entry, keyword), {})
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keras.utils.set_random_seed(0)
+        default = observe(call_with_base(entry, keyword_models, base), keyword_models)
+        keras.utils.set_random_seed(0)
+        changed = observe(call_with_base(entry, keyword_models, base, **{keyword: value}), keyword_models)
+    assert changed != default, f"{entry}({keyword}={value!r}) returned the same as without it"
