@@ -183,7 +183,7 @@ def test_a_calibration_made_before_float_layers_still_converts_with_them(conv):
 def test_convert_refuses_a_non_finite_or_absurd_range(conv, edited, tmp_path):
     model, x = conv
     cal = tfq.calibrate(model, x)
-    name = sorted(cal.ranges)[0]
+    name = min(cal.ranges)
     cal.ranges[name] = edited
     with pytest.raises(ValueError) as info:
         tfq.convert(model, "int8", calibration=cal)

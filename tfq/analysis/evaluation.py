@@ -415,8 +415,8 @@ def _convert_variants(model, variants, representative_data, verbose) -> dict:
         get_export_mode(variant, "variants value")
     needs_data = [v for v in variants if get_export_mode(v).needs_data]
     if representative_data is not None and not needs_data:
-        raise ValueError(f"representative_data calibrates the integer variants, and variants {list(variants)} has "
-                         f"none ('int8', 'int16x8'): add one, or drop representative_data.")
+        raise ValueError(f"representative_data calibrates the integer variants, and none of variants "
+                         f"{list(variants)} needs calibration data: add one that does, or drop representative_data.")
     missing = needs_data
     if missing and representative_data is None:
         raise ValueError(f"variant {missing[0]!r} needs representative_data (calibration inputs, e.g. "

@@ -94,7 +94,8 @@ class Distiller(keras.Model):
         for name, m in (("student", student), ("teacher", teacher)):
             if not isinstance(m, keras.Model):
                 raise TypeError(f"{name} must be a Keras 3 model. Received: {type(m).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be a number > 0. Received: temperature={temperature!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be a number in [0, 1]. Received: alpha={alpha!r}")

@@ -621,7 +621,7 @@ def _check_precomputed(model, qmodel, r: Recipe, ranges: dict) -> None:
     if extra:
         raise ValueError(
             f"the calibration has a range for {len(extra)} tensor(s) this model does not quantize (e.g. "
-            f"{sorted(extra)[0]!r}): it was made for another model or recipe, and that range would be ignored. "
+            f"{min(extra)!r}): it was made for another model or recipe, and that range would be ignored. "
             f"Re-run tfq.calibrate on this model.")
     if r.num_calibration_samples is not None and not uses_methods(r) and not uncovered_layers(qmodel):
         raise ValueError(

@@ -111,7 +111,10 @@ class Calibration:
                 f"not a tfq calibration (expected format {_FORMAT!r}). Received: format="
                 f"{d.get('format') if isinstance(d, dict) else type(d).__name__!r}"
             )
-        ranges = check_ranges(d["ranges"])
+        try:
+            ranges = check_ranges(d["ranges"])
+        except TypeError as err:
+            raise ValueError(str(err)) from None
         observers = d.get("observers")
         if observers is not None and (not isinstance(observers, dict) or set(observers) != set(ranges)):
             raise ValueError(f"calibration 'observers' must be a dict of observer states for the tensors of 'ranges'. "
@@ -149,7 +152,7 @@ def check_ranges(ranges) -> dict[str, tuple[float, float]]:
         {'x_fq': (0.0, 1.0)}
     """
     if not isinstance(ranges, dict):
-        raise ValueError(f"calibration ranges must be a dict of tensor name -> [min, max]. "
+        raise TypeError(f"calibration ranges must be a dict of tensor name -> [min, max]. "
                          f"Received: {type(ranges).__name__}")
     out = {}
     for name, value in ranges.items():

@@ -14,7 +14,10 @@ import numbers
 import keras
 
 from tfq.compression.common import strip_all
-from tfq.core.calibration_methods import calibration_method_names, get_calibration_method
+from tfq.core.calibration_methods import (
+    calibration_method_names,
+    get_calibration_method,
+)
 from tfq.core.messages import short_repr
 from tfq.core.recipes import load_recipe
 from tfq.models.interop import load_keras_model
@@ -165,7 +168,8 @@ def quantize_model(
 def _check_qat_options(range_mode, preserve, decay, warn_unknown, num_calibration_samples, calibration_params):
     """quantize_model's options, checked before any work (one line each)."""
     if range_mode not in ("moving_average", "learned"):
-        raise ValueError(f"range_mode must be 'moving_average' or 'learned'. Received: range_mode={short_repr(range_mode)}")
+        raise ValueError(f"range_mode must be 'moving_average' or 'learned'. "
+                         f"Received: range_mode={short_repr(range_mode)}")
     if preserve not in (None, "sparsity", "clusters"):
         raise ValueError(f"preserve must be None, 'sparsity' or 'clusters'. Received: preserve={short_repr(preserve)}")
     if not isinstance(warn_unknown, bool):
@@ -194,7 +198,9 @@ def _calibration_choice(r, recipe_given: bool, calibration, calibration_params: 
             raise ValueError(f"calibration={calibration!r} conflicts with the calibration of recipe "
                              f"{r.name or r.mode!r}, {recipe_method!r}. Pass one of them (e.g. "
                              f"recipe.replace(calibration={calibration!r})).")
-    method = calibration if calibration is not None else (recipe_method if recipe_given and recipe_method else "minmax")
+        method = calibration
+    else:
+        method = recipe_method if recipe_given and recipe_method else "minmax"
     params = dict(r.calibration_params) if method == recipe_method else {}
     for key, value in calibration_params.items():
         if key not in get_calibration_method(method).params:

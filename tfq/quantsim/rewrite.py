@@ -720,7 +720,8 @@ def check_float_layers(patterns, layers: dict, model_name: str, noops=frozenset(
         probe = Recipe(float_layers=(pattern,))
         matched = [name for name, class_name in layers.items() if probe.is_float_layer(name, class_name)]
         if matched and all(name in noops for name in matched):
-            listed = ", ".join(f"{name!r} ({layers[name]})" for name in matched[:4]) + (" …" if len(matched) > 4 else "")
+            listed = ", ".join(f"{name!r} ({layers[name]})" for name in matched[:4])
+            listed += " …" if len(matched) > 4 else ""
             raise ValueError(f"float_layers pattern {pattern!r} selects only layer(s) {listed} of model "
                              f"{model_name!r}, which move data without computing: they keep their input's type "
                              f"(TFLite's scale), so keeping them float changes nothing. Name the layer that "
