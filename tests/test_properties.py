@@ -538,3 +538,12 @@ def test_every_keyword_changes_the_result(keyword_models, entry, keyword):
         keras.utils.set_random_seed(0)
         changed = observe(call_with_base(entry, keyword_models, base, **{keyword: value}), keyword_models)
     assert changed != default, f"{entry}({keyword}={value!r}) returned the same as without it"
+
+
+@FAST
+@given(st.one_of(junk, st.sampled_from([b"TFL3", b"\x00" * 64, "missing.tflite", bytearray(b"xx")])))
+def test_inspect_tflite_gives_one_line_for_anything_but_a_model(source):
+    """inspect_tflite takes only bytes or a path: the rest is one line (missing file: FileNotFoundError)."""
+    with pytest.raises((ValueError, TypeError, FileNotFoundError)) as info:
+        tfq.inspect_tflite(source)
+    check_error(info.value, (ValueError, TypeError, FileNotFoundError))

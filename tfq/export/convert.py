@@ -338,8 +338,11 @@ def convert(
 
     Raises:
         ValueError: bad mode/io_dtype/calibration, an option the mode or model cannot honour,
-            missing data, data that does not fit the model, a float_layers pattern matching no layer,
-            an output path that cannot be written.
+            missing data, data that does not fit the model, a float_layers pattern matching no layer
+            (or only layers that move data, such as Flatten), an output path that cannot be written; a
+            precomputed calibration with a range for a tensor the model does not quantize, a
+            non-finite range or one beyond ±1e12, or with ``num_calibration_samples`` (its ranges
+            are chosen already).
         ConversionError: the converter refused an op (the message names it and the fix).
         TypeError: an option of the wrong type (e.g. ``calibration=None``).
         FileNotFoundError: a model path that does not exist.

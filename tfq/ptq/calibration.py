@@ -361,7 +361,11 @@ def calibrate(
         A :class:`Calibration`.
 
     Raises:
-        ValueError: unknown method, empty data, ``batch_aggregate`` with ``strategy``.
+        ValueError: unknown method, empty data, ``batch_aggregate`` with ``strategy``; a recipe
+            whose activations stay float (``"fp16"``: nothing to calibrate); ``recipe`` with a
+            tfq QAT model (its quantizers are fixed).
+        TypeError: ``verbose``/``keep_observers`` not a bool; ``strategy`` not a ``tf.distribute``
+            strategy.
 
     Example:
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
