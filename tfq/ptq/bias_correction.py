@@ -250,7 +250,8 @@ def correct_biases(model, method: str, data=None, *, num_samples: int | None = 5
         ``{wrapper name: Δ}``, the shift subtracted from each corrected layer's folded bias.
 
     Raises:
-        ValueError: unknown method; ``"empirical"`` without data.
+        ValueError: unknown method; ``"empirical"`` without data; ``"analytical"`` on a model none of
+            whose quantized layers reads a BatchNorm's output (nothing to correct).
 
     Example:
         >>> shifts = correct_biases(frozen, "empirical", x_train[:256])    # doctest: +SKIP

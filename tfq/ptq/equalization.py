@@ -482,8 +482,13 @@ def equalize(
         A new ``keras.Model`` (Functional); the caller's model is untouched.
 
     Raises:
-        ValueError: bad options; a subclassed model (no graph to walk).
+        ValueError: bad options; a subclassed model (no graph to walk); a tfq QAT model (equalize
+            the float model before ``tfq.qat.quantize_model``).
         TypeError: ``model`` is not a Keras model or path.
+
+    Warns:
+        UserWarning: the model has no pair to equalize (and nothing to fold): the result computes
+            the same, unchanged.
 
     Example:
         >>> balanced = tfq.equalize(model)                                     # doctest: +SKIP
