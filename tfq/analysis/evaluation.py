@@ -160,11 +160,25 @@ def _regression(kind: str):
     return metric
 
 
+_DEFAULT_VARIANTS = ("float", "fp16", "dynamic", "int8")
+
+
+def _short(value) -> str:
+    """A value for a message: arrays by shape, the rest by a bounded repr."""
+    if hasattr(value, "shape"):
+        return f"<{type(value).__name__} of shape {tuple(value.shape)}>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _resolve_metrics(metrics) -> list[tuple[str, Callable]]:
     if metrics is None:
         return []
     if isinstance(metrics, str) or callable(metrics):
         metrics = (metrics,)
+    if not isinstance(metrics, (list, tuple)):
+        raise TypeError(f"metrics must be a metric name, a callable or a list of them. "
+                        f"Received: metrics={metrics!r}")
     resolved: list[tuple[str, Callable]] = []
     for metric in metrics:
         if callable(metric):
@@ -183,10 +197,11 @@ def _resolve_metrics(metrics) -> list[tuple[str, Callable]]:
             else:
                 raise ValueError(
                     f"unknown metric {metric!r}. Use one of 'accuracy', 'top5', 'top_k:K' (K >= 1), 'mse', "
-                    f"'mae', or a callable f(y_true, y_pred) -> float."
+                    f"'mae', or a callable f(y_true, y_pred) -> float. Received: metrics={metrics!r}"
                 )
         else:
-            raise TypeError(f"a metric is a name or a callable f(y_true, y_pred) -> float. Received: {metric!r}")
+            raise TypeError(f"a metric is a name or a callable f(y_true, y_pred) -> float. "
+                            f"Received: metrics={metrics!r}")
         if name in _ROW_KEYS or any(name == n for n, _ in resolved):
             raise ValueError(f"metric name {name!r} is used twice or clashes with a report column; give the "
                              f"callable another __name__.")
@@ -537,12 +552,18 @@ def _one_line(err: BaseException) -> str:
 def _convert_variants(model, variants, representative_data, verbose, reference: str = "keras") -> dict:
     if isinstance(variants, str):
         variants = (variants,)
+    if not isinstance(variants, (list, tuple)):
+        raise TypeError(f"variants must be a list of export modes (e.g. ['float', 'int8']). "
+                        f"Received: variants={_short(variants)}")
     variants = tuple(variants)
     if not variants:
         raise ValueError("variants is empty. Pass at least one of " + ", ".join(map(repr, export_mode_names())) + ".")
     for variant in variants:
         get_export_mode(variant, "variants value")
     needs_data = [v for v in variants if get_export_mode(v).needs_data]
+    if representative_data is not None and not needs_data:
+        raise ValueError(f"representative_data calibrates the integer variants, and none of variants "
+                         f"{list(variants)} needs calibration data: add one that does, or drop representative_data.")
     missing = needs_data
     if missing and representative_data is None:
         raise ValueError(f"variant {missing[0]!r} needs representative_data (calibration inputs, e.g. "
@@ -573,7 +594,7 @@ def evaluate(
     num_threads: int | None = None,
     batch_size: int | None = None,
     max_samples: int | None = None,
-    variants: Sequence[str] = ("float", "fp16", "dynamic", "int8"),
+    variants: Sequence[str] = _DEFAULT_VARIANTS,
     representative_data=None,
     latency_runs: int = 50,
     verbose: bool = False,
@@ -667,7 +688,10 @@ def evaluate(
     for label, value in (("batch_size", batch_size), ("max_samples", max_samples), ("num_threads", num_threads)):
         if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{label} must be a positive integer or None. Received: {label}={value!r}")
-    if latency and (not isinstance(latency_runs, (int, np.integer)) or latency_runs < 1):
+    for label, value in (("latency", latency), ("verbose", verbose)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{label} must be True or False. Received: {label}={value!r}")
+    if isinstance(latency_runs, bool) or not isinstance(latency_runs, (int, np.integer)) or latency_runs < 1:
         raise ValueError(f"latency_runs must be a positive integer. Received: latency_runs={latency_runs!r}")
     arrays, names = _as_arrays(data)
     num_samples = len(arrays[0])
@@ -704,6 +728,14 @@ def evaluate(
     elif not isinstance(models, Mapping):
         raise TypeError(f"models must be a dict name -> model, a single Keras model or a SavedModel directory. "
                         f"Received: {type(models).__name__}")
+    else:
+        default_variants = isinstance(variants, (list, tuple)) and tuple(variants) == _DEFAULT_VARIANTS
+        for label, value, unset in (("variants", variants, default_variants),
+                                    ("representative_data", representative_data, representative_data is None)):
+            if not unset:
+                raise ValueError(f"{label} applies to a single Keras model, which evaluate converts into each "
+                                 f"variant; models is a dict of models already: drop {label}, or pass the Keras "
+                                 f"model alone. Received: {label}={_short(value)}")
     if not models:
         raise ValueError("models is empty. Pass a dict name -> Keras model / TFLite bytes / .tflite path.")
     num_threads = available_cores() if num_threads is None else int(num_threads)

@@ -556,6 +556,26 @@ def _bayesian(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
         study.optimize(objective, n_trials=1)
 
 
+def _check_tune_options(relative, verbose, timeout, seed, output_dir, num_calibration_samples, search_space):
+    """tune's keyword types, checked before any work (one line each)."""
+    for name, value in (("relative", relative), ("verbose", verbose)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0, or None. Received: timeout={timeout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int. Received: seed={seed!r}")
+    if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"output_dir must be a directory path or None. Received: output_dir={output_dir!r}")
+    if num_calibration_samples is not None and (isinstance(num_calibration_samples, bool) or not isinstance(
+            num_calibration_samples, (int, np.integer)) or num_calibration_samples < 1):
+        raise ValueError(f"num_calibration_samples must be an int >= 1, or None for all. "
+                         f"Received: num_calibration_samples={num_calibration_samples!r}")
+    if search_space is not None and not isinstance(search_space, dict):
+        raise TypeError(f"search_space must be a dict of choices (e.g. {{'calibration': ['kl']}}) or None. "
+                        f"Received: search_space={search_space!r}")
+
+
 def tune(
     model,
     representative_data,
@@ -611,6 +631,7 @@ def tune(
     from tfq.analysis.evaluation import evaluate
     from tfq.models.interop import load_keras_model
 
+    _check_tune_options(relative, verbose, timeout, seed, output_dir, num_calibration_samples, search_space)
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")
     model = load_keras_model(model)
@@ -618,9 +639,9 @@ def tune(
         raise ValueError(f"strategy must be one of {STRATEGIES}. Received: strategy={strategy!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}. Received: objective={objective!r}")
-    if not (isinstance(max_drop, (int, float)) and max_drop >= 0):
+    if isinstance(max_drop, bool) or not (isinstance(max_drop, (int, float)) and max_drop >= 0):
         raise ValueError(f"max_drop must be a number >= 0. Received: max_drop={max_drop!r}")
-    if not (isinstance(max_trials, int) and max_trials >= 1):
+    if isinstance(max_trials, bool) or not (isinstance(max_trials, int) and max_trials >= 1):
         raise ValueError(f"max_trials must be an int >= 1. Received: max_trials={max_trials!r}")
     if eval_labels is None:
         if not (isinstance(eval_data, (tuple, list)) and len(eval_data) == 2):

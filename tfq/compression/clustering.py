@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -181,6 +183,8 @@ def cluster_weights(
     """
 
     k = _check_clusters(number_of_clusters)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int. Received: seed={seed!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}. Received: init={init!r}")
     model = _compression.load_plain_model(model, "cluster_weights")

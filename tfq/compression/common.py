@@ -11,6 +11,7 @@ import inspect
 import keras
 import numpy as np
 
+from tfq.core.messages import short_repr
 from tfq.core.recipes import _matches
 from tfq.models.interop import load_keras_model
 from tfq.models.loading import is_quantized_model
@@ -52,6 +53,9 @@ def _patterns(value, what: str) -> list[str]:
         return []
     if isinstance(value, (str, type)):
         value = [value]
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"{what} must be a list of layer names, regexes, 'class:Name' or layer classes (or one). "
+                        f"Received: {what}={short_repr(value)}")
     out = []
     for item in value:
         if isinstance(item, type):
@@ -59,7 +63,8 @@ def _patterns(value, what: str) -> list[str]:
         elif isinstance(item, str):
             out.append(item)
         else:
-            raise TypeError(f"{what} items are layer names, regexes, 'class:Name' or layer classes. Received: {item!r}")
+            raise TypeError(f"{what} items are layer names, regexes, 'class:Name' or layer classes. "
+                            f"Received: {what}=[{short_repr(item)}, ...]")
     return out
 
 

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import keras
 
 __all__ = ["Distiller", "distillation_loss"]
@@ -92,10 +94,13 @@ class Distiller(keras.Model):
         for name, m in (("student", student), ("teacher", teacher)):
             if not isinstance(m, keras.Model):
                 raise TypeError(f"{name} must be a Keras 3 model. Received: {type(m).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be a number > 0. Received: temperature={temperature!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be a number in [0, 1]. Received: alpha={alpha!r}")
+        if from_logits is not None and not isinstance(from_logits, bool):
+            raise TypeError(f"from_logits must be True or False. Received: from_logits={from_logits!r}")
         s_shape, t_shape = _output_shape(student), _output_shape(teacher)
         if s_shape is not None and t_shape is not None and s_shape[-1] != t_shape[-1]:
             raise ValueError(f"student and teacher must predict the same classes. Received output shapes {s_shape} "

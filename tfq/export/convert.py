@@ -32,7 +32,7 @@ from tfq.numerics.outliers import (
     without_samples,
 )
 from tfq.ptq import pipeline as ptq_methods
-from tfq.ptq.calibration import Calibration, calibrate
+from tfq.ptq.calibration import Calibration, calibrate, check_ranges
 from tfq.ptq.pipeline import MethodsReport, uses_methods, uses_stage
 from tfq.quantsim.rewrite import (
     fix_ranges_in_place,
@@ -363,8 +363,11 @@ def convert(
 
     Raises:
         ValueError: bad mode/io_dtype/calibration, an option the mode or model cannot honour,
-            missing data, data that does not fit the model, a float_layers pattern matching no layer,
-            an output path that cannot be written.
+            missing data, data that does not fit the model, a float_layers pattern matching no layer
+            (or only layers that move data, such as Flatten), an output path that cannot be written; a
+            precomputed calibration with a range for a tensor the model does not quantize, a
+            non-finite range or one beyond ±1e12, or with ``num_calibration_samples`` (its ranges
+            are chosen already).
         ConversionError: the converter refused an op (the message names it and the fix).
         TypeError: an option of the wrong type (e.g. ``calibration=None``).
         FileNotFoundError: a model path that does not exist.
@@ -586,14 +589,24 @@ def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> 
 def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=None) -> bytes:
     if isinstance(model, SavedModelPath):
         return _convert_saved_model_int8(model, r, data)
+    trained_ranges = is_quantized_model(model) and not _qat_needs_calibration(model)
     frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report, in_place=True)
     uncovered = uncovered_layers(qmodel)
     content = _int8_converter_run(frozen, r, data if uncovered else None)
     float_ops = _unexpected_float_ops(content, r)
+    data_used = not trained_ranges or bool(uncovered)
     if float_ops and not uncovered and data is not None:
         # Some op the converter made has no fake-quant range: let it calibrate that op too.
         content = _int8_converter_run(frozen, r, data)
         float_ops = _unexpected_float_ops(content, r)
+        data_used = True
+    if data is not None and not data_used:
+        warnings.warn(
+            f"tfq.convert: representative_data was not used: model {model.name!r} is a trained tfq QAT model, whose "
+            f"ranges come from training and are the ones in the file. Drop representative_data (and "
+            f"num_calibration_samples) for this model.",
+            stacklevel=3,
+        )
     if float_ops and uncovered and data is None:
         class_name, names = sorted(uncovered.items())[0]
         raise ValueError(
@@ -640,13 +653,14 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         qmodel = rewrite_model(ptq_methods.prepare_model(model, r, report), r)
         needs_calibration = not isinstance(calibration, Calibration)
         if not needs_calibration:
-            ranges = calibration.ranges
+            ranges = check_ranges(calibration.ranges)
             missing = sorted(n for n, q in quantizers_of(qmodel).items() if q.mode != "fixed" and n not in ranges)
             if missing:
                 raise ValueError(
                     f"the calibration has no range for {len(missing)} tensor(s) of this model (e.g. {missing[0]!r}): "
                     f"it was made for another model or recipe. Re-run tfq.calibrate on this model."
                 )
+            _check_precomputed(model, qmodel, r, ranges)
         data = ptq_methods.calibration_inputs(qmodel, r, data, report)
     if needs_calibration:
         _require_data(data, r.mode)
@@ -662,6 +676,23 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         frozen = freeze_model(qmodel, ranges)
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     return frozen, qmodel, data
+
+
+def _check_precomputed(model, qmodel, r: Recipe, ranges: dict) -> None:
+    """A precomputed calibration's ranges are all used, and nothing it makes moot is asked for (one line)."""
+    extra = set(ranges) - set(quantizers_of(qmodel))
+    if extra and (r.float_layers or r.overrides):  # tensors the recipe keeps float: the calibration may cover them
+        extra -= set(quantizers_of(rewrite_model(model, r.replace(float_layers=(), overrides=()), warn_unknown=False)))
+    if extra:
+        raise ValueError(
+            f"the calibration has a range for {len(extra)} tensor(s) this model does not quantize (e.g. "
+            f"{min(extra)!r}): it was made for another model or recipe, and that range would be ignored. "
+            f"Re-run tfq.calibrate on this model.")
+    if r.num_calibration_samples is not None and not uses_methods(r) and not uncovered_layers(qmodel):
+        raise ValueError(
+            f"num_calibration_samples={r.num_calibration_samples} caps the samples tfq calibrates on, but calibration "
+            f"is a tfq.Calibration whose ranges are chosen already: drop num_calibration_samples, or pass "
+            f"calibration='{DEFAULT_CALIBRATION}' (or another method) to calibrate again.")
 
 
 def _unexpected_float_ops(content: bytes, r: Recipe) -> list:

@@ -250,7 +250,8 @@ def correct_biases(model, method: str, data=None, *, num_samples: int | None = 5
         ``{wrapper name: Δ}``, the shift subtracted from each corrected layer's folded bias.
 
     Raises:
-        ValueError: unknown method; ``"empirical"`` without data.
+        ValueError: unknown method; ``"empirical"`` without data; ``"analytical"`` on a model none of
+            whose quantized layers reads a BatchNorm's output (nothing to correct).
 
     Example:
         >>> shifts = correct_biases(frozen, "empirical", x_train[:256])    # doctest: +SKIP
@@ -266,6 +267,11 @@ def correct_biases(model, method: str, data=None, *, num_samples: int | None = 5
         shifts = _empirical_shifts(model, wrappers, data, num_samples, batch_size, references)
     else:
         shifts = _analytical_shifts(model, wrappers, references)
+        if wrappers and not shifts:
+            raise ValueError(
+                f"bias_correction='analytical' takes each layer's input mean from the BatchNorm (and ReLU) that makes "
+                f"its input, and no quantized layer of model {model.name!r} reads one, so nothing would be corrected. "
+                f"Use bias_correction='empirical' with representative_data, or convert without bias_correction.")
     done, refused = {}, []
     for wrapper, delta in shifts.values():
         if _apply(wrapper, delta):

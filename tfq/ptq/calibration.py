@@ -33,6 +33,7 @@ import numpy as np
 
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.fileio import atomic_write_text
+from tfq.core.messages import short_repr
 from tfq.core.recipes import load_recipe
 from tfq.core.representative import pack_model_inputs, representative_dataset
 from tfq.models.interop import load_keras_model
@@ -52,7 +53,7 @@ from tfq.numerics.outliers import (
 from tfq.quantsim.layers import observing
 from tfq.quantsim.rewrite import quantizers_of, rewrite_model
 
-__all__ = ["Calibration", "calibrate", "load_calibration", "merge_calibrations"]
+__all__ = ["Calibration", "calibrate", "check_ranges", "load_calibration", "merge_calibrations"]
 
 _FORMAT = "tfq.ptq.calibration/1"
 
@@ -110,13 +111,10 @@ class Calibration:
                 f"not a tfq calibration (expected format {_FORMAT!r}). Received: format="
                 f"{d.get('format') if isinstance(d, dict) else type(d).__name__!r}"
             )
-        ranges = {}
-        for name, value in d["ranges"].items():
-            if not (isinstance(value, (list, tuple)) and len(value) == 2) or not all(np.isfinite(value)) \
-                    or value[0] > value[1]:
-                raise ValueError(f"calibration range for {name!r} must be [min, max] finite with min <= max. "
-                                 f"Received: {value!r}")
-            ranges[name] = (float(value[0]), float(value[1]))
+        try:
+            ranges = check_ranges(d["ranges"])
+        except TypeError as err:
+            raise ValueError(str(err)) from None
         observers = d.get("observers")
         if observers is not None and (not isinstance(observers, dict) or set(observers) != set(ranges)):
             raise ValueError(f"calibration 'observers' must be a dict of observer states for the tensors of 'ranges'. "
@@ -137,6 +135,38 @@ class Calibration:
     def merge(self, *others: Calibration) -> Calibration:
         """This calibration merged with others of other shards of the data: see :func:`merge_calibrations`."""
         return merge_calibrations([self, *others])
+
+
+#: Largest magnitude a calibrated range may reach: beyond it the int8 step (range / 255) is so
+#: coarse that every typical activation rounds to zero — an edited or corrupt file, not a model.
+MAX_RANGE_MAGNITUDE = 1e12
+
+
+def check_ranges(ranges) -> dict[str, tuple[float, float]]:
+    """``{tensor name: (min, max)}`` as floats, or a one-line ValueError naming the first bad range.
+
+    A range is two real numbers, finite, ``min <= max``, both within ±:data:`MAX_RANGE_MAGNITUDE`.
+
+    Example:
+        >>> check_ranges({"x_fq": [0, 1]})
+        {'x_fq': (0.0, 1.0)}
+    """
+    if not isinstance(ranges, dict):
+        raise TypeError(f"calibration ranges must be a dict of tensor name -> [min, max]. "
+                         f"Received: {type(ranges).__name__}")
+    out = {}
+    for name, value in ranges.items():
+        try:
+            lo, hi = (float(v) for v in value)
+            ok = all(np.isfinite((lo, hi))) and lo <= hi and max(abs(lo), abs(hi)) <= MAX_RANGE_MAGNITUDE \
+                and not any(isinstance(v, (str, bytes, bool)) for v in value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"calibration range for {name!r} must be [min, max]: numbers, finite, min <= max, "
+                             f"within ±{MAX_RANGE_MAGNITUDE:g}; re-run tfq.calibrate. Received: {short_repr(value)}")
+        out[name] = (lo, hi)
+    return out
 
 
 def merge_calibrations(calibrations) -> Calibration:
@@ -331,7 +361,11 @@ def calibrate(
         A :class:`Calibration`.
 
     Raises:
-        ValueError: unknown method, empty data, ``batch_aggregate`` with ``strategy``.
+        ValueError: unknown method, empty data, ``batch_aggregate`` with ``strategy``; a recipe
+            whose activations stay float (``"fp16"``: nothing to calibrate); ``recipe`` with a
+            tfq QAT model (its quantizers are fixed).
+        TypeError: ``verbose``/``keep_observers`` not a bool; ``strategy`` not a ``tf.distribute``
+            strategy.
 
     Example:
         >>> cal = tfq.calibrate(model, x_train[:500], method="percentile", percentile=99.99)  # doctest: +SKIP
@@ -339,6 +373,12 @@ def calibrate(
     """
 
     get_calibration_method(method, "method").check_params(params, "params")
+    for name, value in (("verbose", verbose), ("keep_observers", keep_observers)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False. Received: {name}={short_repr(value)}")
+    if strategy is not None and not (callable(getattr(strategy, "run", None)) and hasattr(strategy, "scope")):
+        raise TypeError(f"strategy must be a tf.distribute strategy (e.g. tf.distribute.MirroredStrategy()) or None. "
+                        f"Received: strategy={short_repr(strategy)} ({type(strategy).__name__})")
     if strategy is not None and params.get("batch_aggregate") is not None:
         raise ValueError(
             f"batch_aggregate={params['batch_aggregate']!r} takes one range per batch, but with strategy every replica "
@@ -349,9 +389,17 @@ def calibrate(
             f"method={method!r} (the default) tests every sample against the others, which replicas observing "
             f"slices of a batch cannot do: with strategy pass method='minmax' (or another method)."
         )
+    r = load_recipe(recipe if recipe is not None else "int8")
+    if not r.activations.is_integer:
+        raise ValueError(f"recipe {r.name or r.mode!r} (mode {r.mode!r}) keeps activations float "
+                         f"({r.activations.dtype}), so there is no range to calibrate: pass an integer recipe "
+                         f"(e.g. 'int8'), or convert without calibration: tfq.convert(model, {r.mode!r}).")
     model = load_keras_model(model)
     if not is_quantized_model(model):
-        model = rewrite_model(model, load_recipe(recipe if recipe is not None else "int8"))
+        model = rewrite_model(model, r)
+    elif recipe is not None:
+        raise ValueError(f"recipe={short_repr(recipe)} decides which tensors a float model quantizes, but model "
+                         f"{model.name!r} is a tfq QAT model whose quantizers are fixed: drop recipe.")
     data = representative_dataset(representative_data, num_samples, model=model)
     quantizers = {name: q for name, q in quantizers_of(model).items() if q.mode != "fixed"}
     robust = method == DEFAULT_CALIBRATION  # MinMax, the samples far outside the rest set aside

@@ -28,6 +28,7 @@ numpy arrays; :func:`equalize` walks the model.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import keras
@@ -35,6 +36,7 @@ import numpy as np
 
 from tfq.models.graph import GraphNode, ModelGraph, as_functional
 from tfq.models.interop import load_keras_model
+from tfq.models.loading import is_quantized_model
 from tfq.quantsim.layers import activation_name
 from tfq.quantsim.rewrite import copy_layer
 
@@ -480,8 +482,13 @@ def equalize(
         A new ``keras.Model`` (Functional); the caller's model is untouched.
 
     Raises:
-        ValueError: bad options; a subclassed model (no graph to walk).
+        ValueError: bad options; a subclassed model (no graph to walk); a tfq QAT model (equalize
+            the float model before ``tfq.qat.quantize_model``).
         TypeError: ``model`` is not a Keras model or path.
+
+    Warns:
+        UserWarning: the model has no pair to equalize (and nothing to fold): the result computes
+            the same, unchanged.
 
     Example:
         >>> balanced = tfq.equalize(model)                                     # doctest: +SKIP
@@ -492,16 +499,32 @@ def equalize(
     model = load_keras_model(model)
     if not isinstance(model, keras.Model):
         raise TypeError(f"equalize expects a keras.Model or a path to one. Received: {type(model).__name__}")
+    if is_quantized_model(model):
+        raise ValueError(f"equalize rescales the weights of a float model, and {model.name!r} is a tfq QAT model "
+                         f"whose quantizers (ranges, weight grids) were set for its weights: equalize before QAT, "
+                         f"tfq.qat.quantize_model(tfq.equalize(model)), or convert this one as is.")
     options = dict(relu6=relu6, high_bias_absorption=high_bias_absorption, fold_batchnorm=fold_batchnorm,
                    max_iterations=max_iterations, tolerance=tolerance)
-    return _equalize_level(model, options, {})
+    plans: list = []
+    new = _equalize_level(model, options, {}, plans)
+    if not any(plan.pairs for plan in plans) and not (fold_batchnorm and any(
+            unit.bn is not None for plan in plans for unit in plan.units.values())):
+        skipped = " (relu6='skip' leaves pairs joined by ReLU6 alone)" if relu6 == "skip" else ""
+        warnings.warn(
+            f"tfq.equalize: model {model.name!r} has no pair of layers to equalize{skipped} (a Conv/Dense layer "
+            f"whose output reaches only the next Conv/Dense through ReLU/linear, channel-wise ops): the model "
+            f"returned computes the same as yours, unchanged.",
+            stacklevel=2,
+        )
+    return new
 
 
-def _equalize_level(model: keras.Model, options: dict, done: dict) -> keras.Model:
+def _equalize_level(model: keras.Model, options: dict, done: dict, plans: list) -> keras.Model:
     functional = as_functional(model)
     graph = ModelGraph(functional)
     plan = _plan(graph, options["relu6"], options["high_bias_absorption"], options["max_iterations"],
                  options["tolerance"])
+    plans.append(plan)
     changed = {id(u.layer): u for u in plan.units.values()}
     bn_of = {id(u.bn): u for u in plan.units.values() if u.bn is not None}
     replace_relu6 = set()
@@ -515,7 +538,7 @@ def _equalize_level(model: keras.Model, options: dict, done: dict) -> keras.Mode
         if isinstance(layer, keras.Model):
             key = id(layer)
             if key not in done:
-                done[key] = _equalize_level(layer, options, done)
+                done[key] = _equalize_level(layer, options, done, plans)
             return done[key]
         config = layer.get_config()
         unit = changed.get(id(layer))

@@ -9,11 +9,19 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 
 from tfq.compression.common import strip_all
+from tfq.core.calibration_methods import (
+    calibration_method_names,
+    get_calibration_method,
+)
+from tfq.core.messages import short_repr
 from tfq.core.recipes import load_recipe
 from tfq.models.interop import load_keras_model
+from tfq.models.loading import is_quantized_model
 from tfq.ptq.calibration import calibrate
 from tfq.quantsim.layers import (
     ActivationQuantizer,
@@ -50,7 +58,7 @@ def quantize_model(
     range_mode: str = "moving_average",
     decay: float | None = None,
     calibration_data=None,
-    calibration: str = "minmax",
+    calibration: str | None = None,
     num_calibration_samples: int | None = 512,
     warn_unknown: bool = True,
     preserve: str | None = None,
@@ -94,6 +102,11 @@ def quantize_model(
             for a model trained from scratch, whose moving statistics mean nothing yet, leave it out:
             ranges then start from the first training batch.
         calibration: method for that pass (``"minmax"``, ``"percentile"``, ``"kl"``, ``"mse"`` …).
+            Default: the recipe's calibration (``"kl"`` for ``recipe="int8_kl"``), or ``"minmax"``
+            when the recipe's is ``"moving_average"`` (a QAT recipe such as the default
+            ``"qat_int8"``: its ``decay`` drives the moving average in training). Given with a
+            recipe whose calibration differs, it is refused; given without ``calibration_data``,
+            it is refused (it would choose nothing).
         num_calibration_samples: cap on calibration samples.
         warn_unknown: warn about layers that stay float because tfq has no rule for them.
         preserve: ``None``, ``"sparsity"`` or ``"clusters"`` (see above).
@@ -109,33 +122,97 @@ def quantize_model(
             average: confident samples no longer stretch the range, so the logits between classes
             get a finer grid; the argmax is kept and no probability moves by more than one output
             step). docs/benchmarks.md "QAT cost" has the accuracy measured with each: neither wins everywhere.
-        **calibration_params: parameters of the calibration method.
+        **calibration_params: parameters of the calibration method (``percentile=99.9`` with
+            ``calibration="percentile"``), merged into the recipe's when the method is the
+            recipe's. Any other keyword is refused.
 
     Returns:
         A new ``keras.Model`` ready for ``compile``/``fit``.
 
     Raises:
-        ValueError: bad ``range_mode``, ``preserve`` or ``bn_folding``; a subclassed model (no graph
-            to rewrite).
-        TypeError: ``model`` is not a model or a path.
+        ValueError: bad ``range_mode``, ``preserve``, ``bn_folding`` or ``decay``; a subclassed model
+            (no graph to rewrite); a recipe without integer tensors (``"fp16"``); a model that
+            already is a tfq QAT model; ``calibration`` conflicting with the recipe's, or a
+            calibration choice without ``calibration_data``.
+        TypeError: ``model`` is not a model or a path; a keyword that is no option nor a
+            parameter of any calibration method; an option of the wrong type.
     """
 
-    if range_mode not in ("moving_average", "learned"):
-        raise ValueError(f"range_mode must be 'moving_average' or 'learned'. Received: range_mode={range_mode!r}")
-    if preserve not in (None, "sparsity", "clusters"):
-        raise ValueError(f"preserve must be None, 'sparsity' or 'clusters'. Received: preserve={preserve!r}")
+    _check_qat_options(range_mode, preserve, decay, warn_unknown, num_calibration_samples, calibration_params)
     model = load_keras_model(model)
+    if is_quantized_model(model):
+        raise ValueError(f"model {model.name!r} already is a tfq QAT model (it has fake-quant layers): train it as "
+                         f"is, or pass the float model it was made from to quantize_model.")
 
     model = strip_all(model)
     r = load_recipe(recipe if recipe is not None else "qat_int8")
+    if not (r.weights.is_integer or r.activations.is_integer):
+        raise ValueError(f"quantize_model trains towards an integer model, but recipe {r.name or r.mode!r} "
+                         f"(mode {r.mode!r}) quantizes no tensor to integers, so the model would get no fake-quant "
+                         f"op. Pass an integer recipe (e.g. 'qat_int8'), or convert the float model directly: "
+                         f"tfq.convert(model, {r.mode!r}).")
+    method, params = _calibration_choice(r, recipe is not None, calibration, calibration_params,
+                                         calibration_data is not None)
     if decay is None:
         decay = float(r.calibration_params.get("decay", 0.999))
     qmodel = rewrite_model(model, r, range_mode=range_mode, decay=decay, warn_unknown=warn_unknown,
                            trainable=True, preserve=preserve, bn_folding=bn_folding, logits_range=logits_range)
     if calibration_data is not None:
-        cal = calibrate(qmodel, calibration_data, calibration, num_samples=num_calibration_samples,
-                        **calibration_params)
+        cal = calibrate(qmodel, calibration_data, method, num_samples=num_calibration_samples, **params)
         quantizers = quantizers_of(qmodel)
         for name, (lo, hi) in cal.ranges.items():
             quantizers[name].set_range(lo, hi)
     return qmodel
+
+
+def _check_qat_options(range_mode, preserve, decay, warn_unknown, num_calibration_samples, calibration_params):
+    """quantize_model's options, checked before any work (one line each)."""
+    if range_mode not in ("moving_average", "learned"):
+        raise ValueError(f"range_mode must be 'moving_average' or 'learned'. "
+                         f"Received: range_mode={short_repr(range_mode)}")
+    if preserve not in (None, "sparsity", "clusters"):
+        raise ValueError(f"preserve must be None, 'sparsity' or 'clusters'. Received: preserve={short_repr(preserve)}")
+    if not isinstance(warn_unknown, bool):
+        raise TypeError(f"warn_unknown must be True or False. Received: warn_unknown={short_repr(warn_unknown)}")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 < decay < 1):
+        raise ValueError(f"decay must be a number in (0, 1) (e.g. 0.999), or None for the recipe's. "
+                         f"Received: decay={short_repr(decay)}")
+    if num_calibration_samples is not None and (isinstance(num_calibration_samples, bool) or not isinstance(
+            num_calibration_samples, numbers.Integral) or num_calibration_samples < 1):
+        raise ValueError(f"num_calibration_samples must be an int >= 1, or None for all. "
+                         f"Received: num_calibration_samples={short_repr(num_calibration_samples)}")
+    known = {key for name in calibration_method_names() for key in get_calibration_method(name).params}
+    for key, value in calibration_params.items():
+        if key not in known:
+            raise TypeError(f"quantize_model() got an unexpected keyword argument {key!r}: it is no option of "
+                            f"quantize_model nor a parameter of any calibration method ({', '.join(sorted(known))}). "
+                            f"Received: {key}={short_repr(value)}")
+
+
+def _calibration_choice(r, recipe_given: bool, calibration, calibration_params: dict, has_data: bool):
+    """(method, parameters) of the calibration pass: ``calibration`` or the recipe's (see quantize_model)."""
+    recipe_method = r.calibration if r.calibration != "moving_average" else None
+    if calibration is not None:
+        get_calibration_method(calibration)  # a one-line error naming the registered methods
+        if recipe_given and recipe_method is not None and calibration != recipe_method:
+            raise ValueError(f"calibration={calibration!r} conflicts with the calibration of recipe "
+                             f"{r.name or r.mode!r}, {recipe_method!r}. Pass one of them (e.g. "
+                             f"recipe.replace(calibration={calibration!r})).")
+        method = calibration
+    else:
+        method = recipe_method if recipe_given and recipe_method else "minmax"
+    params = dict(r.calibration_params) if method == recipe_method else {}
+    for key, value in calibration_params.items():
+        if key not in get_calibration_method(method).params:
+            owners = [n for n in calibration_method_names() if key in get_calibration_method(n).params]
+            raise ValueError(f"{key}={short_repr(value)} is a parameter of calibration={owners[0]!r}, not of the "
+                             f"calibration used, {method!r}: pass calibration={owners[0]!r} too, or drop {key}.")
+    params.update(calibration_params)
+    get_calibration_method(method).check_params(params, "calibration parameter")
+    if not has_data and (calibration is not None or calibration_params):
+        given = ", ".join(([f"calibration={calibration!r}"] if calibration is not None else [])
+                          + [f"{k}={short_repr(v)}" for k, v in calibration_params.items()])
+        raise ValueError(f"{given} choose(s) the starting ranges from calibration_data, which was not given: pass "
+                         f"calibration_data=x_train[:512], or drop it (ranges then start from the first training "
+                         f"batch).")
+    return method, params

@@ -156,6 +156,7 @@ class _Rewriter:
         self.current = None  # the original layer being rewritten
         self.barrier_names: set[str] = set()
         self.seen: dict[str, str] = {}  # every layer (or inlined op) name the recipe was asked about -> class
+        self.float_noops: set[str] = set()  # float_layers matches that move data only (kept in their input's type)
         self.alive: list = []  # every new tensor seen, so that no id above is reused during the pass
 
     def conflicts(self) -> set:
@@ -295,6 +296,8 @@ class _Rewriter:
             # no int8 kernel for it).
             kind = "opaque"
 
+        if is_float and kind == "passthrough":
+            self.float_noops.add(name)
         if is_float and self.recipe.mode in ("int8", "int16x8") and kind != "passthrough":
             args = keras.tree.map_structure(lambda t: self._barrier(t, name), args)
         source = args[0] if args else None
@@ -696,22 +699,34 @@ def _as_functional(model: keras.Model) -> keras.Model:
     return model
 
 
-def check_float_layers(patterns, layers: dict, model_name: str) -> None:
-    """Every ``float_layers`` pattern must select a layer: an error names the nearest layer names otherwise.
+def check_float_layers(patterns, layers: dict, model_name: str, noops=frozenset()) -> None:
+    """Every ``float_layers`` pattern must select a layer that computes: an error names the nearest layer
+    names otherwise, or the layers selected if they only move data.
 
     Args:
         patterns: the recipe's ``float_layers`` (names/regexes, or ``"class:<regex>"``).
         layers: layer name -> class name, for every layer the rewrite saw (nested and inlined included).
         model_name: for the message.
+        noops: names of layers that keep their input's type whatever the recipe (``"passthrough"``:
+            Flatten, Reshape, MaxPooling …), so keeping them float changes nothing.
 
     Raises:
-        ValueError: a pattern matches no layer; the message lists the nearest names (``difflib``).
+        ValueError: a pattern matches no layer (the message lists the nearest names, ``difflib``),
+            or only layers of ``noops``.
     """
     import difflib
 
     for pattern in patterns:
         probe = Recipe(float_layers=(pattern,))
-        if any(probe.is_float_layer(name, class_name) for name, class_name in layers.items()):
+        matched = [name for name, class_name in layers.items() if probe.is_float_layer(name, class_name)]
+        if matched and all(name in noops for name in matched):
+            listed = ", ".join(f"{name!r} ({layers[name]})" for name in matched[:4])
+            listed += " …" if len(matched) > 4 else ""
+            raise ValueError(f"float_layers pattern {pattern!r} selects only layer(s) {listed} of model "
+                             f"{model_name!r}, which move data without computing: they keep their input's type "
+                             f"(TFLite's scale), so keeping them float changes nothing. Name the layer that "
+                             f"computes (the one before or after), or drop {pattern!r}.")
+        if matched:
             continue
         is_class = pattern.startswith("class:")
         target = pattern[len("class:"):] if is_class else pattern
@@ -799,7 +814,7 @@ def rewrite_model(
     else:
         raise ValueError(f"tfq could not settle the rewrite of model {model.name!r} in {_MAX_PASSES} passes; "
                          f"please report this model's architecture.")
-    check_float_layers(recipe.float_layers, rewriter.seen, model.name)
+    check_float_layers(recipe.float_layers, rewriter.seen, model.name, rewriter.float_noops)
     if trainable and rewriter.shared:
         layer = rewriter.shared[0]
         raise ValueError(
