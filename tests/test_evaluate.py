@@ -288,7 +288,7 @@ def test_convenience_form_converts_each_variant(cnn, capsys):
                       verbose=True)
     assert report.names == ["keras", "tflite_float", "tflite_int8"]
     assert set(report.converted) == {"tflite_float", "tflite_int8"}
-    assert "converted int8" in capsys.readouterr().out
+    assert "converted int8" in capsys.readouterr().err  # through the "tfq" logger, on stderr
     for name in ("tflite_float", "tflite_int8"):
         content = report.converted[name]
         assert report.row(name)["size"] == len(content)
