@@ -87,7 +87,6 @@ def _takes(method: str, param: str) -> bool:
     return param in get_calibration_method(method).params
 
 
-@dataclass
 def _duration(seconds: float) -> str:
     """``"40 s"``, ``"3 min"``, ``"1.5 h"``: an estimate, rounded as one."""
     if seconds < 90:
@@ -97,6 +96,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+@dataclass
 class Trial:
     """One evaluated configuration."""
 
