@@ -408,7 +408,7 @@ def _convert_variants(model, variants, representative_data, verbose) -> dict:
         models[f"tflite_{variant}"] = convert(model, variant, data)
         if verbose:
             with verbosity(True):
-                logger.info(f"tfq.evaluate: converted {variant} in {time.perf_counter() - start:.1f} s")
+                logger.info(f"evaluate: converted {variant} in {time.perf_counter() - start:.1f} s")
     return models
 
 
@@ -579,7 +579,7 @@ def evaluate(
         rows[runner.name] = row
         if verbose:
             with verbosity(True):
-                logger.info(f"tfq.evaluate: {runner.name} done in {time.perf_counter() - start:.1f} s")
+                logger.info(f"evaluate: {runner.name} done in {time.perf_counter() - start:.1f} s")
     ordered_rows = [rows[str(name)] for name in models]
     metric_names = [n for n, _ in resolved_metrics] if labels is not None else []
     return Report(ordered_rows, reference=reference, metrics=metric_names, num_samples=num_samples,

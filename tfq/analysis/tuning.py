@@ -403,7 +403,7 @@ class _Tuner:
             left = self.max_trials - len(self.trials)
             eta = f", about {_duration(left * np.mean([t.seconds for t in self.trials]))} left" if left > 0 else ""
             with verbosity(True):
-                logger.info(f"[tune] trial {trial.index + 1}/{self.max_trials} ({trial.seconds:.1f} s{eta}): "
+                logger.info(f"tune: trial {trial.index + 1}/{self.max_trials} ({trial.seconds:.1f} s{eta}): "
                             f"{self.metric_name}={trial.metric:.4f} drop={trial.drop:.4f} size={trial.size:,} "
                             f"{status} {choices}")
         return trial
