@@ -65,7 +65,7 @@ def test_wheel_metadata(wheel):
     assert sorted(re.split(r"[<>=]", r)[0] for r in keras2) == ["tensorflow-model-optimization", "tf-keras"]
     assert 'tfq[keras2]; extra == "test"' in requires  # the tests compare with tfmot
     docs = {re.split(r"[<>=\[]", r)[0] for r in requires if 'extra == "docs"' in r}
-    assert docs == {"mkdocs", "mkdocs-material", "mkdocstrings", "mkdocs-jupyter"}
+    assert docs == {"mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python", "mkdocs-jupyter"}
     assert "mkdocstrings[python]" in metadata
 
 
