@@ -638,8 +638,16 @@ def _in_subprocess(function: str, *args, legacy_keras: bool = False, error_name:
                    timeout: float = 7200, **kwargs) -> dict:
     """``benchmark_lib.<function>(*args, **kwargs)`` in a fresh Python (JSON in, JSON out).
 
-    ``legacy_keras`` runs it under tf_keras (``TF_USE_LEGACY_KERAS=1``, for tfmot). If it fails, the
-    row is ``{"name": error_name or function, "error": <last lines of its output>}``."""
+    ``legacy_keras`` runs it under tf_keras (``TF_USE_LEGACY_KERAS=1``, for tfmot); without the
+    ``keras2`` extra installed the row is that one-line error, and no process starts. If it fails,
+    the row is ``{"name": error_name or function, "error": <last lines of its output>}``."""
+    if legacy_keras:
+        from tfq.models.interop import require_keras2
+
+        try:
+            require_keras2(f"the benchmark's {error_name or function} row")
+        except ImportError as err:
+            return {"name": error_name or function, "error": str(err)}
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))

@@ -31,8 +31,21 @@ flags.DEFINE_string("output_dir", "qat_out", "Output directory (other workers th
 flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
+def _check_flags():
+    """Refuses, in one line, values train_qat would misread (a negative epoch count trains nothing and still
+    writes a model)."""
+    from tfq.cli.flags import UsageError
+
+    for name, low in (("epochs", 1), ("batch_size", 1), ("freeze_bn_epoch", 0)):
+        if FLAGS[name].value < low:
+            raise UsageError(f"Expected --{name} >= {low}. Received: --{name}={FLAGS[name].value}")
+    if not FLAGS.learning_rate > 0:
+        raise UsageError(f"Expected --learning_rate > 0. Received: --learning_rate={FLAGS.learning_rate}")
+
+
 def main(argv):
     del argv
+    _check_flags()
     from tfq.training import make_strategy, train_qat, worker_output_dir
 
     strategy = make_strategy(FLAGS.strategy, FLAGS.tpu)  # first: MultiWorkerMirroredStrategy needs it

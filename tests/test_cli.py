@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -278,3 +279,168 @@ def test_benchmark_methods_quick(tmp_path):
     assert methods["int8"][3]["seconds"]["equalize"] > 0 and methods["int8"][4]["seconds"]["weight_rounding"] > 0
     assert [r["name"] for r in methods["w4a8"]] == ["w4a8_nearest", "w4a8_gptq"]
     assert "| weights | method |" in table.read_text()
+
+
+# ------------------------------------------------------------------ per-command help and flags (issue 32 item 4)
+
+def _listed_flags(text: str) -> list[str]:
+    return [line.split(":")[0].strip().replace("--[no]", "--")[2:] for line in text.splitlines()
+            if line.startswith("  --")]
+
+
+CONVERT_FLAGS = ["model", "mode", "data", "calibration", "percentile", "recipe", "io_dtype", "float_layers",
+                 "per_channel", "num_samples", "output", "quiet", "equalize", "bias_correction", "weight_rounding",
+                 "data_free"]
+TUNE_FLAGS = ["model", "data", "eval_data", "output_dir", "max_drop", "objective", "strategy", "max_trials", "seed",
+              "quiet"]
+
+
+def test_help_lists_only_the_commands_flags():
+    proc = tfq_cmd("convert", "--help")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("tfq convert: ") and "tfq convert --model=m.keras" in proc.stdout
+    assert _listed_flags(proc.stdout) == CONVERT_FLAGS  # in definition order
+    assert "Cap on calibration samples." in proc.stdout and "(default: 'int8')" in proc.stdout
+    proc = tfq_cmd("tune", "-h")
+    assert proc.returncode == 0 and sorted(_listed_flags(proc.stdout)) == sorted(TUNE_FLAGS)
+    assert "--calibration" not in proc.stdout and "--explain" not in proc.stdout
+    for command, flags in (("inspect", ["tflite", "quiet", "explain", "data"]),
+                           ("evaluate", ["model", "data", "output", "tflite", "num_threads", "max_samples", "quiet"]),
+                           ("quickstart", ["output_dir", "epochs", "qat_epochs", "seed", "quiet"])):
+        proc = tfq_cmd(command, "--help")
+        assert proc.returncode == 0 and sorted(_listed_flags(proc.stdout)) == sorted(flags), (command, proc.stdout)
+    proc = tfq_cmd("--help")  # the commands, and the flags every command reads
+    assert proc.returncode == 0 and _listed_flags(proc.stdout) == ["quiet"]
+    assert all(f"\n  {c} " in proc.stdout for c in ("quickstart", "convert", "evaluate", "inspect", "tune"))
+    proc = run(str(SCRIPTS / "export_tflite.py"), "--help")  # a script wrapping one command: its flags
+    assert proc.returncode == 0 and _listed_flags(proc.stdout) == CONVERT_FLAGS
+    assert "python scripts/export_tflite.py" in proc.stdout
+
+
+def test_every_flag_belongs_to_a_command():
+    """A flag added to tfq/cli/commands.py is listed in COMMAND_FLAGS or its help starts with "Convert:" …;
+    otherwise every command would read it."""
+    from absl import flags
+
+    from tfq.cli import commands as cli
+
+    defined = {f.name for f in flags.FLAGS.get_flags_for_module(cli.__name__)}
+    listed = set(cli.COMMON_FLAGS).union(*cli.COMMAND_FLAGS.values())
+    prefixed = {name for name in defined if flags.FLAGS[name].help.split(":")[0].lower() in cli.COMMANDS}
+    assert defined == listed | prefixed, defined ^ (listed | prefixed)
+    everywhere = [n for n in defined if all(n in cli.flags_of(c) for c in cli.COMMANDS)]
+    assert everywhere == ["quiet"]
+
+
+@pytest.mark.parametrize("command, flag, owners", [("convert", "--max_trials=5", "tune"),
+                                                   ("inspect", "--model=m.keras", "convert and evaluate and tune"),
+                                                   ("tune", "--calibration=kl", "convert"),
+                                                   ("evaluate", "--explain", "inspect")])
+def test_a_flag_of_another_command_is_refused(tmp_path, command, flag, owners):
+    out = tmp_path / "x.tflite"
+    proc = run("-m", "tfq.cli", command, flag, f"--output={out}" if command in ("convert", "evaluate") else "--quiet",
+               cwd=tmp_path)
+    name = flag.split("=")[0]
+    assert proc.returncode == 2, proc.stderr[-1000:]
+    assert proc.stderr == f"tfq {command}: {name} is a flag of {owners}, not of {command}; 'tfq {command} --help' " \
+                          f"lists {command}'s flags.\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_tensorflow_startup_lines(files, tmp_path):
+    """TensorFlow's C++ start-up lines (oneDNN, CUDA, CPU features) are hidden in the CLI, even without
+    TF_CPP_MIN_LOG_LEVEL; the one line on stderr is tfq's calibration summary (none with --quiet)."""
+    env = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    args = [sys.executable, "-m", "tfq.cli", "convert", f"--model={files / 'm.keras'}", f"--data={files / 'calib.npz'}",
+            f"--output={tmp_path / 'm.tflite'}"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[tfq] calibrated ") and " on 200 samples in " in lines[0], lines
+    proc = subprocess.run(args + ["--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'm.tflite'}: ")
+    # Library use: importing the CLI module sets nothing; only the entry point does.
+    code = "import os, tfq.cli.commands; print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout == "None\n"
+
+
+# SIGINT arrives while the TFLite converter runs (the signal is sent from inside the converter call, so the
+# test does not depend on timing): one line, status 130, no traceback and no output.
+_INTERRUPTING = """
+import os, signal, sys
+from tfq.cli import commands
+quiet_import = commands.import_tensorflow_quietly
+
+def import_then_patch():
+    quiet_import()
+    import tfq.export.convert, tfq.tflite.converter
+    original = tfq.tflite.converter.run_converter
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "run_converter", None) is original:
+            module.run_converter = interrupted
+
+commands.import_tensorflow_quietly = import_then_patch
+sys.argv = ["tfq", *sys.argv[1:]]
+commands.run()
+"""
+
+
+@pytest.mark.parametrize("command", ["convert", "tune"])
+def test_sigint_is_one_line_status_130_and_no_output(files, tmp_path, command):
+    if command == "convert":
+        args = [f"--model={files / 'm.keras'}", f"--data={files / 'calib.npz'}", f"--output={tmp_path / 'm.tflite'}"]
+    else:
+        args = [f"--model={files / 'm.keras'}", f"--data={files / 'calib.npz'}", f"--eval_data={files / 'test.npz'}",
+                "--max_trials=2", f"--output_dir={tmp_path / 'tuned'}"]
+    proc = run("-c", _INTERRUPTING, command, *args, cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == f"tfq {command}: interrupted" and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [], left  # no .tflite, no temporary file, no report
+
+
+def test_interrupt_in_process_returns_130(monkeypatch, capsys):
+    from absl import flags
+
+    from tfq.cli import commands as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._HANDLERS, "inspect", interrupted)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["tfq", "--tflite=x.tflite"])
+    try:
+        assert cli.main(["tfq", "inspect"]) == 130
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert capsys.readouterr().err == "tfq inspect: interrupted\n"
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train_qat.py", ["--epochs=-1"], "train_qat: Expected --epochs >= 1. Received: --epochs=-1"),
+    ("train_qat.py", ["--model=nothere.keras", "--data=train.npz"], "train_qat: model not found: 'nothere.keras'"),
+    ("train_qat.py", ["--model=m.keras", "--data=cut.npz"], "train_qat: --data='cut.npz' is not a readable .npz file"),
+    ("prune_and_quantize.py", ["--model=nothere.keras", "--data=train.npz"],
+     "prune_and_quantize: model not found: 'nothere.keras'"),
+    ("prune_and_quantize.py", ["--model=m.keras", "--data=cut.npz"],
+     "prune_and_quantize: --data='cut.npz' is not a readable .npz file"),
+])
+def test_scripts_bad_input_is_one_line(files, tmp_path, script, args, message):
+    shutil.copy(files / "m.keras", tmp_path / "m.keras")
+    np.savez(tmp_path / "train.npz", x=np.zeros((4, 8, 8, 1), np.float32), y=np.zeros(4, np.int64))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "train.npz").read_bytes()[:300])  # a truncated archive
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run(str(SCRIPTS / script), *args, "--output_dir=qat_out" if script == "train_qat.py" else "--output=p.tflite",
+               cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no model, no output directory

@@ -282,13 +282,13 @@ def test_latency_is_measured_at_batch_one(cnn):
     assert "accuracy" not in report.row("int8")
 
 
-def test_convenience_form_converts_each_variant(cnn, capsys):
+def test_convenience_form_converts_each_variant(cnn, caplog):
     model, rep, x_test, y_test, tflite = cnn
     report = evaluate(model, x_test, y_test, variants=("float", "int8"), representative_data=rep, latency=False,
                       verbose=True)
     assert report.names == ["keras", "tflite_float", "tflite_int8"]
     assert set(report.converted) == {"tflite_float", "tflite_int8"}
-    assert "converted int8" in capsys.readouterr().out
+    assert "converted int8" in caplog.text  # through the "tfq" logger (printed on stderr when logging is not set up)
     for name in ("tflite_float", "tflite_int8"):
         content = report.converted[name]
         assert report.row(name)["size"] == len(content)

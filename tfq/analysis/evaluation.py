@@ -28,6 +28,7 @@ from tfq.analysis.report import LayerErrorReport, Report
 from tfq.compression.common import keras_kernels, strip_all, weight_stats
 from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.input_order import order_by_name
+from tfq.core.logs import logger, verbosity
 from tfq.core.representative import model_input_specs
 from tfq.export.convert import convert
 from tfq.models.interop import load_keras_model
@@ -574,7 +575,8 @@ def _convert_variants(model, variants, representative_data, verbose, reference: 
         data = representative_data if variant in needs_data else None
         models[f"tflite_{variant}"] = convert(model, variant, data)
         if verbose:
-            print(f"tfq.evaluate: converted {variant} in {time.perf_counter() - start:.1f} s")
+            with verbosity(True):
+                logger.info(f"evaluate: converted {variant} in {time.perf_counter() - start:.1f} s")
     return models
 
 
@@ -796,7 +798,8 @@ def evaluate(
         if verbose and row["errors"]:
             print(f"tfq.evaluate: {runner.name} failed on {row['errors']} sample(s): {runner.error}")
         if verbose:
-            print(f"tfq.evaluate: {runner.name} done in {time.perf_counter() - start:.1f} s")
+            with verbosity(True):
+                logger.info(f"evaluate: {runner.name} done in {time.perf_counter() - start:.1f} s")
     ordered_rows = [rows[str(name)] for name in models]
     metric_names = [n for n, _ in resolved_metrics] if labels is not None else []
     return Report(ordered_rows, reference=reference, metrics=metric_names, num_samples=num_samples,

@@ -44,6 +44,7 @@ import numpy as np
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
+from tfq.core.logs import logger, verbosity
 from tfq.core.ptq_methods import get_ptq_method, ptq_method_names
 from tfq.core.recipes import Recipe, TensorSpec, save_recipe
 from tfq.core.representative import representative_dataset
@@ -88,6 +89,15 @@ _LOWER_IS_BETTER = ("mse", "mae", "loss")
 def _takes(method: str, param: str) -> bool:
     """Whether calibration ``method`` has parameter ``param`` (registry: tfq.calibration_methods)."""
     return param in get_calibration_method(method).params
+
+
+def _duration(seconds: float) -> str:
+    """``"40 s"``, ``"3 min"``, ``"1.5 h"``: an estimate, rounded as one."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass
@@ -403,8 +413,12 @@ class _Tuner:
         self.trials.append(trial)
         if self.verbose:
             status = "error: " + trial.error if trial.error else ("meets target" if trial.met else "misses target")
-            print(f"[tune] trial {trial.index + 1}/{self.max_trials}: {self.metric_name}={trial.metric:.4f} "
-                  f"drop={trial.drop:.4f} size={trial.size:,} {status} {choices}", flush=True)
+            left = self.max_trials - len(self.trials)
+            eta = f", about {_duration(left * np.mean([t.seconds for t in self.trials]))} left" if left > 0 else ""
+            with verbosity(True):
+                logger.info(f"tune: trial {trial.index + 1}/{self.max_trials} ({trial.seconds:.1f} s{eta}): "
+                            f"{self.metric_name}={trial.metric:.4f} drop={trial.drop:.4f} size={trial.size:,} "
+                            f"{status} {choices}")
         return trial
 
     def cost(self, trial: Trial) -> float:

@@ -9,7 +9,8 @@ Usage::
     tfq inspect --tflite=m.tflite [--explain [--data=samples.npz]]
     tfq tune --model=m.keras --data=calib.npz --eval_data=val.npz --max_drop=0.005 --output_dir=out
 
-``.npz`` files hold ``x`` (inputs) and optionally ``y`` (labels).
+``.npz`` files hold ``x`` (inputs) and optionally ``y`` (labels). ``tfq <command> --help`` lists
+the command's flags; ``tfq --version`` prints the version.
 """
 
 from __future__ import annotations
@@ -22,11 +23,23 @@ from pathlib import Path
 
 from absl import app, flags
 
-from tfq.cli.flags import UsageError, help_requested, load_npz, print_help, quiet_logs
+from tfq.cli.flags import (
+    UsageError,
+    help_requested,
+    import_tensorflow_quietly,
+    interrupted,
+    load_npz,
+    print_command_help,
+    print_version,
+    quiet_logs,
+    quiet_tensorflow_environment,
+    version_requested,
+)
 from tfq.cli.quickstart import run_quickstart
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names
 from tfq.core.export_modes import export_mode_names, io_dtype_names
 from tfq.core.fileio import check_writable, check_writable_dir
+from tfq.core.logs import command_line_output
 from tfq.reference import explain_table
 
 __all__ = ["main", "run", "COMMANDS"]
@@ -68,6 +81,51 @@ flags.DEFINE_multi_string("method", [], "Convert: a registered post-training met
                           "name (on), name=value, or name[=value]:option=value,option=value.")
 
 COMMANDS = ("quickstart", "convert", "evaluate", "inspect", "tune")
+
+# What each command does (its --help) and the flags it reads; any other tfq flag is refused.
+COMMAND_SUMMARY = {
+    "quickstart": "train a small CNN on the packaged digits, export every variant and compare them",
+    "convert": "convert a Keras model (.keras, .h5 or SavedModel) to a .tflite file",
+    "evaluate": "run Keras and TFLite models on the same data and compare them",
+    "inspect": "describe .tflite files: ops, tensors, quantization (--explain: the integer arithmetic)",
+    "tune": "search for the smallest (or fastest) model within an accuracy drop",
+}
+COMMON_FLAGS = ("quiet",)
+COMMAND_FLAGS = {
+    "quickstart": ("output_dir", "epochs", "qat_epochs", "seed"),
+    "convert": ("model", "mode", "data", "calibration", "percentile", "recipe", "io_dtype", "float_layers",
+                "per_channel", "num_samples", "output", "equalize", "bias_correction", "weight_rounding", "data_free"),
+    "evaluate": ("model", "tflite", "data", "num_threads", "max_samples", "output"),
+    "inspect": ("tflite", "explain", "data"),
+    "tune": ("model", "data", "eval_data", "max_drop", "objective", "strategy", "max_trials", "seed", "output_dir"),
+}
+# A flag missing from COMMAND_FLAGS belongs to the command its help text starts with ("Convert: …").
+_HELP_PREFIX = {f"{command.capitalize()}:": command for command in COMMANDS}
+
+
+def flags_of(command: str) -> list[str]:
+    """The names of the flags ``command`` reads, in the order they are defined."""
+    names = []
+    for flag in FLAGS.get_flags_for_module(__name__):
+        listed = [c for c, names_of in COMMAND_FLAGS.items() if flag.name in names_of]
+        owners = listed or [c for prefix, c in _HELP_PREFIX.items() if (flag.help or "").startswith(prefix)]
+        if flag.name in COMMON_FLAGS or command in owners or not owners:
+            names.append(flag.name)
+    return names
+
+
+def _owners(name: str) -> list[str]:
+    return [c for c in COMMANDS if name in flags_of(c)]
+
+
+def _check_flags(command: str) -> None:
+    """Refuses, in one line, a flag given on the command line that ``command`` does not read."""
+    mine = set(flags_of(command))
+    for flag in FLAGS.get_flags_for_module(__name__):
+        if flag.present and flag.name not in mine:
+            owners = _owners(flag.name)
+            raise UsageError(f"--{flag.name} is a flag of {' and '.join(owners)}, not of {command}; "
+                             f"'tfq {command} --help' lists {command}'s flags.")
 
 _SWITCH = {"off": False, "false": False, "no": False, "on": True, "true": True, "yes": True}
 
@@ -185,7 +243,8 @@ def _evaluate() -> int:
             models[key] = load_keras_model(path, where="--model")
         else:
             models[key] = path
-    report = evaluate(models, x, y, num_threads=FLAGS.num_threads, max_samples=FLAGS.max_samples)
+    report = evaluate(models, x, y, num_threads=FLAGS.num_threads, max_samples=FLAGS.max_samples,
+                      verbose=not FLAGS.quiet)
     print(report.to_markdown())
     if FLAGS.output:
         report.to_json(FLAGS.output)
@@ -239,23 +298,36 @@ _HANDLERS = {"quickstart": _quickstart, "convert": _convert, "evaluate": _evalua
 
 
 def main(argv) -> int:
+    """Runs ``argv[1]`` (a command) with the parsed flags: 0 on success, 1 on a failure while working,
+    2 on bad input, 130 when interrupted (SIGINT); every failure is one line on stderr."""
     if len(argv) < 2 or argv[1] not in COMMANDS:
         got = argv[1] if len(argv) > 1 else "nothing"
         print(f"tfq: expected a command, one of {', '.join(COMMANDS)}; received {got!r}. "
-              f"Run 'tfq --help' for the flags.", file=sys.stderr)
+              f"Run 'tfq --help' for the commands.", file=sys.stderr)
         return 2
     if len(argv) > 2:
         print(f"tfq: unexpected arguments {argv[2:]}; flags take the form --name=value.", file=sys.stderr)
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    quiet_logs()
     try:
+        _check_flags(argv[1])
+        if argv[1] != "inspect":  # inspect reads .tflite files with LiteRT alone
+            import_tensorflow_quietly()
+        quiet_logs()
         return _HANDLERS[argv[1]]()
+    except KeyboardInterrupt:
+        # Outputs are written atomically: nothing partial is left (tune keeps its trial log to resume).
+        print(f"tfq {argv[1]}: interrupted{_resume_hint(argv[1])}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, LookupError, ImportError, zipfile.BadZipFile, OSError) as err:
         # Bad input (values, files, archives): status 2. An I/O failure while working: status 1.
         status = 1 if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) else 2
         print(f"tfq {argv[1]}: {_one_line(err)}", file=sys.stderr)
         return status
+
+
+def _resume_hint(command: str) -> str:
+    log = Path(FLAGS.output_dir) / "trials.jsonl" if command == "tune" and FLAGS.output_dir else None
+    return f" (trials so far in {log}: the same command resumes)" if log is not None and log.exists() else ""
 
 
 def _one_line(err: BaseException) -> str:
@@ -270,12 +342,38 @@ def _one_line(err: BaseException) -> str:
 
 def run_command(command: str | None = None, doc: str | None = None) -> None:
     """Entry point for ``tfq`` (``command=None``) and the scripts that wrap one command."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow_environment()
+    command_line_output()
+    if version_requested():
+        print_version()
+        sys.exit(0)
     if help_requested():
-        print_help(doc or __doc__, __name__)
+        args = [a for a in sys.argv[1:] if not a.startswith("-")]
+        shown = command or (args[0] if args else None)
+        if shown is not None and shown not in COMMANDS:
+            print(f"tfq: expected a command, one of {', '.join(COMMANDS)}; received {shown!r}.", file=sys.stderr)
+            sys.exit(2)
+        print_command_help(doc or __doc__, shown, COMMAND_SUMMARY, [FLAGS[n] for n in flags_of(shown)] if shown
+                           else [FLAGS[n] for n in COMMON_FLAGS], script=command is not None)
         sys.exit(0)
     prefix = [command] if command else []
-    app.run(lambda argv: sys.exit(main([argv[0], *prefix, *argv[1:]])))
+
+    def run_main(argv):
+        status = main([argv[0], *prefix, *argv[1:]])
+        if status == 130:  # main() printed "interrupted"; TensorFlow's C++ code may have seen the signal too
+            interrupted_exit()
+        sys.exit(status)
+
+    try:
+        app.run(run_main)
+    except KeyboardInterrupt:  # before main() runs (flag parsing): nothing started
+        interrupted(f"tfq{' ' + command if command else ''}")
+
+
+def interrupted_exit() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def run() -> None:

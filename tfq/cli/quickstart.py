@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tfq.core.logs import logger, verbosity
+
 __all__ = ["run_quickstart"]
 
 
 def _say(message: str, verbose: bool) -> None:
-    if verbose:
-        print(f"[tfq] {message}", flush=True)
+    with verbosity(verbose):
+        logger.info(message)
 
 
 def run_quickstart(output_dir: str = "tfq_quickstart", epochs: int = 10, qat_epochs: int = 2,
@@ -29,7 +31,7 @@ def run_quickstart(output_dir: str = "tfq_quickstart", epochs: int = 10, qat_epo
         qat_epochs: QAT fine-tuning epochs (0 skips QAT).
         calibration: PTQ calibration method.
         seed: seed for data split, initialisation and training.
-        verbose: print progress.
+        verbose: progress messages (INFO on the ``"tfq"`` logger, printed on stderr by default).
     """
     import keras
 

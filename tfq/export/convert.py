@@ -18,6 +18,7 @@ from tfq.compression.common import strip_all
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.export_modes import CONVERT_OPTIONS, ExportMode, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, check_writable
+from tfq.core.logs import verbosity
 from tfq.core.messages import short_repr
 from tfq.core.ptq_methods import RANGE_STAGES, get_ptq_method, methods_at
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
@@ -327,7 +328,8 @@ def convert(
         num_calibration_samples: cap on calibration samples.
         output: if given, the model is also written there atomically (checked writable first).
         calibration_params: method parameters (e.g. ``{"percentile": 99.9}``), validated.
-        verbose: show calibration progress.
+        verbose: show progress (calibration, the converter) on a terminal and INFO lines on the ``"tfq"``
+            logger.
         equalize: cross-layer equalization and high-bias absorption first (:func:`tfq.equalize`);
             int8/int16x8.
         bias_correction: correct each layer's mean output shift from weight quantization:
@@ -412,12 +414,13 @@ def convert(
     _check_options(model, r, representative_data, calibration)
     params = dict(r.calibration_params)
     entry = get_export_mode(r.mode)
-    if entry.tfq_ranges:
-        content = _convert_int8(model, r, representative_data, calibration, params, verbose, report)
-    elif entry.needs_data:
-        content = _convert_with_converter_calibration(model, r, representative_data, report)
-    else:
-        content = _convert_float_family(model, r)
+    with verbosity(verbose):  # progress on a terminal: calibration's bar, the converter's elapsed time
+        if entry.tfq_ranges:
+            content = _convert_int8(model, r, representative_data, calibration, params, verbose, report)
+        elif entry.needs_data:
+            content = _convert_with_converter_calibration(model, r, representative_data, report)
+        else:
+            content = _convert_float_family(model, r)
     if check:
         fixable = entry.tfq_ranges and not is_quantized_model(model) and (
             representative_data is not None or isinstance(model, SavedModelPath))

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 
 import keras
@@ -32,7 +33,12 @@ from tfq.models.loading import (
 )
 from tfq.tflite.converter import run_converter
 
-__all__ = ["convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "to_keras3"]
+__all__ = ["KERAS2_EXTRA", "convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "missing_keras2",
+           "require_keras2", "to_keras3"]
+
+# Keras 2 (tf_keras and tfmot) is an optional extra: module name -> distribution that provides it.
+KERAS2_EXTRA = "tfq[keras2]"
+_KERAS2_DISTRIBUTIONS = {"tf_keras": "tf-keras", "tensorflow_model_optimization": "tensorflow-model-optimization"}
 
 TFMOT_QAT_CLASSES = frozenset({"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"})
 _FUNCTIONAL = "Functional"
@@ -45,6 +51,51 @@ _CODE_LAYERS = {
     "SlicingOpLambda": "a tensor slice (x[...]) on a Keras tensor",
 }
 _REBUILD = "rebuild the model with Keras 3 layers (keras.layers / keras.ops)"
+
+
+def missing_keras2(modules=tuple(_KERAS2_DISTRIBUTIONS)) -> list[str]:
+    """The distributions of ``modules`` (``"tf_keras"``, ``"tensorflow_model_optimization"``) not installed.
+
+    Found without importing them (importing tfmot changes ``os.environ``).
+
+    Example:
+        >>> missing_keras2(("tf_keras",))  # doctest: +SKIP
+        []
+    """
+    unknown = [m for m in modules if m not in _KERAS2_DISTRIBUTIONS]
+    if unknown:
+        raise ValueError(f"Expected Keras 2 modules among {tuple(_KERAS2_DISTRIBUTIONS)}. Received: {unknown}")
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken install, or a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(_KERAS2_DISTRIBUTIONS[module])
+    return missing
+
+
+def require_keras2(purpose: str, modules=tuple(_KERAS2_DISTRIBUTIONS)) -> None:
+    """Raises a one-line ImportError naming the ``keras2`` extra when a Keras 2 path lacks its packages.
+
+    tf-keras and tensorflow-model-optimization are not dependencies of tfq (tfmot pins
+    absl-py 1.x); ``pip install 'tfq[keras2]'`` installs them.
+
+    Args:
+        purpose: what needs them, for the message (e.g. ``"the benchmark's tfmot rows"``).
+        modules: the modules needed (default: both).
+
+    Raises:
+        ImportError: one of them is not installed.
+
+    Example:
+        >>> require_keras2("tfmot QAT", ("tf_keras", "tensorflow_model_optimization"))  # doctest: +SKIP
+    """
+    missing = missing_keras2(modules)
+    if missing:
+        raise ImportError(f"{purpose} needs {' and '.join(missing)} (Keras 2), which "
+                          f"{'is' if len(missing) == 1 else 'are'} not installed: pip install '{KERAS2_EXTRA}'")
 
 
 def _class_names(obj) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import keras
@@ -67,6 +68,16 @@ def load_model(model):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "File not found" in first:  # what Keras says of an archive it cannot read: the file is there
             first = "Keras cannot read the archive"
+        tfmot_layer = re.search(r"Unknown layer: '(QuantizeWrapper(?:V2)?|QuantizeLayer)'", first)
+        if tfmot_layer:  # a tfmot QAT model saved by tf_keras: a Keras 2 path
+            from tfq.models.interop import KERAS2_EXTRA, missing_keras2
+
+            missing = missing_keras2()
+            raise ValueError(
+                f"model {str(path)!r} is a tfmot QAT model (layer class {tfmot_layer.group(1)!r}), which Keras 3 "
+                f"cannot load: load it with tf_keras inside tfmot.quantization.keras.quantize_scope() and pass "
+                f"the model to tfq" + (f" (needs {' and '.join(missing)}: pip install '{KERAS2_EXTRA}')" if missing
+                                       else "") + ".") from None
         raise ValueError(f"could not load model {str(path)!r}: {first[:300]}. Is the file complete and a Keras "
                          f"model?") from None
 

@@ -28,11 +28,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.fileio import atomic_write_text
+from tfq.core.logs import Progress, logger, verbosity
 from tfq.core.messages import short_repr
 from tfq.core.recipes import load_recipe
 from tfq.core.representative import pack_model_inputs, representative_dataset
@@ -344,7 +344,7 @@ def calibrate(
             histograms) and under a strategy; for ``"minmax"`` and ``"robust_minmax"``, which do
             not, 32 for the first pass and then as many as fit in about 32 MB of observed
             activations (at most 1024): fewer, larger passes.
-        verbose: show a progress bar.
+        verbose: show a progress bar (on a terminal) and a line when done, through the ``"tfq"`` logger.
         keep_observers: keep the observers' states in the result, so that calibrations of
             shards of the data merge (:func:`merge_calibrations`). They are saved with it.
         strategy: a ``tf.distribute`` strategy whose ``run`` executes eagerly per replica
@@ -415,12 +415,16 @@ def calibrate(
     observers = {name: make_observer(name) for name in quantizers}
     start = time.perf_counter()
     total = len(data)
-    bar = keras.utils.Progbar(total, unit_name="sample") if verbose else None
-    if strategy is not None:
-        seen, outliers = _observe_with_strategy(model, data, batch_size or _FIRST_BATCH, strategy, quantizers,
-                                                observers, make_observer, method, bar), ()
-    else:
-        seen, outliers = _observe_per_sample(model, data, batch_size, method, quantizers, observers, robust, bar)
+    with verbosity(verbose), Progress(f"calibrating ({method})", total, unit="samples") as bar:
+        if strategy is not None:
+            seen, outliers = _observe_with_strategy(model, data, batch_size or _FIRST_BATCH, strategy, quantizers,
+                                                    observers, make_observer, method, bar), ()
+        else:
+            seen, outliers = _observe_per_sample(model, data, batch_size, method, quantizers, observers, robust,
+                                                 bar)
+        if seen:
+            logger.info(f"calibrated {len(observers)} tensors ({method}) on {seen} samples in "
+                        f"{time.perf_counter() - start:.1f} s")
     if seen == 0:
         raise ValueError("representative data is empty: got 0 samples. Pass at least one sample.")
     return _calibration_from(observers, method, params, seen, model.name, time.perf_counter() - start,

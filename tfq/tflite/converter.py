@@ -16,6 +16,8 @@ import sys
 import tempfile
 import warnings
 
+from tfq.core.logs import Progress
+
 __all__ = ["ConversionError", "run_converter"]
 
 
@@ -115,7 +117,7 @@ def run_converter(converter, mode: str, model=None) -> bytes:
     """``converter.convert()`` with its output captured; a failure raises :class:`ConversionError` (one line)."""
     sink = io.StringIO()
     failure = None
-    with _captured_stderr() as stderr:
+    with Progress("converting (TFLite converter)"), _captured_stderr() as stderr:
         try:
             with contextlib.redirect_stdout(sink), warnings.catch_warnings():
                 # Emitted for every fake-quant graph with integer I/O; the ranges come from the graph.

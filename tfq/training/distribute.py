@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tfq.core.logs import logger, verbosity
+
 __all__ = ["STRATEGIES", "fit_distributed", "make_strategy", "worker_output_dir"]
 
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
@@ -124,7 +126,8 @@ def fit_distributed(model, strategy, x, y, epochs: int, batch_size: int, seed: i
         logs = {"loss": total_loss / steps, "accuracy": total_correct / (steps * batch_size)}
         callback_list.on_epoch_end(epoch, logs)
         if verbose:
-            print(f"epoch {epoch + 1}/{epochs}: " + json.dumps({k: round(float(v), 4) for k, v in logs.items()}),
-                  flush=True)
+            with verbosity(True):
+                logger.info(f"epoch {epoch + 1}/{epochs}: " +
+                            json.dumps({k: round(float(v), 4) for k, v in logs.items()}))
     callback_list.on_train_end()
     return history
