@@ -21,6 +21,7 @@ from tfq.core.messages import short_repr
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
 from tfq.export.graph_converter import keras_graph_converter
+from tfq.export.int4 import snap_four_bit_kernels, write_int4_weights
 from tfq.models.interop import convert_tfmot_model, load_keras_model
 from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
 from tfq.numerics.outliers import (
@@ -525,6 +526,7 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=N
     if isinstance(model, SavedModelPath):
         return _convert_saved_model_int8(model, r, data)
     frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report, in_place=True)
+    snap_four_bit_kernels(frozen, r)  # 4-bit kernels on their grid, so the file carries tfq's integers
     uncovered = uncovered_layers(qmodel)
     content = _int8_converter_run(frozen, r, data if uncovered else None)
     float_ops = _unexpected_float_ops(content, r)
@@ -541,7 +543,7 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         )
     if float_ops:
         _warn_float_ops(float_ops, model)
-    return content
+    return write_int4_weights(content, r)  # 4-bit weights stored INT4 (tfq.export.int4); else unchanged
 
 
 def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
