@@ -526,7 +526,6 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=N
     if isinstance(model, SavedModelPath):
         return _convert_saved_model_int8(model, r, data)
     frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report, in_place=True)
-    snap_four_bit_kernels(frozen, r)  # 4-bit kernels on their grid, so the file carries tfq's integers
     uncovered = uncovered_layers(qmodel)
     content = _int8_converter_run(frozen, r, data if uncovered else None)
     float_ops = _unexpected_float_ops(content, r)
@@ -600,6 +599,8 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         frozen = fix_ranges_in_place(qmodel, ranges)  # rewritten here: no one else holds it
     else:
         frozen = freeze_model(qmodel, ranges)
+    if r.weight_rounding == "nearest":
+        snap_four_bit_kernels(frozen, r)  # 4-bit kernels on their grid: simulated and written as such
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     return frozen, qmodel, data
 

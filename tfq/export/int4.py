@@ -41,11 +41,13 @@ def uses_int4_weights(r: Recipe) -> bool:
 def snap_four_bit_kernels(frozen, r: Recipe) -> list[str]:
     """Sets every 4-bit kernel of a frozen fake-quant model on its grid, ``q · s`` with nearest ``q`` (in place).
 
-    The converter re-quantizes Dense kernels at 8 bits from the float kernel, ignoring the
-    fake-quant's ``num_bits=4``: a kernel already on the 4-bit grid (as AdaRound/GPTQ leave it)
-    survives that as ``round(q · 127 / 7)``, which :func:`tfq.tflite.int4.four_bit_integers`
-    inverts; a float kernel would not. Snapping changes nothing the fake-quant model computes
-    (its fake-quant of the snapped kernel is the same ``q · s``).
+    A frozen per-channel Dense computes with its float kernel and leaves quantizing it to the
+    converter (``converter_quantizes_weights``), which re-quantizes it at 8 bits whatever the
+    recipe's bits: a 4-bit W4A8 simulation then ran Dense layers with float weights and the file
+    held 8-bit integers. A kernel on the 4-bit grid (as AdaRound/GPTQ leave it, and as this sets
+    it for nearest rounding, before bias correction) is simulated as W4 and survives the
+    converter as ``round(q · 127 / 7)``, which :func:`tfq.tflite.int4.four_bit_integers` inverts.
+    Layers whose weights tfq fake-quantizes itself compute the same ``q · s`` before and after.
 
     Returns:
         The names of the layers snapped (those with at most 4-bit weights and no rounding applied yet).
