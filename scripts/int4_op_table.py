@@ -90,9 +90,9 @@ def _requantize_to_4_bits(content, op_name, index):
     """The INT8 file with the op's weights requantized to [-7, 7] (scales × 127/7), still INT8."""
     from tfq.tflite import int4
 
-    s = int4._schema()
-    m = int4._load(content)
-    for sg, _op, t, _ in int4._weight_tensors(m, {op_name: index}):
+    s = int4.schema()
+    m = int4.load_model(content)
+    for sg, _op, t, _ in int4.weight_tensors(m, {op_name: index}):
         tensor = sg.tensors[t]
         if tensor.type != s.TensorType.INT8:
             continue
@@ -100,7 +100,7 @@ def _requantize_to_4_bits(content, op_name, index):
         q8 = np.asarray(buf.data, np.uint8).view(np.int8).astype(np.float64)
         buf.data = np.clip(np.round(q8 * 7 / 127), -7, 7).astype(np.int8).view(np.uint8)
         tensor.quantization.scale = (np.asarray(tensor.quantization.scale) * 127 / 7).astype(np.float32)
-    return int4._save(m)
+    return int4.save_model(m)
 
 
 def _aeq(flt, kind, op_name, x, granularity="CHANNELWISE"):
@@ -132,13 +132,13 @@ def _aeq(flt, kind, op_name, x, granularity="CHANNELWISE"):
 def _types_of(content, op_name):
     from tfq.tflite import int4
 
-    s = int4._schema()
+    s = int4.schema()
     names = {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}
-    m = int4._load(content)
+    m = int4.load_model(content)
     out = set()
     for sg in m.subgraphs:
         for op in sg.operators:
-            n = int4._op_name(m, op)
+            n = int4.op_name(m, op)
             if n in (op_name, "DEQUANTIZE") or (op_name == "GATHER" and n == "EMBEDDING_LOOKUP"):
                 for i in op.inputs:
                     if i >= 0 and sg.tensors[i].buffer > 0 and m.buffers[sg.tensors[i].buffer].data is not None:

@@ -4,9 +4,15 @@ import numpy as np
 import pytest
 
 import tfq
-from tfq.tflite.int4 import four_bit_integers, int4_tensors, pack_int4, rewrite_int4_weights, unpack_int4
+from tfq.tflite.int4 import (
+    four_bit_integers,
+    int4_tensors,
+    pack_int4,
+    rewrite_int4_weights,
+    unpack_int4,
+)
 
-W4A8 = dict(weights=tfq.TensorSpec(bits=4), allow_non_tflite=True)
+W4A8 = {"weights": tfq.TensorSpec(bits=4), "allow_non_tflite": True}
 
 
 def test_pack_int4_layout_low_nibble_first():
@@ -148,3 +154,25 @@ def test_digits_cnn_w4a8_gptq_file(trained_cnn, digits):
         np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), report.rounding[layer].integers)
     out = tfq.tflite.interpreter.TFLiteModel(content).predict(x_test)
     assert (out.argmax(1) == y_test).mean() >= float_acc - 0.01
+
+
+def test_four_bit_weights_of_ops_without_int4_kernels_stay_int8_with_a_warning(small_w4a8, monkeypatch):
+    """An op LiteRT cannot run at 4 bits keeps its 4-bit integers INT8, named in one warning."""
+    import tfq.export.int4 as export_int4
+    import tfq.tflite.int4 as tflite_int4
+
+    model, x, content, _, recipe = small_w4a8
+    monkeypatch.setattr(tflite_int4, "INT4_WEIGHT_OPS", {"CONV_2D": 1})  # as if FC had no INT4 kernel
+    monkeypatch.setattr(export_int4, "INT4_WEIGHT_OPS", {"CONV_2D": 1})
+    import tfq.export.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "write_int4_weights", lambda c, r: c)
+    raw = tfq.convert(model, recipe=recipe, representative_data=x)  # the converter's file: FC kernels INT8
+    with pytest.warns(UserWarning, match=r"2 weight tensor\(s\) hold 4-bit integers but stay INT8.*fc1.*FULLY_CONNECTED"):
+        out = export_int4.write_int4_weights(raw, recipe)
+    info = tfq.inspect_tflite(out)
+    assert sorted(w.bits for w in info.weights) == [4, 8, 8]
+    fc1 = next(w for w in info.weights if "fc1" in w.name)
+    expected = _nearest_4bit(model.get_layer("fc1").kernel.numpy())
+    stored = next(t for t in tfq.reference.graph.read_graph(out).tensors if t.name == fc1.name).data
+    np.testing.assert_array_equal(np.round(stored.astype(np.float64) * 7 / 127), expected)  # round(q·127/7)

@@ -95,12 +95,12 @@ def write_int4_weights(content: bytes, r: Recipe) -> bytes:
 
 def _four_bit_int8_weights(content: bytes) -> list[tuple[str, str]]:
     """(tensor name, op) of INT8 constant weights (2-D or more, zero-point 0) on a 4-bit grid."""
-    s = int4._schema()
-    model = int4._load(content)
+    s = int4.schema()
+    model = int4.load_model(content)
     out = []
     for sg in model.subgraphs:
         for op in sg.operators or []:
-            name = int4._op_name(model, op)
+            name = int4.op_name(model, op)
             for i in op.inputs if op.inputs is not None else []:
                 if i < 0:
                     continue
@@ -113,5 +113,5 @@ def _four_bit_int8_weights(content: bytes) -> list[tuple[str, str]]:
                     continue
                 v = np.asarray(data, np.uint8).view(np.int8).reshape(tuple(int(d) for d in t.shape))
                 if int4.four_bit_integers(v, np.asarray(q.scale), int(q.quantizedDimension or 0)) is not None:
-                    out.append((int4._name(t), name))
+                    out.append((int4.tensor_name(t), name))
     return out

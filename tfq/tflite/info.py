@@ -226,7 +226,7 @@ class TFLiteInfo:
             lines.append(f"  {op.index:3d} {op.type:<22} in={list(op.input_dtypes)} out={list(op.output_dtypes)}")
         for w in self.weights:
             lines.append(f"  weight {w.name[:48]:<48} {w.dtype:<7} {w.bits:2d} bits {w.nbytes:>9} B "
-                         f"{str(list(w.shape)):<18} sparsity {100 * w.sparsity:5.1f}%  "
+                         f"{list(w.shape)!s:<18} sparsity {100 * w.sparsity:5.1f}%  "
                          f"distinct/channel {w.distinct_per_channel}")
         return "\n".join(lines)
 

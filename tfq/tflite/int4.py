@@ -17,8 +17,21 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["INT4_WEIGHT_OPS", "Int4Tensor", "four_bit_integers", "pack_int4", "unpack_int4", "rewrite_int4_weights",
-           "int4_tensors"]
+__all__ = [
+    "INT4_WEIGHT_OPS",
+    "Int4Tensor",
+    "four_bit_integers",
+    "int4_tensors",
+    "load_model",
+    "op_name",
+    "pack_int4",
+    "rewrite_int4_weights",
+    "save_model",
+    "schema",
+    "tensor_name",
+    "unpack_int4",
+    "weight_tensors",
+]
 
 # op name → index of its weight input, for ops whose full-integer (int8 activation) kernel in
 # LiteRT 2.3 runs INT4 weights per channel (or per tensor), bit-identical to the same integers
@@ -29,7 +42,8 @@ __all__ = ["INT4_WEIGHT_OPS", "Int4Tensor", "four_bit_integers", "pack_int4", "u
 INT4_WEIGHT_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1}
 
 
-def _schema():
+def schema():
+    """LiteRT's TFLite flatbuffer schema module (object API)."""
     from ai_edge_litert import schema_py_generated
 
     return schema_py_generated
@@ -131,12 +145,14 @@ def four_bit_integers(q8: np.ndarray, scales: np.ndarray, axis: int):
     return values, new_scales.astype(np.float32)
 
 
-def _load(content: bytes):
-    s = _schema()
+def load_model(content: bytes):
+    """The ``.tflite`` bytes as a mutable ``ModelT`` (schema object API)."""
+    s = schema()
     return s.ModelT.InitFromPackedBuf(bytearray(content), 0)
 
 
-def _save(model) -> bytes:
+def save_model(model) -> bytes:
+    """A ``ModelT`` packed back into ``.tflite`` bytes (file identifier ``TFL3``)."""
     import flatbuffers
 
     builder = flatbuffers.Builder(1024)
@@ -144,26 +160,28 @@ def _save(model) -> bytes:
     return bytes(builder.Output())
 
 
-def _op_name(model, op) -> str:
-    s = _schema()
+def op_name(model, op) -> str:
+    """The builtin operator name of ``op`` (e.g. ``"FULLY_CONNECTED"``)."""
+    s = schema()
     code = model.operatorCodes[op.opcodeIndex]
     value = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
     names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
     return names.get(value, str(value))
 
 
-def _name(tensor) -> str:
+def tensor_name(tensor) -> str:
+    """A ``TensorT``'s name as ``str``."""
     n = tensor.name
     return n.decode() if isinstance(n, bytes) else str(n)
 
 
-def _weight_tensors(model, ops=None):
+def weight_tensors(model, ops=None):
     """(subgraph, operator, tensor index, op name) of each weight input of an op in ``ops`` (INT4_WEIGHT_OPS)."""
     ops = INT4_WEIGHT_OPS if ops is None else ops
     out = []
     for sg in model.subgraphs:
         for op in sg.operators or []:
-            name = _op_name(model, op)
+            name = op_name(model, op)
             index = ops.get(name)
             if index is None or op.inputs is None or len(op.inputs) <= index:
                 continue
@@ -184,7 +202,7 @@ def _rescaled_bias(model, sg, op, ratio):
     weight_scale``: ``b' = round(b · ratio)``. None when there is no bias; False when it cannot be
     rescaled (shared, not a constant INT32 tensor).
     """
-    s = _schema()
+    s = schema()
     if op.inputs is None or len(op.inputs) < 3 or int(op.inputs[2]) < 0:
         return None
     b = sg.tensors[int(op.inputs[2])]
@@ -226,11 +244,11 @@ def rewrite_int4_weights(content: bytes, select=None, ops=None) -> tuple[bytes, 
     Example:
         >>> content, names = rewrite_int4_weights(int8_tflite)   # doctest: +SKIP
     """
-    s = _schema()
-    model = _load(content)
+    s = schema()
+    model = load_model(content)
     done = []
     seen = set()
-    for sg, op, t, _op in _weight_tensors(model, ops):
+    for sg, op, t, _op in weight_tensors(model, ops):
         tensor = sg.tensors[t]
         if (id(sg), t) in seen or tensor.type != s.TensorType.INT8 or tensor.buffer <= 0:
             continue
@@ -238,7 +256,7 @@ def rewrite_int4_weights(content: bytes, select=None, ops=None) -> tuple[bytes, 
         buf = model.buffers[tensor.buffer]
         if buf.data is None or len(buf.data) == 0:
             continue  # offset buffers (models > 2 GB) are not rewritten
-        name = _name(tensor)
+        name = tensor_name(tensor)
         values = np.asarray(buf.data, np.uint8).view(np.int8).reshape(tuple(int(d) for d in tensor.shape))
         q = tensor.quantization
         if q is None or q.scale is None or len(q.scale) == 0 or (q.zeroPoint is not None and np.any(q.zeroPoint)):
@@ -274,7 +292,7 @@ def rewrite_int4_weights(content: bytes, select=None, ops=None) -> tuple[bytes, 
         done.append(name)
     if not done:
         return bytes(content), []
-    return _save(model), done
+    return save_model(model), done
 
 
 def int4_tensors(content: bytes) -> list[Int4Tensor]:
@@ -283,13 +301,13 @@ def int4_tensors(content: bytes) -> list[Int4Tensor]:
     Example:
         >>> [t.name for t in int4_tensors(w4a8_tflite)]   # doctest: +SKIP
     """
-    s = _schema()
-    model = _load(content)
+    s = schema()
+    model = load_model(content)
     readers = {}
     for sg in model.subgraphs:
         for op in sg.operators or []:
             for i in op.inputs if op.inputs is not None else []:
-                readers.setdefault((id(sg), int(i)), _op_name(model, op))
+                readers.setdefault((id(sg), int(i)), op_name(model, op))
     out = []
     for sg in model.subgraphs:
         for i, tensor in enumerate(sg.tensors):
@@ -302,6 +320,6 @@ def int4_tensors(content: bytes) -> list[Int4Tensor]:
             values = unpack_int4(np.asarray(data, np.uint8).tobytes(), int(np.prod(shape))).reshape(shape)
             q = tensor.quantization
             scales = () if q is None or q.scale is None else tuple(q.scale)
-            out.append(Int4Tensor(_name(tensor), shape, values, scales, q.quantizedDimension if q else 0,
+            out.append(Int4Tensor(tensor_name(tensor), shape, values, scales, q.quantizedDimension if q else 0,
                                   readers.get((id(sg), i), "?")))
     return out
