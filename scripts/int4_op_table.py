@@ -103,6 +103,54 @@ def _requantize_to_4_bits(content, op_name, index):
     return int4.save_model(m)
 
 
+def _gather_pair(int8):
+    """(INT8 reference, INT4) files of the Embedding's GATHER: a symmetric table of random integers in
+    [-7, 7] (zero points 0, output scale = table scale), stored INT8 and INT4."""
+    from tfq.tflite import int4
+
+    s = int4.schema()
+    m = int4.load_model(int8)
+    sg = m.subgraphs[0]
+    g = next(op for op in sg.operators if int4.op_name(m, op) == "GATHER")
+    table, out = sg.tensors[g.inputs[0]], sg.tensors[g.outputs[0]]
+    vals = np.random.default_rng(0).integers(-7, 8, size=tuple(table.shape)).astype(np.int8)
+    table.quantization.zeroPoint = np.zeros(1, np.int64)
+    out.quantization.zeroPoint = np.zeros(1, np.int64)
+    out.quantization.scale = table.quantization.scale
+    m.buffers[table.buffer].data = vals.view(np.uint8).reshape(-1)
+    ref = int4.save_model(m)
+    m.buffers[table.buffer].data = np.frombuffer(int4.pack_int4(vals), np.uint8)
+    table.type = s.TensorType.INT4
+    return ref, int4.save_model(m)
+
+
+def _blockwise(w4, block=32):
+    """The W4A8 FULLY_CONNECTED file with its INT4 weight given blockwise scales (FLOAT16 scales tensor,
+    the layout LiteRT's quantizer writes for dynamic-range blockwise), each block the channel's scale."""
+    from tfq.tflite import int4
+
+    s = int4.schema()
+    m = int4.load_model(w4)
+    sg = m.subgraphs[0]
+    fc = next(op for op in sg.operators if int4.op_name(m, op) == "FULLY_CONNECTED")
+    wt = sg.tensors[fc.inputs[1]]
+    sc = np.asarray(wt.quantization.scale, np.float32)
+    scales = np.repeat(sc[:, None], int(wt.shape[1]) // block, axis=1).astype(np.float16)
+    buf = s.BufferT()
+    buf.data = np.frombuffer(scales.tobytes(), np.uint8)
+    m.buffers.append(buf)
+    st = s.TensorT()
+    st.name, st.type, st.shape, st.buffer = b"w_scales", s.TensorType.FLOAT16, list(scales.shape), len(m.buffers) - 1
+    sg.tensors.append(st)
+    q = s.QuantizationParametersT()
+    q.detailsType = s.QuantizationDetails.BlockwiseQuantization
+    d = s.BlockwiseQuantizationT()
+    d.scales, d.zeroPoints, d.blockSize = len(sg.tensors) - 1, -1, block
+    q.details, q.quantizedDimension = d, 0
+    wt.quantization = q
+    return int4.save_model(m)
+
+
 def _aeq(flt, kind, op_name, x, granularity="CHANNELWISE"):
     from ai_edge_quantizer import qtyping, quantizer, recipe_manager
 
@@ -170,13 +218,17 @@ def main():
             x = xs[op_name]
             flt, int8 = _float_and_int8(model, x)
             files = {"float": flt}
-            if True:
-                ref8 = _requantize_to_4_bits(int8, op_name, index)
+            if op_name == "GATHER":
+                files["w4a8_int8_ref"], files["w4a8_tfq_int4"] = _gather_pair(int8)
+            else:
                 from tfq.tflite.int4 import rewrite_int4_weights
 
-                w4, names = rewrite_int4_weights(ref8, ops={op_name: index})
+                ref8 = _requantize_to_4_bits(int8, op_name, index)  # the test models' biases are 0
+                w4, _ = rewrite_int4_weights(ref8, ops={op_name: index})
                 files["w4a8_int8_ref"] = ref8
                 files["w4a8_tfq_int4"] = w4
+                if op_name == "FULLY_CONNECTED":
+                    files["w4a8_blockwise_32"] = _blockwise(w4)
             for kind in ("static", "dynamic", "weight_only"):
                 for g in ("CHANNELWISE", "BLOCKWISE_32"):
                     try:
