@@ -166,7 +166,7 @@ def test_four_bit_weights_of_ops_without_int4_kernels_stay_int8_with_a_warning(s
     monkeypatch.setattr(export_int4, "INT4_WEIGHT_OPS", {"CONV_2D": 1})
     import tfq.export.convert as convert_module
 
-    monkeypatch.setattr(convert_module, "write_int4_weights", lambda c, r: c)
+    monkeypatch.setattr(convert_module, "write_int4_weights", lambda c, r, frozen=None: c)
     raw = tfq.convert(model, recipe=recipe, representative_data=x)  # the converter's file: FC kernels INT8
     with pytest.warns(UserWarning, match=r"2 weight tensor\(s\) hold 4-bit integers but stay INT8.*fc1.*FULLY_CONNECTED"):
         out = export_int4.write_int4_weights(raw, recipe)
@@ -176,3 +176,19 @@ def test_four_bit_weights_of_ops_without_int4_kernels_stay_int8_with_a_warning(s
     expected = _nearest_4bit(model.get_layer("fc1").kernel.numpy())
     stored = next(t for t in tfq.reference.graph.read_graph(out).tensors if t.name == fc1.name).data
     np.testing.assert_array_equal(np.round(stored.astype(np.float64) * 7 / 127), expected)  # round(q·127/7)
+
+
+def test_qat_model_trained_at_4_bits_exports_int4(small_w4a8):
+    """A QAT model made with a W4 recipe converts with mode="int8" to INT4 weights: its own 4-bit integers."""
+    from tfq.quantsim.rewrite import quantized_layers_of
+
+    model, x, _, int8, recipe = small_w4a8
+    qat = tfq.qat.quantize_model(model, recipe, calibration_data=x)
+    content = tfq.convert(qat, "int8")
+    found = {t.name.split("/")[1]: t for t in int4_tensors(content)}
+    assert {t.op for t in found.values()} == {"CONV_2D", "FULLY_CONNECTED"} and len(found) == 3
+    for wrapper in quantized_layers_of(qat):
+        name = wrapper.layer.name
+        t = next(v for k, v in found.items() if k.startswith(name))
+        np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), _nearest_4bit(wrapper.layer.kernel.numpy()))
+    assert len(content) <= 0.6 * len(int8)

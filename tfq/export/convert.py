@@ -542,7 +542,7 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         )
     if float_ops:
         _warn_float_ops(float_ops, model)
-    return write_int4_weights(content, r)  # 4-bit weights stored INT4 (tfq.export.int4); else unchanged
+    return write_int4_weights(content, r, frozen)  # 4-bit weights stored INT4 (tfq.export.int4); else unchanged
 
 
 def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
@@ -600,7 +600,7 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
     else:
         frozen = freeze_model(qmodel, ranges)
     if r.weight_rounding == "nearest":
-        snap_four_bit_kernels(frozen, r)  # 4-bit kernels on their grid: simulated and written as such
+        snap_four_bit_kernels(frozen)  # 4-bit kernels on their grid: simulated and written as such
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     return frozen, qmodel, data
 

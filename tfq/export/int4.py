@@ -29,7 +29,7 @@ from tfq.quantsim.rewrite import quantized_layers_of
 from tfq.tflite import int4
 from tfq.tflite.int4 import INT4_WEIGHT_OPS, rewrite_int4_weights
 
-__all__ = ["snap_four_bit_kernels", "uses_int4_weights", "write_int4_weights"]
+__all__ = ["has_four_bit_weights", "snap_four_bit_kernels", "uses_int4_weights", "write_int4_weights"]
 
 
 def uses_int4_weights(r: Recipe) -> bool:
@@ -38,7 +38,14 @@ def uses_int4_weights(r: Recipe) -> bool:
     return any(s.is_integer and s.bits <= 4 for s in specs)
 
 
-def snap_four_bit_kernels(frozen, r: Recipe) -> list[str]:
+def has_four_bit_weights(frozen) -> bool:
+    """Whether a frozen fake-quant model has a layer with integer weights of at most 4 bits (a W4
+    recipe's, or a QAT model trained with one)."""
+    return any(not getattr(w, "float_weights", True) and getattr(w, "weight_bits", 8) <= 4
+               for w in quantized_layers_of(frozen))
+
+
+def snap_four_bit_kernels(frozen) -> list[str]:
     """Sets every 4-bit kernel of a frozen fake-quant model on its grid, ``q · s`` with nearest ``q`` (in place).
 
     A frozen per-channel Dense computes with its float kernel and leaves quantizing it to the
@@ -50,10 +57,8 @@ def snap_four_bit_kernels(frozen, r: Recipe) -> list[str]:
     Layers whose weights tfq fake-quantizes itself compute the same ``q · s`` before and after.
 
     Returns:
-        The names of the layers snapped (those with at most 4-bit weights and no rounding applied yet).
+        The names of the layers snapped (those with at most 4-bit weights).
     """
-    if not uses_int4_weights(r):
-        return []
     snapped = []
     for wrapper in quantized_layers_of(frozen):
         target = wrapped_kernel(wrapper)
@@ -66,12 +71,14 @@ def snap_four_bit_kernels(frozen, r: Recipe) -> list[str]:
     return snapped
 
 
-def write_int4_weights(content: bytes, r: Recipe) -> bytes:
+def write_int4_weights(content: bytes, r: Recipe, frozen=None) -> bytes:
     """``content`` with the 4-bit weights of LiteRT's INT4 ops stored as INT4 (unchanged otherwise).
 
     Args:
         content: the converter's INT8 ``.tflite`` for the fake-quant model of recipe ``r``.
-        r: the recipe; nothing is rewritten unless :func:`uses_int4_weights` holds.
+        r: the recipe; nothing is rewritten unless :func:`uses_int4_weights` holds, or
+        frozen: the frozen fake-quant model converted, when :func:`has_four_bit_weights` (a QAT
+            model trained at 4 bits converts with ``mode="int8"``, whose recipe is 8-bit).
 
     Returns:
         The ``.tflite`` bytes. Warns (one line) naming 4-bit weights kept in INT8 storage.
@@ -79,7 +86,7 @@ def write_int4_weights(content: bytes, r: Recipe) -> bytes:
     Example:
         >>> w4a8 = write_int4_weights(int8_bytes, recipe)   # doctest: +SKIP
     """
-    if not uses_int4_weights(r):
+    if not uses_int4_weights(r) and (frozen is None or not has_four_bit_weights(frozen)):
         return content
     content, _ = rewrite_int4_weights(content)
     kept = _four_bit_int8_weights(content)
