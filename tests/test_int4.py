@@ -161,7 +161,7 @@ def test_four_bit_weights_of_ops_without_int4_kernels_stay_int8_with_a_warning(s
     import tfq.export.int4 as export_int4
     import tfq.tflite.int4 as tflite_int4
 
-    model, x, content, _, recipe = small_w4a8
+    model, x, _, _, recipe = small_w4a8
     monkeypatch.setattr(tflite_int4, "INT4_WEIGHT_OPS", {"CONV_2D": 1})  # as if FC had no INT4 kernel
     monkeypatch.setattr(export_int4, "INT4_WEIGHT_OPS", {"CONV_2D": 1})
     import tfq.export.convert as convert_module
