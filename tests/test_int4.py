@@ -192,3 +192,16 @@ def test_qat_model_trained_at_4_bits_exports_int4(small_w4a8):
         t = next(v for k, v in found.items() if k.startswith(name))
         np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), _nearest_4bit(wrapper.layer.kernel.numpy()))
     assert len(content) <= 0.6 * len(int8)
+
+
+def test_per_tensor_w4a8_integers_in_the_file():
+    model, x = _small_model()
+    recipe = tfq.Recipe(weights=tfq.TensorSpec(bits=4, per_channel=False), allow_non_tflite=True)
+    content = tfq.convert(model, recipe=recipe, representative_data=x)
+    tensors = int4_tensors(content)
+    assert len(tensors) == 3 and all(len(t.scales) == 1 for t in tensors)
+    for t in tensors:
+        k = model.get_layer(t.name.split("/")[1].rsplit("_", 1)[0]).kernel.numpy()
+        m = k.reshape(-1, k.shape[-1]).T
+        np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), np.round(m / (np.abs(m).max() / 7)))
+        assert t.scales[0] == pytest.approx(np.abs(m).max() / 7, rel=1e-6)
