@@ -61,6 +61,8 @@ def snap_four_bit_kernels(frozen) -> list[str]:
     """
     snapped = []
     for wrapper in quantized_layers_of(frozen):
+        if getattr(wrapper, "float_weights", True) or getattr(wrapper, "weight_bits", 8) > 4:
+            continue  # 8-bit layers: nothing to do (and no kernel copied)
         target = wrapped_kernel(wrapper)
         if target is None or target.qmax > 7:
             continue
