@@ -48,7 +48,8 @@ def clean_logger():
 
 def test_library_prints_nothing_itself():
     """Only the command line prints (its results, its help); the library's messages go through the logger."""
-    allowed = {"tfq/cli/commands.py", "tfq/cli/flags.py"}
+    allowed = {"tfq/cli/commands.py", "tfq/cli/flags.py",
+               "tfq/tflite/sandbox.py"}  # the checker worker's protocol with its parent, on the worker's own stdout
     calls = []
     for path in sorted((REPO / "tfq").rglob("*.py")):
         rel = str(path.relative_to(REPO))

@@ -795,8 +795,8 @@ def evaluate(
         row["throughput"] = num_samples / elapsed if elapsed > 0 else None
         row["num_threads"] = num_threads if runner.kind == "tflite" else None
         rows[runner.name] = row
-        if verbose and row["errors"]:
-            print(f"tfq.evaluate: {runner.name} failed on {row['errors']} sample(s): {runner.error}")
+        if row["errors"]:
+            logger.warning(f"evaluate: {runner.name} failed on {row['errors']} sample(s): {runner.error}")
         if verbose:
             with verbosity(True):
                 logger.info(f"evaluate: {runner.name} done in {time.perf_counter() - start:.1f} s")

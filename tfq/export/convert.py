@@ -25,6 +25,7 @@ from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
 from tfq.export import check as checker
 from tfq.export.graph_converter import keras_graph_converter
+from tfq.export.int4 import snap_four_bit_kernels, write_int4_weights
 from tfq.models.interop import convert_tfmot_model, load_keras_model
 from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
 from tfq.numerics.outliers import (
@@ -619,7 +620,7 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         )
     if float_ops:
         _warn_float_ops(float_ops, model)
-    return content
+    return write_int4_weights(content, r, frozen)  # 4-bit weights stored INT4 (tfq.export.int4); else unchanged
 
 
 def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
@@ -677,6 +678,8 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         frozen = fix_ranges_in_place(qmodel, ranges)  # rewritten here: no one else holds it
     else:
         frozen = freeze_model(qmodel, ranges)
+    if r.weight_rounding == "nearest":
+        snap_four_bit_kernels(frozen)  # 4-bit kernels on their grid: simulated and written as such
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     return frozen, qmodel, data
 

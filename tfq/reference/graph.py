@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tfq.tflite.int4 import unpack_int4
 from tfq.tflite.interpreter import load_tflite_bytes
 
 __all__ = ["Graph", "Tensor", "Operator", "read_graph"]
@@ -136,7 +137,9 @@ def read_graph(model) -> Graph:
                 raw = np.asarray(buffer.data, dtype=np.uint8).tobytes()
             elif buffer.offset > 1 and buffer.size:
                 raw = content[buffer.offset:buffer.offset + buffer.size]
-        if raw is not None and type_name in _NUMPY_TYPES:
+        if raw is not None and type_name == "INT4":  # two per byte: unpacked, as LiteRT's kernels do
+            data = unpack_int4(raw, int(np.prod(shape))).reshape(shape)
+        elif raw is not None and type_name in _NUMPY_TYPES:
             data = np.frombuffer(raw, dtype=_NUMPY_TYPES[type_name]).reshape(shape).copy()
         name = t.name.decode(errors="replace") if isinstance(t.name, bytes) else str(t.name)
         tensors.append(Tensor(index=i, name=name, type_name=type_name, shape=shape, scale=scale,

@@ -217,7 +217,7 @@ def _bias(ctx: OpContext, index: int):
 
 
 def _is_int(t: Tensor) -> bool:
-    return t.type_name in ("INT8", "INT16", "UINT8")
+    return t.type_name in ("INT8", "INT16", "UINT8", "INT4")  # INT4: weights, unpacked by read_graph
 
 
 def _require_quantized(ctx: OpContext) -> None:

@@ -12,12 +12,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from tfq.tflite.int4 import unpack_int4
 from tfq.tflite.interpreter import load_tflite_bytes
 
 __all__ = ["TFLiteInfo", "OpInfo", "TensorInfo", "WeightInfo", "gzip_size", "inspect_tflite"]
 
 _NUMPY_TYPES = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "FLOAT32": np.float32,
-                "FLOAT16": np.float16}
+                "FLOAT16": np.float16, "INT4": np.int8}  # INT4: two per byte, unpacked to int8
+_BITS = {"INT4": 4, "INT8": 8, "UINT8": 8, "INT16": 16, "FLOAT16": 16, "FLOAT32": 32}
 
 
 def distinct_per_channel(values: np.ndarray, axis: int | None) -> np.ndarray:
@@ -75,7 +77,8 @@ class WeightInfo:
 
     ``sparsity`` = share of stored zeros; ``distinct_per_channel`` = the most distinct stored values
     in any one slice along ``quantized_dimension`` (per output channel for per-channel INT8; the
-    whole tensor when it has one scale, or none).
+    whole tensor when it has one scale, or none); ``bits`` per stored value (4 for INT4, packed
+    two per byte) and ``nbytes`` of its buffer.
     """
 
     tensor: int
@@ -85,6 +88,8 @@ class WeightInfo:
     sparsity: float
     distinct_per_channel: int
     channels: int
+    bits: int = 8
+    nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,16 @@ class TFLiteInfo:
         return sum(w.sparsity * int(np.prod(w.shape)) for w in self.weights) / total
 
     @property
+    def weight_bits(self) -> dict[str, int]:
+        """Bits per stored value of each weight tensor, by name (4 = INT4, 8 = INT8, 32 = float)."""
+        return {w.name: w.bits for w in self.weights}
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weight tensors' buffers take in the file (INT4 packed two values per byte)."""
+        return sum(w.nbytes for w in self.weights)
+
+    @property
     def max_distinct_per_channel(self) -> int | None:
         """The most distinct values any channel of any weight tensor holds."""
         return max((w.distinct_per_channel for w in self.weights), default=None)
@@ -190,6 +205,7 @@ class TFLiteInfo:
             "gzip_size": self.gzip_size,
             "weight_sparsity": self.weight_sparsity,
             "max_distinct_per_channel": self.max_distinct_per_channel,
+            "weight_bytes": self.weight_bytes,
             "ops": [asdict(op) for op in self.ops],
             "tensors": [asdict(t) for t in self.tensors],
             "weights": [asdict(w) for w in self.weights],
@@ -209,8 +225,9 @@ class TFLiteInfo:
         for op in self.ops:
             lines.append(f"  {op.index:3d} {op.type:<22} in={list(op.input_dtypes)} out={list(op.output_dtypes)}")
         for w in self.weights:
-            lines.append(f"  weight {w.name[:48]:<48} {w.dtype:<7} {str(list(w.shape)):<18} "
-                         f"sparsity {100 * w.sparsity:5.1f}%  distinct/channel {w.distinct_per_channel}")
+            lines.append(f"  weight {w.name[:48]:<48} {w.dtype:<7} {w.bits:2d} bits {w.nbytes:>9} B "
+                         f"{list(w.shape)!s:<18} sparsity {100 * w.sparsity:5.1f}%  "
+                         f"distinct/channel {w.distinct_per_channel}")
         return "\n".join(lines)
 
 
@@ -307,13 +324,19 @@ def _buffer_bytes(buffer, content: bytes) -> bytes:
 def _weight_info(t: TensorInfo, data: bytes) -> WeightInfo | None:
     dtype = np.dtype(_NUMPY_TYPES[t.dtype])
     count = int(np.prod(t.shape))
-    if len(data) != count * dtype.itemsize:
+    if t.dtype == "INT4":
+        if len(data) != (count + 1) // 2:
+            return None
+        values = unpack_int4(data, count).reshape(t.shape)
+    elif len(data) != count * dtype.itemsize:
         return None  # packed or sparse storage: not read here
-    values = np.frombuffer(data, dtype).reshape(t.shape)
+    else:
+        values = np.frombuffer(data, dtype).reshape(t.shape)
     axis = t.quantized_dimension if len(t.scales) > 1 else None
     per_channel = distinct_per_channel(values, axis)
     return WeightInfo(tensor=t.index, name=t.name, dtype=t.dtype, shape=t.shape,
                       sparsity=float(np.count_nonzero(values == 0) / count) if count else 0.0,
-                      distinct_per_channel=int(per_channel.max()) if count else 0, channels=len(per_channel))
+                      distinct_per_channel=int(per_channel.max()) if count else 0, channels=len(per_channel),
+                      bits=_BITS.get(t.dtype, 8 * dtype.itemsize), nbytes=len(data))
 
 

@@ -1,0 +1,207 @@
+"""W4A8 in the file: 4-bit weights stored INT4, the integers tfq chose, run by LiteRT."""
+
+import numpy as np
+import pytest
+
+import tfq
+from tfq.tflite.int4 import (
+    four_bit_integers,
+    int4_tensors,
+    pack_int4,
+    rewrite_int4_weights,
+    unpack_int4,
+)
+
+W4A8 = {"weights": tfq.TensorSpec(bits=4), "allow_non_tflite": True}
+
+
+def test_pack_int4_layout_low_nibble_first():
+    # 1 -> 0x1, -1 -> 0xF, 7 -> 0x7, -8 -> 0x8; pairs (low, high): (1, -1) = 0xF1, (7, -8) = 0x87, (0,) = 0x00
+    assert pack_int4([1, -1, 7, -8, 0]) == bytes([0xF1, 0x87, 0x00])
+    values = np.arange(-8, 8).repeat(3)[:47]
+    np.testing.assert_array_equal(unpack_int4(pack_int4(values), values.size), values)
+    with pytest.raises(ValueError, match="Received: values in \\[-9, 0\\]"):
+        pack_int4([-9, 0])
+
+
+def test_four_bit_integers_inverts_the_converters_8_bit_requantization():
+    q4 = np.array([[7, -3, 1, 0], [-5, 2, 0, 1]])  # row 1 reaches only 5: k = 5 there
+    s4 = np.array([0.5, 0.25])
+    k = np.abs(q4).max(axis=1)
+    s8 = (k * s4 / 127).astype(np.float32)
+    q8 = np.round(q4 * 127 / k[:, None]).astype(np.int8)
+    q, s = four_bit_integers(q8, s8, 0)
+    np.testing.assert_array_equal(q, q4)
+    np.testing.assert_allclose(s, s4, rtol=1e-6)
+    assert four_bit_integers(np.array([[127, -64, 3]], np.int8), np.array([1.0], np.float32), 0) is None
+
+
+def _small_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(256, activation="relu", name="fc1")(x)
+    outputs = keras.layers.Dense(10, name="fc2")(x)
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 2)).astype(np.float32)
+    return model, x
+
+
+@pytest.fixture(scope="module")
+def small_w4a8():
+    model, x = _small_model()
+    recipe = tfq.Recipe(**W4A8)
+    return model, x, tfq.convert(model, recipe=recipe, representative_data=x), tfq.convert(model, "int8", x), recipe
+
+
+def _nearest_4bit(kernel):
+    """Per-output-channel symmetric 4-bit integers of a Keras kernel, ``(out, fan-in)`` (computed here)."""
+    m = kernel.reshape(-1, kernel.shape[-1]).T.astype(np.float64)
+    scale = np.abs(m).max(axis=1, keepdims=True) / 7
+    return np.round(m / scale).astype(np.int8)
+
+
+def test_w4a8_file_stores_tfqs_integers_as_int4(small_w4a8):
+    model, _, content, int8, _ = small_w4a8
+    found = {t.name.split("/")[1]: t for t in int4_tensors(content)}
+    assert {t.op for t in found.values()} == {"CONV_2D", "FULLY_CONNECTED"}
+    for layer in ("conv", "fc1", "fc2"):
+        t = next(v for k, v in found.items() if k.startswith(layer))
+        expected = _nearest_4bit(model.get_layer(layer).kernel.numpy())
+        np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), expected)  # TFLite: (out, ..., in)
+    info = tfq.inspect_tflite(content)
+    assert not [w for w in info.weights if w.dtype == "INT8"]
+    fc1 = next(w for w in info.weights if "fc1" in w.name)
+    assert (fc1.bits, fc1.nbytes) == (4, 256 * 288 // 2)
+    assert info.weight_bytes < 0.51 * tfq.inspect_tflite(int8).weight_bytes
+    assert len(content) <= 0.6 * len(int8)  # weight-dominated: 74 k weights
+
+
+def _run(content, x, resolver):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=content, experimental_op_resolver_type=getattr(OpResolverType, resolver))
+    it.resize_tensor_input(it.get_input_details()[0]["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"])
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv", "depthwise"])
+def test_w4a8_interpreter_matches_tfqs_simulation_within_one_step(layer):
+    """One layer: LiteRT's INT4 kernels give tfq's simulated W4A8 output within one output step
+    (on the samples the file's calibrated output range does not clip)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    if layer == "dense":
+        model = keras.Sequential([keras.Input((288,)), keras.layers.Dense(64, bias_initializer="random_normal")])
+        x = rng.normal(size=(64, 288)).astype(np.float32)
+    else:
+        cls = keras.layers.Conv2D if layer == "conv" else keras.layers.DepthwiseConv2D
+        args = (16, 3) if layer == "conv" else (3,)
+        model = keras.Sequential([keras.Input((8, 8, 16)), cls(*args, bias_initializer="random_normal")])
+        x = rng.normal(size=(64, 8, 8, 16)).astype(np.float32)
+    recipe = tfq.Recipe(**W4A8)
+    content = tfq.convert(model, recipe=recipe, representative_data=x)
+    assert [w.bits for w in tfq.inspect_tflite(content).weights] == [4]
+    sim = tfq.fake_quantize(model, recipe=recipe, representative_data=x).predict(x, verbose=0)
+    info = tfq.inspect_tflite(content)
+    out_t = info.tensors[next(op for op in info.ops if op.type == "DEQUANTIZE").inputs[0]]
+    step, zp = out_t.scales[0], out_t.zero_points[0]
+    inside = np.all((sim >= (-128 - zp) * step) & (sim <= (127 - zp) * step), axis=tuple(range(1, sim.ndim)))
+    assert inside.mean() > 0.5
+    for resolver in ("AUTO", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+        out = _run(content, x, resolver)
+        assert np.abs(out - sim)[inside].max() <= 1.0001 * step
+
+
+def test_reference_executes_int4_weights_bit_exactly(small_w4a8, tmp_path):
+    """tfq.reference unpacks INT4 weights and equals LiteRT's BUILTIN_REF kernels on every tensor."""
+    from test_reference import assert_bit_exact, builtin_ref_subprocess
+
+    _, x, content, _, _ = small_w4a8
+    compared = assert_bit_exact(content, [x[:8]], builtin_ref_subprocess(content, [x[:8]], tmp_path))
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= set(compared)
+
+
+def test_int8_recipe_files_are_unchanged_and_rewrite_is_idempotent(small_w4a8):
+    _, _, content, int8, _ = small_w4a8
+    assert rewrite_int4_weights(int8) == (int8, [])  # 8-bit weights are not on a 4-bit grid
+    assert rewrite_int4_weights(content) == (content, [])
+    with pytest.raises(ValueError, match="Expected 4-bit integers in tensor"):
+        rewrite_int4_weights(int8, select=lambda name: "fc1" in name)
+
+
+@pytest.mark.slow
+def test_digits_cnn_w4a8_gptq_file(trained_cnn, digits):
+    """The packaged-digits CNN: GPTQ's integers in the file, ≤ 0.6× the INT8 size, accuracy of the simulation."""
+    model, float_acc = trained_cnn
+    (x_train, _), (x_test, y_test) = digits
+    report = tfq.MethodsReport()
+    content = tfq.convert(model, recipe="w4a8_gptq", representative_data=x_train[:512], report=report)
+    int8 = tfq.convert(model, "int8", x_train[:512])
+    assert len(content) <= 0.6 * len(int8)
+    tensors = int4_tensors(content)
+    assert len(tensors) == 4
+    for t in tensors:
+        layer = t.name.split("/")[1].rsplit("_", 1)[0]
+        np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), report.rounding[layer].integers)
+    out = tfq.tflite.interpreter.TFLiteModel(content).predict(x_test)
+    assert (out.argmax(1) == y_test).mean() >= float_acc - 0.01
+
+
+def test_four_bit_weights_of_ops_without_int4_kernels_stay_int8_with_a_warning(small_w4a8, monkeypatch):
+    """An op LiteRT cannot run at 4 bits keeps its 4-bit integers INT8, named in one warning."""
+    import tfq.export.int4 as export_int4
+    import tfq.tflite.int4 as tflite_int4
+
+    model, x, _, _, recipe = small_w4a8
+    monkeypatch.setattr(tflite_int4, "INT4_WEIGHT_OPS", {"CONV_2D": 1})  # as if FC had no INT4 kernel
+    monkeypatch.setattr(export_int4, "INT4_WEIGHT_OPS", {"CONV_2D": 1})
+    import tfq.export.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "write_int4_weights", lambda c, r, frozen=None: c)
+    raw = tfq.convert(model, recipe=recipe, representative_data=x)  # the converter's file: FC kernels INT8
+    with pytest.warns(UserWarning, match=r"2 weight tensor\(s\) hold 4-bit integers but stay INT8.*fc1.*FULLY_CONNECTED"):
+        out = export_int4.write_int4_weights(raw, recipe)
+    info = tfq.inspect_tflite(out)
+    assert sorted(w.bits for w in info.weights) == [4, 8, 8]
+    fc1 = next(w for w in info.weights if "fc1" in w.name)
+    expected = _nearest_4bit(model.get_layer("fc1").kernel.numpy())
+    stored = next(t for t in tfq.reference.graph.read_graph(out).tensors if t.name == fc1.name).data
+    np.testing.assert_array_equal(np.round(stored.astype(np.float64) * 7 / 127), expected)  # round(q·127/7)
+
+
+def test_qat_model_trained_at_4_bits_exports_int4(small_w4a8):
+    """A QAT model made with a W4 recipe converts with mode="int8" to INT4 weights: its own 4-bit integers."""
+    from tfq.quantsim.rewrite import quantized_layers_of
+
+    model, x, _, int8, recipe = small_w4a8
+    qat = tfq.qat.quantize_model(model, recipe, calibration_data=x)
+    content = tfq.convert(qat, "int8")
+    found = {t.name.split("/")[1]: t for t in int4_tensors(content)}
+    assert {t.op for t in found.values()} == {"CONV_2D", "FULLY_CONNECTED"} and len(found) == 3
+    for wrapper in quantized_layers_of(qat):
+        name = wrapper.layer.name
+        t = next(v for k, v in found.items() if k.startswith(name))
+        np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), _nearest_4bit(wrapper.layer.kernel.numpy()))
+    assert len(content) <= 0.6 * len(int8)
+
+
+def test_per_tensor_w4a8_integers_in_the_file():
+    model, x = _small_model()
+    recipe = tfq.Recipe(weights=tfq.TensorSpec(bits=4, per_channel=False), allow_non_tflite=True)
+    content = tfq.convert(model, recipe=recipe, representative_data=x)
+    tensors = int4_tensors(content)
+    assert len(tensors) == 3 and all(len(t.scales) == 1 for t in tensors)
+    for t in tensors:
+        k = model.get_layer(t.name.split("/")[1].rsplit("_", 1)[0]).kernel.numpy()
+        m = k.reshape(-1, k.shape[-1]).T
+        np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), np.round(m / (np.abs(m).max() / 7)))
+        assert t.scales[0] == pytest.approx(np.abs(m).max() / 7, rel=1e-6)
