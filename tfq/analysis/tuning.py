@@ -44,6 +44,7 @@ import numpy as np
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
+from tfq.core.messages import check_bool
 from tfq.core.recipes import (
     BIAS_CORRECTION,
     DATA_FREE,
@@ -595,6 +596,8 @@ def tune(
     from tfq.analysis.evaluation import evaluate
     from tfq.models.interop import load_keras_model
 
+    for name, value in (("relative", relative), ("verbose", verbose)):
+        check_bool(name, value)
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")
     model = load_keras_model(model)

@@ -33,6 +33,7 @@ import numpy as np
 
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.fileio import atomic_write_text
+from tfq.core.messages import check_bool, short_repr
 from tfq.core.recipes import load_recipe
 from tfq.core.representative import pack_model_inputs, representative_dataset
 from tfq.models.interop import load_keras_model
@@ -110,12 +111,16 @@ class Calibration:
                 f"not a tfq calibration (expected format {_FORMAT!r}). Received: format="
                 f"{d.get('format') if isinstance(d, dict) else type(d).__name__!r}"
             )
+        if not isinstance(d.get("ranges"), dict):
+            raise ValueError(f"calibration 'ranges' must be a dict of tensor name → [min, max]. "
+                             f"Received: ranges={short_repr(d.get('ranges'))}")
         ranges = {}
         for name, value in d["ranges"].items():
-            if not (isinstance(value, (list, tuple)) and len(value) == 2) or not all(np.isfinite(value)) \
-                    or value[0] > value[1]:
-                raise ValueError(f"calibration range for {name!r} must be [min, max] finite with min <= max. "
-                                 f"Received: {value!r}")
+            if not (isinstance(value, (list, tuple)) and len(value) == 2) \
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) \
+                    or not all(np.isfinite(value)) or value[0] > value[1]:
+                raise ValueError(f"calibration range for {short_repr(name)} must be [min, max], two finite numbers with "
+                                 f"min <= max. Received: {short_repr(value)}")
             ranges[name] = (float(value[0]), float(value[1]))
         observers = d.get("observers")
         if observers is not None and (not isinstance(observers, dict) or set(observers) != set(ranges)):
@@ -339,6 +344,9 @@ def calibrate(
     """
 
     get_calibration_method(method, "method").check_params(params, "params")
+    for name, value in (("keep_observers", keep_observers), ("verbose", verbose)):
+        check_bool(name, value)
+    _check_strategy(strategy)
     if strategy is not None and params.get("batch_aggregate") is not None:
         raise ValueError(
             f"batch_aggregate={params['batch_aggregate']!r} takes one range per batch, but with strategy every replica "
@@ -437,6 +445,17 @@ class _ReplicaObservers:
             if observer is None:
                 observer = self.by_replica[replica] = self.make()
         observer.update(x)
+
+
+def _check_strategy(strategy) -> None:
+    """``strategy`` is None or a ``tf.distribute`` strategy (a name such as ``"mirrored"`` is refused)."""
+    if strategy is None:
+        return
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(f"strategy must be a tf.distribute strategy object (e.g. tf.distribute.MirroredStrategy()) or "
+                        f"None. Received: strategy={short_repr(strategy)} ({type(strategy).__name__})")
 
 
 def _observe_with_strategy(model, data, batch_size, strategy, quantizers, observers, make_observer, method, bar):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 
 from tfq.compression.common import strip_all
+from tfq.core.messages import check_bool
 from tfq.core.recipes import load_recipe
 from tfq.models.interop import load_keras_model
 from tfq.ptq.calibration import calibrate
@@ -120,6 +121,7 @@ def quantize_model(
         TypeError: ``model`` is not a model or a path.
     """
 
+    check_bool("warn_unknown", warn_unknown)
     if range_mode not in ("moving_average", "learned"):
         raise ValueError(f"range_mode must be 'moving_average' or 'learned'. Received: range_mode={range_mode!r}")
     if preserve not in (None, "sparsity", "clusters"):
