@@ -55,6 +55,10 @@ def load_model(model):
     if path.is_dir():
         if not (path / "saved_model.pb").exists():
             raise ValueError(f"{str(path)!r} is a directory without saved_model.pb: not a SavedModel. Pass a .keras file.")
+        if not (path / "variables" / "variables.index").is_file():  # TensorFlow writes it even for no variables
+            raise ValueError(f"SavedModel {str(path)!r} is incomplete: it has saved_model.pb but no "
+                             f"variables/variables.index. Copy the whole SavedModel directory (variables/ included), "
+                             f"or export it again.")
         return SavedModelPath(str(path))
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ValueError(f"unsupported model file {str(path)!r}: expected .keras, .h5 or a SavedModel directory.")
