@@ -517,6 +517,7 @@ def evaluate(
         arrays = [a[:max_samples] for a in arrays]
         labels = labels[:max_samples] if labels is not None else None
         num_samples = max_samples
+    _check_finite(arrays, names)
     batch_size = batch_size or _DEFAULT_BATCH_SIZE
 
     converted = {}
@@ -581,6 +582,20 @@ def evaluate(
     metric_names = [n for n, _ in resolved_metrics] if labels is not None else []
     return Report(ordered_rows, reference=reference, metrics=metric_names, num_samples=num_samples,
                   converted=converted)
+
+
+def _check_finite(arrays, names) -> None:
+    """Refuses NaN/Inf samples in one line naming them (as convert does): their outputs would enter every figure."""
+    bad = np.zeros(len(arrays[0]), bool)
+    for array in arrays:
+        if np.asarray(array).dtype.kind in "fc" and len(array):
+            bad |= ~np.isfinite(np.asarray(array)).reshape(len(array), -1).all(axis=1)
+    if bad.any():
+        indices = np.flatnonzero(bad)
+        shown = ", ".join(map(str, indices[:10])) + (", …" if len(indices) > 10 else "")
+        raise ValueError(f"data has {len(indices)} sample(s) with NaN or Inf (indices {shown}): every figure of the "
+                         f"report would include their outputs. Drop or fix them first, e.g. "
+                         f"x[np.isfinite(x).reshape(len(x), -1).all(axis=1)].")
 
 
 def _agreement(name: str, reference: str, ref_outputs, outputs) -> dict:
