@@ -18,6 +18,7 @@ from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_me
 from tfq.core.export_modes import ExportMode, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, check_writable
 from tfq.core.messages import short_repr
+from tfq.core.process_lock import serialized
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
 from tfq.export.graph_converter import keras_graph_converter
@@ -262,6 +263,7 @@ def _check_methods(model, r: Recipe, data, calibration, report=None) -> None:
                          f"model (tfq.calibrate(tfq.equalize(model), ...)) and convert that.")
 
 
+@serialized
 def convert(
     model,
     mode: str | None = "int8",

@@ -35,6 +35,7 @@ import numpy as np
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.fileio import atomic_write_text
 from tfq.core.messages import check_bool, short_repr
+from tfq.core.process_lock import serialized
 from tfq.core.recipes import load_recipe
 from tfq.core.representative import pack_model_inputs, representative_dataset
 from tfq.models.interop import load_keras_model
@@ -289,6 +290,7 @@ def _warn_degenerate(observers: dict, ranges: dict, model_name: str) -> None:
     )
 
 
+@serialized
 def calibrate(
     model,
     representative_data,

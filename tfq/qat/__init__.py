@@ -13,6 +13,7 @@ import keras
 
 from tfq.compression.common import strip_all
 from tfq.core.messages import check_bool
+from tfq.core.process_lock import serialized
 from tfq.core.recipes import load_recipe
 from tfq.models.interop import load_keras_model
 from tfq.ptq.calibration import calibrate
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 
+@serialized
 def quantize_model(
     model,
     recipe=None,
