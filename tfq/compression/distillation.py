@@ -249,9 +249,10 @@ def _resolve_from_logits(student, teacher, from_logits) -> bool:
         said = "logits" if from_logits else "probabilities"
         other = sorted(name for name, kind in kinds.items() if kind is not None and kind != said)
         if other:
-            warnings.warn(f"Distiller(from_logits={from_logits}) reads the outputs as {said}, but the {' and '.join(other)}'s "
-                          f"output layer gives {kinds[other[0]]}: check from_logits (None reads it from the models).",
-                          stacklevel=3)
+            whose = " and the ".join(f"{name}'s" for name in other)
+            verb = "layers give" if len(other) > 1 else "layer gives"
+            warnings.warn(f"Distiller(from_logits={from_logits}) reads the outputs as {said}, but the {whose} output {verb} "
+                          f"{kinds[other[0]]}: check from_logits (None reads it from the models).", stacklevel=3)
         return from_logits
     unknown = [name for name, kind in kinds.items() if kind is None]
     if unknown:
