@@ -43,8 +43,8 @@ SCHEDULES = ("polynomial", "constant")
 # target is reached after END_FRACTION of the first fit (the rest of it recovers the accuracy at the
 # final masks), and the masks change about UPDATES_TO_TARGET times on the way (every
 # (end_step − begin_step) // UPDATES_TO_TARGET steps, at least 1, at most MAX_AUTO_FREQUENCY).
-# Measured (README "Compression"): 75 % on the digits CNN, 4 epochs: 78.1 % with the target at the
-# last step and masks every 100 steps, 96.6 % with these.
+# Measured (README "Compression"): 75 % on the digits CNN, 4 epochs of fit: 90.5 % with the target at
+# the last step and masks every 100 steps (the former default), 97.8 % with these.
 END_FRACTION = 0.6
 UPDATES_TO_TARGET = 10
 MAX_AUTO_FREQUENCY = 100

@@ -349,7 +349,6 @@ def calibrate(
     get_calibration_method(method, "method").check_params(params, "params")
     for name, value in (("keep_observers", keep_observers), ("verbose", verbose)):
         check_bool(name, value)
-    _check_strategy(strategy)
     if strategy is not None and params.get("batch_aggregate") is not None:
         raise ValueError(
             f"batch_aggregate={params['batch_aggregate']!r} takes one range per batch, but with strategy every replica "
@@ -360,6 +359,7 @@ def calibrate(
             f"method={method!r} (the default) tests every sample against the others, which replicas observing "
             f"slices of a batch cannot do: with strategy pass method='minmax' (or another method)."
         )
+    _check_strategy(strategy)
     model = load_keras_model(model)
     if not is_quantized_model(model):
         model = rewrite_model(model, load_recipe(recipe if recipe is not None else "int8"))
