@@ -114,7 +114,7 @@ class Calibration:
                 f"{d.get('format') if isinstance(d, dict) else type(d).__name__!r}"
             )
         if not isinstance(d.get("ranges"), dict):
-            raise ValueError(f"calibration 'ranges' must be a dict of tensor name → [min, max]. "
+            raise TypeError(f"calibration 'ranges' must be a dict of tensor name → [min, max]. "
                              f"Received: ranges={short_repr(d.get('ranges'))}")
         ranges = {}
         for name, value in d["ranges"].items():
@@ -219,7 +219,7 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
         raise ValueError(f"{str(p)!r} is not valid JSON ({err}); re-run tfq.calibrate and save again.") from None
     try:
         return Calibration.from_dict(data)
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{str(p)!r}: {err}") from None
 
 

@@ -291,7 +291,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
                 raise ValueError(f"layer {open_ended[0].name!r} has a polynomial schedule with end_step=None, set from "
                                  f"the length of fit, which is unknown here: pass steps_per_epoch to fit or end_step "
                                  f"to prune_low_magnitude.")
-            end = self.step + max(int(round(END_FRACTION * int(steps) * int(epochs))) - 1, 0)
+            end = self.step + max(round(END_FRACTION * int(steps) * int(epochs)) - 1, 0)
             for wrapper in open_ended:
                 wrapper.end_step.assign(max(end, wrapper.schedule.begin_step))
 
