@@ -126,11 +126,14 @@ def test_end_step_zero_prunes_at_once():
     assert pruning.PolynomialDecay(0.0, 0.5, begin_step=3, end_step=3).sparsity_at(3) == 0.5
 
 
-def test_train_qat_refuses_a_freeze_epoch_that_never_comes():
+def test_train_qat_names_a_freeze_epoch_that_never_comes():
+    # Before: freeze_bn_epoch=5 with epochs=2 trained without a word (the callback's epoch never began).
     x, y = features()
-    for name in ("freeze_bn_epoch", "freeze_ranges_epoch"):
-        with pytest.raises(ValueError, match=rf"{name}=5 would never freeze.*epochs=2"):
-            tfq.training.train_qat(dense_model(), x, y, epochs=2, verbose=0, **{name: 5})
+    with pytest.warns(UserWarning, match=r"freeze_bn_epoch=5 never freezes in this fit.*epochs=2") as record:
+        tfq.training.train_qat(dense_model(), x, y, epochs=2, verbose=0, freeze_bn_epoch=5, freeze_ranges_epoch=2)
+    assert any("freeze_ranges_epoch=2 never freezes" in str(w.message) for w in record)
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+        tfq.training.train_qat(dense_model(), x, y, epochs=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
 from tfq.export.graph_converter import keras_graph_converter
 from tfq.models.interop import convert_tfmot_model, load_keras_model
-from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
+from tfq.models.loading import SavedModelPath, check_saved_model_complete, is_quantized_model, is_tf_keras_model
 from tfq.numerics.outliers import (
     input_outlier_samples,
     warn_outlier_samples,
@@ -54,6 +54,7 @@ def _tf():
 def _keras_converter(model: keras.Model):
     tf = _tf()
     if isinstance(model, SavedModelPath):
+        check_saved_model_complete(model)
         return tf.lite.TFLiteConverter.from_saved_model(str(model))
     return tf.lite.TFLiteConverter.from_keras_model(_with_list_inputs(model))
 
@@ -653,6 +654,7 @@ def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
 
     tf = _tf()
     _require_data(data, r.mode)
+    check_saved_model_complete(path)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
     rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r)
     get_export_mode(r.mode).configure(converter, r.io_dtype, rep)

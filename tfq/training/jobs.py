@@ -10,6 +10,8 @@ own ``TF_CONFIG`` (:mod:`tfq.training.distribute`).
 
 from __future__ import annotations
 
+import warnings
+
 from tfq.core.fileio import atomic_write_bytes
 from tfq.training.distribute import fit_distributed, worker_output_dir
 
@@ -30,9 +32,9 @@ def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 
         batch_size: batch size (global: split over the replicas under a strategy).
         learning_rate: Adam learning rate (fine-tuning: small).
         freeze_bn_epoch: first epoch (0-based) trained with frozen BatchNorm statistics (None:
-            never); one >= ``epochs`` is refused (it would never come).
+            never); one >= ``epochs`` never comes: a warning names it.
         freeze_ranges_epoch: first epoch (0-based) trained with frozen activation ranges (None:
-            never); one >= ``epochs`` is refused.
+            never); one >= ``epochs``: a warning names it.
         calibration: method of the calibration pass that initialises the ranges.
         output_dir: if given, ``qat.keras``, ``qat_int8.tflite`` and per-epoch TFLite checkpoints
             are written there (by the chief; other workers write to :func:`worker_output_dir`).
@@ -61,8 +63,9 @@ def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 
         raise ValueError(f"epochs must be an integer >= 1. Received: epochs={epochs!r}")
     for name, value in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_ranges_epoch", freeze_ranges_epoch)):
         if value is not None and not isinstance(value, bool) and isinstance(value, int) and value >= epochs:
-            raise ValueError(f"{name}={value} would never freeze: epochs are counted from 0 and this fit has "
-                             f"epochs={epochs} (0 … {epochs - 1}). Pass {name} < epochs, or None (never).")
+            warnings.warn(f"train_qat: {name}={value} never freezes in this fit: epochs are counted from 0 and "
+                          f"epochs={epochs} trains epochs 0 … {epochs - 1}. Pass {name} < epochs to freeze, or None.",
+                          stacklevel=2)
     keras.utils.set_random_seed(seed)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
