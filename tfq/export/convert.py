@@ -23,7 +23,12 @@ from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
 from tfq.export.graph_converter import keras_graph_converter
 from tfq.models.interop import convert_tfmot_model, load_keras_model
-from tfq.models.loading import SavedModelPath, check_saved_model_complete, is_quantized_model, is_tf_keras_model
+from tfq.models.loading import (
+    SavedModelPath,
+    check_saved_model_complete,
+    is_quantized_model,
+    is_tf_keras_model,
+)
 from tfq.numerics.outliers import (
     input_outlier_samples,
     warn_outlier_samples,
