@@ -140,15 +140,18 @@ def test_sparsity_follows_the_schedule_step_by_step():
     assert np.count_nonzero(model.get_layer("d1").kernel.numpy() == 0) == 0
 
 
-def test_open_ended_polynomial_ends_at_the_last_step_of_fit():
+def test_open_ended_polynomial_ends_at_60_percent_of_the_first_fit():
+    # Issue 29: the end used to be the last step of the fit (no step left to recover at the final masks).
     model = small_model()
     pruned = pruning.prune_low_magnitude(model, 0.5, frequency=100)
     pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = data()
     rec = _SparsityPerStep()
     pruned.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[callbacks.UpdatePruningStep(), rec])
-    assert int(pruned.get_layer("d1").end_step.numpy()) == 5
-    assert rec.seen[4]["d1"] == 0.0 and rec.seen[5]["d1"] == 0.5  # only steps 0 and 5 update
+    # 2 epochs × 3 steps: the end is round(0.6 · 6) − 1 = step 3; steps 4 and 5 train at the final masks.
+    assert int(pruned.get_layer("d1").end_step.numpy()) == 3
+    assert rec.seen[2]["d1"] == 0.0 and rec.seen[3]["d1"] == 0.5  # only steps 0 and 3 update
+    assert rec.seen[5]["d1"] == 0.5
 
 
 def test_fit_without_the_callback_is_refused():

@@ -29,6 +29,7 @@ from tfq.compression.common import keras_kernels, strip_all, weight_stats
 from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.input_order import order_by_name
 from tfq.core.logs import logger, verbosity
+from tfq.core.messages import check_bool
 from tfq.core.representative import model_input_specs
 from tfq.export.convert import convert
 from tfq.models.interop import load_keras_model
@@ -691,8 +692,7 @@ def evaluate(
         if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{label} must be a positive integer or None. Received: {label}={value!r}")
     for label, value in (("latency", latency), ("verbose", verbose)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{label} must be True or False. Received: {label}={value!r}")
+        check_bool(label, value)
     if isinstance(latency_runs, bool) or not isinstance(latency_runs, (int, np.integer)) or latency_runs < 1:
         raise ValueError(f"latency_runs must be a positive integer. Received: latency_runs={latency_runs!r}")
     arrays, names = _as_arrays(data)
@@ -707,10 +707,10 @@ def evaluate(
         arrays = [a[:max_samples] for a in arrays]
         labels = labels[:max_samples] if labels is not None else None
         num_samples = max_samples
+    _check_finite(arrays, names)
     batch_size = batch_size or _DEFAULT_BATCH_SIZE
 
-    if not isinstance(isolate, bool):
-        raise TypeError(f"isolate must be True or False. Received: isolate={isolate!r}")
+    check_bool("isolate", isolate)
     if isinstance(output, bool) or not isinstance(output, (int, np.integer, str)):
         raise TypeError(f"output must be an output index or name. Received: output={output!r}")
     converted = {}
@@ -804,6 +804,22 @@ def evaluate(
     metric_names = [n for n, _ in resolved_metrics] if labels is not None else []
     return Report(ordered_rows, reference=reference, metrics=metric_names, num_samples=num_samples,
                   converted=converted)
+
+
+def _check_finite(arrays, names) -> None:
+    """Refuses NaN/Inf samples in one line naming them (as convert does): their outputs would enter every figure."""
+    bad = np.zeros(len(arrays[0]), bool)
+    for array in arrays:
+        if np.asarray(array).dtype.kind in "fc" and len(array):
+            bad |= ~np.isfinite(np.asarray(array)).reshape(len(array), -1).all(axis=1)
+    if bad.any():
+        indices = np.flatnonzero(bad)
+        shown = ", ".join(map(str, indices[:10])) + (", …" if len(indices) > 10 else "")
+        raise ValueError(f"data has {len(indices)} sample(s) with NaN or Inf (indices {shown}): every figure of the "
+                         f"report would include their outputs. Drop or fix them first, e.g. "
+                         f"x[np.isfinite(x).reshape(len(x), -1).all(axis=1)].")
+
+
 
 
 def _output_index(output, runners) -> int:

@@ -45,6 +45,7 @@ from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_me
 from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, atomic_write_text, check_writable_dir
 from tfq.core.logs import logger, verbosity
+from tfq.core.messages import check_bool
 from tfq.core.ptq_methods import get_ptq_method, ptq_method_names
 from tfq.core.recipes import Recipe, TensorSpec, save_recipe
 from tfq.core.representative import representative_dataset
@@ -573,8 +574,7 @@ def _bayesian(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
 def _check_tune_options(relative, verbose, timeout, seed, output_dir, num_calibration_samples, search_space):
     """tune's keyword types, checked before any work (one line each)."""
     for name, value in (("relative", relative), ("verbose", verbose)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
+        check_bool(name, value)
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
         raise ValueError(f"timeout must be a number of seconds > 0, or None. Received: timeout={timeout!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):

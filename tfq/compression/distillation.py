@@ -15,8 +15,12 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
+
+from tfq.models.graph import ModelGraph
+from tfq.quantsim.layers import ActivationQuantizer, activation_name
 
 __all__ = ["Distiller", "distillation_loss"]
 
@@ -72,12 +76,17 @@ class Distiller(keras.Model):
         teacher: a trained Keras model with the same output shape.
         temperature: ``T`` > 0 (softer targets for larger ``T``).
         alpha: weight of the hard-label loss, in [0, 1].
-        from_logits: whether both models output logits (default False: probabilities, e.g. a
-            softmax output layer).
+        from_logits: whether both models output logits. None (default): read from the models'
+            output layers — a softmax or sigmoid activation (or ``Softmax`` layer) outputs
+            probabilities, a linear one logits; a model whose output tells neither (a subclassed
+            model, a ReLU output …), or a teacher and student that differ, are refused: pass
+            ``from_logits`` then. An explicit True/False is used as given (with a warning if the
+            output layers say otherwise).
 
     Raises:
-        TypeError: student or teacher is not a Keras model.
-        ValueError: ``temperature`` <= 0, ``alpha`` outside [0, 1], output shapes that differ.
+        TypeError: student or teacher is not a Keras model; ``from_logits`` not a bool or None.
+        ValueError: ``temperature`` <= 0, ``alpha`` outside [0, 1], output shapes or input shapes that
+            differ, ``from_logits=None`` and the models do not tell (or disagree).
 
     Example:
         >>> distiller = Distiller(student=tfq.qat.quantize_model(small), teacher=big)   # doctest: +SKIP
@@ -85,8 +94,8 @@ class Distiller(keras.Model):
         >>> distiller.fit(x_train, y_train, epochs=3)                                    # doctest: +SKIP
     """
 
-    def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.1, from_logits: bool = False,
-                 **kwargs):
+    def __init__(self, student, teacher, temperature: float = 4.0, alpha: float = 0.1,
+                 from_logits: bool | None = None, **kwargs):
         if isinstance(student, dict):
             student = keras.saving.deserialize_keras_object(student)
         if isinstance(teacher, dict):
@@ -105,6 +114,8 @@ class Distiller(keras.Model):
         if s_shape is not None and t_shape is not None and s_shape[-1] != t_shape[-1]:
             raise ValueError(f"student and teacher must predict the same classes. Received output shapes {s_shape} "
                              f"(student) and {t_shape} (teacher).")
+        _check_input_shapes(student, teacher)
+        from_logits = _resolve_from_logits(student, teacher, from_logits)
         kwargs.setdefault("name", "distiller")
         super().__init__(**kwargs)
         self.student = student
@@ -163,3 +174,96 @@ def _output_shape(model):
     if not outputs or len(outputs) != 1:
         return None
     return tuple(outputs[0].shape)
+
+
+def _input_shapes(model):
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    return [tuple(t.shape[1:]) for t in inputs] if inputs else None
+
+
+def _check_input_shapes(student, teacher) -> None:
+    """The teacher sees the student's inputs: their input shapes must match (None matches any size)."""
+    s_shapes, t_shapes = _input_shapes(student), _input_shapes(teacher)
+    if s_shapes is None or t_shapes is None:
+        return
+    compatible = len(s_shapes) == len(t_shapes) and all(
+        len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+        for a, b in zip(s_shapes, t_shapes))
+    if not compatible:
+        shown = (lambda shapes: shapes[0] if len(shapes) == 1 else shapes)
+        raise ValueError(f"student and teacher must take the same inputs (the teacher is called on the student's "
+                         f"batches). Received input shapes {shown(s_shapes)} (student) and {shown(t_shapes)} (teacher).")
+
+
+_PASSTHROUGH = (keras.layers.Dropout, keras.layers.Identity, keras.layers.Reshape, keras.layers.Flatten,
+                keras.layers.GaussianNoise, keras.layers.GaussianDropout, keras.layers.ActivityRegularization,
+                ActivationQuantizer)
+
+
+def _output_kind(model) -> str | None:
+    """``"probabilities"``, ``"logits"`` or None (cannot tell) for a single-output model, from its output layer.
+
+    A softmax or sigmoid activation (fused in the layer, an ``Activation`` layer, a ``Softmax``
+    layer or ``keras.ops.softmax``) gives probabilities; a linear activation logits. Layers that
+    only pass the values on (Dropout, Reshape, a tfq activation quantizer …) are looked through,
+    nested models entered. Read from the model's config (:class:`tfq.models.graph.ModelGraph`).
+
+    Example:
+        >>> _output_kind(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))   # doctest: +SKIP
+        'logits'
+    """
+    try:
+        graph = ModelGraph(model)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if len(graph.outputs) != 1:
+        return None
+    key = next(iter(graph.outputs))
+    for _ in range(64):
+        node = graph.producer(key)
+        layer = node.layer if node is not None else None
+        if layer is None:
+            return None
+        if isinstance(layer, keras.Model):
+            return _output_kind(layer)
+        if isinstance(layer, keras.layers.Softmax) or type(layer).__name__ in ("Softmax", "Sigmoid"):
+            return "probabilities"
+        if isinstance(layer, _PASSTHROUGH) and node.first_input is not None:
+            key = node.first_input
+            continue
+        if hasattr(layer, "activation"):
+            name = activation_name(layer.activation)
+            if name in ("softmax", "sigmoid", "log_softmax"):
+                return "probabilities" if name != "log_softmax" else None
+            return "logits" if name == "linear" else None
+        return None
+    return None
+
+
+def _resolve_from_logits(student, teacher, from_logits) -> bool:
+    """``from_logits`` as given (a warning if the models say otherwise), or read from both models' outputs."""
+    if from_logits is not None and not isinstance(from_logits, bool):
+        raise TypeError(f"from_logits must be True, False or None (read from the models). "
+                        f"Received: from_logits={from_logits!r} ({type(from_logits).__name__})")
+    kinds = {"student": _output_kind(student), "teacher": _output_kind(teacher)}
+    if from_logits is not None:
+        said = "logits" if from_logits else "probabilities"
+        other = sorted(name for name, kind in kinds.items() if kind is not None and kind != said)
+        if other:
+            whose = " and the ".join(f"{name}'s" for name in other)
+            verb = "layers give" if len(other) > 1 else "layer gives"
+            warnings.warn(f"Distiller(from_logits={from_logits}) reads the outputs as {said}, but the {whose} output {verb} "
+                          f"{kinds[other[0]]}: check from_logits (None reads it from the models).", stacklevel=3)
+        return from_logits
+    unknown = [name for name, kind in kinds.items() if kind is None]
+    if unknown:
+        raise ValueError(f"Distiller cannot tell whether the {' and '.join(unknown)} output{'' if len(unknown) > 1 else 's'} "
+                         f"logits or probabilities (no softmax, sigmoid or linear activation on the output "
+                         f"layer): pass from_logits=True (logits) or from_logits=False (probabilities).")
+    if kinds["student"] != kinds["teacher"]:
+        raise ValueError(f"the student outputs {kinds['student']} but the teacher {kinds['teacher']}: give both the same "
+                         f"output (e.g. both a softmax layer, or both linear logits). Received: from_logits=None.")
+    return kinds["student"] == "logits"

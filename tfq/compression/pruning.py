@@ -39,6 +39,16 @@ __all__ = [
 
 SCHEDULES = ("polynomial", "constant")
 
+# Defaults of the polynomial schedule, for a user who passes neither end_step nor frequency: the
+# target is reached after END_FRACTION of the first fit (the rest of it recovers the accuracy at the
+# final masks), and the masks change about UPDATES_TO_TARGET times on the way (every
+# (end_step − begin_step) // UPDATES_TO_TARGET steps, at least 1, at most MAX_AUTO_FREQUENCY).
+# Measured (README "Compression"): 75 % on the digits CNN, 4 epochs of fit: 90.5 % with the target at
+# the last step and masks every 100 steps (the former default), 97.8 % with these.
+END_FRACTION = 0.6
+UPDATES_TO_TARGET = 10
+MAX_AUTO_FREQUENCY = 100
+
 
 def _check_sparsity(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
@@ -55,9 +65,12 @@ def _check_step(name: str, value, allow_none: bool = False):
     return int(value)
 
 
-def _check_frequency(frequency) -> int:
+def _check_frequency(frequency, allow_none: bool = False):
+    if frequency is None and allow_none:
+        return None
     if isinstance(frequency, bool) or not isinstance(frequency, (int, np.integer)) or frequency < 1:
-        raise ValueError(f"frequency must be an integer >= 1 (steps between mask updates). Received: frequency={frequency!r}")
+        raise ValueError(f"frequency must be an integer >= 1 (steps between mask updates){' or None' if allow_none else ''}. "
+                         f"Received: frequency={frequency!r}")
     return int(frequency)
 
 
@@ -68,9 +81,11 @@ class PolynomialDecay:
         s(t) = final + (initial − final) · (1 − p(t))^power
 
     Masks are updated at ``t = begin_step + k·frequency`` up to ``end_step``, and at ``end_step``
-    itself, so ``final_sparsity`` is reached exactly at ``end_step``; after it the masks stay.
-    ``end_step=None`` is set by :class:`tfq.callbacks.UpdatePruningStep` to the last step of the
-    first ``fit``.
+    itself, so ``final_sparsity`` is reached exactly at ``end_step`` (at once when
+    ``end_step == begin_step``); after it the masks stay. ``end_step=None`` is set by
+    :class:`tfq.callbacks.UpdatePruningStep` to the step at :data:`END_FRACTION` (60 %) of the first
+    ``fit``, so the rest of that fit trains at the final masks. ``frequency=None``:
+    ``clip((end_step − begin_step) // 10, 1, 100)`` — about 10 updates on the way to the target.
 
     Example:
         >>> PolynomialDecay(0.0, 0.8, begin_step=0, end_step=100).sparsity_at(50)
@@ -82,7 +97,7 @@ class PolynomialDecay:
     begin_step: int = 0
     end_step: int | None = None
     power: float = 3.0
-    frequency: int = 100
+    frequency: int | None = None
 
     def __post_init__(self):
         initial = _check_sparsity("initial_sparsity", self.initial_sparsity)
@@ -98,7 +113,7 @@ class PolynomialDecay:
         object.__setattr__(self, "initial_sparsity", initial)
         object.__setattr__(self, "final_sparsity", final)
         object.__setattr__(self, "power", float(self.power))
-        object.__setattr__(self, "frequency", _check_frequency(self.frequency))
+        object.__setattr__(self, "frequency", _check_frequency(self.frequency, allow_none=True))
 
     @property
     def target_sparsity(self) -> float:
@@ -109,17 +124,27 @@ class PolynomialDecay:
         end = self.end_step if self.end_step is not None else end_step
         if end is None:
             raise ValueError("this schedule's end_step is set by UpdatePruningStep; pass end_step=...")
-        p = min(max((step - self.begin_step) / max(end - self.begin_step, 1), 0.0), 1.0)
+        p = 1.0 if step >= end else min(max((step - self.begin_step) / max(end - self.begin_step, 1), 0.0), 1.0)
         return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - p) ** self.power
 
     def tf_sparsity(self, step, end):
         span = tf.cast(tf.maximum(end - self.begin_step, 1), tf.float32)
-        p = tf.clip_by_value(tf.cast(step - self.begin_step, tf.float32) / span, 0.0, 1.0)
+        p = tf.where(step >= end, 1.0, tf.clip_by_value(tf.cast(step - self.begin_step, tf.float32) / span, 0.0, 1.0))
         return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * tf.pow(1.0 - p, self.power)
+
+    def frequency_for(self, end_step: int) -> int:
+        """Steps between mask updates (``frequency``, or the one ``frequency=None`` picks for ``end_step``)."""
+        if self.frequency is not None:
+            return self.frequency
+        return int(min(max((end_step - self.begin_step) // UPDATES_TO_TARGET, 1), MAX_AUTO_FREQUENCY))
 
     def tf_should_update(self, step, end):
         in_range = (step >= self.begin_step) & (step <= end)
-        return in_range & ((tf.math.floormod(step - self.begin_step, self.frequency) == 0) | (step == end))
+        if self.frequency is not None:
+            frequency = tf.cast(self.frequency, step.dtype)
+        else:
+            frequency = tf.clip_by_value((end - self.begin_step) // UPDATES_TO_TARGET, 1, MAX_AUTO_FREQUENCY)
+        return in_range & ((tf.math.floormod(step - self.begin_step, frequency) == 0) | (step == end))
 
     def to_dict(self) -> dict:
         return dict(dataclasses.asdict(self), kind="polynomial")
@@ -310,7 +335,7 @@ def _make_schedule(target_sparsity, schedule, begin_step, end_step, frequency, i
     if schedule == "polynomial":
         return PolynomialDecay(initial_sparsity, target_sparsity, begin_step, end_step, power, frequency)
     if schedule == "constant":
-        return ConstantSparsity(target_sparsity, begin_step, end_step, frequency)
+        return ConstantSparsity(target_sparsity, begin_step, end_step, 100 if frequency is None else frequency)
     raise ValueError(f"schedule must be one of {SCHEDULES} or a PolynomialDecay/ConstantSparsity. "
                      f"Received: schedule={schedule!r}")
 
@@ -321,7 +346,7 @@ def prune_low_magnitude(
     schedule="polynomial",
     begin_step: int = 0,
     end_step: int | None = None,
-    frequency: int = 100,
+    frequency: int | None = None,
     block_size=(1, 1),
     *,
     layers=None,
@@ -339,8 +364,11 @@ def prune_low_magnitude(
         "constant":    s(t) = target for t ≥ begin_step
 
     Masks are recomputed at ``begin_step + k·frequency`` and at ``end_step`` (so the target is
-    reached exactly there); ``end_step=None`` means the last step of the first ``fit`` for
-    ``"polynomial"``, and no end for ``"constant"``.
+    reached exactly there; ``end_step == begin_step`` prunes to the target at once). For
+    ``"polynomial"``, ``end_step=None`` is the step at 60 % of the first ``fit`` (the rest of it
+    trains at the final masks and recovers the accuracy) and ``frequency=None`` about 10 updates
+    on the way (``clip((end_step − begin_step) // 10, 1, 100)`` steps apart). For ``"constant"``,
+    ``end_step=None`` is no end and ``frequency=None`` 100 steps.
 
     Args:
         model: a built Functional or Sequential Keras 3 model (nested models allowed), a tf_keras
@@ -350,7 +378,7 @@ def prune_low_magnitude(
             :class:`ConstantSparsity` (then the other schedule arguments must stay at their defaults).
         begin_step: first step that prunes.
         end_step: last step that changes the masks (see above).
-        frequency: steps between mask updates.
+        frequency: steps between mask updates (None: see above).
         block_size: ``(rows, cols)`` of weights pruned together (of the weight seen as a matrix
             ``(∏ other dims, output dim)``), e.g. ``(1, 4)`` for 4 output channels at once.
         layers: names, regexes, ``"class:Name"`` patterns or classes of the layers to prune
@@ -373,7 +401,7 @@ def prune_low_magnitude(
     if isinstance(schedule, (PolynomialDecay, ConstantSparsity)):
         given = dict(target_sparsity=target_sparsity, begin_step=begin_step, end_step=end_step, frequency=frequency,
                      initial_sparsity=initial_sparsity, power=power)
-        defaults = dict(target_sparsity=0.75, begin_step=0, end_step=None, frequency=100, initial_sparsity=0.0,
+        defaults = dict(target_sparsity=0.75, begin_step=0, end_step=None, frequency=None, initial_sparsity=0.0,
                         power=3.0)
         changed = sorted(k for k in given if given[k] != defaults[k])
         if changed:

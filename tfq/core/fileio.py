@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +16,28 @@ from pathlib import Path
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable", "check_writable_dir"]
 
 
+def _create_temp(target: Path) -> Path:
+    """An empty new file next to ``target``, created with mode 0666 minus the umask (as ``open`` would
+    create ``target`` itself; ``tempfile.mkstemp`` would give 0600, and reading the umask with
+    ``os.umask`` changes it for every thread for a moment)."""
+    directory = target.parent or Path(".")
+    for _ in range(100):
+        tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file next to {str(target)!r}; remove its stale .tmp files.")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temp path next to ``path``; on success it replaces ``path``, on error it is removed.
+
+    The file written has the mode an existing ``path`` had; a new one gets 0666 minus the umask,
+    as ``open(path, "w")`` would give it.
 
     Example:
         >>> with atomic_path("out.json") as tmp:          # doctest: +SKIP
@@ -27,12 +48,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise FileNotFoundError(
             f"output directory does not exist: {str(target.parent)!r}. Create it first or choose another path."
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp(target)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o644)
+        try:  # an existing file keeps its mode (a private 0600 file stays private)
+            os.chmod(tmp_path, stat.S_IMODE(os.stat(target).st_mode))
+        except FileNotFoundError:
+            pass  # a new file: the mode the umask leaves of 0666, as open() would give it
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

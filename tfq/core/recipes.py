@@ -38,7 +38,7 @@ from tfq.core.calibration_methods import (
 )
 from tfq.core.export_modes import export_mode_names, get_export_mode, io_dtype_names
 from tfq.core.fileio import atomic_write_text
-from tfq.core.messages import short_repr
+from tfq.core.messages import nested_size_exceeds, one_line, short_repr
 from tfq.core.ptq_methods import get_ptq_method, ptq_method_names
 
 __all__ = [
@@ -78,7 +78,7 @@ def __getattr__(name: str):
     """MODES, CALIBRATION_METHODS and IO_DTYPES, read from the registries (registered ones included)."""
     if name in _REGISTRY_CONSTANTS:
         return _REGISTRY_CONSTANTS[name]()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module {short_repr(__name__)} has no attribute {short_repr(name)}")
 
 
 _INTEGER_DTYPES = {"int8": 8, "int16": 16}  # dtype -> most bits it holds
@@ -119,15 +119,15 @@ def _check_pattern(where: str, pattern: Any) -> None:
     if not isinstance(pattern, str) or not pattern:
         raise TypeError(
             f"{where} must be a non-empty string (a layer-name regex or 'class:<ClassName>'). "
-            f"Received: {pattern!r}"
+            f"Received: {short_repr(pattern)}"
         )
     regex = pattern[len(_CLASS_PREFIX):] if pattern.startswith(_CLASS_PREFIX) else pattern
     if not regex:
-        raise ValueError(f"{where} names no class after 'class:'. Received: {pattern!r}")
+        raise ValueError(f"{where} names no class after 'class:'. Received: {short_repr(pattern)}")
     try:
         re.compile(regex)
     except re.error as e:
-        raise ValueError(f"{where} is not a valid regular expression ({e}). Received: {pattern!r}") from None
+        raise ValueError(f"{where} is not a valid regular expression ({e}). Received: {short_repr(pattern)}") from None
 
 
 def _matches(pattern: str, layer_name: str, class_name: str) -> bool:
@@ -176,31 +176,31 @@ class TensorSpec:
     def __post_init__(self) -> None:
         _check_choice("TensorSpec", "dtype", self.dtype, DTYPES)
         if not _is_int(self.bits) or not 2 <= self.bits <= 16:
-            raise ValueError(f"TensorSpec.bits must be an int in 2..16. Received: bits={self.bits!r}")
+            raise ValueError(f"TensorSpec.bits must be an int in 2..16. Received: bits={short_repr(self.bits)}")
         for name in ("symmetric", "per_channel", "narrow_range"):
             _check_bool("TensorSpec", name, getattr(self, name))
         if not _is_int(self.axis):
-            raise TypeError(f"TensorSpec.axis must be an int. Received: axis={self.axis!r}")
+            raise TypeError(f"TensorSpec.axis must be an int. Received: axis={short_repr(self.axis)}")
         if self.dtype in _INTEGER_DTYPES:
             max_bits = _INTEGER_DTYPES[self.dtype]
             if self.bits > max_bits:
                 raise ValueError(
-                    f"TensorSpec.bits must be at most {max_bits} for dtype={self.dtype!r}; use "
-                    f"dtype='int16' for up to 16 bits. Received: bits={self.bits}, dtype={self.dtype!r}"
+                    f"TensorSpec.bits must be at most {max_bits} for dtype={short_repr(self.dtype)}; use "
+                    f"dtype='int16' for up to 16 bits. Received: bits={self.bits}, dtype={short_repr(self.dtype)}"
                 )
         else:
             for f in dataclasses.fields(self):
                 if f.name != "dtype" and getattr(self, f.name) != f.default:
                     raise ValueError(
-                        f"TensorSpec with dtype={self.dtype!r} is a cast, not a quantization: "
-                        f"leave {f.name} at its default {f.default!r}. "
-                        f"Received: {f.name}={getattr(self, f.name)!r}"
+                        f"TensorSpec with dtype={short_repr(self.dtype)} is a cast, not a quantization: "
+                        f"leave {f.name} at its default {short_repr(f.default)}. "
+                        f"Received: {f.name}={short_repr(getattr(self, f.name))}"
                     )
 
     def __repr__(self) -> str:
         if not self.is_integer:
-            return f"TensorSpec(dtype={self.dtype!r})"
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+            return f"TensorSpec(dtype={short_repr(self.dtype)})"
+        fields = ", ".join(f"{f.name}={short_repr(getattr(self, f.name))}" for f in dataclasses.fields(self))
         return f"TensorSpec({fields})"
 
     @property
@@ -260,18 +260,18 @@ class Override:
         for name in ("weights", "activations"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, TensorSpec):
-                raise TypeError(f"Override.{name} must be a TensorSpec or None. Received: {name}={value!r}")
+                raise TypeError(f"Override.{name} must be a TensorSpec or None. Received: {name}={short_repr(value)}")
         _check_bool("Override", "float", self.float)
         given = [name for name in ("weights", "activations") if getattr(self, name) is not None]
         if self.float and given:
             raise ValueError(
                 f"Override(float=True) keeps layers float, so it takes no {' or '.join(given)} spec. "
-                f"Received: pattern={self.pattern!r}, float=True, {given[0]}={getattr(self, given[0])!r}"
+                f"Received: pattern={short_repr(self.pattern)}, float=True, {given[0]}={short_repr(getattr(self, given[0]))}"
             )
         if not self.float and not given:
             raise ValueError(
                 "Override changes nothing: give weights, activations or float=True. "
-                f"Received: pattern={self.pattern!r}"
+                f"Received: pattern={short_repr(self.pattern)}"
             )
 
     def matches(self, layer_name: str, class_name: str) -> bool:
@@ -322,8 +322,8 @@ def _check_dtype_kind(mode: str, role: str, spec: TensorSpec, where: str) -> Non
     if spec.dtype not in allowed:
         hint = " To keep a layer float, list it in float_layers." if spec.dtype.startswith("float") else ""
         raise ValueError(
-            f"mode={mode!r} stores {role} as {' or '.join(allowed)}.{hint} "
-            f"Received: {where}.dtype={spec.dtype!r}"
+            f"mode={short_repr(mode)} stores {role} as {' or '.join(allowed)}.{hint} "
+            f"Received: {where}.dtype={short_repr(spec.dtype)}"
         )
 
 
@@ -335,7 +335,7 @@ def _check_tflite(mode: str, role: str, spec: TensorSpec, where: str) -> None:
         if spec.dtype != "int8" or spec.bits != 8:
             raise ValueError(
                 f"TFLite {mode} kernels take 8-bit int8 weights. "
-                f"Received: {where}.dtype={spec.dtype!r}, {where}.bits={spec.bits}. {_ALLOW_NON_TFLITE_HINT}"
+                f"Received: {where}.dtype={short_repr(spec.dtype)}, {where}.bits={spec.bits}. {_ALLOW_NON_TFLITE_HINT}"
             )
         if not spec.symmetric:
             raise ValueError(
@@ -357,7 +357,7 @@ def _check_tflite(mode: str, role: str, spec: TensorSpec, where: str) -> None:
     if spec.dtype != dtype or spec.bits != bits:
         raise ValueError(
             f"TFLite {mode} kernels take {bits}-bit {dtype} activations. "
-            f"Received: {where}.dtype={spec.dtype!r}, {where}.bits={spec.bits}. {_ALLOW_NON_TFLITE_HINT}"
+            f"Received: {where}.dtype={short_repr(spec.dtype)}, {where}.bits={spec.bits}. {_ALLOW_NON_TFLITE_HINT}"
         )
     if mode == "int16x8" and not spec.symmetric:
         raise ValueError(
@@ -450,10 +450,10 @@ class Recipe:
         mode_io = get_export_mode(self.mode).io_dtypes
         if self.io_dtype not in mode_io:
             raise ValueError(
-                f"With mode={self.mode!r}, io_dtype must be one of "
+                f"With mode={short_repr(self.mode)}, io_dtype must be one of "
                 f"{_quote_all(mode_io)} (integer inputs/outputs exist only in "
                 f"full-integer models: int8/uint8 with mode='int8', int16 with mode='int16x8'). "
-                f"Received: io_dtype={self.io_dtype!r}"
+                f"Received: io_dtype={short_repr(self.io_dtype)}"
             )
         for i, pattern in enumerate(self.float_layers):
             _check_pattern(f"Recipe.float_layers[{i}]", pattern)
@@ -461,12 +461,12 @@ class Recipe:
         if n is not None and (not _is_int(n) or n < 1):
             raise ValueError(
                 f"Recipe.num_calibration_samples must be an int >= 1 or None. "
-                f"Received: num_calibration_samples={n!r}"
+                f"Received: num_calibration_samples={short_repr(n)}"
             )
         if not _is_int(self.seed):
-            raise TypeError(f"Recipe.seed must be an int. Received: seed={self.seed!r}")
+            raise TypeError(f"Recipe.seed must be an int. Received: seed={short_repr(self.seed)}")
         if not isinstance(self.name, str):
-            raise TypeError(f"Recipe.name must be a str. Received: name={self.name!r}")
+            raise TypeError(f"Recipe.name must be a str. Received: name={short_repr(self.name)}")
         _check_bool("Recipe", "allow_non_tflite", self.allow_non_tflite)
         self._check_specs()
         self._check_methods()
@@ -596,24 +596,24 @@ class Recipe:
         for name in ("weights", "activations"):
             if not isinstance(getattr(self, name), TensorSpec):
                 raise TypeError(
-                    f"Recipe.{name} must be a TensorSpec or None. Received: {name}={getattr(self, name)!r}"
+                    f"Recipe.{name} must be a TensorSpec or None. Received: {name}={short_repr(getattr(self, name))}"
                 )
         if not isinstance(self.calibration_params, Mapping):
             raise TypeError(
                 f"Recipe.calibration_params must be a mapping. "
-                f"Received: calibration_params={self.calibration_params!r}"
+                f"Received: calibration_params={short_repr(self.calibration_params)}"
             )
         object.__setattr__(self, "calibration_params", types.MappingProxyType(dict(self.calibration_params)))
         for name, item_type in (("float_layers", str), ("overrides", Override)):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)):
                 raise TypeError(
-                    f"Recipe.{name} must be a list or tuple of {item_type.__name__}. Received: {name}={value!r}"
+                    f"Recipe.{name} must be a list or tuple of {item_type.__name__}. Received: {name}={short_repr(value)}"
                 )
             for i, item in enumerate(value):
                 if not isinstance(item, item_type):
                     raise TypeError(
-                        f"Recipe.{name}[{i}] must be a {item_type.__name__}. Received: {item!r}"
+                        f"Recipe.{name}[{i}] must be a {item_type.__name__}. Received: {short_repr(item)}"
                     )
             object.__setattr__(self, name, tuple(value))
 
@@ -819,16 +819,33 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in _PRESET_DIR.glob("*.yaml"))
 
 
+# Bounds on a recipe file: bytes read, and values once YAML aliases are expanded (a few hundred
+# bytes of nested aliases expand to billions of values: refused before anything walks them).
+_MAX_RECIPE_BYTES = 1 << 20
+_MAX_RECIPE_VALUES = 100_000
+
+
 def _read_file(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    size = path.stat().st_size
+    if size > _MAX_RECIPE_BYTES:
+        raise ValueError(f"{_escape(path)}: a recipe file is at most {_MAX_RECIPE_BYTES} bytes. Received: {size} bytes; "
+                         f"is it a recipe?")
     try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        detail = " ".join(str(e).split())
-        raise ValueError(f"{_escape(path)}: not valid {kind}: {detail}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{_escape(path)}: not a {kind} text file (byte {e.start} is not UTF-8); pass a recipe "
+                         f".yaml/.json file.") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
+        detail = " ".join(str(e).split()) if not isinstance(e, RecursionError) else "nested too deeply"
+        raise ValueError(f"{_escape(path)}: not valid {kind}: {one_line(detail)}") from None
+    if nested_size_exceeds(data, _MAX_RECIPE_VALUES):
+        raise ValueError(f"{_escape(path)}: the recipe expands to more than {_MAX_RECIPE_VALUES} values (YAML aliases "
+                         f"nested in each other, or one that holds itself); a recipe has a few dozen: write it out "
+                         f"without aliases.")
+    return data
 
 
 def load_recipe(source: RecipeSource) -> Recipe:
@@ -866,15 +883,15 @@ def load_recipe(source: RecipeSource) -> Recipe:
     if isinstance(source, str) and not path.suffix and os.sep not in source:
         if source not in list_presets():
             raise FileNotFoundError(
-                f"No preset named {source!r}. Presets: {', '.join(list_presets())}; "
+                f"No preset named {short_repr(source)}. Presets: {', '.join(list_presets())}; "
                 "or pass a path to a .yaml/.yml/.json file."
             )
         path = _PRESET_DIR / f"{source}.yaml"
     if path.suffix not in _FILE_SUFFIXES:
         raise ValueError(f"{_escape(path)}: a recipe file must end in {', '.join(_FILE_SUFFIXES)}. "
-                         f"Received: {str(path)!r}")
+                         f"Received: {short_repr(str(path))}")
     if not path.is_file():
-        raise FileNotFoundError(f"Recipe file not found: {str(path)!r}. Presets: {', '.join(list_presets())}.")
+        raise FileNotFoundError(f"Recipe file not found: {short_repr(str(path))}. Presets: {', '.join(list_presets())}.")
     data = _read_file(path)
     if not isinstance(data, Mapping):
         raise ValueError(f"{_escape(path)}: a recipe file must hold a mapping of keys. Received: {short_repr(data)}")
@@ -907,10 +924,10 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
         PosixPath('/tmp/my_int8.yaml')
     """
     if not isinstance(recipe, Recipe):
-        raise TypeError(f"save_recipe expects a Recipe. Received: {recipe!r} ({type(recipe).__name__})")
+        raise TypeError(f"save_recipe expects a Recipe. Received: {short_repr(recipe)} ({type(recipe).__name__})")
     path = Path(path)
     if path.suffix not in _FILE_SUFFIXES:
-        raise ValueError(f"A recipe file must end in {', '.join(_FILE_SUFFIXES)}. Received: path={str(path)!r}")
+        raise ValueError(f"A recipe file must end in {', '.join(_FILE_SUFFIXES)}. Received: path={short_repr(str(path))}")
     buffer = io.StringIO()  # serialized in memory: a failure leaves no file behind
     if path.suffix == ".json":
         json.dump(recipe.to_dict(), buffer, indent=2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,11 @@ InputSpec = tuple[str, tuple, str]
 """`(name, shape without the batch axis, dtype name)` of one model input."""
 
 _SHUFFLE_BUFFER_SIZE = 1024
+
+STREAM_SAMPLE_CAP = 100_000
+"""Samples read from a source whose end cannot be known in advance (a generator function, a
+tf.data dataset of unknown cardinality) when no ``num_samples`` is given: a generator that never
+ends stops here, with a warning, instead of hanging the calibration."""
 """Samples held by the shuffle buffer of streaming sources (tf.data, generators)."""
 
 _CHUNK_BYTES = 8 << 20
@@ -349,6 +355,7 @@ class RepresentativeDataset:
         dtypes: list[np.dtype] | None,
         expected_by: str | None,
         options: dict[str, Any],
+        stream_cap: int | None = None,
     ):
         """Internal: use `representative_dataset()`.
 
@@ -364,10 +371,13 @@ class RepresentativeDataset:
             dtypes: Per-input output dtype, or None for float32 everywhere.
             expected_by: What the shapes come from in messages (e.g. "model 'm'"), or None.
             options: The arguments that built it, to tell whether a re-wrap changes anything.
+            stream_cap: With ``limit`` None, the samples read from a source that may never end
+                before stopping with a warning (see :data:`STREAM_SAMPLE_CAP`), or None.
         """
         self._source = source
         self._length = length
         self._limit = limit
+        self._stream_cap = stream_cap if limit is None else None
         self._batch_size = batch_size
         self._shuffle_seed = shuffle_seed
         self._names = list(names) if names is not None else None
@@ -464,17 +474,25 @@ class RepresentativeDataset:
                 stream, np.random.default_rng(self._shuffle_seed), _SHUFFLE_BUFFER_SIZE
             )
         offset = 0
+        limit = self._limit if self._limit is not None else self._stream_cap
         try:
             for arrays in stream:
                 count = len(arrays[0])
                 if count == 0:
                     continue
-                if self._limit is not None and offset + count > self._limit:
-                    count = self._limit - offset
+                more = False
+                if limit is not None and offset + count > limit:
+                    count, more = limit - offset, True
                     arrays = [a[:count] for a in arrays]
                 yield self._convert(arrays, offset)
                 offset += count
-                if self._limit is not None and offset >= self._limit:
+                if limit is not None and offset >= limit:
+                    if self._limit is None and (more or next(stream, None) is not None):
+                        warnings.warn(
+                            f"representative data has more than {limit} samples and its end cannot be known in "
+                            f"advance (a generator function or a tf.data dataset of unknown cardinality): only the "
+                            f"first {limit} are used. Pass num_calibration_samples (convert) or num_samples "
+                            f"(calibrate) to choose how many.", stacklevel=2)
                     return
         finally:
             if hasattr(stream, "close"):
@@ -950,6 +968,7 @@ def representative_dataset(
     limit = num_samples
     stream_seed = seed if shuffle else None
     length: int | None = None
+    stream_cap: int | None = None
 
     if isinstance(data, RepresentativeDataset):
         if data._options == options or (
@@ -973,6 +992,8 @@ def representative_dataset(
         tf = _tensorflow()
         batched = None if model is not None else _dataset_batched(data, num_inputs, names)
         cardinality = int(data.cardinality())
+        if cardinality == tf.data.UNKNOWN_CARDINALITY:
+            stream_cap = STREAM_SAMPLE_CAP
         if cardinality == tf.data.INFINITE_CARDINALITY and limit is None:
             raise ValueError(
                 "representative tf.data.Dataset is infinite (cardinality INFINITE); pass "
@@ -995,6 +1016,7 @@ def representative_dataset(
         )
     elif callable(data) and not _is_array_object(data):
         source = _CallableSource(data, num_inputs, None if model is not None else True)
+        stream_cap = STREAM_SAMPLE_CAP
     else:
         arrays, names = _input_arrays(data, names)
         array_source = _ArraySource(arrays, limit, bool(shuffle), seed)
@@ -1013,4 +1035,5 @@ def representative_dataset(
         dtypes=dtypes,
         expected_by=expected_by,
         options=options,
+        stream_cap=stream_cap,
     )

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tfq.core.messages import check_bool
 from tfq.tflite.info import inspect_tflite
 from tfq.tflite.interpreter import interpreter_class
 from tfq.tflite.sandbox import Sandbox, prestart
@@ -344,8 +345,7 @@ def _sqnr_findings(ref, out, output_names) -> list[Finding]:
 def check_keywords(check, strict) -> None:
     """``check``/``strict`` are booleans, and ``strict`` needs the check; starts the checker process early."""
     for name, value in (("check", check), ("strict", strict)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
+        check_bool(name, value)
     if strict and not check:
         raise ValueError("strict=True refuses what the check finds, so it needs check=True. Received: check=False, "
                          "strict=True")

@@ -19,7 +19,8 @@ from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_me
 from tfq.core.export_modes import CONVERT_OPTIONS, ExportMode, get_export_mode
 from tfq.core.fileio import atomic_write_bytes, check_writable
 from tfq.core.logs import verbosity
-from tfq.core.messages import short_repr
+from tfq.core.messages import check_bool, short_repr
+from tfq.core.process_lock import serialized
 from tfq.core.ptq_methods import RANGE_STAGES, get_ptq_method, methods_at
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
@@ -27,7 +28,12 @@ from tfq.export import check as checker
 from tfq.export.graph_converter import keras_graph_converter
 from tfq.export.int4 import snap_four_bit_kernels, write_int4_weights
 from tfq.models.interop import convert_tfmot_model, load_keras_model
-from tfq.models.loading import SavedModelPath, is_quantized_model, is_tf_keras_model
+from tfq.models.loading import (
+    SavedModelPath,
+    check_saved_model_complete,
+    is_quantized_model,
+    is_tf_keras_model,
+)
 from tfq.numerics.outliers import (
     input_outlier_samples,
     warn_outlier_samples,
@@ -58,6 +64,7 @@ def _tf():
 def _keras_converter(model: keras.Model):
     tf = _tf()
     if isinstance(model, SavedModelPath):
+        check_saved_model_complete(model)
         return tf.lite.TFLiteConverter.from_saved_model(str(model))
     return tf.lite.TFLiteConverter.from_keras_model(_with_list_inputs(model))
 
@@ -113,8 +120,7 @@ def _check_keywords(calibration, calibration_params, per_channel, verbose, outpu
                          f"a tfq.Calibration whose ranges are chosen already: drop calibration_params, or pass "
                          f"calibration={calibration.method!r} to calibrate again.")
     for name, value in (("per_channel", per_channel), ("verbose", verbose)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False. Received: {name}={short_repr(value)}")
+        check_bool(name, value)
     if output is not None and not isinstance(output, (str, os.PathLike)):
         raise TypeError(f"output must be a file path or None. Received: output={short_repr(output)}")
 
@@ -271,6 +277,7 @@ def _check_methods(model, r: Recipe, data, calibration, report=None) -> None:
                              f"(tfq.calibrate(tfq.equalize(model), ...)) and convert that.")
 
 
+@serialized
 def convert(
     model,
     mode: str | None = None,
@@ -750,6 +757,7 @@ def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
 
     tf = _tf()
     _require_data(data, r.mode)
+    check_saved_model_complete(path)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
     rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r)
     get_export_mode(r.mode).configure(converter, r.io_dtype, rep)

@@ -10,11 +10,23 @@ import keras
 
 from tfq.quantsim.rewrite import quantizers_of
 
-__all__ = ["load_model", "is_keras3_model", "is_tf_keras_model", "is_quantized_model", "SavedModelPath"]
+__all__ = ["load_model", "is_keras3_model", "is_tf_keras_model", "is_quantized_model", "SavedModelPath",
+           "check_saved_model_complete"]
 
 
 class SavedModelPath(str):
     """A path to a TensorFlow SavedModel directory (converted by the TFLite converter directly)."""
+
+
+def check_saved_model_complete(path) -> None:
+    """Before TensorFlow reads a SavedModel: one line if ``variables/`` is missing (TensorFlow writes
+    ``variables/variables.index`` even for a model without variables; without it the reader fails
+    with a two-line FileNotFoundError about a TensorSliceReader)."""
+    path = Path(path)
+    if not (path / "variables" / "variables.index").is_file():
+        raise ValueError(f"SavedModel {str(path)!r} is incomplete: it has saved_model.pb but no "
+                         f"variables/variables.index. Copy the whole SavedModel directory (variables/ included), "
+                         f"or export it again.")
 
 
 def is_keras3_model(model) -> bool:

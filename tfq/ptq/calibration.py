@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.fileio import atomic_write_text
 from tfq.core.logs import Progress, logger, verbosity
-from tfq.core.messages import short_repr
+from tfq.core.messages import check_bool, short_repr
+from tfq.core.process_lock import serialized
 from tfq.core.recipes import load_recipe
 from tfq.core.representative import pack_model_inputs, representative_dataset
 from tfq.models.interop import load_keras_model
@@ -242,7 +245,7 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
         raise ValueError(f"{str(p)!r} is not valid JSON ({err}); re-run tfq.calibrate and save again.") from None
     try:
         return Calibration.from_dict(data)
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{str(p)!r}: {err}") from None
 
 
@@ -313,6 +316,7 @@ def _warn_degenerate(observers: dict, ranges: dict, model_name: str) -> None:
     )
 
 
+@serialized
 def calibrate(
     model,
     representative_data,
@@ -374,8 +378,7 @@ def calibrate(
 
     get_calibration_method(method, "method").check_params(params, "params")
     for name, value in (("verbose", verbose), ("keep_observers", keep_observers)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False. Received: {name}={short_repr(value)}")
+        check_bool(name, value)
     if strategy is not None and not (callable(getattr(strategy, "run", None)) and hasattr(strategy, "scope")):
         raise TypeError(f"strategy must be a tf.distribute strategy (e.g. tf.distribute.MirroredStrategy()) or None. "
                         f"Received: strategy={short_repr(strategy)} ({type(strategy).__name__})")
@@ -431,6 +434,46 @@ def calibrate(
                              keep_observers, outlier_samples=outliers)
 
 
+_INDEX_ERROR = re.compile(r"indices\[(\d+)[\d,]*\] = (-?\d+) is not in \[0, (\d+)\)")
+
+
+def _embeddings_of(model, input_dim: int) -> list[str]:
+    """Names of the Embedding layers of ``model`` (nested models and tfq wrappers included) with ``input_dim`` rows."""
+    names, stack = [], list(model.layers)
+    while stack:
+        layer = stack.pop(0)
+        if isinstance(layer, keras.Model):
+            if layer.name.endswith("_inlined") and any(type(op).__name__ == "Take" for op in layer.operations) \
+                    and any(len(w.shape) == 2 and int(w.shape[0]) == input_dim for w in layer.weights):
+                names.append(layer.name[:-len("_inlined")])  # an Embedding as tfq decomposes it (a table and a take)
+                continue
+            stack.extend(layer.layers)
+            continue
+        inner = getattr(layer, "layer", None)
+        for candidate in (layer, inner):
+            if isinstance(candidate, keras.layers.Embedding) and int(candidate.input_dim) == input_dim:
+                names.append(layer.name)
+                break
+    return names
+
+
+def _forward(model, batch, offset: int) -> None:
+    """``model`` on one batch in inference; an index out of an Embedding's range is one line naming it."""
+    import tensorflow as tf
+
+    try:
+        model(pack_model_inputs(model, batch), training=False)
+    except tf.errors.InvalidArgumentError as err:
+        match = _INDEX_ERROR.search(str(err))
+        if match is None:
+            raise
+        row, value, size = (int(g) for g in match.groups())
+        layers = _embeddings_of(model, size)
+        where = f"Embedding {', '.join(map(repr, layers))} (input_dim={size})" if layers else f"a lookup of {size} rows"
+        raise ValueError(f"calibration sample {offset + row} holds the index {value}, outside [0, {size}) of {where}. "
+                         f"Map the indices into range (e.g. an out-of-vocabulary id) or enlarge input_dim.") from None
+
+
 def _observe_per_sample(model, data, batch_size, method, quantizers, observers, robust, bar):
     """One process: feeds ``observers`` and runs the outlier test (:class:`tfq.outliers.OutlierTest`,
     fixed-size state whatever the number of samples).
@@ -446,7 +489,7 @@ def _observe_per_sample(model, data, batch_size, method, quantizers, observers, 
         with observing(taps):
             for batch in _batches(data, batch_size, method, recorder):
                 recorder.begin_batch(len(batch[0]))
-                model(pack_model_inputs(model, batch), training=False)
+                _forward(model, batch, seen)
                 seen += len(batch[0])
                 if bar is not None:
                     bar.update(seen)

@@ -18,7 +18,8 @@ from tfq.core.calibration_methods import (
     calibration_method_names,
     get_calibration_method,
 )
-from tfq.core.messages import short_repr
+from tfq.core.messages import check_bool, short_repr
+from tfq.core.process_lock import serialized
 from tfq.core.recipes import load_recipe
 from tfq.models.interop import load_keras_model
 from tfq.models.loading import is_quantized_model
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 
+@serialized
 def quantize_model(
     model,
     recipe=None,
@@ -172,8 +174,7 @@ def _check_qat_options(range_mode, preserve, decay, warn_unknown, num_calibratio
                          f"Received: range_mode={short_repr(range_mode)}")
     if preserve not in (None, "sparsity", "clusters"):
         raise ValueError(f"preserve must be None, 'sparsity' or 'clusters'. Received: preserve={short_repr(preserve)}")
-    if not isinstance(warn_unknown, bool):
-        raise TypeError(f"warn_unknown must be True or False. Received: warn_unknown={short_repr(warn_unknown)}")
+    check_bool("warn_unknown", warn_unknown)
     if decay is not None and (isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 < decay < 1):
         raise ValueError(f"decay must be a number in (0, 1) (e.g. 0.999), or None for the recipe's. "
                          f"Received: decay={short_repr(decay)}")

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfq.core.process_lock import PROCESS_LOCK
 from tfq.numerics import ops
 
 __all__ = [
@@ -65,12 +66,14 @@ class observing:
 
     def __enter__(self):
         global _OBSERVERS
+        PROCESS_LOCK.acquire()  # module state: one observing pass in the process at a time
         _OBSERVERS = self.observers
         return self
 
     def __exit__(self, *exc):
         global _OBSERVERS
         _OBSERVERS = None
+        PROCESS_LOCK.release()
         return False
 
 
@@ -97,12 +100,14 @@ class tapping:
 
     def __enter__(self):
         global _TAPS
+        PROCESS_LOCK.acquire()  # module state: one tapping pass in the process at a time
         _TAPS = self.records
         return self.records
 
     def __exit__(self, *exc):
         global _TAPS
         _TAPS = None
+        PROCESS_LOCK.release()
         return False
 
 

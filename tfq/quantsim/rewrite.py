@@ -418,7 +418,7 @@ class _Rewriter:
         """
         key = id(layer)
         if key not in self.inline_cache:
-            self.inline_cache[key] = _inline_graph(layer, args, kwargs)
+            self.inline_cache[key] = _inline_graph(layer, args, kwargs, name)
         sub, reason = self.inline_cache[key]
         if sub is None:
             self.reasons[name] = reason
@@ -605,8 +605,12 @@ def _built_copy(layer, args, kwargs):
         return layer
 
 
-def _inline_graph(layer, args, kwargs) -> tuple[keras.Model | None, str]:
+def _inline_graph(layer, args, kwargs, name: str | None = None) -> tuple[keras.Model | None, str]:
     """The layer's ``call`` traced on fresh symbolic inputs as a functional model, or None and why.
+
+    The model is named ``f"{name}_inlined"`` (``name``: the layer's name in the rewrite, which does
+    not depend on what else the process built; an op's own name such as ``dot_product_attention_2``
+    does, through Keras' global name counter, and would change the bytes of a second conversion).
 
     The model takes the distinct symbolic tensors of ``(args, kwargs)`` as a flat list. It is
     kept only if it computes what the layer computes on probe data (max abs difference below
@@ -631,7 +635,7 @@ def _inline_graph(layer, args, kwargs) -> tuple[keras.Model | None, str]:
             out = decompose(target, *new_args, **new_kwargs)
             if not all(isinstance(t, keras.KerasTensor) for t in keras.tree.flatten(out)):
                 return None, "its call returns something other than tensors"
-            sub = keras.Model([fresh[id(t)] for t in tensors], out, name=f"{layer.name}_inlined")
+            sub = keras.Model([fresh[id(t)] for t in tensors], out, name=f"{name or layer.name}_inlined")
             if len(sub.operations) <= len(tensors):  # nothing but the inputs: no graph to rewrite
                 return None, "its call has no op"
             got = keras.tree.flatten(sub(probe))

@@ -23,7 +23,7 @@ import os
 import keras
 import numpy as np
 
-from tfq.compression.pruning import PolynomialDecay, pruned_layers_of
+from tfq.compression.pruning import END_FRACTION, PolynomialDecay, pruned_layers_of
 from tfq.core.fileio import atomic_write_bytes
 from tfq.quantsim.rewrite import batchnorm_layers_of, quantizers_of
 
@@ -256,8 +256,9 @@ class UpdatePruningStep(keras.callbacks.Callback):
     Before every training batch it sets each :class:`~tfq.pruning.PruneLowMagnitude` wrapper's
     ``pruning_step`` to the optimizer's step count (so a second ``fit`` continues the schedule);
     at the end of every epoch it writes ``weight · mask`` into the weights, so the model's weights
-    hold the zeros. A ``"polynomial"`` schedule without ``end_step`` gets the last step of this
-    ``fit`` (``steps_per_epoch × epochs − 1`` after the current step) as its end.
+    hold the zeros. A ``"polynomial"`` schedule without ``end_step`` gets the step at 60 % of this
+    ``fit`` as its end (``round(0.6 · steps_per_epoch · epochs) − 1`` after the current step), so the
+    rest of the fit trains at the final masks.
 
     Raises:
         ValueError: the model has no pruned layer; ``steps_per_execution`` > 1 (the step would only
@@ -290,7 +291,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
                 raise ValueError(f"layer {open_ended[0].name!r} has a polynomial schedule with end_step=None, set from "
                                  f"the length of fit, which is unknown here: pass steps_per_epoch to fit or end_step "
                                  f"to prune_low_magnitude.")
-            end = self.step + int(steps) * int(epochs) - 1
+            end = self.step + max(round(END_FRACTION * int(steps) * int(epochs)) - 1, 0)
             for wrapper in open_ended:
                 wrapper.end_step.assign(max(end, wrapper.schedule.begin_step))
 

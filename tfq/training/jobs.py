@@ -10,6 +10,8 @@ own ``TF_CONFIG`` (:mod:`tfq.training.distribute`).
 
 from __future__ import annotations
 
+import warnings
+
 from tfq.core.fileio import atomic_write_bytes
 from tfq.training.distribute import fit_distributed, worker_output_dir
 
@@ -29,8 +31,10 @@ def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 
         epochs: QAT epochs.
         batch_size: batch size (global: split over the replicas under a strategy).
         learning_rate: Adam learning rate (fine-tuning: small).
-        freeze_bn_epoch: freeze BatchNorm statistics after this epoch (None: never).
-        freeze_ranges_epoch: freeze activation ranges after this epoch (None: never).
+        freeze_bn_epoch: first epoch (0-based) trained with frozen BatchNorm statistics (None:
+            never); one >= ``epochs`` never comes: a warning names it.
+        freeze_ranges_epoch: first epoch (0-based) trained with frozen activation ranges (None:
+            never); one >= ``epochs``: a warning names it.
         calibration: method of the calibration pass that initialises the ranges.
         output_dir: if given, ``qat.keras``, ``qat_int8.tflite`` and per-epoch TFLite checkpoints
             are written there (by the chief; other workers write to :func:`worker_output_dir`).
@@ -55,6 +59,13 @@ def train_qat(model, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 
     from tfq.qat import quantize_model
     from tfq.training import callbacks as cb
 
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1. Received: epochs={epochs!r}")
+    for name, value in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_ranges_epoch", freeze_ranges_epoch)):
+        if value is not None and not isinstance(value, bool) and isinstance(value, int) and value >= epochs:
+            warnings.warn(f"train_qat: {name}={value} never freezes in this fit: epochs are counted from 0 and "
+                          f"epochs={epochs} trains epochs 0 … {epochs - 1}. Pass {name} < epochs to freeze, or None.",
+                          stacklevel=2)
     keras.utils.set_random_seed(seed)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
