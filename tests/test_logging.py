@@ -106,6 +106,22 @@ def test_keras_non_interactive_logging_is_respected(small, clean_logger, capsys)
     assert logs.interactive()
 
 
+def _read_all(master: int, terminal) -> str:
+    """Everything written to the pseudo-terminal: its slave closed first, so the read ends at EOF
+    (one os.read may return before the last write reached the master)."""
+    terminal.close()
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO on Linux once the slave is closed and the buffer is drained
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
 def test_progress_only_on_a_terminal(monkeypatch):
     master, slave = os.openpty()
     terminal = os.fdopen(slave, "w")
@@ -115,7 +131,7 @@ def test_progress_only_on_a_terminal(monkeypatch):
             bar.update(5)
             bar._last_draw = 0  # the next update draws at once
             bar.update(10)
-        drawn = os.read(master, 4096).decode()
+        drawn = _read_all(master, terminal)
     finally:
         terminal.close()
         os.close(master)
