@@ -160,6 +160,11 @@ class _Rewriter:
         self.taken: set[str] = set()
         self.site_names: dict[int, list[str]] = {}  # id(original weighted layer) → one wrapper name per call site
         self.inner: dict[int, object] = {}  # id(original weighted layer) → the one copy its wrappers share
+        # Inside an unrolled recurrent layer, the ops of every step share their ranges (one range
+        # per gate, cell and state over all steps), as tfq's decompositions intend.
+        self.share_steps = False
+        self.step_quantizers: dict[tuple, ActivationQuantizer] = {}  # (id(layer), output) → its quantizer
+        self.step_wrappers: dict[tuple, QuantizedLayer] = {}  # (id(layer), id(BN), activation) → its wrapper
         self.labels: dict[str, str] = {}  # a user's name that is no valid TensorFlow scope → the one tfq uses
 
     def conflicts(self) -> set:
@@ -310,7 +315,7 @@ class _Rewriter:
         return new
 
     def _call(self, layer, args, kwargs):
-        if isinstance(layer, keras.Model):
+        if isinstance(layer, keras.Model) and _has_graph(layer):
             key = id(layer)
             if key not in self.nested:
                 self.nested[key] = self.rewrite(layer, quantize_inputs=False)
@@ -325,6 +330,11 @@ class _Rewriter:
         label = self._label(layer)
         class_name = type(layer).__name__
         self.seen[name] = class_name
+        if getattr(layer, "stateful", False) is True:
+            raise ValueError(
+                f"layer {name!r} ({class_name}) is stateful: its state carries over from one batch to the next, which "
+                f"tfq cannot unroll and a TFLite model does not keep. Build the model with stateful=False (the same "
+                f"weights) to convert it. Received: stateful=True")
         self.current = layer
         if not isinstance(layer, keras.layers.Layer):
             args, kwargs = self._quantize_variable_args(layer, label, args, kwargs)
@@ -391,17 +401,18 @@ class _Rewriter:
         config = self._output_config(act_spec, fixed_range=fixed)
         if config is None:
             return out
-        return self._quantize_outputs(out, label, config)
+        return self._quantize_outputs(out, label, config, key=id(layer) if self.share_steps else None)
 
     def _name(self, layer) -> str:
         """The layer's name, or the stable name given to an operation of an inlined layer."""
         return self.names.get(id(layer), layer.name)
 
-    def _quantize_outputs(self, out, name: str, config: dict):
+    def _quantize_outputs(self, out, name: str, config: dict, key=None):
         """An output quantizer on every float tensor of ``out`` (``name_fq``, ``name_fq_1`` …).
 
         A shared layer gets new quantizers at each call: each call site has its own ranges, as
-        each of its output tensors has its own scale in TFLite.
+        each of its output tensors has its own scale in TFLite. Inside an unrolled recurrent layer
+        (``key``: the layer's id) the steps share them instead.
         """
         count = [0]
 
@@ -410,8 +421,12 @@ class _Rewriter:
                 return t
             index = count[0]
             count[0] += 1
-            quantizer = ActivationQuantizer(name=self._unique(f"{name}_fq" + (f"_{index}" if index else "")),
-                                            **config)
+            quantizer = self.step_quantizers.get((key, index)) if key is not None else None
+            if quantizer is None:
+                quantizer = ActivationQuantizer(name=self._unique(f"{name}_fq" + (f"_{index}" if index else "")),
+                                                **config)
+                if key is not None:
+                    self.step_quantizers[(key, index)] = quantizer
             y = quantizer(t)
             self.quantizer_of[id(y)] = quantizer
             return y
@@ -488,7 +503,11 @@ class _Rewriter:
                 _scope_name(f"{label or name}_{base}" + (f"_{counts[base]}" if counts[base] else "")), wrapper=True)
             counts[base] += 1
         if id(sub) not in self.nested:
-            self.nested[id(sub)] = self.rewrite(sub, quantize_inputs=False)
+            share, self.share_steps = self.share_steps, self.share_steps or isinstance(layer, keras.layers.RNN)
+            try:
+                self.nested[id(sub)] = self.rewrite(sub, quantize_inputs=False)
+            finally:
+                self.share_steps = share
         return self.nested[id(sub)](_tensor_leaves((args, kwargs)))
 
     def _normalization(self, layer, x, act_spec):
@@ -564,6 +583,13 @@ class _Rewriter:
         kernel (QAT trains that kernel through every call), and export reads one variable.
         A fusion rebuilds the wrapper of its call site under the same name (``site``).
         """
+        step_key = (id(layer), id(batchnorm), activation)
+        if self.share_steps and step_key in self.step_wrappers:  # one wrapper for every step
+            wrapper = self.step_wrappers[step_key]
+            out = wrapper(x)
+            if activation is None and batchnorm is None:
+                self.produced[id(out)] = _Produced(layer, x, batchnorm, wrapper.activation, wrapper.name)
+            return out
         name = self._label(layer)
         # The first call site's wrapper is named after the layer (after its BN when only the BN is
         # fused), the others after a unique variant of the layer's name.
@@ -613,6 +639,8 @@ class _Rewriter:
             self.opaque.setdefault("Activation", []).append(act_name)
             config = self._output_config(act_spec)
             return ActivationQuantizer(name=self._unique(f"{site}_{split_act}_fq"), **config)(y) if config else y
+        if self.share_steps:
+            self.step_wrappers[step_key] = wrapper
         if act == "linear" or (activation is None and batchnorm is None):
             self.produced[id(out)] = _Produced(layer, x, batchnorm, act, site)
         return out
@@ -678,7 +706,7 @@ def _inline_graph(layer, args, kwargs) -> tuple[keras.Model | None, str]:
     backend-specific ops or state would otherwise be rewritten wrongly.
     """
     tensors = _tensor_leaves((args, kwargs))
-    if not tensors or isinstance(layer, keras.Model):
+    if not tensors or (isinstance(layer, keras.Model) and _has_graph(layer)):
         return None, "it takes no tensor"
     fresh = {id(t): keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors}
     new_args, new_kwargs = keras.tree.map_structure(lambda v: fresh.get(id(v), v), (args, kwargs))
@@ -751,6 +779,42 @@ def _single_output(layer) -> bool:
         return False
 
 
+def _has_graph(model) -> bool:
+    """Whether ``model`` is a Functional or Sequential model (a subclassed one has no graph of layers)."""
+    if isinstance(model, keras.Sequential):
+        return True
+    try:
+        return bool(model.inputs) and bool(model.outputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _traced_subclassed(model: keras.Model) -> keras.Model:
+    """A Functional model around a subclassed one, on inputs of the shapes it was built with: the
+    rewrite then traces its ``call`` into a graph of layers (as for a custom layer), or keeps it whole.
+
+    Raises:
+        ValueError: the model was never called (its input shapes are unknown).
+    """
+    shapes = (model.get_build_config() or {}).get("input_shape") if model.built else None
+    if shapes is None:
+        raise ValueError(
+            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model that was never called, so its "
+            f"input shapes are unknown: call it once on a batch (model(x)) or wrap it, "
+            f"keras.Model(inputs, model(inputs)) with inputs = keras.Input(shape=...), then pass that.")
+    single = isinstance(shapes, (list, tuple)) and (not shapes or not isinstance(shapes[0], (list, tuple, dict)))
+    if isinstance(shapes, dict):
+        inputs = {k: keras.Input(batch_shape=(None, *tuple(v)[1:]), name=k) for k, v in shapes.items()}
+        outputs = model(inputs)
+    elif single:
+        inputs = keras.Input(batch_shape=(None, *tuple(shapes)[1:]))
+        outputs = model(inputs)
+    else:
+        inputs = [keras.Input(batch_shape=(None, *tuple(v)[1:])) for v in shapes]
+        outputs = model(inputs)
+    return keras.Model(inputs, outputs, name=model.name)
+
+
 def _as_functional(model: keras.Model) -> keras.Model:
     if isinstance(model, keras.Sequential):
         if not model.built or not getattr(model, "inputs", None):
@@ -768,9 +832,9 @@ def _as_functional(model: keras.Model) -> keras.Model:
         model.inputs = None
     if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
         raise ValueError(
-            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model with no graph tfq can rewrite. "
-            f"Build it with the Functional or Sequential API, or use PTQ with calibration='minmax', which "
-            f"uses the TFLite converter's own calibration."
+            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model, with no graph of layers for this "
+            f"step. Pass a Functional model that traces its call instead: inputs = keras.Input(shape=...); "
+            f"keras.Model(inputs, model.call(inputs))."
         )
     return model
 
@@ -853,6 +917,8 @@ def rewrite_model(
         raise ValueError(f"bn_folding must be one of {BN_FOLDING}. Received: bn_folding={bn_folding!r}")
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model. Received: {type(model).__name__}")
+    if not _has_graph(model):
+        model = _traced_subclassed(model)
     # The first pass learns the graph's consumers; a second pass (needed only if a fusion would
     # duplicate a layer or a tensor feeds only concatenations) applies what it learned.
     # Each pass can only remove fusions or quantizers, so this settles within a few passes.
