@@ -600,7 +600,9 @@ class _Rewriter:
             sites.append(site)
         elif site == sites[0]:
             site = sites[0] = preferred
-        first = id(layer) not in self.inner
+        # A new copy unless another call site already uses one (a layer called once gets a fresh copy
+        # when a fusion rebuilds its wrapper, as the wrapper it replaces is dropped).
+        first = id(layer) not in self.inner or len(sites) == 1
         inner = self.inner[id(layer)] if not first else self._renamed_copy(layer)
         bn = self._renamed_copy(batchnorm) if batchnorm is not None else None
         act = activation if activation is not None else activation_name(layer.activation)
