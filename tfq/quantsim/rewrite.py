@@ -978,6 +978,9 @@ def opaque_message(class_name: str, names: list[str], reasons: dict | None = Non
         )
     if class_name == "Activation":
         fix = "use an activation tfq quantizes (relu, relu6, sigmoid, tanh, swish, hard_swish, gelu, …)"
+    elif class_name == "TFKerasLayer":  # a tf_keras layer Keras 3 has no class for (tfq.models.interop)
+        fix = ("give tfq a Keras 3 implementation of it: tfq.interop.to_keras3(model, custom_objects={class name: "
+               "Keras 3 class}), and pass the result")
     else:
         fix = (f"write its call with keras.ops so tfq can trace it, or register how it computes: "
                f"tfq.qat.register_layer({class_name}, 'composite', decompose=fn)")
