@@ -195,16 +195,22 @@ def test_subclassed_model_never_called_gets_a_fix_that_works():
 
 # --- recurrent layers ---------------------------------------------------------------------------------
 
-def test_bidirectional_lstm_on_fixed_length_is_unrolled_to_int8():
+# Plain converter on the same models with unroll=True inside (its only route): 29.6 dB and 33.0 dB.
+@pytest.mark.parametrize("rnn", ["lstm_last_concat", "gru_sequences_sum"])
+def test_bidirectional_rnn_on_fixed_length_is_unrolled_to_int8(rnn):
     keras.utils.set_random_seed(7)
     inputs = keras.Input((6, 4))
-    model = keras.Model(inputs, L.Dense(3)(L.Bidirectional(L.LSTM(8))(inputs)))
+    if rnn == "lstm_last_concat":
+        y = L.Bidirectional(L.LSTM(8))(inputs)
+    else:
+        y = L.Flatten()(L.Bidirectional(L.GRU(8, return_sequences=True), merge_mode="sum")(inputs))
+    model = keras.Model(inputs, L.Dense(3)(y))
     x = np.random.default_rng(7).standard_normal((160, 6, 4)).astype("float32")
     content = _quiet(tfq.convert, model, "int8", x)  # refused before: "a sequence of unknown length"
     info = inspect_tflite(content)
     assert info.float_ops == []
     assert not {"WHILE", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM"} & {op.type for op in info.ops}
-    assert _sqnr(_float(model, x[:64])[0], _tflite(content, x[:64])[0]) > 25.0  # plain converter (unroll=True): 29.6
+    assert _sqnr(_float(model, x[:64])[0], _tflite(content, x[:64])[0]) > 25.0
 
 
 def test_stateful_rnn_gets_one_line():
