@@ -78,6 +78,14 @@ def test_names_a_user_may_give_never_collide_with_tfqs():
     np.testing.assert_allclose(_float(qat, x[:8])[0], _float(model, x[:8])[0], atol=0.5)
 
 
+def test_evaluate_runs_a_model_keras_itself_cannot_trace():
+    model = _oddly_named_model()  # model.predict fails: "'my model (v2)' is not a valid root scope name"
+    x = np.random.default_rng(1).standard_normal((96, 8, 8, 3)).astype("float32")
+    report = _quiet(tfq.evaluate, model, x, latency=False, representative_data=x, variants=("float", "int8"))
+    assert report.row("tflite_float")["sqnr_db"] > 80
+    assert report.row("tflite_int8")["agreement"] > 0.9 and report.row("tflite_int8")["sqnr_db"] > 25
+
+
 # --- shared layers ------------------------------------------------------------------------------------
 
 def _shared_conv_model(nested: bool):

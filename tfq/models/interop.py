@@ -30,9 +30,10 @@ from tfq.models.loading import (
     is_tf_keras_model,
     load_model,
 )
+from tfq.quantsim.rewrite import _has_graph, _scope_name, _walk_all_operations, copy_layer
 from tfq.tflite.converter import run_converter
 
-__all__ = ["convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "to_keras3"]
+__all__ = ["convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "scope_safe_model", "to_keras3"]
 
 TFMOT_QAT_CLASSES = frozenset({"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"})
 _FUNCTIONAL = "Functional"
@@ -102,8 +103,59 @@ def load_keras_model(model, *, where: str = "model", saved_model: bool = False, 
     if is_tf_keras_model(model):
         if tfmot and is_tfmot_qat_model(model):
             return model
-        return to_keras3(model, keep_whole=True)
-    return model
+        return scope_safe_model(to_keras3(model, keep_whole=True))
+    return scope_safe_model(model)
+
+
+def scope_safe_model(model):
+    """``model``, or if a name in it is one TensorFlow refuses as a scope (``"my model (v2)"``: Keras
+    cannot run such a model in a ``tf.function``, so neither ``predict`` nor the converter can), a copy
+    whose such names are made valid (other characters replaced by ``_``, unique), with the same weights.
+
+    Example:
+        >>> scope_safe_model(keras.Model(inputs, outputs, name="my model (v2)")).name   # doctest: +SKIP
+        'my_model__v2_'
+    """
+    if not isinstance(model, keras.Model) or not _has_graph(model):
+        return model
+    originals = [model, *_walk_all_operations(model)]
+    if all(_scope_name(op.name) == op.name for op in originals):
+        return model
+    taken = {op.name for op in originals}
+    renamed: dict[str, str] = {}
+
+    def label(name):
+        if _scope_name(name) == name:
+            return name
+        if name not in renamed:
+            base = new = _scope_name(name)
+            index = 0
+            while new in taken:
+                index += 1
+                new = f"{base}_{index}"
+            taken.add(new)
+            renamed[name] = new
+        return renamed[name]
+
+    def copy_model(m):
+        new = keras.models.clone_model(m, clone_function=clone)
+        if new.name != label(m.name):
+            new = keras.Model(new.inputs, new.outputs, name=label(m.name))
+        return new
+
+    def clone(layer):
+        if isinstance(layer, keras.Model) and _has_graph(layer):
+            return copy_model(layer)
+        return copy_layer(layer, dict(layer.get_config(), name=label(layer.name)))
+
+    new = copy_model(model)
+    copies = [new, *_walk_all_operations(new)]
+    sources = [op for op in originals if not isinstance(op, keras.Model)]
+    targets = [op for op in copies if not isinstance(op, keras.Model)]
+    for src, dst in zip(sources, targets):
+        if isinstance(src, keras.layers.Layer) and src.weights:
+            dst.set_weights(src.get_weights())
+    return new
 
 
 # ---------------------------------------------------------------------------------------------
