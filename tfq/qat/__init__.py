@@ -84,8 +84,9 @@ def quantize_model(
     model still wrapped by ``prune_low_magnitude``/``cluster_weights`` is stripped first.
 
     Args:
-        model: a built Functional or Sequential Keras 3 model (nested models allowed), a tf_keras
-            model, or a path.
+        model: a built Functional or Sequential Keras 3 model (nested models allowed; a layer called
+            several times gets its own ranges and fusions at each call and keeps one kernel), a
+            subclassed model called once (traced through its ``call``), a tf_keras model, or a path.
         recipe: :class:`~tfq.recipes.Recipe`, preset name, dict or file (default ``"qat_int8"``).
         range_mode: ``"moving_average"`` or ``"learned"``.
         decay: moving-average decay (default: the recipe's ``decay`` parameter, else 0.999).
@@ -115,8 +116,8 @@ def quantize_model(
         A new ``keras.Model`` ready for ``compile``/``fit``.
 
     Raises:
-        ValueError: bad ``range_mode``, ``preserve`` or ``bn_folding``; a subclassed model (no graph
-            to rewrite).
+        ValueError: bad ``range_mode``, ``preserve`` or ``bn_folding``; a subclassed model never called
+            (its input shapes are unknown; a called one is traced through its ``call``); a stateful RNN.
         TypeError: ``model`` is not a model or a path.
     """
 

@@ -11,6 +11,9 @@ The rewrite clones the model graph (``keras.models.clone_model`` with a ``call_f
   standalone BatchNormalization: MUL then ADD; Average: ADD then MUL);
 * keeps float, with a warning, the layers and activations with no int8 TFLite kernel;
 * recurses into nested models (a model used as a layer), so transfer-learning models work.
+* gives each call of a shared layer its own wrapper (ranges, fusions) around one copy of the layer
+  (one kernel); traces subclassed models through their ``call``, like layers it has no rule for;
+* names what it adds so that no name the user gave (any string Keras accepts) collides with it.
 
 A BatchNormalization or ReLU is fused into the layer before it only when that layer's output has
 no other consumer (as the converter does): the rewrite counts consumers and, if a fusion would
@@ -886,7 +889,8 @@ def rewrite_model(
     """Returns a new model with fake-quant ops where TFLite quantizes (see module docstring).
 
     Args:
-        model: a built Functional or Sequential Keras 3 model (nested models allowed).
+        model: a built Functional or Sequential Keras 3 model (nested models allowed), or a subclassed
+            model called once (traced through its ``call``, kept whole where that fails).
         recipe: a :class:`~tfq.recipes.Recipe`, preset name, dict or file; default ``"int8"``.
         range_mode: activation range mode of the new quantizers (``"moving_average"`` or
             ``"learned"``; ranges start uninitialised).
