@@ -117,7 +117,7 @@ def test_shared_layer_converts_with_one_kernel_and_a_range_per_call(nested):
     assert _sqnr(reference, got) > 25.0
 
 
-def test_shared_layer_qat_trains_the_one_kernel():
+def test_shared_layer_qat_trains_the_one_kernel(tmp_path):
     model = _shared_conv_model(nested=False)
     rng = np.random.default_rng(3)
     x = [rng.standard_normal((32, 8, 8, 3)).astype("float32") for _ in range(2)]
@@ -137,6 +137,13 @@ def test_shared_layer_qat_trains_the_one_kernel():
     np.testing.assert_array_equal(model.get_layer("shared").kernel.numpy(), before)  # the caller's is untouched
     content = _quiet(tfq.convert, qat, "int8")
     assert [w.shape for w in inspect_tflite(content).weights if len(w.shape) == 4] == [(4, 3, 3, 3)]
+    # Saved and loaded, it keeps one kernel (the later call site names the first one's wrapper).
+    qat.save(tmp_path / "shared.keras")
+    loaded = keras.models.load_model(tmp_path / "shared.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat.predict(x, verbose=0))
+    assert len([v for v in loaded.trainable_weights if v.path.endswith("kernel") and len(v.shape) == 4]) == 1
+    loaded_wrappers = [w for w in tfq.qat.quantized_layers_of(loaded) if isinstance(w.layer, L.Conv2D)]
+    assert loaded_wrappers[0].layer is loaded_wrappers[1].layer
 
 
 def test_layer_called_twice_in_sequence():

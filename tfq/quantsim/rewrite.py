@@ -951,6 +951,11 @@ def rewrite_model(
         raise ValueError(f"tfq could not settle the rewrite of model {model.name!r} in {_MAX_PASSES} passes; "
                          f"please report this model's architecture.")
     check_float_layers(recipe.float_layers, rewriter.seen, model.name)
+    first_site: dict[int, QuantizedLayer] = {}
+    for wrapper in quantized_layers_of(new):  # later call sites of a shared layer name the first (for loading)
+        primary = first_site.setdefault(id(wrapper.layer), wrapper)
+        if primary is not wrapper:
+            wrapper.shares = primary.name
     if trainable and rewriter.shared:
         layer = rewriter.shared[0]
         raise ValueError(
@@ -1129,6 +1134,7 @@ def freeze_model(
             if layer.exports_float_weights and not strip:
                 config["converter_quantizes_weights"] = True  # per channel, on the grid computed here
             config["preserve"] = None  # the copy gets the preserved kernel itself (layer_weights)
+            config.pop("shares", None)  # each copy gets the kernel's values (one constant for the converter)
             new = QuantizedLayer.from_config(_float32_config(layer, config))
         elif isinstance(layer, QuantizedNormalization):
             config = layer.get_config()
