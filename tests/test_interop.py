@@ -366,3 +366,53 @@ def test_tfmot_qat_model_exports_integer_tflite(tmp_path, digits):
     tfq_qat_acc = tflite_accuracy(tfq.convert(qat, "int8"), x_test, y_test)
     assert tfmot_acc >= ptq_acc - 0.01, (tfmot_acc, ptq_acc)
     assert abs(tfmot_acc - tfq_qat_acc) <= 0.02, (tfmot_acc, tfq_qat_acc)
+
+
+# --- what tfq's entry points take that to_keras3 alone refuses (issue 28) ------------------------------
+
+
+class _GatedSwish(tf_keras.layers.Layer):
+    """A tf_keras custom layer with a weight: Keras 3 has no class for it."""
+
+    def build(self, input_shape):
+        self.alpha = self.add_weight("alpha", shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        import tensorflow as tf
+
+        return x * tf.sigmoid(self.alpha * x)
+
+
+def _sqnr(reference, got):
+    reference, got = np.asarray(reference, np.float64), np.asarray(got, np.float64)
+    return float(10 * np.log10(np.sum(reference ** 2) / np.sum((reference - got) ** 2)))
+
+
+def test_tf_keras_custom_layer_is_kept_whole_and_converts():
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input((8, 8, 3))
+    y = _GatedSwish(name="custom")(tf_keras.layers.Conv2D(8, 3, name="conv")(inputs))
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(4, name="head")(tf_keras.layers.Flatten()(y)))
+    model.get_layer("custom").set_weights([np.linspace(0.5, 2.0, 8, dtype="float32")])
+    x = np.random.default_rng(0).random((200, 8, 8, 3)).astype("float32")
+    with pytest.raises(ValueError, match="'custom'"):
+        to_keras3(model)  # the explicit translation still refuses it by name
+    with pytest.warns(UserWarning, match="TFKerasLayer"):
+        content = tfq.convert(model, "int8", x)  # refused before: "it is a custom or removed layer"
+    info = tfq.inspect_tflite(content)
+    assert info.num_float_ops == 0, info.summary()
+    reference = model(x[:64]).numpy()
+    got = tfq.TFLiteModel(content).predict(x[:64])
+    assert _sqnr(reference, got) > 30.0  # the plain converter on the tf_keras model: 35.5 dB
+    assert np.array_equal(model.get_layer("custom").get_weights()[0], np.linspace(0.5, 2.0, 8, dtype="float32"))
+
+
+def test_keras_file_saved_by_tf_keras_loads(tmp_path):
+    model = _randomize(tfq.examples.digits_cnn(input_shape=(8, 8, 1), keras_module=tf_keras))
+    model.save(tmp_path / "cnn.keras")  # Keras 3 alone: "Could not locate class 'Functional'"
+    loaded = tfq.interop.load_keras_model(str(tmp_path / "cnn.keras"))
+    assert isinstance(loaded, keras.Model)
+    x = np.random.default_rng(2).random((16, 8, 8, 1), np.float32)
+    assert _max_diff(_run(loaded, x), _run(model, x)) < 1e-5
+    content = tfq.convert(str(tmp_path / "cnn.keras"), "int8", np.random.default_rng(3).random((64, 8, 8, 1), np.float32))
+    assert tfq.inspect_tflite(content).num_float_ops == 0

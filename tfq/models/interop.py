@@ -31,10 +31,17 @@ from tfq.models.loading import (
     is_tf_keras_model,
     load_model,
 )
+from tfq.quantsim.rewrite import (
+    _has_graph,
+    _scope_name,
+    _walk_all_operations,
+    copy_layer,
+)
 from tfq.tflite.converter import run_converter
 
 __all__ = ["KERAS2_EXTRA", "convert_tfmot_model", "is_tfmot_qat_model", "load_keras_model", "missing_keras2",
-           "require_keras2", "to_keras3"]
+           "require_keras2", "scope_safe_model",
+           "to_keras3"]
 
 # Keras 2 (tf_keras and tfmot) is an optional extra: module name -> distribution that provides it.
 KERAS2_EXTRA = "tfq[keras2]"
@@ -153,8 +160,59 @@ def load_keras_model(model, *, where: str = "model", saved_model: bool = False, 
     if is_tf_keras_model(model):
         if tfmot and is_tfmot_qat_model(model):
             return model
-        return to_keras3(model)
-    return model
+        return scope_safe_model(to_keras3(model, keep_whole=True))
+    return scope_safe_model(model)
+
+
+def scope_safe_model(model):
+    """``model``, or if a name in it is one TensorFlow refuses as a scope (``"my model (v2)"``: Keras
+    cannot run such a model in a ``tf.function``, so neither ``predict`` nor the converter can), a copy
+    whose such names are made valid (other characters replaced by ``_``, unique), with the same weights.
+
+    Example:
+        >>> scope_safe_model(keras.Model(inputs, outputs, name="my model (v2)")).name   # doctest: +SKIP
+        'my_model__v2_'
+    """
+    if not isinstance(model, keras.Model) or not _has_graph(model):
+        return model
+    originals = [model, *_walk_all_operations(model)]
+    if all(_scope_name(op.name) == op.name for op in originals):
+        return model
+    taken = {op.name for op in originals}
+    renamed: dict[str, str] = {}
+
+    def label(name):
+        if _scope_name(name) == name:
+            return name
+        if name not in renamed:
+            base = new = _scope_name(name)
+            index = 0
+            while new in taken:
+                index += 1
+                new = f"{base}_{index}"
+            taken.add(new)
+            renamed[name] = new
+        return renamed[name]
+
+    def copy_model(m):
+        new = keras.models.clone_model(m, clone_function=clone)
+        if new.name != label(m.name):
+            new = keras.Model(new.inputs, new.outputs, name=label(m.name))
+        return new
+
+    def clone(layer):
+        if isinstance(layer, keras.Model) and _has_graph(layer):
+            return copy_model(layer)
+        return copy_layer(layer, dict(layer.get_config(), name=label(layer.name)))
+
+    new = copy_model(model)
+    copies = [new, *_walk_all_operations(new)]
+    sources = [op for op in originals if not isinstance(op, keras.Model)]
+    targets = [op for op in copies if not isinstance(op, keras.Model)]
+    for src, dst in zip(sources, targets):
+        if isinstance(src, keras.layers.Layer) and src.weights:
+            dst.set_weights(src.get_weights())
+    return new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,12 +340,18 @@ def _layer_entry(entry: dict, custom_objects) -> tuple[dict, int]:
                    registered_name=None, config=_model_config(config, kind, custom_objects))
         out.pop("build_config", None)
         return out, shift
-    if class_name in _CODE_LAYERS:
-        raise _unsupported(name, class_name, f"it holds {_CODE_LAYERS[class_name]}")
     if class_name in TFMOT_QAT_CLASSES:
         raise ValueError(f"layer {name!r} ({class_name}) is a tfmot quantization wrapper: convert the tfmot QAT "
                          f"model with tfq.interop.convert_tfmot_model(model), or pass tfq the float model.")
     custom = custom_objects or {}
+    kept = custom.get(_KEPT_WHOLE)
+    if class_name in _CODE_LAYERS and kept is None:
+        raise _unsupported(name, class_name, f"it holds {_CODE_LAYERS[class_name]}")
+    if kept is not None and (class_name in _CODE_LAYERS or not _rebuildable(entry, class_name, custom)):
+        # Kept whole: the tf_keras layer itself runs inside the Keras 3 model (both are TensorFlow ops).
+        out.update(module=None, class_name=_KEPT_WHOLE, registered_name=_KEPT_WHOLE,
+                   config={"name": name, "trainable": config.get("trainable", True)})
+        return out, 0
     # Built-in layers are serialized with module "keras.layers" and no registered name.
     registered = entry.get("registered_name")
     builtin = not registered and str(entry.get("module") or "keras").startswith("keras")
@@ -307,6 +371,53 @@ def _layer_entry(entry: dict, custom_objects) -> tuple[dict, int]:
     return out, 0
 
 
+def _rebuildable(entry, class_name, custom) -> bool:
+    """Whether Keras 3 has the layer's class (a built-in, or given in custom_objects)."""
+    registered = entry.get("registered_name")
+    builtin = not registered and str(entry.get("module") or "keras").startswith("keras")
+    if any(k and k in custom for k in (registered, class_name)):
+        return True
+    return builtin and (class_name == "InputLayer" or hasattr(keras.layers, class_name))
+
+
+_KEPT_WHOLE = "tfq>TFKerasLayer"
+
+
+def _kept_whole_class(layers: dict):
+    """A Keras 3 layer class that calls, as is, the tf_keras layer of its name in ``layers``."""
+
+    class TFKerasLayer(keras.layers.Layer):
+        """A tf_keras layer Keras 3 cannot rebuild (a custom layer, a Lambda, a raw TF op), run as it is: tfq
+        keeps it whole (its outputs quantized, the converter calibrating inside). Its weights are tf_keras's."""
+
+        def __init__(self, name=None, **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.tf_keras_layer = layers[name]
+
+        def call(self, *args, **kwargs):
+            kwargs.pop("training", None)
+            return self.tf_keras_layer(*args, **kwargs)
+
+    return TFKerasLayer
+
+
+def _built_tf_keras_copy(layer):
+    """A copy of a tf_keras layer with its weights (the caller's stays untouched); the layer itself if it
+    cannot be copied (it then only runs inference inside tfq's model, which changes nothing in it)."""
+    import tensorflow as tf
+
+    try:
+        shapes = layer.input_shape
+        new = type(layer).from_config(layer.get_config())
+        zeros = tf.nest.map_structure(lambda s: tf.zeros([1, *s[1:]]), shapes,
+                                      check_types=False) if not isinstance(shapes, tuple) else tf.zeros([1, *shapes[1:]])
+        new(zeros)
+        new.set_weights(layer.get_weights())
+        return new
+    except Exception:  # noqa: BLE001 - no config round trip, several input shapes …: run the layer itself
+        return layer
+
+
 def _check_layer(entry, name, class_name, custom_objects):
     """Instantiates the layer alone (unbuilt): a failure names the layer rather than the model."""
     probe = {k: v for k, v in entry.items() if k in ("module", "class_name", "config", "registered_name")}
@@ -314,6 +425,14 @@ def _check_layer(entry, name, class_name, custom_objects):
         keras.layers.deserialize(probe, custom_objects=custom_objects)
     except Exception as err:  # Keras raises TypeError/ValueError/... for configs it cannot take
         raise _unsupported(name, class_name, f"Keras 3 does not accept its config ({_first_line(err)})") from None
+
+
+def _config_entries(config: dict):
+    """Every layer entry of a (Keras 3) model config, nested models' included."""
+    for entry in config.get("layers") or []:
+        yield entry
+        if entry.get("class_name") in ("Model", "Sequential", "Functional"):
+            yield from _config_entries(entry.get("config") or {})
 
 
 def _is_ref(x) -> bool:
@@ -414,6 +533,8 @@ def _copy_weights(src, dst, where: str):
         if hasattr(layer, "layers") and hasattr(original, "layers"):
             _copy_weights(original, layer, path)
             continue
+        if hasattr(layer, "tf_keras_layer"):  # kept whole: it holds the tf_keras weights itself
+            continue
         values = original.get_weights()
         targets = layer.weights
         if len(values) != len(targets):
@@ -427,7 +548,7 @@ def _copy_weights(src, dst, where: str):
             layer.set_weights(values)
 
 
-def to_keras3(model, custom_objects: dict | None = None) -> keras.Model:
+def to_keras3(model, custom_objects: dict | None = None, keep_whole: bool = False) -> keras.Model:
     """Returns an equivalent Keras 3 model of a tf_keras (Keras 2) Functional or Sequential model.
 
     The tf_keras model's config is translated (Keras 2 arguments such as ``batch_input_shape``,
@@ -441,6 +562,11 @@ def to_keras3(model, custom_objects: dict | None = None) -> keras.Model:
     Args:
         model: a tf_keras ``Sequential`` or Functional model (nested models allowed).
         custom_objects: Keras 3 implementations of custom layers, by class name.
+        keep_whole: instead of refusing a layer Keras 3 cannot rebuild (a custom layer without an
+            implementation in ``custom_objects``, a ``Lambda``, a raw TF op), run the tf_keras layer
+            itself inside the Keras 3 model (a copy, with its weights, which stay tf_keras weights:
+            QAT does not train them). tfq's entry points pass True: such a layer is kept whole, its
+            outputs quantized and its inside calibrated by the TFLite converter.
 
     Returns:
         A new ``keras.Model`` (Keras 3).
@@ -476,7 +602,16 @@ def to_keras3(model, custom_objects: dict | None = None) -> keras.Model:
         config = model.get_config()
     except NotImplementedError:  # a Functional subclass with its own __init__ and no get_config
         raise ValueError(subclassed) from None
+    kept: dict = {}
+    if keep_whole:
+        custom_objects = dict(custom_objects or {})
+        custom_objects[_KEPT_WHOLE] = _kept_whole_class(kept)
     k3_config = _model_config(config, kind, custom_objects)
+    if keep_whole:
+        names = {e.get("config", {}).get("name") for e in _config_entries(k3_config) if e.get("class_name") == _KEPT_WHOLE}
+        for layer in _sublayers(model):
+            if layer.name in names and layer.name not in kept:
+                kept[layer.name] = _built_tf_keras_copy(layer)
     cls = keras.Sequential if kind == _SEQUENTIAL else keras.Model
     try:
         new = cls.from_config(k3_config, custom_objects=custom_objects)
@@ -484,7 +619,8 @@ def to_keras3(model, custom_objects: dict | None = None) -> keras.Model:
         raise ValueError(f"cannot rebuild tf_keras model {model.name!r} in Keras 3 ({_first_line(err)}); "
                          f"{_REBUILD}.") from None
     _copy_weights(model, new, "")
-    if len(model.weights) != len(new.weights):
+    kept_weights = sum(len(layer.weights) for layer in kept.values())
+    if len(model.weights) != len(new.weights) + kept_weights:
         raise ValueError(f"model {model.name!r} has {len(model.weights)} weights in tf_keras but {len(new.weights)} "
                          f"after conversion to Keras 3; {_REBUILD}.")
     return new

@@ -73,6 +73,8 @@ def load_model(model):
         raise ValueError(f"unsupported model file {str(path)!r}: expected .keras, .h5 or a SavedModel directory.")
     _check_archive(path)
     import tfq.quantsim.layers  # noqa: F401 - registers tfq's serializable classes
+    if path.suffix == ".keras" and _saved_by_keras2(path):
+        return _load_tf_keras(path)
 
     try:
         return keras.models.load_model(path, compile=False)
@@ -92,6 +94,35 @@ def load_model(model):
                                        else "") + ".") from None
         raise ValueError(f"could not load model {str(path)!r}: {first[:300]}. Is the file complete and a Keras "
                          f"model?") from None
+
+
+def _saved_by_keras2(path: Path) -> bool:
+    """Whether a ``.keras`` archive was written by tf_keras (Keras 2): its metadata says ``keras_version`` 2.x.
+    Keras 3 reads such an archive wrongly or not at all (its config and weights layout are Keras 2's)."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            metadata = json.loads(archive.read("metadata.json"))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+        return False
+    return str(metadata.get("keras_version", "")).startswith("2.")
+
+
+def _load_tf_keras(path: Path):
+    """A ``.keras`` archive saved by tf_keras, loaded by tf_keras (tfq then rebuilds it in Keras 3)."""
+    try:
+        import tf_keras
+    except ImportError:
+        raise ValueError(f"model file {str(path)!r} was saved by tf_keras (Keras 2), which is not installed: "
+                         f"pip install tf_keras, or save the model as .h5.") from None
+    try:
+        return tf_keras.models.load_model(path, compile=False)
+    except Exception as err:  # tf_keras raises many types for archives it cannot read
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ValueError(f"could not load model {str(path)!r} saved by tf_keras (Keras 2): {first}. Is the file "
+                         f"complete, and are its custom classes importable?") from None
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"

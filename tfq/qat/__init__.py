@@ -94,8 +94,9 @@ def quantize_model(
     model still wrapped by ``prune_low_magnitude``/``cluster_weights`` is stripped first.
 
     Args:
-        model: a built Functional or Sequential Keras 3 model (nested models allowed), a tf_keras
-            model, or a path.
+        model: a built Functional or Sequential Keras 3 model (nested models allowed; a layer called
+            several times gets its own ranges and fusions at each call and keeps one kernel), a
+            subclassed model called once (traced through its ``call``), a tf_keras model, or a path.
         recipe: :class:`~tfq.recipes.Recipe`, preset name, dict or file (default ``"qat_int8"``).
         range_mode: ``"moving_average"`` or ``"learned"``.
         decay: moving-average decay (default: the recipe's ``decay`` parameter, else 0.999).
@@ -133,9 +134,10 @@ def quantize_model(
 
     Raises:
         ValueError: bad ``range_mode``, ``preserve``, ``bn_folding`` or ``decay``; a subclassed model
-            (no graph to rewrite); a recipe without integer tensors (``"fp16"``); a model that
-            already is a tfq QAT model; ``calibration`` conflicting with the recipe's, or a
-            calibration choice without ``calibration_data``.
+            never called (its input shapes are unknown; a called one is traced through its ``call``); a
+            stateful RNN; a recipe without integer tensors (``"fp16"``); a model that already is a tfq
+            QAT model; ``calibration`` conflicting with the recipe's, or a calibration choice without
+            ``calibration_data``.
         TypeError: ``model`` is not a model or a path; a keyword that is no option nor a
             parameter of any calibration method; an option of the wrong type.
     """

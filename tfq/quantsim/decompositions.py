@@ -9,6 +9,7 @@ chosen by tfq's calibration — the ranges the TFLite converter then writes. The
 * :func:`dot_product_attention` — the fused attention op as scores, softmax and context.
 * :func:`lstm`, :func:`gru`, :func:`simple_rnn` — unrolled over a static number of time steps
   (the converter's while loop has no int8 kernel, and fails on Keras's default RNNs).
+* :func:`bidirectional` — a Bidirectional RNN as its two recurrent layers (unrolled as above) and the merge.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from keras import ops
 
 from tfq.quantsim.layers import Statistic, activation_name
 
-__all__ = ["dot_product_attention", "gru", "layer_normalization", "lstm", "simple_rnn"]
+__all__ = ["bidirectional", "dot_product_attention", "gru", "layer_normalization", "lstm", "simple_rnn"]
 
 
 def _reduction_axes(layer, rank: int) -> list[int]:
@@ -250,3 +251,27 @@ def simple_rnn(layer, sequences, initial_state=None, mask=None, training=None):
         h = act(xw[t] if h is None else add([xw[t], recurrent(h)]))
         outputs.append(h)
     return _finish(layer, outputs, [h])
+
+
+def bidirectional(layer, sequences, initial_state=None, mask=None, training=None):
+    """A Bidirectional recurrent layer as its two recurrent layers (each then unrolled by its own
+    decomposition) and the merge: ``merge(forward(x), flip(backward(x)))`` where ``backward`` reads
+    the sequence from its end (``go_backwards``) and the flip puts its outputs back in time order
+    when it returns sequences. The merge is ``concat``, ``sum``, ``ave`` (sum, then ·½) or ``mul``."""
+    if mask is not None or initial_state is not None:
+        raise ValueError("masked sequences or initial states are not unrolled")
+    if layer.return_state or layer.merge_mode not in ("concat", "sum", "ave", "mul"):
+        raise ValueError("return_state and merge_mode=None are not unrolled")
+    y = layer.forward_layer(sequences)
+    y_rev = layer.backward_layer(sequences)
+    if layer.return_sequences:
+        # Back in time order: the steps restacked (UNPACK, PACK: int8, same scale) rather than a REVERSE_V2,
+        # whose int8 export after the stacked steps lost 15 dB here.
+        y_rev = ops.stack([y_rev[:, t] for t in range(y_rev.shape[1] - 1, -1, -1)], axis=1)
+    if layer.merge_mode == "concat":
+        return ops.concatenate([y, y_rev], axis=-1)
+    if layer.merge_mode == "sum":
+        return y + y_rev
+    if layer.merge_mode == "ave":
+        return (y + y_rev) * 0.5
+    return y * y_rev

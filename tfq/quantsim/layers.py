@@ -13,12 +13,18 @@ The ranges become the tensors' scales when the TFLite converter meets the
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tfq.core.process_lock import PROCESS_LOCK
 from tfq.numerics import ops
+
+# QuantizedLayer.from_config: the wrappers deserialized last, by name (a later call site of a shared
+# layer finds the first one's layer here).
+_DESERIALIZED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 __all__ = [
     "ActivationQuantizer",
@@ -635,10 +641,12 @@ class QuantizedLayer(keras.layers.Layer):
         preserve: str | None = None,
         converter_quantizes_weights: bool = False,
         bn_folding: str = "unfolded",
+        shares: str | None = None,
         **kwargs,
     ):
         if isinstance(layer, dict):
             layer = keras.saving.deserialize_keras_object(layer)
+        self.shares = shares
         if preserve not in PRESERVE_MODES:
             raise ValueError(f"preserve must be one of {PRESERVE_MODES}. Received: preserve={preserve!r}")
         if isinstance(batchnorm, dict):
@@ -1114,7 +1122,22 @@ class QuantizedLayer(keras.layers.Layer):
             converter_quantizes_weights=self.converter_quantizes_weights,
             bn_folding=self.bn_folding,
         )
+        if self.shares is not None:
+            config["shares"] = self.shares
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        """The layer from its config; with ``shares`` (another call site of the same shared layer, named),
+        it wraps that wrapper's layer, deserialized just before it in the same model: the loaded
+        model keeps one kernel for every call site, and loads its weights once."""
+        primary = _DESERIALIZED.get(config.get("shares")) if config.get("shares") is not None else None
+        if primary is not None and isinstance(config.get("layer"), dict) \
+                and config["layer"].get("class_name") == type(primary.layer).__name__:
+            config = dict(config, layer=primary.layer)
+        new = super().from_config(config)
+        _DESERIALIZED[new.name] = new
+        return new
 
 
 @keras.saving.register_keras_serializable(package="tfq")

@@ -65,6 +65,7 @@ _BUILTIN_DECOMPOSE = {
     _L.LSTM: decompositions.lstm,
     _L.GRU: decompositions.gru,
     _L.SimpleRNN: decompositions.simple_rnn,
+    _L.Bidirectional: decompositions.bidirectional,
 }
 _OP_DECOMPOSE = {"DotProductAttention": decompositions.dot_product_attention}
 

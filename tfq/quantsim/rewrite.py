@@ -11,6 +11,9 @@ The rewrite clones the model graph (``keras.models.clone_model`` with a ``call_f
   standalone BatchNormalization: MUL then ADD; Average: ADD then MUL);
 * keeps float, with a warning, the layers and activations with no int8 TFLite kernel;
 * recurses into nested models (a model used as a layer), so transfer-learning models work.
+* gives each call of a shared layer its own wrapper (ranges, fusions) around one copy of the layer
+  (one kernel); traces subclassed models through their ``call``, like layers it has no rule for;
+* names what it adds so that no name the user gave (any string Keras accepts) collides with it.
 
 A BatchNormalization or ReLU is fused into the layer before it only when that layer's output has
 no other consumer (as the converter does): the rewrite counts consumers and, if a fusion would
@@ -117,6 +120,7 @@ class _Produced:
     inputs: object  # the new-graph input of that layer
     batchnorm: object = None  # the original BN folded in
     activation: str = "linear"
+    site: str = ""  # the name of the wrapper of this call site (a fusion rebuilds it under that name)
 
 
 class _Rewriter:
@@ -139,8 +143,6 @@ class _Rewriter:
         self.shared: list = []  # layers that could not be copied, used as they are
         self.constants: dict[int, tuple] = {}  # id(variable read by an op) → (QuantizedWeight, variable)
         self.quantizer_of: dict[int, ActivationQuantizer] = {}  # id(new tensor) → the quantizer that made it
-        self.output_quantizers: dict[tuple, ActivationQuantizer] = {}  # (id(layer), output) → its quantizer
-        self.wrappers: dict[tuple, QuantizedLayer] = {}  # (id(layer), id(BN), activation) → its wrapper
         self.no_fuse = no_fuse  # {(id(weighted layer), "bn" | "act")}: fusions that would duplicate a layer
         self.produced: dict[int, _Produced] = {}
         self.nested: dict[int, keras.Model] = {}
@@ -154,10 +156,20 @@ class _Rewriter:
         self.producer: dict[int, int] = {}  # id(new tensor) → id(original layer that made it)
         self.consumers: dict[int, list] = collections.defaultdict(list)  # id(new tensor) → original layers
         self.current = None  # the original layer being rewritten
-        self.barrier_names: set[str] = set()
         self.seen: dict[str, str] = {}  # every layer (or inlined op) name the recipe was asked about -> class
         self.float_noops: set[str] = set()  # float_layers matches that move data only (kept in their input's type)
         self.alive: list = []  # every new tensor seen, so that no id above is reused during the pass
+        # Every name in the new graph: the user's (reserved first, with the quantizer names their
+        # wrappers derive from them) and tfq's, which give way (see :meth:`_unique`).
+        self.taken: set[str] = set()
+        self.site_names: dict[int, list[str]] = {}  # id(original weighted layer) → one wrapper name per call site
+        self.inner: dict[int, object] = {}  # id(original weighted layer) → the one copy its wrappers share
+        # Inside an unrolled recurrent layer, the ops of every step share their ranges (one range
+        # per gate, cell and state over all steps), as tfq's decompositions intend.
+        self.share_steps = False
+        self.step_quantizers: dict[tuple, ActivationQuantizer] = {}  # (id(layer), output) → its quantizer
+        self.step_wrappers: dict[tuple, QuantizedLayer] = {}  # (id(layer), id(BN), activation) → its wrapper
+        self.labels: dict[str, str] = {}  # a user's name that is no valid TensorFlow scope → the one tfq uses
 
     def conflicts(self) -> set:
         """Fusions made on a tensor that something else also consumes."""
@@ -177,6 +189,54 @@ class _Rewriter:
         if fixed_range is None and self.current is not None and id(self.current) in self.concat_fed:
             return None
         return self._quantizer_config(spec, fixed_range)
+
+    # -- names ---------------------------------------------------------------------------------------
+    def reserve(self, model) -> None:
+        """Reserves the names of every operation of ``model`` (nested levels included) and of the
+        quantizers a wrapper named after one of them would hold."""
+        ops = list(_walk_all_operations(model))
+        for op in ops:
+            self._take_with_quantizers(op.name)
+        for op in ops:  # a name TensorFlow refuses as a scope ("my model (v2)"): tfq's copy gets a valid one
+            if op.name not in self.labels and _scope_name(op.name) != op.name:
+                self.labels[op.name] = self._unique(_scope_name(op.name), wrapper=True)
+
+    def _label(self, layer) -> str:
+        """The name of tfq's copy of ``layer`` (or of what is named after it): :meth:`_name`, made a
+        valid TensorFlow scope name if it is not one."""
+        name = self._name(layer)
+        return self.labels.get(name, name)
+
+    def _renamed_copy(self, layer, config: dict | None = None):
+        """A copy of ``layer`` (:func:`_copy_layer`) under :meth:`_label`."""
+        if not isinstance(layer, keras.layers.Layer):
+            return layer
+        config = dict(layer.get_config() if config is None else config)
+        if "name" in config:
+            config["name"] = self._label(layer)
+        return copy_layer(layer, config)
+
+    def _take_with_quantizers(self, name: str) -> None:
+        self.taken.add(name)
+        self.taken.update(f"{name}_{suffix}_fq" for suffix in _WRAPPER_QUANTIZERS)
+
+    def _unique(self, base: str, wrapper: bool = False) -> str:
+        """``base``, or ``base_1``, ``base_2`` … if taken: a name of tfq's own never collides with one
+        a user gave (any string Keras accepts, ``<input>_fq`` included) nor with another of tfq's.
+        Deterministic: the same model gives the same names."""
+        def free(name):
+            return name not in self.taken and not (
+                wrapper and any(f"{name}_{suffix}_fq" in self.taken for suffix in _WRAPPER_QUANTIZERS))
+
+        name, index = base, 0
+        while not free(name):
+            index += 1
+            name = f"{base}_{index}"
+        if wrapper:
+            self._take_with_quantizers(name)
+        else:
+            self.taken.add(name)
+        return name
 
     # -- quantizer configs ------------------------------------------------------------------------
     def _quantizer_config(self, spec: TensorSpec | None, fixed_range=None) -> dict | None:
@@ -211,6 +271,8 @@ class _Rewriter:
     # -- graph rewrite ------------------------------------------------------------------------------
     def rewrite(self, model: keras.Model, quantize_inputs: bool) -> keras.Model:
         functional = _as_functional(model)
+        if not self.taken:
+            self.reserve(functional)
         structure = functional.input
         originals = keras.tree.flatten(structure)
         inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in originals]
@@ -230,7 +292,8 @@ class _Rewriter:
                 if config is None or not t.dtype.startswith("float"):
                     quantized_inputs[i] = t
                 else:
-                    quantized_inputs[i] = ActivationQuantizer(name=f"{input_names[i]}_fq", **config)(t)
+                    quantized_inputs[i] = ActivationQuantizer(name=self._unique(f"{input_names[i]}_fq"),
+                                                              **config)(t)
             return quantized_inputs[i]
 
         def call_function(layer, *args, **kwargs):
@@ -249,12 +312,14 @@ class _Rewriter:
         new = keras.models.clone_model(
             functional, input_tensors=new_inputs, clone_function=lambda layer: layer, call_function=call_function
         )
+        if _scope_name(new.name) != new.name:  # TensorFlow would refuse it as a scope when tracing the call
+            new = keras.Model(new.input, new.output, name=self.labels.get(new.name) or _scope_name(new.name))
         for t in keras.tree.flatten(new.outputs):
             self.uses[id(t)] += 1
         return new
 
     def _call(self, layer, args, kwargs):
-        if isinstance(layer, keras.Model):
+        if isinstance(layer, keras.Model) and _has_graph(layer):
             key = id(layer)
             if key not in self.nested:
                 self.nested[key] = self.rewrite(layer, quantize_inputs=False)
@@ -266,16 +331,22 @@ class _Rewriter:
                 quantizer.calibration = "minmax"
             return args[0]
         name = self._name(layer)
+        label = self._label(layer)
         class_name = type(layer).__name__
         self.seen[name] = class_name
+        if getattr(layer, "stateful", False) is True:
+            raise ValueError(
+                f"layer {name!r} ({class_name}) is stateful: its state carries over from one batch to the next, which "
+                f"tfq cannot unroll and a TFLite model does not keep. Build the model with stateful=False (the same "
+                f"weights) to convert it. Received: stateful=True")
         self.current = layer
         if not isinstance(layer, keras.layers.Layer):
-            args, kwargs = self._quantize_variable_args(layer, name, args, kwargs)
+            args, kwargs = self._quantize_variable_args(layer, label, args, kwargs)
         kind = registry.layer_kind(layer)
         weights_spec, act_spec = self._specs(layer)
         is_float = self.recipe.is_float_layer(name, class_name)
         if kind in (None, "composite") and not is_float:
-            out = self._inline(layer, name, args, kwargs)
+            out = self._inline(layer, name, args, kwargs, label)
             if out is not None:
                 return out
             if registry.has_decomposition(layer):
@@ -299,7 +370,7 @@ class _Rewriter:
         if is_float and kind == "passthrough":
             self.float_noops.add(name)
         if is_float and self.recipe.mode in ("int8", "int16x8") and kind != "passthrough":
-            args = keras.tree.map_structure(lambda t: self._barrier(t, name), args)
+            args = keras.tree.map_structure(lambda t: self._barrier(t, label), args)
         source = args[0] if args else None
         produced = self.produced.get(id(source)) if source is not None and kwargs.get("mask") is None else None
 
@@ -311,13 +382,13 @@ class _Rewriter:
                 and self._bn_foldable(layer, produced.float_layer):
             self.fusions.append((id(source), (id(produced.float_layer), "bn")))
             return self._weighted(produced.float_layer, produced.inputs, *self._specs(produced.float_layer),
-                                  batchnorm=layer)
+                                  batchnorm=layer, site=produced.site)
         fused = _fusable_activation(layer)
         if produced is not None and fused is not None and not is_float and produced.activation == "linear" \
                 and (id(produced.float_layer), "act") not in self.no_fuse:
             self.fusions.append((id(source), (id(produced.float_layer), "act")))
             return self._weighted(produced.float_layer, produced.inputs, *self._specs(produced.float_layer),
-                                  batchnorm=produced.batchnorm, activation=fused)
+                                  batchnorm=produced.batchnorm, activation=fused, site=produced.site)
 
         if not is_float and act_spec is not None:
             if isinstance(layer, keras.layers.Rescaling):
@@ -336,7 +407,7 @@ class _Rewriter:
         config = self._output_config(act_spec, fixed_range=fixed)
         if config is None:
             return out
-        return self._quantize_outputs(out, name, config, key=id(layer))
+        return self._quantize_outputs(out, label, config, key=id(layer) if self.share_steps else None)
 
     def _name(self, layer) -> str:
         """The layer's name, or the stable name given to an operation of an inlined layer."""
@@ -345,7 +416,9 @@ class _Rewriter:
     def _quantize_outputs(self, out, name: str, config: dict, key=None):
         """An output quantizer on every float tensor of ``out`` (``name_fq``, ``name_fq_1`` …).
 
-        A shared layer (``key``: its id) reuses its quantizers: its outputs share their ranges.
+        A shared layer gets new quantizers at each call: each call site has its own ranges, as
+        each of its output tensors has its own scale in TFLite. Inside an unrolled recurrent layer
+        (``key``: the layer's id) the steps share them instead.
         """
         count = [0]
 
@@ -354,11 +427,12 @@ class _Rewriter:
                 return t
             index = count[0]
             count[0] += 1
-            quantizer = self.output_quantizers.get((key, index)) if key is not None else None
+            quantizer = self.step_quantizers.get((key, index)) if key is not None else None
             if quantizer is None:
-                quantizer = ActivationQuantizer(name=f"{name}_fq" + (f"_{index}" if index else ""), **config)
+                quantizer = ActivationQuantizer(name=self._unique(f"{name}_fq" + (f"_{index}" if index else "")),
+                                                **config)
                 if key is not None:
-                    self.output_quantizers[(key, index)] = quantizer
+                    self.step_quantizers[(key, index)] = quantizer
             y = quantizer(t)
             self.quantizer_of[id(y)] = quantizer
             return y
@@ -402,7 +476,8 @@ class _Rewriter:
                 count[0] += 1
                 self.constants[key] = (QuantizedWeight(
                     shape=tuple(v.shape), symmetric=symmetric, value_trainable=bool(v.trainable),
-                    float_weights=self.recipe.mode not in ("int8", "int16x8"), name=f"{name}_weight{suffix}"), v)
+                    float_weights=self.recipe.mode not in ("int8", "int16x8"),
+                    name=self._unique(f"{name}_weight{suffix}")), v)
             layer, variable = self.constants[key]
             out = layer(anchor)
             layer.set_weights([keras.ops.convert_to_numpy(variable)])
@@ -410,7 +485,7 @@ class _Rewriter:
 
         return keras.tree.map_structure(replace, args), keras.tree.map_structure(replace, kwargs)
 
-    def _inline(self, layer, name, args, kwargs):
+    def _inline(self, layer, name, args, kwargs, label=None):
         """Rewrites a layer tfq has no rule for as the graph of its ``call`` (sublayers and ops).
 
         Returns None when the layer's ``call`` cannot be traced on symbolic tensors or the traced
@@ -430,45 +505,50 @@ class _Rewriter:
             if isinstance(op, keras.layers.InputLayer):
                 continue
             base = re.sub(r"_\d+$", "", op.name)
-            self.names[id(op)] = f"{name}_{base}" + (f"_{counts[base]}" if counts[base] else "")
+            self.names[id(op)] = self._unique(
+                _scope_name(f"{label or name}_{base}" + (f"_{counts[base]}" if counts[base] else "")), wrapper=True)
             counts[base] += 1
         if id(sub) not in self.nested:
-            self.nested[id(sub)] = self.rewrite(sub, quantize_inputs=False)
+            share, self.share_steps = self.share_steps, self.share_steps or isinstance(layer, keras.layers.RNN)
+            try:
+                self.nested[id(sub)] = self.rewrite(sub, quantize_inputs=False)
+            finally:
+                self.share_steps = share
         return self.nested[id(sub)](_tensor_leaves((args, kwargs)))
 
     def _normalization(self, layer, x, act_spec):
         """A standalone BatchNormalization or a Normalization: MUL then ADD, both quantized."""
         config = self._quantizer_config(act_spec)
-        inner = _copy_layer(layer)
+        inner = self._renamed_copy(layer)
         out = QuantizedNormalization(inner, intermediate_quantizer=config,
-                                     output_quantizer=self._output_config(act_spec), name=self._name(layer))(x)
+                                     output_quantizer=self._output_config(act_spec), name=self._label(layer))(x)
         _copy_weights(layer, inner)
         return out
 
     def _average(self, layer, inputs, act_spec):
         """``(x₁ + … + xₙ) / n`` is ADD then MUL in TFLite: each output gets a quantizer."""
         config = self._quantizer_config(act_spec)
-        name = self._name(layer)
-        total = keras.layers.Add(name=f"{name}_sum")(list(inputs))
-        total = ActivationQuantizer(name=f"{name}_sum_fq", **config)(total)
-        y = keras.layers.Rescaling(1.0 / len(inputs), name=f"{name}_scale")(total)
+        name = self._label(layer)
+        total = keras.layers.Add(name=self._unique(f"{name}_sum"))(list(inputs))
+        total = ActivationQuantizer(name=self._unique(f"{name}_sum_fq"), **config)(total)
+        y = keras.layers.Rescaling(1.0 / len(inputs), name=self._unique(f"{name}_scale"))(total)
         out_config = self._output_config(act_spec)
-        return ActivationQuantizer(name=f"{name}_fq", **out_config)(y) if out_config else y
+        return ActivationQuantizer(name=self._unique(f"{name}_fq"), **out_config)(y) if out_config else y
 
     def _rescaling(self, layer, x, act_spec):
         """``x·scale + offset`` is two TFLite ops (MUL, ADD): each output gets a quantizer."""
         config = self._quantizer_config(act_spec)
-        name = self._name(layer)
-        y = keras.layers.Rescaling(layer.scale, 0.0, name=f"{name}_scale")(x)
+        name = self._label(layer)
+        y = keras.layers.Rescaling(layer.scale, 0.0, name=self._unique(f"{name}_scale"))(x)
         offset = layer.offset
         has_offset = not (isinstance(offset, (int, float)) and float(offset) == 0.0)
         scale_config = config if has_offset else self._output_config(act_spec)
         if scale_config:
-            y = ActivationQuantizer(name=f"{name}_scale_fq", **scale_config)(y)
+            y = ActivationQuantizer(name=self._unique(f"{name}_scale_fq"), **scale_config)(y)
         if has_offset:
-            y = keras.layers.Rescaling(1.0, offset, name=f"{name}_offset")(y)
+            y = keras.layers.Rescaling(1.0, offset, name=self._unique(f"{name}_offset"))(y)
             out_config = self._output_config(act_spec)
-            y = ActivationQuantizer(name=f"{name}_fq", **out_config)(y) if out_config else y
+            y = ActivationQuantizer(name=self._unique(f"{name}_fq"), **out_config)(y) if out_config else y
         return y
 
     def _barrier(self, t, owner: str = "layer"):
@@ -478,19 +558,14 @@ class _Rewriter:
         if key not in self.barriers:
             # Named after the float layer it feeds: Keras's global name counter would make two
             # conversions of one model differ in their tensor names (and bytes).
-            name, suffix = f"{owner}_float_in", 1
-            while name in self.barrier_names:
-                suffix += 1
-                name = f"{owner}_float_in_{suffix}"
-            self.barrier_names.add(name)
-            self.barriers[key] = FloatBarrier(name=name)(t)
+            self.barriers[key] = FloatBarrier(name=self._unique(f"{owner}_float_in"))(t)
         return self.barriers[key]
 
     def _copy(self, layer):
         key = id(layer)  # a shared layer stays shared in the copy
         if key not in self.copies:
             try:
-                self.copies[key] = _copy_layer(layer)
+                self.copies[key] = self._renamed_copy(layer)
             except Exception:  # noqa: BLE001 - a config that does not round-trip: see _call_copy
                 self.copies[key] = layer
         return self.copies[key]
@@ -504,16 +579,38 @@ class _Rewriter:
         return axis in ((1,) if channels_first else (-1,)) or (not channels_first and axis == len(layer.output.shape) - 1
                                                                if _single_output(layer) else False)
 
-    def _weighted(self, layer, x, weights_spec, act_spec, batchnorm=None, activation=None, float_layer=False):
-        key = (id(layer), id(batchnorm), activation)
-        if key in self.wrappers:  # a shared layer: one wrapper, one set of weights and ranges
-            out = self.wrappers[key](x)
+    def _weighted(self, layer, x, weights_spec, act_spec, batchnorm=None, activation=None, float_layer=False,
+                  site=None):
+        """A :class:`QuantizedLayer` for one call site of a weighted layer.
+
+        A layer called several times (a shared layer) gets one wrapper per call site, each with its
+        own activation ranges and fusions (a BN or ReLU after one call is fused into that call only),
+        all around one copy of the layer: the weights stay shared, fake-quantized from the one
+        kernel (QAT trains that kernel through every call), and export reads one variable.
+        A fusion rebuilds the wrapper of its call site under the same name (``site``).
+        """
+        step_key = (id(layer), id(batchnorm), activation)
+        if self.share_steps and step_key in self.step_wrappers:  # one wrapper for every step
+            wrapper = self.step_wrappers[step_key]
+            out = wrapper(x)
             if activation is None and batchnorm is None:
-                self.produced[id(out)] = _Produced(layer, x, batchnorm, self.wrappers[key].activation)
+                self.produced[id(out)] = _Produced(layer, x, batchnorm, wrapper.activation, wrapper.name)
             return out
-        name = self._name(layer)
-        inner = _copy_layer(layer)
-        bn = _copy_layer(batchnorm) if batchnorm is not None else None
+        name = self._label(layer)
+        # The first call site's wrapper is named after the layer (after its BN when only the BN is
+        # fused), the others after a unique variant of the layer's name.
+        preferred = self._label(batchnorm) if batchnorm is not None and activation is None else name
+        sites = self.site_names.setdefault(id(layer), [])
+        if site is None:
+            site = preferred if not sites else self._unique(name, wrapper=True)
+            sites.append(site)
+        elif site == sites[0]:
+            site = sites[0] = preferred
+        # A new copy unless another call site already uses one (a layer called once gets a fresh copy
+        # when a fusion rebuilds its wrapper, as the wrapper it replaces is dropped).
+        first = id(layer) not in self.inner or len(sites) == 1
+        inner = self.inner[id(layer)] if not first else self._renamed_copy(layer)
+        bn = self._renamed_copy(batchnorm) if batchnorm is not None else None
         act = activation if activation is not None else activation_name(layer.activation)
         split_act = None
         if act not in INT8_ACTIVATIONS and not float_layer:
@@ -533,24 +630,27 @@ class _Rewriter:
                               else self._output_config(act_spec, fixed_range=out_fixed)),
             pre_activation_quantizer=self._pre_activation_config(act_spec, act),
             preserve=preserve_mode_for(layer, self.preserve),
-            name=(self._name(batchnorm) if batchnorm is not None and activation is None else name),
+            name=site,
             bn_folding=self.bn_folding,
         )
         out = wrapper(x)
-        _copy_weights(layer, inner)
+        if first:
+            _copy_weights(layer, inner)
+            self.inner[id(layer)] = inner
         if bn is not None:
             _copy_weights(batchnorm, bn)
         wrapper.init_preservation()
-        if split_act is None:
-            self.wrappers[key] = wrapper
         if split_act is not None:
             function = layer.activation if activation is None else split_act
-            y = keras.layers.Activation(function, name=f"{name}_{split_act}")(out)
-            self.opaque.setdefault("Activation", []).append(f"{name}_{split_act}")
+            act_name = self._unique(f"{site}_{split_act}")
+            y = keras.layers.Activation(function, name=act_name)(out)
+            self.opaque.setdefault("Activation", []).append(act_name)
             config = self._output_config(act_spec)
-            return ActivationQuantizer(name=f"{name}_{split_act}_fq", **config)(y) if config else y
+            return ActivationQuantizer(name=self._unique(f"{site}_{split_act}_fq"), **config)(y) if config else y
+        if self.share_steps:
+            self.step_wrappers[step_key] = wrapper
         if act == "linear" or (activation is None and batchnorm is None):
-            self.produced[id(out)] = _Produced(layer, x, batchnorm, act)
+            self.produced[id(out)] = _Produced(layer, x, batchnorm, act, site)
         return out
 
 
@@ -618,7 +718,7 @@ def _inline_graph(layer, args, kwargs, name: str | None = None) -> tuple[keras.M
     backend-specific ops or state would otherwise be rewritten wrongly.
     """
     tensors = _tensor_leaves((args, kwargs))
-    if not tensors or isinstance(layer, keras.Model):
+    if not tensors or (isinstance(layer, keras.Model) and _has_graph(layer)):
         return None, "it takes no tensor"
     fresh = {id(t): keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors}
     new_args, new_kwargs = keras.tree.map_structure(lambda v: fresh.get(id(v), v), (args, kwargs))
@@ -635,7 +735,8 @@ def _inline_graph(layer, args, kwargs, name: str | None = None) -> tuple[keras.M
             out = decompose(target, *new_args, **new_kwargs)
             if not all(isinstance(t, keras.KerasTensor) for t in keras.tree.flatten(out)):
                 return None, "its call returns something other than tensors"
-            sub = keras.Model([fresh[id(t)] for t in tensors], out, name=f"{name or layer.name}_inlined")
+            sub = keras.Model([fresh[id(t)] for t in tensors], out,
+                              name=_scope_name(f"{name or layer.name}_inlined"))
             if len(sub.operations) <= len(tensors):  # nothing but the inputs: no graph to rewrite
                 return None, "its call has no op"
             got = keras.tree.flatten(sub(probe))
@@ -663,6 +764,18 @@ def _is_concat(layer) -> bool:
     )
 
 
+_SCOPE_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
+
+
+def _scope_name(name: str) -> str:
+    """``name`` if TensorFlow accepts it as a name scope (Keras opens one per layer and model when
+    tracing), else with every other character replaced by ``_`` (and a leading ``_`` prefixed by ``x``)."""
+    if _SCOPE_NAME.fullmatch(name):
+        return name
+    fixed = re.sub(r"[^A-Za-z0-9_.>-]", "_", name)
+    return fixed if _SCOPE_NAME.fullmatch(fixed) else f"x{fixed}"
+
+
 def _float_activation_message(name: str, activation: str) -> str:
     return (
         f"tfq: activation {activation!r} of layer {name!r} has no int8 TFLite kernel and stays float "
@@ -677,6 +790,42 @@ def _single_output(layer) -> bool:
         return True
     except (AttributeError, ValueError):
         return False
+
+
+def _has_graph(model) -> bool:
+    """Whether ``model`` is a Functional or Sequential model (a subclassed one has no graph of layers)."""
+    if isinstance(model, keras.Sequential):
+        return True
+    try:
+        return bool(model.inputs) and bool(model.outputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _traced_subclassed(model: keras.Model) -> keras.Model:
+    """A Functional model around a subclassed one, on inputs of the shapes it was built with: the
+    rewrite then traces its ``call`` into a graph of layers (as for a custom layer), or keeps it whole.
+
+    Raises:
+        ValueError: the model was never called (its input shapes are unknown).
+    """
+    shapes = (model.get_build_config() or {}).get("input_shape") if model.built else None
+    if shapes is None:
+        raise ValueError(
+            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model that was never called, so its "
+            f"input shapes are unknown: call it once on a batch (model(x)) or wrap it, "
+            f"keras.Model(inputs, model(inputs)) with inputs = keras.Input(shape=...), then pass that.")
+    single = isinstance(shapes, (list, tuple)) and (not shapes or not isinstance(shapes[0], (list, tuple, dict)))
+    if isinstance(shapes, dict):
+        inputs = {k: keras.Input(batch_shape=(None, *tuple(v)[1:]), name=k) for k, v in shapes.items()}
+        outputs = model(inputs)
+    elif single:
+        inputs = keras.Input(batch_shape=(None, *tuple(shapes)[1:]))
+        outputs = model(inputs)
+    else:
+        inputs = [keras.Input(batch_shape=(None, *tuple(v)[1:])) for v in shapes]
+        outputs = model(inputs)
+    return keras.Model(inputs, outputs, name=model.name)
 
 
 def _as_functional(model: keras.Model) -> keras.Model:
@@ -696,9 +845,9 @@ def _as_functional(model: keras.Model) -> keras.Model:
         model.inputs = None
     if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
         raise ValueError(
-            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model with no graph tfq can rewrite. "
-            f"Build it with the Functional or Sequential API, or use PTQ with calibration='minmax', which "
-            f"uses the TFLite converter's own calibration."
+            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model, with no graph of layers for this "
+            f"step. Pass a Functional model that traces its call instead: inputs = keras.Input(shape=...); "
+            f"keras.Model(inputs, model.call(inputs))."
         )
     return model
 
@@ -760,7 +909,8 @@ def rewrite_model(
     """Returns a new model with fake-quant ops where TFLite quantizes (see module docstring).
 
     Args:
-        model: a built Functional or Sequential Keras 3 model (nested models allowed).
+        model: a built Functional or Sequential Keras 3 model (nested models allowed), or a subclassed
+            model called once (traced through its ``call``, kept whole where that fails).
         recipe: a :class:`~tfq.recipes.Recipe`, preset name, dict or file; default ``"int8"``.
         range_mode: activation range mode of the new quantizers (``"moving_average"`` or
             ``"learned"``; ranges start uninitialised).
@@ -793,6 +943,8 @@ def rewrite_model(
         raise ValueError(f"bn_folding must be one of {BN_FOLDING}. Received: bn_folding={bn_folding!r}")
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model. Received: {type(model).__name__}")
+    if not _has_graph(model):
+        model = _traced_subclassed(model)
     # The first pass learns the graph's consumers; a second pass (needed only if a fusion would
     # duplicate a layer or a tensor feeds only concatenations) applies what it learned.
     # Each pass can only remove fusions or quantizers, so this settles within a few passes.
@@ -819,6 +971,11 @@ def rewrite_model(
         raise ValueError(f"tfq could not settle the rewrite of model {model.name!r} in {_MAX_PASSES} passes; "
                          f"please report this model's architecture.")
     check_float_layers(recipe.float_layers, rewriter.seen, model.name, rewriter.float_noops)
+    first_site: dict[int, QuantizedLayer] = {}
+    for wrapper in quantized_layers_of(new):  # later call sites of a shared layer name the first (for loading)
+        primary = first_site.setdefault(id(wrapper.layer), wrapper)
+        if primary is not wrapper:
+            wrapper.shares = primary.name
     if trainable and rewriter.shared:
         layer = rewriter.shared[0]
         raise ValueError(
@@ -850,6 +1007,9 @@ def opaque_message(class_name: str, names: list[str], reasons: dict | None = Non
         )
     if class_name == "Activation":
         fix = "use an activation tfq quantizes (relu, relu6, sigmoid, tanh, swish, hard_swish, gelu, …)"
+    elif class_name == "TFKerasLayer":  # a tf_keras layer Keras 3 has no class for (tfq.models.interop)
+        fix = ("give tfq a Keras 3 implementation of it: tfq.interop.to_keras3(model, custom_objects={class name: "
+               "Keras 3 class}), and pass the result")
     else:
         fix = (f"write its call with keras.ops so tfq can trace it, or register how it computes: "
                f"tfq.qat.register_layer({class_name}, 'composite', decompose=fn)")
@@ -866,6 +1026,18 @@ def _walk_layers(model):
         yield layer
         if isinstance(layer, keras.Model):
             yield from _walk_layers(layer)
+
+
+# Suffixes of the quantizers a QuantizedLayer / QuantizedNormalization names after itself.
+_WRAPPER_QUANTIZERS = ("output", "pre_activation", "depthwise", "scale")
+
+
+def _walk_all_operations(model):
+    """Every operation of a model and of the models nested in it (the nested models too)."""
+    for op in getattr(model, "operations", None) or getattr(model, "layers", []):
+        yield op
+        if isinstance(op, keras.Model):
+            yield from _walk_all_operations(op)
 
 
 _TFQ_LAYERS = (ActivationQuantizer, QuantizedLayer, QuantizedNormalization, QuantizedWeight, FloatBarrier,
@@ -982,6 +1154,7 @@ def freeze_model(
             if layer.exports_float_weights and not strip:
                 config["converter_quantizes_weights"] = True  # per channel, on the grid computed here
             config["preserve"] = None  # the copy gets the preserved kernel itself (layer_weights)
+            config.pop("shares", None)  # each copy gets the kernel's values (one constant for the converter)
             new = QuantizedLayer.from_config(_float32_config(layer, config))
         elif isinstance(layer, QuantizedNormalization):
             config = layer.get_config()
