@@ -106,12 +106,12 @@ def test_unwritable_path_is_one_line_naming_the_users_path(report, tmp_path, mon
     assert repr(str(tmp_path / "missing" / "out")) in one_line(excinfo)
     # a read-only directory (root ignores permission bits, so the refusal of the file system is simulated
     # where the temp file is created, as on a read-only mount)
-    import tempfile
+    from tfq.core import fileio
 
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", os.path.join(kwargs.get("dir", "."), ".out.tmp"))
+    def read_only(target):
+        raise PermissionError(13, "Permission denied", os.path.join(target.parent, f".{target.name}.tmp"))
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(fileio, "_create_temp", read_only)
     target = tmp_path / "out"
     with pytest.raises(ValueError, match="Permission denied") as excinfo:
         getattr(report, method)(target)

@@ -182,7 +182,27 @@ def _read_json(path, what: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-class LayerErrorReport(list):
+class _Table:
+    """A report shown as a table: markdown (``to_markdown``) and, in Jupyter, HTML, both from ``_table_parts``
+    (header, alignment, rows, notes)."""
+
+    def _table_parts(self):
+        raise NotImplementedError
+
+    def to_markdown(self) -> str:
+        """The table as markdown, then its notes."""
+        header, align, body, notes = self._table_parts()
+        return _table(header, align, body) + "\n\n" + "\n".join(notes)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def _repr_html_(self) -> str:
+        """The table of :meth:`to_markdown` as HTML: what Jupyter shows for a report."""
+        return _html_table(*self._table_parts())
+
+
+class LayerErrorReport(_Table, list):
     """Per-tensor INT8 error from :func:`tfq.layer_errors`: a list of dicts, in graph order.
 
     Args:
@@ -228,17 +248,6 @@ class LayerErrorReport(list):
             notes.append(f"{len(self.skipped)} quantized tensor(s) without a float partner left out "
                          f"(e.g. {self.skipped[0]['tensor']!r}: {self.skipped[0]['reason']}).")
         return header, align, body, notes
-
-    def to_markdown(self) -> str:
-        """One row per quantized tensor (scale, zero point, RMSE, SQNR, clipping, outlier flag) and a note."""
-        header, align, body, notes = self._table_parts()
-        return _table(header, align, body) + "\n\n" + "\n".join(notes)
-
-    def _repr_markdown_(self) -> str:
-        return self.to_markdown()
-
-    def _repr_html_(self) -> str:
-        return _html_table(*self._table_parts())
 
     def to_dict(self) -> dict:
         return _encode({"format": _LAYER_FORMAT, "rmse_outlier": self.rmse_outlier,
@@ -329,7 +338,7 @@ class LayerErrorReport(list):
 # --------------------------------------------------------------------------------------------
 
 
-class Report:
+class Report(_Table):
     """What :func:`tfq.evaluate` measured: one row (a dict) per model.
 
     Row keys: ``name``, ``kind`` (``"keras"``/``"tflite"``), ``num_samples``, one key per metric,
@@ -430,18 +439,6 @@ class Report:
             notes.append("gzip = the file (Keras: the float32 weights) gzip-compressed; sparsity = zeros among the "
                          "weight tensors; distinct/ch = most distinct weight values in one output channel.")
         return header, align, body, notes
-
-    def to_markdown(self) -> str:
-        """The main figures as a markdown table (metrics, agreement, SQNR, size, latency, throughput)."""
-        header, align, body, notes = self._table_parts()
-        return _table(header, align, body) + "\n\n" + "\n".join(notes)
-
-    def _repr_markdown_(self) -> str:
-        return self.to_markdown()
-
-    def _repr_html_(self) -> str:
-        """The table of :meth:`to_markdown` as HTML: what Jupyter shows for a report."""
-        return _html_table(*self._table_parts())
 
     def to_dict(self) -> dict:
         return _encode({
