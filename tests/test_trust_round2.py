@@ -205,7 +205,7 @@ def test_calibration_json_with_a_non_numeric_range(tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(ValueError) as err:  # before: TypeError from np.isfinite
         tfq.load_calibration(path)
-    assert f"range for {first!r} must be [min, max], two finite numbers" in one_line(err)
+    assert f"range for {first!r} must be [min, max]: numbers, finite" in one_line(err)
     assert "['0', 'abc']" in one_line(err)
 
 

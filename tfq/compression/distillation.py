@@ -109,7 +109,8 @@ class Distiller(keras.Model):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be a number in [0, 1]. Received: alpha={alpha!r}")
         if from_logits is not None and not isinstance(from_logits, bool):
-            raise TypeError(f"from_logits must be True or False. Received: from_logits={from_logits!r}")
+            raise TypeError(f"from_logits must be True, False or None (read from the models). "
+                            f"Received: from_logits={from_logits!r}")
         s_shape, t_shape = _output_shape(student), _output_shape(teacher)
         if s_shape is not None and t_shape is not None and s_shape[-1] != t_shape[-1]:
             raise ValueError(f"student and teacher must predict the same classes. Received output shapes {s_shape} "

@@ -379,9 +379,6 @@ def calibrate(
     get_calibration_method(method, "method").check_params(params, "params")
     for name, value in (("verbose", verbose), ("keep_observers", keep_observers)):
         check_bool(name, value)
-    if strategy is not None and not (callable(getattr(strategy, "run", None)) and hasattr(strategy, "scope")):
-        raise TypeError(f"strategy must be a tf.distribute strategy (e.g. tf.distribute.MirroredStrategy()) or None. "
-                        f"Received: strategy={short_repr(strategy)} ({type(strategy).__name__})")
     if strategy is not None and params.get("batch_aggregate") is not None:
         raise ValueError(
             f"batch_aggregate={params['batch_aggregate']!r} takes one range per batch, but with strategy every replica "
@@ -392,6 +389,9 @@ def calibrate(
             f"method={method!r} (the default) tests every sample against the others, which replicas observing "
             f"slices of a batch cannot do: with strategy pass method='minmax' (or another method)."
         )
+    if strategy is not None and not (callable(getattr(strategy, "run", None)) and hasattr(strategy, "scope")):
+        raise TypeError(f"strategy must be a tf.distribute strategy (e.g. tf.distribute.MirroredStrategy()) or None. "
+                        f"Received: strategy={short_repr(strategy)} ({type(strategy).__name__})")
     r = load_recipe(recipe if recipe is not None else "int8")
     if not r.activations.is_integer:
         raise ValueError(f"recipe {r.name or r.mode!r} (mode {r.mode!r}) keeps activations float "
