@@ -184,10 +184,24 @@ def _read_json(path, what: str) -> dict:
 
 class _Table:
     """A report shown as a table: markdown (``to_markdown``) and, in Jupyter, HTML, both from ``_table_parts``
-    (header, alignment, rows, notes)."""
+    (header, alignment, rows, notes); written as JSON from ``to_dict``."""
+
+    _JSON_EXAMPLE = "report.json"  # the file name a refusal suggests
 
     def _table_parts(self):
         raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Writes :meth:`to_dict` as JSON (strict: ``inf`` is stored as ``"inf"``), atomically.
+
+        Raises:
+            ValueError: ``path`` is a directory, or cannot be written.
+        """
+        return _write_file(path, (json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"),
+                           f"{type(self).__name__}.to_json", self._JSON_EXAMPLE)
 
     def to_markdown(self) -> str:
         """The table as markdown, then its notes."""
@@ -212,6 +226,8 @@ class LayerErrorReport(_Table, list):
         num_samples: samples compared.
         skipped: ``{"tensor", "reason"}`` for quantized tensors without a float partner.
     """
+
+    _JSON_EXAMPLE = "layer_errors.json"
 
     def __init__(self, rows: Iterable[Mapping] = (), *, rmse_outlier: float = 0.7, sqnr_outlier_db: float = 10.0,
                  num_samples: int | None = None, skipped: Iterable[Mapping] = ()):
@@ -262,15 +278,6 @@ class LayerErrorReport(_Table, list):
         return cls([_decode_row(r, _LAYER_TEXT_KEYS) for r in d.get("rows", [])],
                    rmse_outlier=d.get("rmse_outlier", 0.7), sqnr_outlier_db=d.get("sqnr_outlier_db", 10.0),
                    num_samples=d.get("num_samples"), skipped=d.get("skipped", []))
-
-    def to_json(self, path: str | os.PathLike) -> Path:
-        """Writes :meth:`to_dict` as JSON, atomically.
-
-        Raises:
-            ValueError: ``path`` is a directory, or cannot be written.
-        """
-        return _write_file(path, (json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"),
-                           "LayerErrorReport.to_json", "layer_errors.json")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LayerErrorReport:
@@ -459,15 +466,6 @@ class Report(_Table):
         return cls([_decode_row(r, _REPORT_TEXT_KEYS) for r in d.get("rows", [])], reference=d.get("reference"),
                    metrics=d.get("metrics", []), num_samples=d.get("num_samples"),
                    layer_errors=LayerErrorReport.from_dict(layer) if layer is not None else None)
-
-    def to_json(self, path: str | os.PathLike) -> Path:
-        """Writes :meth:`to_dict` as JSON (strict: ``inf`` is stored as ``"inf"``), atomically.
-
-        Raises:
-            ValueError: ``path`` is a directory, or cannot be written.
-        """
-        return _write_file(path, (json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"),
-                           "Report.to_json", "report.json")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Report:
