@@ -853,7 +853,7 @@ def _convert_below_keras(model, mode, data, *, calibration, calibration_params, 
     given = {k: v for k, v in (methods or {}).items() if v is not None}
     if given or report is not None:
         name = sorted(given)[0] if given else "report"
-        raise ValueError(f"{name} needs a Keras model that tfq can rewrite; {what} is quantized below Keras "
+        raise ValueError(f"{name} need a Keras model that tfq can rewrite; {what} is quantized below Keras "
                          f"(calibration, per_channel, float_layers and int16_layers apply). Convert the Keras model, "
                          f"or drop {name}.")
     io_allowed = ("float32", "int8") if mode == "int8" else ("float32", "int16")

@@ -447,6 +447,10 @@ def convert_tflite(model, data, *, mode: str = "int8", calibration=DEFAULT_CALIB
         int16_ops = sorted(set(range(len(info.ops))) - set(float_ops))
     int16_tensors = {info.tensors[o].name: 16 for i in int16_ops for o in info.ops[i].outputs if o >= 0}
     if isinstance(calibration, Calibration):
+        if num_calibration_samples is not None:
+            raise ValueError(f"num_calibration_samples={num_calibration_samples} caps the samples tfq calibrates on, "
+                             f"but calibration is a tfq.Calibration whose ranges are chosen already: drop "
+                             f"num_calibration_samples, or pass calibration='{DEFAULT_CALIBRATION}'.")
         ranges = _precomputed(calibration, info)
         data_for_check = data
     else:
