@@ -292,3 +292,40 @@ def test_audio_every_calibration_method_runs_on_a_saved_model(audio):
             content = convert(path, "int8", noise, calibration=method, float_layers=["DIV", "ADD", "LOG"])
         assert np.all(np.isfinite(TFLiteModel(content).predict(test)))
         assert _sqnr(ref, TFLiteModel(content).predict(test)) > 0, method
+
+
+def test_precomputed_calibration_and_dict_inputs(tmp_path, cnn):
+    _, flt, data, _ = cnn
+    cal = fe.calibrate_tflite(flt, data, "kl")
+    assert convert(flt, "int8", data, calibration=cal) == convert(flt, "int8", data, calibration="kl")
+
+    class TwoInputs(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="a"),
+                                      tf.TensorSpec([1, 3], tf.float32, name="b")])
+        def __call__(self, a, b):
+            return {"y": tf.concat([a * 2.0, b], axis=-1)}
+
+    module = TwoInputs()
+    tf.saved_model.save(module, str(tmp_path / "two"), signatures=module.__call__)
+    two = fe.float_tflite(str(tmp_path / "two"))
+    rng = np.random.default_rng(0)
+    inputs = {"b": rng.uniform(-5, 5, size=(16, 3)).astype("float32"),
+              "a": rng.uniform(0, 1, size=(16, 4)).astype("float32")}
+    ranges = fe.calibrate_tflite(two, inputs, "minmax").ranges
+    it = interpreter_class()(model_content=two)
+    runner = it.get_signature_runner()
+    for key, detail in runner.get_input_details().items():  # each input tensor got its own data's range
+        name = next(d["name"] for d in it.get_tensor_details() if d["index"] == detail["index"])
+        x = inputs[key]  # MinMax ranges hold 0 (it must be exactly representable)
+        assert ranges[name] == pytest.approx((min(float(x.min()), 0.0), max(float(x.max()), 0.0)))
+
+
+def test_missing_quantizer_is_one_line(monkeypatch, cnn):
+    import sys
+
+    _, flt, data, _ = cnn
+    monkeypatch.setitem(sys.modules, "ai_edge_quantizer", None)
+    with pytest.raises(ImportError, match=r"LiteRT's quantizer, which is not installed: pip install "
+                                          r"ai-edge-quantizer$") as err:
+        convert(flt, "int8", data)
+    assert "\n" not in str(err.value)

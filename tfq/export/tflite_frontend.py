@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
+from tfq.core.logs import logger
 from tfq.core.messages import short_repr
 from tfq.core.representative import representative_dataset
 from tfq.numerics.observers import MinMaxObserver, create_observer
@@ -209,9 +210,24 @@ def _float_activation_tensors(info) -> list[int]:
     return wanted
 
 
-def _samples(data, num_samples, details):
-    """Calibration samples one at a time, as lists of arrays with a batch axis of 1, interpreter input order."""
-    rep = representative_dataset(data, num_samples)
+def _input_names(interpreter, details) -> list[str] | None:
+    """The signature key of each input (in ``details`` order), or None without a single signature."""
+    try:
+        signatures = interpreter.get_signature_list()
+        if len(signatures) != 1:
+            return None
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        name_of = {d["index"]: name for name, d in runner.get_input_details().items()}
+    except (ValueError, RuntimeError, KeyError):
+        return None
+    names = [name_of.get(d["index"]) for d in details]
+    return None if None in names else names
+
+
+def _samples(data, num_samples, details, input_names=None):
+    """Calibration samples one at a time, as lists of arrays with a batch axis of 1, interpreter input order
+    (a dict of inputs is ordered by the signature's input names)."""
+    rep = representative_dataset(data, num_samples, input_names=input_names)
     for batch in rep.batches(64):
         if len(batch) != len(details):
             raise ValueError(f"representative_data gives {len(batch)} input(s) per sample, but the model takes "
@@ -255,8 +271,8 @@ def calibrate_tflite(content: bytes, data, method: str = DEFAULT_CALIBRATION, *,
 
     Args:
         content: float ``.tflite`` bytes.
-        data: calibration data (any form :func:`tfq.representative_dataset` takes), in the model's
-            input order.
+        data: calibration data (any form :func:`tfq.representative_dataset` takes): one array per
+            model input in the interpreter's input order, or a dict keyed by the signature's input names.
         method: a calibration method name (``"robust_minmax"``, ``"minmax"``, ``"moving_average"``,
             ``"kl"``, ``"percentile"``, ``"mse"`` or a registered one).
         num_samples: cap on samples.
@@ -287,6 +303,7 @@ def calibrate_tflite(content: bytes, data, method: str = DEFAULT_CALIBRATION, *,
     interpreter = _interpreter(content, preserve=True)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
+    input_names = _input_names(interpreter, details) if len(details) > 1 else None
     tensors = _float_activation_tensors(info)
     robust = method == DEFAULT_CALIBRATION
 
@@ -305,7 +322,7 @@ def calibrate_tflite(content: bytes, data, method: str = DEFAULT_CALIBRATION, *,
 
     def feed(recorder, taps):
         seen = 0
-        for sample in _samples(data, num_samples, details):
+        for sample in _samples(data, num_samples, details, input_names):
             for d, a in zip(details, _fit(sample, details)):
                 interpreter.set_tensor(d["index"], a)
             interpreter.invoke()
@@ -331,6 +348,8 @@ def calibrate_tflite(content: bytes, data, method: str = DEFAULT_CALIBRATION, *,
                 observer = MinMaxObserver()
                 observer.update(np.array(kept))
                 observers[name] = observer
+    logger.info(f"calibrated {len(observers)} tensors of the float .tflite ({method}) on {seen} samples in "
+                f"{time.perf_counter() - start:.1f} s")
     ranges = {}
     for name, observer in observers.items():
         if not observer.has_data:
