@@ -125,7 +125,11 @@ def main():
     import tensorflow as tf
 
     from tfq.export.convert import convert
-    from tfq.export.tflite_frontend import calibrate_tflite, float_tflite, quantize_tflite
+    from tfq.export.tflite_frontend import (
+        calibrate_tflite,
+        float_tflite,
+        quantize_tflite,
+    )
     from tfq.tflite.info import inspect_tflite
     from tfq.tflite.sandbox import Sandbox
 
@@ -138,10 +142,10 @@ def main():
             ref = sandbox.run(flt, [[s[None]] for s in test]).outputs
             files = {}
             for name, fn in (
-                ("converter", lambda: plain_converter(path, data)),
-                ("converter_fallback", lambda: plain_converter(path, data, fallback=True)),
-                ("aeq_default", lambda: aeq_own(flt, data, float_io=False)),
-                ("aeq_float_io", lambda: aeq_own(flt, data, float_io=True)),
+                ("converter", lambda path=path, data=data: plain_converter(path, data)),
+                ("converter_fallback", lambda path=path, data=data: plain_converter(path, data, fallback=True)),
+                ("aeq_default", lambda flt=flt, data=data: aeq_own(flt, data, float_io=False)),
+                ("aeq_float_io", lambda flt=flt, data=data: aeq_own(flt, data, float_io=True)),
             ):
                 start = time.perf_counter()
                 try:
