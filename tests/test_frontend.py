@@ -273,6 +273,8 @@ def test_audio_plain_converter_crashes_on_silence_tfq_keeps_div_float(audio):
     flt = fe.float_tflite(path)
     ref = TFLiteModel(flt).predict(test)
     assert _sqnr(ref, np.concatenate([o[0] for o in ours.outputs[1:]])) > 10
+    report = layer_errors(path, content, test[:8])  # per op, against the float .tflite: every int8 tensor paired
+    assert not report.skipped and {"MUL", "FULLY_CONNECTED", "QUANTIZE"} <= {r["op"] for r in report}
     with pytest.raises(ConversionError, match="op DIV fails .*strict=True refuses"):
         convert(path, "int8", noise, strict=True)
     # DIV kept float by the user: no crash, no fix to make, no warning
