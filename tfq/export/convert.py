@@ -518,8 +518,9 @@ def _methods_given(methods, **shorthands) -> dict:
 def fake_quantize(model, mode=None, representative_data=None, **options) -> keras.Model:
     """The fake-quant Keras model that :func:`convert` hands to the TFLite converter, for simulation.
 
-    Same arguments as :func:`convert` (its signature, without ``io_dtype``, ``output``, ``check``, ``strict`` and ``int16_layers``: it writes no file to check, and simulates a Keras model; int8 and
-    int16x8 recipes). The model computes in float with
+    Same arguments as :func:`convert` (its signature, without ``io_dtype``, ``output``, ``check``,
+    ``strict`` and ``int16_layers``: it writes no file to check, and simulates a Keras model; int8
+    and int16x8 recipes). The model computes in float with
     every quantization simulated (weights on their integer grid, activations on their ranges), so
     it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 4-bit weights) —
     with the same calibration, equalization, learned rounding and bias correction as the export.
