@@ -261,6 +261,6 @@ def is_below_keras(model) -> bool:
     (a path to a directory, or a :class:`tfq.models.loading.SavedModelPath`), or a ``TFSMLayer`` model."""
     if is_tflite_input(model):
         return True
-    if isinstance(model, (str, os.PathLike)):
-        return Path(model).is_dir()
+    if isinstance(model, (str, os.PathLike)):  # a directory without saved_model.pb: load_model names it
+        return Path(model).is_dir() and (Path(model) / "saved_model.pb").exists()
     return has_tfsm_layer(model)
