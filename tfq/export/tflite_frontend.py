@@ -40,7 +40,9 @@ import warnings
 import numpy as np
 
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION
+from tfq.core.export_modes import get_export_mode
 from tfq.core.messages import short_repr
+from tfq.core.recipes import TensorSpec
 from tfq.ptq.calibration import Calibration
 from tfq.ptq.tflite_calibration import (
     _float_activation_tensors,
@@ -252,7 +254,8 @@ def convert_tflite(model, data, *, mode: str = "int8", calibration=DEFAULT_CALIB
         op = info.ops[both[0]]
         raise ValueError(f"op {both[0]} ({op.type}, {info.tensors[op.outputs[0]].name!r}) is chosen by both "
                          f"float_layers and int16_layers. Keep it in one of them.")
-    if mode == "int16x8":
+    all_int16 = TensorSpec(**get_export_mode(mode).default_activations).bits == 16  # int16x8
+    if all_int16:
         int16_ops = sorted(set(range(len(info.ops))) - set(float_ops))
     int16_tensors = {info.tensors[o].name: 16 for i in int16_ops for o in info.ops[i].outputs if o >= 0}
     if isinstance(calibration, Calibration):
@@ -276,7 +279,7 @@ def convert_tflite(model, data, *, mode: str = "int8", calibration=DEFAULT_CALIB
                                float_ops=sorted(set(float_ops) | set(extra_float)), int16_ops=[i for i in int16_ops if i not in set(extra_float)], io_dtype=qt_io)
 
     content = build()
-    _check_selection(content, info, float_ops, int16_ops, mode)
+    _check_selection(content, info, float_ops, int16_ops, mode, all_int16)
     if not float_layers:
         _warn_float_ops(content, mode)
     if not check:
@@ -285,7 +288,7 @@ def convert_tflite(model, data, *, mode: str = "int8", calibration=DEFAULT_CALIB
                            reconvert=lambda nodes: build(_nodes_to_ops(info, nodes)), stacklevel=6)
 
 
-def _check_selection(content: bytes, info, float_ops, int16_ops, mode: str) -> None:
+def _check_selection(content: bytes, info, float_ops, int16_ops, mode: str, all_int16: bool) -> None:
     """Every op asked float has float outputs in the file and every op asked int16 has int16 outputs (LiteRT's
     quantizer falls back to its int8 rule, silently, for an op it has no int16 rule for): else a one-line
     error (``int16_layers``) or warning (``mode="int16x8"``) naming the ops."""
@@ -304,9 +307,9 @@ def _check_selection(content: bytes, info, float_ops, int16_ops, mode: str) -> N
     if floats:
         raise ValueError(f"float_layers: op(s) {', '.join(floats[:3])} could not be kept float by LiteRT's quantizer. "
                          f"Name the op(s) after it in float_layers too, or report the model.")
-    int16 = missed(int16_ops, "INT16", ("FLOAT32",) if mode == "int16x8" else ())  # float ones: warned after
-    if int16 and mode == "int16x8":
-        warnings.warn(f"tfq: {len(int16)} op(s) of the int16x8 model have int8, not int16, activations (LiteRT's "
+    int16 = missed(int16_ops, "INT16", ("FLOAT32",) if all_int16 else ())  # float ones: warned after
+    if int16 and all_int16:
+        warnings.warn(f"tfq: {len(int16)} op(s) of the {mode} model have int8, not int16, activations (LiteRT's "
                       f"quantizer has no int16 rule for them): {', '.join(int16[:4])}.", stacklevel=6)
     elif int16:
         raise ValueError(f"int16_layers: LiteRT's quantizer has no int16 rule for op(s) {', '.join(int16[:3])}. Drop "
