@@ -31,9 +31,9 @@ flags.DEFINE_integer("num_threads", 2, "Interpreter threads.")
 
 def _trained(name: str):
     import keras
+    from tfq.examples import digits_cnn, mobilenet_style, train_model
 
     from tfq.datasets import load_digits
-    from tfq.examples import digits_cnn, mobilenet_style, train_model
 
     size, builder, epochs = {"digits_cnn": (8, digits_cnn, 10), "mobilenet_style": (32, mobilenet_style, 15)}[name]
     (x_train, y_train), (x_test, y_test) = load_digits(image_size=size, seed=0)

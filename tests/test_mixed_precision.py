@@ -35,7 +35,6 @@ def _model(fragile: str | None = None):
     """A small digits model: conv → fc1 → fc2 → probs, trained briefly. ``fragile``: a layer given one huge weight
     per output channel on an input that is always zero (the function is unchanged, its 4-bit grid ruined)."""
     import keras
-
     from tfq.examples import train_model
 
     (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits()
@@ -105,12 +104,14 @@ def test_max_drop_is_met_through_litert_at_the_smallest_size_on_the_path(small):
     from conftest import tflite_accuracy
 
     model, (x_train, _), (x_test, y_test) = small
-    result = precision.mixed_precision(model, x_train[:256], x_test, y_test, max_drop=0.01)
+    result = precision.mixed_precision(model, x_train[:256], x_test, y_test, max_drop=0.0)
     accuracy = tflite_accuracy(result.tflite, x_test, y_test)
-    assert result.met and accuracy >= result.baseline - 0.01
-    assert result.size <= result.references["int8"]["size"]
-    smaller = [t for t in result.trials if t["index"] > result.settings["chosen_index"]]
-    assert all(t["drop"] > 0.01 for t in smaller) or result.settings["chosen_index"] == result.settings["path_length"] - 1
+    assert result.met and accuracy >= result.baseline
+    assert result.references["w4a8"]["drop"] > 0  # uniform W4A8 misses the target: the search has to choose
+    assert result.references["w4a8"]["size"] < result.size <= result.references["int8"]["size"]
+    assert any(r["choice"] == "int4" for r in result.rows)
+    chosen = result.settings["chosen_index"]
+    assert [t["index"] for t in result.trials if t["index"] == chosen + 1 and t["drop"] > 0]  # the next point fails
     rerun = tfq.convert(model, recipe=result.recipe, representative_data=x_train[:256])
     assert [w.bits for w in tfq.inspect_tflite(rerun).weights] == [w.bits for w in tfq.inspect_tflite(result.tflite).weights]
 
@@ -151,23 +152,24 @@ def test_allocation_path_is_the_knapsack_hull_in_order():
 def test_bad_targets_and_choices_are_refused_in_one_line(small):
     model, (x_train, _), (x_test, y_test) = small
     cases = [
-        (dict(size_budget=0), "size_budget must be bytes"),
-        (dict(size_budget=1.5), "size_budget must be bytes"),
-        (dict(size_budget=-3), "size_budget must be bytes"),
-        (dict(latency_budget=0), "latency_budget must be milliseconds"),
-        (dict(max_drop=-0.1), "max_drop must be a number >= 0"),
-        (dict(choices=("int4", "int16")), "'int16' is not supported: LiteRT runs int8/int16 mixes"),
-        (dict(choices=("int3", "int8")), "choices values must be among"),
-        (dict(choices=("int8",)), "at least two different choices"),
-        (dict(choices="int8"), "choices must be a non-empty list"),
-        (dict(sensitivity="fisher"), "sensitivity must be one of"),
-        (dict(weight_rounding="best"), "weight_rounding must be"),
-        (dict(hutchinson_samples=0), "hutchinson_samples must be an int >= 1"),
+        ({"size_budget": 0}, "size_budget must be bytes"),
+        ({"size_budget": 1.5}, "size_budget must be bytes"),
+        ({"size_budget": -3}, "size_budget must be bytes"),
+        ({"latency_budget": 0}, "latency_budget must be milliseconds"),
+        ({"max_drop": -0.1}, "max_drop must be a number >= 0"),
+        ({"choices": ("int4", "int16")}, "'int16' is not supported: LiteRT runs int8/int16 mixes"),
+        ({"choices": ("int3", "int8")}, "choices values must be among"),
+        ({"choices": ("int8",)}, "at least two different choices"),
+        ({"choices": "int8"}, "choices must be a non-empty list"),
+        ({"sensitivity": "fisher"}, "sensitivity must be one of"),
+        ({"weight_rounding": "best"}, "weight_rounding must be"),
+        ({"hutchinson_samples": 0}, "hutchinson_samples must be an int >= 1"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message) as info:
             precision.mixed_precision(model, x_train[:64], x_test, y_test, **kwargs)
-        assert "\n" not in str(info.value) and "Received" in str(info.value) or "int16" in str(info.value), kwargs
+        assert "\n" not in str(info.value), kwargs
+        assert "Received" in str(info.value) or "choices=('int4', 'int16')" in str(info.value), kwargs
 
 
 def test_unreachable_size_budget_returns_the_smallest_not_met(small, caplog):
@@ -225,10 +227,11 @@ def test_mobilenet_mixed_beats_uniform_w4a8_within_max_drop(trained_mobilenet):
     assert accuracy > result.references["w4a8"]["metric"]
 
 
+@pytest.mark.slow
 def test_weight_rounding_is_honoured_in_every_file(small, budgeted):
     """GPTQ inside the search: the chosen file holds other integers than nearest's for the same choices."""
     model, (x_train, _), (x_test, y_test) = small
-    budget, nearest = budgeted
+    budget, _ = budgeted
     result = precision.mixed_precision(model, x_train[:256], x_test, y_test, size_budget=budget,
                                        weight_rounding="gptq", choices=("int4", "int8"))
     assert result.recipe.weight_rounding == "gptq" and result.size <= budget

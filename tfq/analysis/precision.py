@@ -34,8 +34,10 @@ Sensitivity (how much a layer's accuracy suffers at fewer bits), two estimates:
 
 Which predicts the true per-layer accuracy drop better was measured (``scripts/budget_curve.py``,
 Spearman rank correlation between each estimate and the test-set drop measured through LiteRT
-with one layer at 4 bits, the rest INT8); the figures are in ``docs/benchmarks.md`` and in
-:data:`DEFAULT_SENSITIVITY`'s comment.
+with one layer at 4 bits, the rest INT8): MobileNet-style ρ = 0.68 (sqnr) against 0.63 (hessian) for the
+accuracy drop, 0.89 for both against the cross-entropy increase; the digits CNN's layers all stay within
+0.06 pt at 4 bits (0.77 against 0.26, nearly noise). ``"sqnr"`` is the default; the tables are in
+``docs/benchmarks.md``.
 
 Allocation: a multiple-choice knapsack solved by its Lagrangian relaxation. For each layer the
 choices are points (bytes, Ω); on the lower convex hull of each layer's points, each move to
@@ -55,6 +57,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 import re
@@ -63,7 +66,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tfq.analysis.report import _Table, _encode, _table
+from tfq.analysis.report import _encode, _Table, _table
 from tfq.core.logs import logger, verbosity
 from tfq.core.messages import check_bool
 from tfq.core.recipes import Override, Recipe, TensorSpec
@@ -81,8 +84,11 @@ _REFUSED_CHOICES = {
 }
 SENSITIVITIES = ("hessian", "sqnr")
 DEFAULT_SENSITIVITY = "sqnr"
-"""Measured (scripts/budget_curve.py, docs/benchmarks.md): Spearman ρ against the true per-layer drop —
-see the docs table; ``"sqnr"`` ranks better on both example models."""
+"""The default, measured (``scripts/budget_curve.py``, ``docs/benchmarks.md``): Spearman's ρ of each estimate
+against the accuracy drop / cross-entropy increase measured through LiteRT with one layer at 4 bits (the rest
+INT8), on 1,541 held-out digits: digits CNN (4 layers) hessian 0.26 / −0.80, sqnr 0.77 / −0.20 (every layer
+within 0.06 pt: nearly noise); MobileNet-style (10 layers) hessian 0.63 / 0.89, sqnr 0.68 / 0.89. ``"sqnr"``
+ranks as well or better everywhere; ``"hessian"`` needs no conversion."""
 
 _WEIGHT_BITS = {"int4": 4, "int8": 8, "float": 32}
 _ACTIVATION_BITS = {"int4": 8, "int8": 8, "float": 32}
@@ -330,7 +336,7 @@ def allocation_path(layers, sensitivity: dict[str, dict[str, float]], choices: S
                 else:
                     break
         start[layer.name] = hull[0][2]
-        for (b0, s0, _), (b1, s1, c1) in zip(hull, hull[1:]):
+        for (b0, s0, _), (b1, s1, c1) in itertools.pairwise(hull):
             moves.append(((s1 - s0) / max(b0 - b1, 1), index, layer.name, c1))
     moves.sort(key=lambda m: (m[0], m[1]))
     path = [dict(start)]
@@ -507,7 +513,7 @@ def mixed_precision(
     eval_labels=None,
     *,
     max_drop: float | None = None,
-    size_budget: int | float | None = None,
+    size_budget: float | None = None,
     latency_budget: float | None = None,
     choices: Sequence[str] = CHOICES,
     sensitivity: str = DEFAULT_SENSITIVITY,
