@@ -72,7 +72,7 @@ def budgeted(small):
     return budget, precision.mixed_precision(model, x_train[:256], x_test, y_test, size_budget=budget)
 
 
-def test_size_budget_is_met_in_bytes_and_the_table_matches_the_file(small, budgeted):
+def test_size_budget_is_met_in_bytes_and_the_table_matches_the_file(small, budgeted, tmp_path):
     from conftest import tflite_accuracy
 
     model, _, (x_test, y_test) = small
@@ -98,6 +98,13 @@ def test_size_budget_is_met_in_bytes_and_the_table_matches_the_file(small, budge
     text = result.to_markdown()
     assert text.splitlines()[0].startswith("| layer | class | choice | weight bits | activation bits")
     assert all(f"| {r['layer']} |" in text for r in result.rows)
+    import json
+
+    out = result.save(tmp_path / "mixed")
+    assert (out / "model.tflite").read_bytes() == result.tflite
+    assert tfq.load_recipe(out / "recipe.yaml") == result.recipe
+    saved = json.loads((out / "mixed_precision.json").read_text())
+    assert saved["size"] == result.size and [r["choice"] for r in saved["rows"]] == [r["choice"] for r in result.rows]
 
 
 def test_max_drop_is_met_through_litert_at_the_smallest_size_on_the_path(small):

@@ -60,9 +60,11 @@ import dataclasses
 import itertools
 import math
 import numbers
+import os
 import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -193,7 +195,9 @@ def hessian_traces(model, x, layers, samples: int = 16, seed: int = 0) -> dict[s
     for _ in range(samples):
         vs = [tf.constant(rng.integers(0, 2, size=tuple(k.shape)) * 2.0 - 1.0, k.dtype) for k in kernels]
         with tf.GradientTape(persistent=True) as outer:
+            outer.watch(kernels)  # frozen (non-trainable) kernels too
             with tf.GradientTape() as inner:
+                inner.watch(kernels)
                 loss = loss_fn(_as_list(model(xs, training=False)))
             grads = inner.gradient(loss, kernels)
             dots = [tf.reduce_sum(g * v) for g, v in zip(grads, vs)]
@@ -410,6 +414,28 @@ class MixedPrecisionResult(_Table):
 
     def __repr__(self) -> str:
         return f"MixedPrecisionResult({self.summary()})"
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes model.tflite, recipe.yaml, mixed_precision.json and mixed_precision.md into ``directory`` (atomically).
+
+        Example:
+            >>> result.save("mixed/")   # doctest: +SKIP
+        """
+        from tfq.core.fileio import (
+            atomic_write_bytes,
+            atomic_write_text,
+            check_writable_dir,
+        )
+        from tfq.core.recipes import save_recipe
+
+        check_writable_dir(directory, "directory")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "model.tflite", self.tflite)
+        save_recipe(self.recipe, out / "recipe.yaml")
+        self.to_json(out / "mixed_precision.json")
+        atomic_write_text(out / "mixed_precision.md", self.to_markdown() + "\n")
+        return out
 
 
 def _file_layer_bits(content: bytes, names: Sequence[str]) -> dict[str, tuple[int, int]]:
