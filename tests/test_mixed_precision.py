@@ -245,3 +245,27 @@ def test_weight_rounding_is_honoured_in_every_file(small, budgeted):
     direct = tfq.convert(model, recipe=result.recipe.replace(weight_rounding="nearest"),
                          representative_data=x_train[:256])
     assert direct != result.tflite and len(direct) == len(result.tflite)
+
+
+def test_the_int16_refusal_is_measured_litert_runs_an_int8_int16_mix(small):
+    """What the "int16" refusal says: LiteRT runs a file mixing int8 and int16 activations (written here by
+    ai-edge-quantizer, per-op 16-bit activations on fc1), yet tfq's conversion has one activation width per model."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import qtyping, quantizer
+
+    model, (x_train, _), (x_test, y_test) = small
+    q = quantizer.Quantizer(tfq.convert(model, "float"))
+    q.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 8, 8)
+    q.add_static_config(".*fc1.*", qtyping.TFLOperationName.FULLY_CONNECTED, 16, 8)
+    signature = next(iter(Interpreter(model_content=tfq.convert(model, "float")).get_signature_list().items()))
+    data = {signature[0]: [{signature[1]["inputs"][0]: x_train[i:i + 1]} for i in range(64)]}
+    content = bytes(q.quantize(q.calibrate(data), enable_progress_report=False).quantized_model)
+    info = tfq.inspect_tflite(content)
+    fc_inputs = [info.tensors[op.inputs[0]].dtype for op in info.ops if op.type == "FULLY_CONNECTED"]
+    assert sorted(fc_inputs) == ["INT16", "INT8", "INT8"]
+    assert [info.tensors[op.inputs[0]].dtype for op in info.ops if op.type == "QUANTIZE"].count("INT16") == 1
+    out = tfq.tflite.interpreter.TFLiteModel(content).predict(x_test)
+    float_acc = float((model.predict(x_test, verbose=0).argmax(1) == y_test).mean())
+    assert (out.argmax(1) == y_test).mean() >= float_acc - 0.01
+    with pytest.raises(ValueError, match="'int16' is not supported"):
+        precision.mixed_precision(model, x_train[:64], x_test, y_test, choices=("int8", "int16"))
