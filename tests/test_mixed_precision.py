@@ -199,7 +199,8 @@ def test_latency_budget_is_measured_through_the_interpreter(small):
     from tfq.tflite.interpreter import TFLiteModel
 
     model, (x_train, _), (x_test, y_test) = small
-    result = precision.mixed_precision(model, x_train[:256], x_test, y_test, latency_budget=50.0, max_drop=0.02)
+    result = precision.mixed_precision(model, x_train[:256], x_test, y_test, latency_budget=50.0, max_drop=0.02,
+                                       choices=("int4", "int8"))
     assert result.met and result.latency_ms is not None and result.latency_ms <= 50.0
     assert all(t["latency_ms"] is not None for t in result.trials)
     again = float(np.median(TFLiteModel(result.tflite, num_threads=1).latency_ms(x_test[:1], runs=20)))
