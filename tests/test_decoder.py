@@ -80,3 +80,24 @@ def test_gpt2_decoder_with_causal_mask_is_fully_integer():
     np.testing.assert_array_equal(runner.predict(changed)[:, :T // 2], got[:, :T // 2])
     with pytest.raises(TypeError, match="NoneType"):  # the plain converter cannot convert it at all
         _plain_converter(model, calibration)
+
+
+def test_gpt2_backbone_of_unknown_length_names_its_float_ops_and_the_fix():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=32,
+                                             intermediate_dim=64, max_sequence_length=T)  # inputs (None, None)
+    calibration, test = _tokens(128, 0), _tokens(32, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        content = tfq.convert(backbone, "int8", calibration)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("tfq:")]
+    kept = next(m for m in messages if "TransformerDecoder" in m)
+    assert "static sequence length" in kept and "fixed sequence length" in kept
+    floats = sorted(op.type for op in inspect_tflite(content).float_ops)
+    assert floats == ["NEG"] * 4 + ["RANGE"] * 2  # TFLite has no int8 kernel for either
+    assert any("NEG in transformer_layer_0" in m and "RANGE" in m for m in messages)
+    # The .tflite takes any length (its signature says -1): run at the data's, 16.
+    got = TFLiteModel(content).predict(test)
+    reference = keras.ops.convert_to_numpy(backbone(test))
+    valid = test["padding_mask"].astype(bool)
+    assert _sqnr(reference[valid], got[valid]) > 25.0

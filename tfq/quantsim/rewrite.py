@@ -1094,12 +1094,16 @@ def opaque_message(class_name: str, names: list[str], reasons: dict | None = Non
     elif class_name == "TFKerasLayer":  # a tf_keras layer Keras 3 has no class for (tfq.models.interop)
         fix = ("give tfq a Keras 3 implementation of it: tfq.interop.to_keras3(model, custom_objects={class name: "
                "Keras 3 class}), and pass the result")
+    elif reason and "static" in reason:  # e.g. a causal mask on a sequence of unknown length
+        fix = ("give the model a fixed sequence length: call it on keras.Input(shape=(length, …)) inputs, "
+               "keras.Model(inputs, model(inputs)), and pass that")
     else:
         fix = (f"write its call with keras.ops so tfq can trace it, or register how it computes: "
                f"tfq.qat.register_layer({class_name}, 'composite', decompose=fn)")
+    why = f" ({reason})" if reason and class_name not in ("Activation", "TFKerasLayer") else ""
     return (
         f"tfq: {len(names)} layer(s) of class {class_name} ({shown}) have no tfq quantization rule and could "
-        f"not be decomposed: tfq quantizes their outputs and the TFLite converter calibrates what is inside "
+        f"not be decomposed{why}: tfq quantizes their outputs and the TFLite converter calibrates what is inside "
         f"them from representative_data (MinMax; float only where TFLite has no int8 kernel). To choose those "
         f"ranges with tfq's calibration (and train them in QAT), {fix}."
     )
