@@ -93,18 +93,22 @@ class TFLiteModel:
     Args:
         model: TFLite bytes or a ``.tflite`` path.
         num_threads: interpreter threads (None: the interpreter's default).
+        allocate: prepare the kernels now (``allocate_tensors``); False leaves it to the first run, so
+            that a model whose kernel aborts in its Prepare can be inspected (and run in a worker
+            process, :mod:`tfq.tflite.sandbox`) without taking this process down.
 
     Example:
         >>> runner = TFLiteModel(tflite_bytes)                     # doctest: +SKIP
         >>> probs = runner.predict(x_test, batch_size=64)          # doctest: +SKIP
     """
 
-    def __init__(self, model, num_threads: int | None = None):
+    def __init__(self, model, num_threads: int | None = None, allocate: bool = True):
         self.content = load_tflite_bytes(model)
         self.num_threads = num_threads
         try:
             self.interpreter = interpreter_class()(model_content=self.content, num_threads=num_threads)
-            self.interpreter.allocate_tensors()
+            if allocate:
+                self.interpreter.allocate_tensors()
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"TFLite model could not be loaded ({first}): the file is corrupt or truncated.") from None
