@@ -85,6 +85,39 @@ def test_subclassed_tf_keras_model_is_traced_and_converts():
     assert len(tfq.qat.quantized_layers_of(qat)) == 4  # two convolutions and two Dense, each quantized by tfq
 
 
+class _CondNet(tf_keras.Model):
+    """A call with ``tf.cond``, which tf_keras cannot trace on symbolic inputs (no dispatch for KerasTensors)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv, self.flatten = tf_keras.layers.Conv2D(8, 3, activation="relu"), tf_keras.layers.Flatten()
+        self.dense = tf_keras.layers.Dense(4)
+
+    def call(self, x):
+        h = self.flatten(self.conv(x))
+        return self.dense(tf.cond(tf.reduce_max(h) > 1e6, lambda: h * 0.5, lambda: h))
+
+
+def test_subclassed_tf_keras_model_that_cannot_be_traced_is_kept_whole():
+    tf_keras.utils.set_random_seed(6)
+    x = np.random.default_rng(6).random((128, 12, 12, 3)).astype("float32")
+    net = _CondNet(name="condy")
+    net(x[:1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        content = tfq.convert(net, "int8", x)  # refused before, as every subclassed tf_keras model
+    messages = _tfq_warnings(caught)
+    assert any(m.startswith("tfq: 1 layer(s) of class TFKerasLayer ('condy')") for m in messages)  # kept whole
+    assert [op.type for op in inspect_tflite(content).float_ops] == ["IF"]  # no int8 kernel, and named:
+    assert any("IF in condy" in m for m in messages)
+    reference = net(x[:64]).numpy()
+    plain = _plain_converter(net, x, (12, 12, 3))
+    assert [op.type for op in inspect_tflite(plain).float_ops] == ["IF"]
+    # The converter calibrates inside it: the plain converter's result (both 6.1 dB: the IF's float branches).
+    assert abs(_sqnr(reference, TFLiteModel(content).predict(x[:64])) -
+               _sqnr(reference, TFLiteModel(plain).predict(x[:64]))) < 0.5
+
+
 class _GatedSwish(tf_keras.layers.Layer):
     """A tf_keras custom layer with a weight: Keras 3 has no class for it, so tfq keeps it whole."""
 
