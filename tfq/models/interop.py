@@ -609,12 +609,12 @@ def _functional_tf_keras(model):
         traced = lib.Model(inputs, model.call(inputs), name=model.name)
         want = [np.asarray(o) for o in _flat(model(feed, training=False))]
         got = [np.asarray(o) for o in _flat(traced(feed, training=False))]
-        if len(want) == len(got) and all(w.shape == g.shape and np.allclose(g, w, rtol=_TRACE_RTOL, atol=_TRACE_RTOL *
-                                                                            max(float(np.abs(w).max()), 1.0))
-                                         for w, g in zip(want, got)):
-            return traced
-    except Exception:  # noqa: BLE001 - a call tf_keras cannot trace symbolically: the model is kept whole
-        pass
+    except Exception:  # noqa: BLE001 - a call tf_keras cannot trace symbolically (tf.cond …): kept whole
+        traced, want, got = None, [], []
+    if traced is not None and len(want) == len(got) and all(
+            w.shape == g.shape and np.allclose(g, w, rtol=_TRACE_RTOL, atol=_TRACE_RTOL * max(float(np.abs(w).max()), 1.0))
+            for w, g in zip(want, got)):
+        return traced
     return lib.Model(inputs, model(inputs), name=model.name)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from tfq.tflite.int4 import unpack_int4
 from tfq.tflite.interpreter import load_tflite_bytes
 
-__all__ = ["TFLiteInfo", "OpInfo", "TensorInfo", "WeightInfo", "gzip_size", "inspect_tflite"]
+__all__ = ["TFLiteInfo", "OpInfo", "TensorInfo", "WeightInfo", "gzip_size", "inspect_tflite", "requantization_aborts"]
 
 _NUMPY_TYPES = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "FLOAT32": np.float32,
                 "FLOAT16": np.float16, "INT4": np.int8}  # INT4: two per byte, unpacked to int8
