@@ -1433,10 +1433,14 @@ def int4_rows(label: str, model, calib, x_test, y_test, rows=TFQ_INT4_ROWS, aeq_
         spec = dict(spec)
         data = calib if spec.pop("data") else None
         recipe = spec.pop("recipe", None)
-        recipe = tfq.Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe
-        add(name, lambda: tfq.convert(model, representative_data=data, recipe=recipe, **spec))
+
+        def make(data=data, recipe=recipe, spec=spec):
+            r = tfq.Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe
+            return tfq.convert(model, representative_data=data, recipe=r, **spec)
+
+        add(name, make)
     for name, kind, granularity in aeq_rows:
-        add(name, lambda: aeq_int4(float_tflite, kind, granularity, calib))
+        add(name, lambda kind=kind, granularity=granularity: aeq_int4(float_tflite, kind, granularity, calib))
     for row in out_rows:
         if "size_bytes" in row and int8 is not None:
             row["size_vs_int8"] = row["size_bytes"] / len(int8)
@@ -1464,13 +1468,14 @@ def bench_int4(models=INT4_MODELS, quick: bool = False, verbose: bool = True) ->
 
 def int4_markdown(section: dict) -> str:
     """The INT4 rows as a Markdown table."""
-    lines = ["| model | file | accuracy | size (B) | × INT8 | 4-bit / 8-bit / float weights | s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | file | accuracy | SQNR vs float | size (B) | × INT8 | 4-bit / 8-bit / float weights | s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in section["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['name']} | fails: {r['error'][:80]} | – | – | – | – |")
+            lines.append(f"| {r['model']} | {r['name']} | fails: {r['error'][:80]} | – | – | – | – | – |")
             continue
-        lines.append(f"| {r['model']} | {r['name']} | {100 * r['accuracy']:.2f} % | {r['size_bytes']} | "
+        sqnr = "exact" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f} dB"
+        lines.append(f"| {r['model']} | {r['name']} | {100 * r['accuracy']:.2f} % | {sqnr} | {r['size_bytes']} | "
                      f"{r.get('size_vs_int8', float('nan')):.3f} | {r['int4_weights']} / {r['int8_weights']} / "
                      f"{r['float_weights']} | {r['convert_seconds']:.1f} |")
     return "\n".join(lines)

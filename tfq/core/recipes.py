@@ -428,7 +428,8 @@ class Recipe:
         seed: Seed for anything random (e.g. sample selection).
         name: Free-form name (presets use their file stem).
         allow_non_tflite: Skip the TFLite-runnability checks, for simulation-only
-            recipes (e.g. 4-bit weights); such a recipe cannot be exported.
+            recipes (e.g. 3-bit weights, asymmetric weights); such a recipe cannot be exported.
+            4-bit weights export without it (INT4 in the file: int8, w4_dynamic, w4_weight_only).
         equalize: Cross-layer equalization and high-bias absorption before
             quantizing (`tfq.equalize`); int8 and int16x8.
         bias_correction: Correct each layer's mean output shift caused by weight

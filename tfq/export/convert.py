@@ -318,7 +318,9 @@ def convert(
     Args:
         model: a Keras 3 or tf_keras model, a tfq QAT model, or a path to ``.keras``/SavedModel.
         mode: ``"float"``, ``"dynamic"`` (int8 weights, float activations), ``"fp16"``,
-            ``"int8"`` (full integer) or ``"int16x8"`` (or a registered mode). None (the default):
+            ``"int8"`` (full integer), ``"int16x8"``, ``"w4_dynamic"`` (tfq's 4-bit weights stored
+            INT4, activations quantized at run time by LiteRT's hybrid kernels) or ``"w4_weight_only"``
+            (4-bit weights dequantized when loaded, float compute) (or a registered mode). None (the default):
             the recipe's mode, or ``"int8"`` without a recipe.
         representative_data: calibration data for ``"int8"``/``"int16x8"`` (arrays, dict,
             ``tf.data.Dataset`` or callable). Not needed for a trained QAT model.
@@ -496,7 +498,7 @@ def fake_quantize(model, mode=None, representative_data=None, **options) -> kera
     Same arguments as :func:`convert` (its signature, without ``io_dtype``, ``output``, ``check`` and ``strict``: it writes no file to check; int8 and
     int16x8 recipes). The model computes in float with
     every quantization simulated (weights on their integer grid, activations on their ranges), so
-    it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 4-bit weights) —
+    it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 3-bit weights) —
     with the same calibration, equalization, learned rounding and bias correction as the export.
     In int16x8 mode it simulates tfq's own ranges (every option applies), which the exported
     int16x8 model does not use (the converter calibrates it).
@@ -505,7 +507,7 @@ def fake_quantize(model, mode=None, representative_data=None, **options) -> kera
         A new ``keras.Model`` with fixed ranges (the caller's model is untouched).
 
     Example:
-        >>> w4a8 = tfq.Recipe(weights=tfq.TensorSpec(bits=4), allow_non_tflite=True, weight_rounding="adaround")
+        >>> w4a8 = tfq.Recipe(weights=tfq.TensorSpec(bits=4), weight_rounding="adaround")
         >>> sim = tfq.fake_quantize(model, recipe=w4a8, representative_data=x_train[:256])   # doctest: +SKIP
         >>> sim.predict(x_test)                                                              # doctest: +SKIP
     """
