@@ -1,6 +1,7 @@
 """W4A8 in the file: 4-bit weights stored INT4, the integers tfq chose, run by LiteRT."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -387,3 +388,32 @@ def test_digits_cnn_float_activation_modes_accuracy(trained_cnn, digits):
         assert len(content) <= 0.6 * len(tfq.convert(model, "dynamic"))
         out = tfq.tflite.interpreter.TFLiteModel(content).predict(x_test)
         assert (out.argmax(1) == y_test).mean() >= float_acc - 0.01
+
+
+def test_attention_projections_are_4_bit_in_w4a8_and_w4_dynamic():
+    """MultiHeadAttention's EinsumDense projections (FULLY_CONNECTED in the file) hold 4-bit integers, one scale per
+    output unit, equal to nearest rounding computed here; before, W4A8 left them 8-bit in the file and in the
+    simulation."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6, 16))
+    mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")
+    y = keras.layers.GlobalAveragePooling1D()(mha(inputs, inputs))
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(y))
+    x = np.random.default_rng(3).normal(size=(64, 6, 16)).astype(np.float32)
+    value = next(w for w in model.get_layer("mha").weights if w.path.endswith("value/kernel")).numpy()  # (16, 2, 8)
+    m = value.reshape(16, -1).T.astype(np.float64)
+    expected = np.round(m / (np.abs(m).max(axis=1, keepdims=True) / 7))
+    for kwargs in ({"recipe": tfq.Recipe(weights=tfq.TensorSpec(bits=4)), "representative_data": x},
+                   {"mode": "w4_dynamic"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            content = tfq.convert(model, **kwargs)
+        tensors = int4_tensors(content)
+        assert len(tensors) == 5  # query, key, value, attention output, head
+        t = next(t for t in tensors if "value" in t.name)
+        np.testing.assert_array_equal(t.values.reshape(t.shape[0], -1), expected)
+    sim = tfq.fake_quantize(model, recipe=tfq.Recipe(weights=tfq.TensorSpec(bits=4)), representative_data=x)
+    assert _sqnr(sim.predict(x, verbose=0), _run(tfq.convert(model, recipe=tfq.Recipe(weights=tfq.TensorSpec(bits=4)),
+                                                             representative_data=x), x, "AUTO")) > 25

@@ -659,8 +659,7 @@ def _convert_float_activations(model, r: Recipe, data, report=None) -> bytes:
     qmodel = rewrite_model(ptq_methods.prepare_model(model, r, report), r)
     frozen = fix_ranges_in_place(qmodel, {})  # weight quantizers only: no ranges
     blockwise = blockwise_integers(frozen, r, data, report)
-    if r.weight_rounding == "nearest":
-        snap_four_bit_kernels(frozen)
+    snap_four_bit_kernels(frozen, unhandled_only=r.weight_rounding != "nearest")
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     choices, by_name = float_activation_weights(frozen, r, blockwise)
     float_content = _convert_float_family(freeze_model(frozen, {}, strip=True), r)
@@ -722,8 +721,8 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         frozen = fix_ranges_in_place(qmodel, ranges)  # rewritten here: no one else holds it
     else:
         frozen = freeze_model(qmodel, ranges)
-    if r.weight_rounding == "nearest":
-        snap_four_bit_kernels(frozen)  # 4-bit kernels on their grid: simulated and written as such
+    # 4-bit kernels on their grid: simulated and written as such (learned rounding sets its own layers')
+    snap_four_bit_kernels(frozen, unhandled_only=r.weight_rounding != "nearest")
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     return frozen, qmodel, data
 

@@ -75,7 +75,7 @@ def has_four_bit_weights(frozen) -> bool:
                for w in quantized_layers_of(frozen))
 
 
-def snap_four_bit_kernels(frozen) -> list[str]:
+def snap_four_bit_kernels(frozen, unhandled_only: bool = False) -> list[str]:
     """Sets every 4-bit kernel of a frozen fake-quant model on its grid, ``q · s`` with nearest ``q`` (in place).
 
     A frozen per-channel Dense computes with its float kernel and leaves quantizing it to the
@@ -85,6 +85,14 @@ def snap_four_bit_kernels(frozen) -> list[str]:
     it for nearest rounding, before bias correction) is simulated as W4 and survives the
     converter as ``round(q · 127 / 7)``, which :func:`tfq.tflite.int4.four_bit_integers` inverts.
     Layers whose weights tfq fake-quantizes itself compute the same ``q · s`` before and after.
+    EinsumDense kernels that are a matmul on 2-D views (MultiHeadAttention's projections), which the
+    weight methods do not handle, get one scale per output unit (a row of the FULLY_CONNECTED weight
+    the converter makes of them).
+
+    Args:
+        frozen: the frozen fake-quant model (changed in place).
+        unhandled_only: snap only the kernels AdaRound/GPTQ do not choose (EinsumDense), for recipes
+            with learned rounding.
 
     Returns:
         The names of the layers snapped (those with at most 4-bit weights).
@@ -94,13 +102,38 @@ def snap_four_bit_kernels(frozen) -> list[str]:
         if getattr(wrapper, "float_weights", True) or getattr(wrapper, "weight_bits", 8) > 4:
             continue  # 8-bit layers: nothing to do (and no kernel copied)
         target = wrapped_kernel(wrapper)
-        if target is None or target.qmax > 7:
+        if target is None:
+            if _snap_einsum(wrapper):
+                snapped.append(wrapper.name)
+            continue
+        if target.qmax > 7 or unhandled_only:
             continue
         scales = target.scales()
         q = nearest_round(target.matrix, scales, target.qmax)
         set_integer_weights(target, q, scales)
         snapped.append(wrapper.name)
     return snapped
+
+
+def _snap_einsum(wrapper) -> bool:
+    """Nearest 4-bit integers, one scale per output unit, for an EinsumDense kernel that contracts its first axes."""
+    import keras
+
+    layer = wrapper.layer
+    if not isinstance(layer, keras.layers.EinsumDense) or getattr(wrapper, "batchnorm", None) is not None:
+        return False
+    k = wrapper._contracted_axes()  # tfq's own wrapper: the kernel axes the einsum contracts
+    if k is None:
+        return False
+    kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float64)
+    rows = int(np.prod(kernel.shape[:k]))
+    m = kernel.reshape(rows, -1).T  # (output units, fan-in)
+    qmax = 2 ** (wrapper.weight_bits - 1) - 1
+    top = np.abs(m).max(axis=1) if wrapper.per_channel else np.full(m.shape[0], np.abs(m).max())
+    scales = np.maximum(top, 1e-12) / qmax
+    q = nearest_round(m, scales, qmax)
+    layer.kernel.assign((q * scales[:, None]).T.reshape(kernel.shape).astype(np.float32))
+    return True
 
 
 def write_int4_weights(content: bytes, r: Recipe, frozen=None) -> bytes:
