@@ -279,8 +279,14 @@ def check_conversion(content: bytes, model, data=None, *, io_dtype: str = "float
         fixable = not (result.aborted and result.failed_sample < 0)
         findings.insert(0, Finding("crash", op_type, _tensor_names(info, ops), where,
                                    f"{kind}: {result.message[:300]}", _tensor_names(info, ops) if fixable else ()))
+    produced = {o for op in info.ops for o in op.outputs}
     for i, bad in sorted(result.nonfinite_tensors.items()):
         if i >= len(ref) or not all(np.all(np.isfinite(r)) for r in ref[i]):
+            continue
+        # Only tensors ops produce: a kernel's scratch tensors (hybrid kernels' scaling factors, accumulators),
+        # kept by the debug run, may hold uninitialised memory (seen as NaN in 2 of 15 checks of a w4_dynamic CNN).
+        bad = [t for t in bad if t in produced]
+        if not bad:
             continue
         op = _first_nonfinite_op(info, bad)
         ops = [op] if op else []
