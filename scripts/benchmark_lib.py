@@ -1486,7 +1486,7 @@ def int4_markdown(section: dict) -> str:
 
 MODEL_KINDS = ("subclassed_prelu_two_outputs", "subclassed_prelu_wrapped", "shared_layer_separate_relu",
                "odd_names", "tf_keras_custom_layer", "bidirectional_lstm", "keras_hub_gpt2_decoder",
-               "audio_saved_model_stft_div")
+               "keras_hub_gpt2_decoder_fixed_length", "audio_saved_model_stft_div")
 
 
 def _kind_model(kind: str, tmp: str):
@@ -1566,11 +1566,16 @@ def _kind_model(kind: str, tmp: str):
         model = keras.Model(inputs, layers.Dense(3)(layers.Bidirectional(layers.LSTM(8))(inputs)))
         x = rng.standard_normal((224, 6, 4)).astype("float32")
         return model, x[:160], x[160:], keras_reference(model)
-    if kind == "keras_hub_gpt2_decoder":
+    if kind.startswith("keras_hub_gpt2_decoder"):
         import keras_hub
 
+        # The backbone as keras-hub builds it takes any length (its causal mask and positions are computed at
+        # run time: NEG and RANGE, which TFLite has no int8 kernel for); on a fixed length they are constants.
         model = keras_hub.models.GPT2Backbone(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=32,
                                               intermediate_dim=64, max_sequence_length=16)
+        if kind.endswith("fixed_length"):
+            inputs = {k: keras.Input((16,), dtype="int32", name=k) for k in ("token_ids", "padding_mask")}
+            model = keras.Model(inputs, model(inputs), name="gpt2_fixed_length")
         n, seq = 112, 16
         lengths = rng.integers(seq // 2, seq + 1, size=n)
         mask = (np.arange(seq)[None] < lengths[:, None]).astype("int32")
