@@ -52,6 +52,21 @@ def test_convert_and_inspect(files, digits):
     assert proc.returncode == 0 and "CONV_2D" in proc.stdout and "float ops: 0" in proc.stdout
 
 
+def test_inspect_into_a_pipe_closed_early(files, trained_cnn):
+    """``tfq inspect … | head``: the reader going away is not an error (no "Broken pipe", status 141
+    as for any Unix tool), whatever amount was written."""
+    out = files / "m_float_pipe.tflite"
+    out.write_bytes(tfq.convert(trained_cnn[0], "float"))
+    listing = ",".join([str(out)] * 400)  # far more than a pipe buffer holds
+    proc = subprocess.Popen([sys.executable, "-m", "tfq.cli", "inspect", f"--tflite={listing}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert first.startswith(b"# ") and "Broken pipe" not in err and "Traceback" not in err, err
+
+
 def test_evaluate_prints_table(files, trained_cnn):
     tflite = files / "m_dyn.tflite"
     tflite.write_bytes(tfq.convert(trained_cnn[0], "dynamic"))

@@ -506,8 +506,8 @@ def test_markdown_table(cnn_report, cnn_layers):
     lines = text.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["model", "accuracy", "top5", "top_k:3", "mean_confidence", "agreement", "SQNR (dB)",
-                      "size (KB)", "size ratio", "gzip (KB)", "sparsity", "distinct/ch", "p50 (ms)", "p90 (ms)",
-                      "samples/s"]
+                      "size (KB)", "size ratio", "weights (KB)", "weight bits", "gzip (KB)", "sparsity", "distinct/ch",
+                      "p50 (ms)", "p90 (ms)", "samples/s"]
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + len(cnn_report.rows)
     int8 = cnn_report.row("int8")

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import re
@@ -58,7 +59,7 @@ _DEFAULT_BATCH_SIZE = 64
 _LATENCY_WARMUP = 5
 # Keys every row has; a metric may not take one of these names.
 _ROW_KEYS = ("name", "kind", "num_samples", "agreement", "sqnr_db", "max_abs_diff", "size", "size_kind",
-             "size_ratio", "gzip_size", "weight_sparsity", "max_distinct_per_channel", "latency_p50_ms",
+             "size_ratio", "gzip_size", "weight_bytes", "weight_bits", "weight_bits_per_layer", "weight_sparsity", "max_distinct_per_channel", "latency_p50_ms",
              "latency_p90_ms", "throughput", "num_threads", "errors", "error", "sqnr_db_per_output")
 _QUANTIZED_DTYPES = ("INT8", "UINT8", "INT16")
 _FLOAT_DTYPES = ("FLOAT32", "FLOAT16")
@@ -90,6 +91,19 @@ def sqnr_db(reference, output) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def _bits_summary(bits: Mapping[str, int]) -> str | None:
+    """``{tensor: bits}`` as ``"4×3 8×1"`` (weight tensors per stored width, narrowest first); None for none.
+
+    Example:
+        >>> _bits_summary({"conv": 4, "fc1": 4, "fc2": 8})
+        '4×2 8×1'
+    """
+    if not bits:
+        return None
+    counts = collections.Counter(bits.values())
+    return " ".join(f"{b}×{counts[b]}" for b in sorted(counts))
 
 
 def _flat(arrays) -> np.ndarray:
@@ -322,7 +336,7 @@ def _normalize_outputs(outputs) -> list[np.ndarray]:
 class _Runner:
     """One model under evaluation: a Keras model, a SavedModel or a TFLite model, with the same interface."""
 
-    def __init__(self, name: str, model, num_threads: int | None):
+    def __init__(self, name: str, model, num_threads: int | None, isolate: bool = False):
         self.name = name
         self.keras_model = None
         self.tflite = None
@@ -344,7 +358,8 @@ class _Runner:
             raise TypeError(f"models[{name!r}] must be a Keras model, a SavedModel directory, TFLite bytes or a "
                             f".tflite path. Received: {type(model).__name__}")
         try:
-            self.tflite = TFLiteModel(model, num_threads=num_threads)
+            # Isolated: no kernel is prepared in this process (one may abort) until a sample ran in the worker.
+            self.tflite = TFLiteModel(model, num_threads=num_threads, allocate=not isolate)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"models[{name!r}]: {err}") from None
         except ValueError as err:
@@ -407,15 +422,19 @@ class _Runner:
         if self.keras_model is not None:
             weights = strip_all(self.keras_model).get_weights()
             raw = b"".join(np.asarray(w, np.float32).tobytes() for w in weights)
-            stats = weight_stats([(w, -1) for _, w in keras_kernels(self.keras_model)])
-            return dict(gzip_size=gzip_size(raw), **stats)
+            kernels = list(keras_kernels(self.keras_model))
+            stats = weight_stats([(w, -1) for _, w in kernels])
+            per_layer = {name: 32 for name, _ in kernels}
+            return dict(gzip_size=gzip_size(raw), weight_bytes=sum(4 * int(np.size(w)) for _, w in kernels),
+                        weight_bits=_bits_summary(per_layer), weight_bits_per_layer=per_layer, **stats)
         if self.saved_model is not None:
             weights = [v.numpy() for v in getattr(self.saved_model[1], "variables", ())]
             raw = b"".join(np.asarray(w).tobytes() for w in weights)
             stats = weight_stats([(w, -1) for w in weights if np.ndim(w) >= 2])
             return dict(gzip_size=gzip_size(raw), **stats)
         info = inspect_tflite(self.tflite.content)
-        return dict(gzip_size=info.gzip_size, weight_sparsity=info.weight_sparsity,
+        return dict(gzip_size=info.gzip_size, weight_bytes=info.weight_bytes, weight_bits=_bits_summary(info.weight_bits),
+                    weight_bits_per_layer=dict(info.weight_bits), weight_sparsity=info.weight_sparsity,
                     max_distinct_per_channel=info.max_distinct_per_channel)
 
     def keras_input_names(self) -> list[str] | None:
@@ -632,7 +651,11 @@ def evaluate(
       reference size; ``gzip_size``: the same bytes gzip-compressed (level 9), how pruned and
       clustered models ship; ``weight_sparsity`` (zeros / weights) and ``max_distinct_per_channel``
       (the most distinct values in one output channel) of the weight tensors (TFLite: as stored;
-      Keras: the weighted layers' kernels, pruning/clustering wrappers applied);
+      Keras: the weighted layers' kernels, pruning/clustering wrappers applied); ``weight_bytes``: the
+      bytes the weight tensors take as stored (INT4 packed two per byte; Keras: kernels × 4),
+      ``weight_bits_per_layer``: ``{weight tensor: bits per stored value}`` (4 for INT4, 8 for INT8,
+      16/32 for float16/float32; Keras: 32 per kernel) and ``weight_bits``: its summary, e.g.
+      ``"4×3 8×1"`` (three tensors at 4 bits, one at 8);
     * ``latency_p50_ms``/``latency_p90_ms``: batch-1 invocations after 5 warm-up runs. TFLite rows
       time ``interpreter.invoke()`` with ``num_threads``; Keras rows time an eager
       ``model(x[:1], training=False)`` call (Python and TensorFlow overhead included, so it is a
@@ -743,7 +766,7 @@ def evaluate(
     if not models:
         raise ValueError("models is empty. Pass a dict name -> Keras model / TFLite bytes / .tflite path.")
     num_threads = available_cores() if num_threads is None else int(num_threads)
-    runners = [_Runner(str(name), model, num_threads) for name, model in models.items()]
+    runners = [_Runner(str(name), model, num_threads, isolate) for name, model in models.items()]
     if reference is None:
         reference = next((r.name for r in runners if r.kind in ("keras", "saved_model")), runners[0].name)
     elif reference not in [r.name for r in runners]:

@@ -351,7 +351,8 @@ class Report(_Table):
     Row keys: ``name``, ``kind`` (``"keras"``/``"tflite"``), ``num_samples``, one key per metric,
     ``agreement``, ``sqnr_db``, ``max_abs_diff``, ``size`` (bytes), ``size_kind``
     (``"flatbuffer"`` or ``"params_fp32"``), ``size_ratio``, ``gzip_size`` (bytes),
-    ``weight_sparsity``, ``max_distinct_per_channel``, ``latency_p50_ms``,
+    ``weight_bytes`` (the weight tensors as stored), ``weight_bits`` (e.g. ``"4×3 8×1"``),
+    ``weight_bits_per_layer`` (``{tensor: bits}``), ``weight_sparsity``, ``max_distinct_per_channel``, ``latency_p50_ms``,
     ``latency_p90_ms``, ``throughput`` (samples/s), ``num_threads`` (interpreter threads; None for
     Keras rows), ``errors`` (samples the model failed on) and ``error`` (the first message),
     ``sqnr_db_per_output`` (a list, in output order). Missing figures are None; rows written before
@@ -401,8 +402,8 @@ class Report(_Table):
     # ---- rendering
 
     def _table_parts(self) -> tuple[list[str], list[str], list[list[str]], list[str]]:
-        header = ["model"] + self.metrics + ["agreement", "SQNR (dB)", "size (KB)", "size ratio", "gzip (KB)",
-                                             "sparsity", "distinct/ch", "p50 (ms)", "p90 (ms)", "samples/s"]
+        header = ["model"] + self.metrics + ["agreement", "SQNR (dB)", "size (KB)", "size ratio", "weights (KB)",
+                                             "weight bits", "gzip (KB)", "sparsity", "distinct/ch", "p50 (ms)", "p90 (ms)", "samples/s"]
         align = ["l"] + ["r"] * (len(header) - 1)
         body = []
         for r in self.rows:
@@ -420,6 +421,8 @@ class Report(_Table):
             cells += [_number(r.get("agreement"), ".4f"), _number(r.get("sqnr_db"), ".1f"),
                       _number(size / 1024 if size is not None else None, ".1f"),
                       _number(ratio, ".3f") + ("×" if ratio is not None else ""),
+                      _number(r["weight_bytes"] / 1024 if r.get("weight_bytes") is not None else None, ".1f"),
+                      r.get("weight_bits") or "–",
                       _number(gz / 1024 if gz is not None else None, ".1f"),
                       _number(100 * sparsity if sparsity is not None else None, ".1f") + ("%" if sparsity is not None
                                                                                          else ""),

@@ -323,11 +323,23 @@ def main(argv) -> int:
         # Outputs are written atomically: nothing partial is left (tune keeps its trial log to resume).
         print(f"tfq {argv[1]}: interrupted{_resume_hint(argv[1])}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader stopped early (``tfq inspect m.tflite | head``): silent, as other Unix tools are.
+        return _stdout_closed()
     except (ValueError, TypeError, LookupError, ImportError, zipfile.BadZipFile, OSError) as err:
         # Bad input (values, files, archives): status 2. An I/O failure while working: status 1.
         status = 1 if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) else 2
         print(f"tfq {argv[1]}: {_one_line(err)}", file=sys.stderr)
         return status
+
+
+def _stdout_closed() -> int:
+    """Points stdout at the null device, so the final flush at exit cannot fail again, and returns
+    141 (128 + SIGPIPE), the status a shell gives a Unix tool whose reader went away."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 def _resume_hint(command: str) -> str:
@@ -365,6 +377,10 @@ def run_command(command: str | None = None, doc: str | None = None) -> None:
 
     def run_main(argv):
         status = main([argv[0], *prefix, *argv[1:]])
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            status = _stdout_closed()
         if status == 130:  # main() printed "interrupted"; TensorFlow's C++ code may have seen the signal too
             interrupted_exit()
         sys.exit(status)
