@@ -25,6 +25,7 @@ from tfq.core.ptq_methods import RANGE_STAGES, get_ptq_method, methods_at
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
 from tfq.export import check as checker
+from tfq.export import tflite_frontend
 from tfq.export.graph_converter import keras_graph_converter
 from tfq.export.int4 import snap_four_bit_kernels, write_int4_weights
 from tfq.models.interop import convert_tfmot_model, load_keras_model
@@ -300,8 +301,9 @@ def convert(
     methods: Mapping | None = None,
     check: bool = True,
     strict: bool = False,
+    int16_layers=(),
 ) -> bytes:
-    """Converts a Keras model to TFLite.
+    """Converts a Keras model, a SavedModel or a float ``.tflite`` to TFLite.
 
     Every option is honoured or refused with one line naming it: each mode honours the options
     :mod:`tfq.export_modes` lists for it (``"int8"`` all of them; ``"int16x8"``, whose ranges
@@ -396,7 +398,18 @@ def convert(
         get_export_mode("int8" if mode is None else mode)  # before loading anything
     if output is not None:
         check_writable(output, "output")
-    model = load_keras_model(model, saved_model=True, tfmot=True)
+    if not tflite_frontend.is_tflite_input(model):
+        model = load_keras_model(model, saved_model=True, tfmot=True)
+    if _below_keras(model, mode, recipe):
+        content = _convert_below_keras(
+            model, mode, representative_data, calibration=calibration, calibration_params=calibration_params,
+            per_channel=per_channel, io_dtype=io_dtype, float_layers=float_layers, int16_layers=int16_layers,
+            num_calibration_samples=num_calibration_samples, verbose=verbose, check=check, strict=strict,
+            recipe=recipe, methods=methods, report=report)
+        if output is not None:
+            atomic_write_bytes(output, content)
+        return content
+    _refuse_int16_layers(int16_layers, model)
     if is_tf_keras_model(model):  # a tfmot QAT model: tfmot's own fake-quant ops carry the ranges
 
         r = _build_recipe(mode, recipe, calibration, per_channel, io_dtype,
@@ -798,3 +811,81 @@ def _int8_keeping_float(model, r: Recipe, data, calibration, params, nodes) -> b
         rep = representative_dataset(data, r.num_calibration_samples, model=frozen)
     get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
     return checker.convert_keeping_float(converter, nodes, r.mode)
+
+
+# --------------------------------------------------------------------------------- the front-end below Keras
+_BELOW_KERAS_MODES = ("int8", "int16x8")
+
+
+def _below_keras(model, mode, recipe) -> bool:
+    """Whether ``model`` takes the front-end below Keras (:mod:`tfq.export.tflite_frontend`): a float
+    ``.tflite`` always (other modes are refused there); a SavedModel directory or a ``TFSMLayer`` model
+    in int8 (its other modes stay with the TFLite converter)."""
+    if tflite_frontend.is_tflite_input(model):
+        return True
+    if not (isinstance(model, SavedModelPath) or tflite_frontend.has_tfsm_layer(model)):
+        return False
+    if recipe is not None:
+        return load_recipe(recipe).mode == "int8"
+    return mode in (None, "int8")
+
+
+def _refuse_int16_layers(int16_layers, model) -> None:
+    if int16_layers is None or (isinstance(int16_layers, (list, tuple, set, frozenset)) and not int16_layers):
+        return
+    name = getattr(model, "name", None) or type(model).__name__
+    raise ValueError(f"int16_layers={short_repr(int16_layers)} keeps ops of a float .tflite, SavedModel or TFSMLayer "
+                     f"model at int16 activations; {name!r} is converted through its Keras graph, whose INT8 export "
+                     f"cannot mix int16 activations. Convert its float .tflite instead (tfq.convert(float_bytes, "
+                     f"'int8', data, int16_layers=[...])), use mode='int16x8', or drop int16_layers.")
+
+
+def _convert_below_keras(model, mode, data, *, calibration, calibration_params, per_channel, io_dtype, float_layers,
+                         int16_layers, num_calibration_samples, verbose, check, strict, recipe, methods,
+                         report) -> bytes:
+    """INT8 (or int16x8) of a float ``.tflite`` / SavedModel / TFSMLayer model: tfq's calibration on the
+    float ``.tflite`` in LiteRT, LiteRT's quantizer writing the file (:mod:`tfq.export.tflite_frontend`),
+    then the check, whose crashing or NaN ops are kept float by name."""
+    what = "a float .tflite" if tflite_frontend.is_tflite_input(model) else (
+        f"SavedModel {str(model)!r}" if isinstance(model, SavedModelPath) else f"TFSMLayer model {model.name!r}")
+    if recipe is not None:
+        r = load_recipe(recipe)
+        mode = r.mode if mode is None else mode
+        if r.mode != mode:
+            raise ValueError(f"mode={mode!r} conflicts with the recipe's mode {r.mode!r}. Pass one of them.")
+        if calibration == DEFAULT_CALIBRATION and r.calibration != DEFAULT_CALIBRATION:
+            calibration = r.calibration
+        calibration_params = {**r.calibration_params, **(calibration_params or {})}
+        float_layers = tuple(_float_layer_patterns(float_layers)) + tuple(r.float_layers)
+        if r.weights.is_integer and not r.weights.per_channel:
+            per_channel = False
+        unhonoured = [name for name, on in (("overrides", bool(r.overrides)), ("methods", bool(uses_methods(r))),
+                                            ("weights", r.weights.bits != 8), ("activations", r.activations.bits != 8))
+                      if on]
+        if unhonoured:
+            raise ValueError(f"recipe {r.name or r.mode!r} sets {unhonoured[0]}, which {what} cannot honour (tfq "
+                             f"quantizes it below Keras: int8 weights and activations, per-op float_layers and "
+                             f"int16_layers). Drop it from the recipe, or convert the Keras model.")
+    mode = "int8" if mode is None else mode
+    if mode not in _BELOW_KERAS_MODES:
+        raise ValueError(f"mode={mode!r} does not apply to {what}: tfq quantizes it to 'int8' or 'int16x8' (with "
+                         f"its own calibration). Convert the source model for {mode!r}.")
+    given = {k: v for k, v in (methods or {}).items() if v is not None}
+    if given or report is not None:
+        name = sorted(given)[0] if given else "report"
+        raise ValueError(f"{name} needs a Keras model that tfq can rewrite; {what} is quantized below Keras "
+                         f"(calibration, per_channel, float_layers and int16_layers apply). Convert the Keras model, "
+                         f"or drop {name}.")
+    io_allowed = ("float32", "int8") if mode == "int8" else ("float32", "int16")
+    if io_dtype not in io_allowed:
+        raise ValueError(f"io_dtype={io_dtype!r} does not apply to {what} in mode {mode!r}: pass one of "
+                         f"{', '.join(map(repr, io_allowed))}.")
+    if float_layers is None:
+        float_layers = ()
+    patterns = list(float_layers) if isinstance(float_layers, (list, tuple, set, frozenset)) else [float_layers]
+    int16 = list(int16_layers) if isinstance(int16_layers, (list, tuple, set, frozenset)) else [int16_layers]
+    with verbosity(verbose):
+        return tflite_frontend.convert_tflite(
+            model, data, mode=mode, calibration=calibration, calibration_params=dict(calibration_params or {}),
+            per_channel=per_channel, float_layers=patterns, int16_layers=int16,
+            num_calibration_samples=num_calibration_samples, io_dtype=io_dtype, check=check, strict=strict)
