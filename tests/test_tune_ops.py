@@ -10,6 +10,8 @@ import keras
 import numpy as np
 import pytest
 
+from ai_edge_litert.interpreter import Interpreter
+
 import tfq
 from tfq.analysis import tuning
 from tests.conftest import tflite_accuracy
@@ -159,3 +161,134 @@ def test_convert_warns_once_about_int8_prelu(prelu_cnn):
         warnings.simplefilter("error")
         content = tfq.convert(model, "int8", x_train[:100], float_layers=[L.PReLU])
     assert [dtype for op, dtype in _op_dtypes(content) if op == "PRELU"] == ["float32"] * 3
+
+
+# --- a model below Keras: a SavedModel / float .tflite, tuned op by op -----------------------------------------
+
+class _Audio:
+    """An audio-like SavedModel (tf.Module): 1024 samples → |STFT| / (max + 1e-6), the normalising DIV →
+    log(· + 1e-6) → Dense(4)."""
+
+    @staticmethod
+    def save(path):
+        import tensorflow as tf
+
+        class Audio(tf.Module):
+            def __init__(self):
+                super().__init__()
+                rng = np.random.default_rng(3)
+                self.w = tf.Variable((rng.normal(size=(65, 4)) / 8.0).astype("float32"))
+                self.b = tf.Variable(np.full((4,), 0.1, np.float32))
+
+            @tf.function(input_signature=[tf.TensorSpec([1, 1024], tf.float32, name="audio")])
+            def __call__(self, audio):
+                mag = tf.abs(tf.signal.stft(audio, frame_length=128, frame_step=128, fft_length=128))
+                norm = mag / (tf.reduce_max(mag, axis=[-2, -1], keepdims=True) + 1e-6)
+                return tf.matmul(tf.math.log(norm + 1e-6), self.w) + self.b
+
+        module = Audio()
+        tf.saved_model.save(module, str(path), signatures=module.__call__)
+        return str(path)
+
+
+def _litert_outputs(content, x):
+    """Float outputs sample by sample through LiteRT's interpreter (the independent path)."""
+    interpreter = Interpreter(model_content=content)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    rows = []
+    for sample in x:
+        interpreter.set_tensor(inp["index"], sample[None].astype(inp["dtype"]))
+        interpreter.invoke()
+        rows.append(interpreter.get_tensor(out["index"])[0].copy())
+    return np.array(rows)
+
+
+def _sqnr(reference, output):
+    noise = float(np.sum((np.asarray(reference, np.float64) - output) ** 2))
+    return 10 * np.log10(float(np.sum(np.asarray(reference, np.float64) ** 2)) / noise) if noise else np.inf
+
+
+def snr_capped(y_true, y_pred):
+    """SQNR (dB) against the float model's outputs, capped at 60 (the float model itself scores 60)."""
+    return float(min(60.0, _sqnr(y_true, y_pred)))
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory):
+    """(SavedModel dir, float .tflite, calibration noise, held-out noise, float outputs on it)."""
+    from tfq.export import tflite_frontend
+
+    path = _Audio.save(tmp_path_factory.mktemp("audio") / "saved_model")
+    rng = np.random.default_rng(0)
+    noise = (rng.normal(size=(120, 1024)) * rng.uniform(0.2, 1.0, size=(120, 1))).astype("float32")
+    flt = tflite_frontend.float_tflite(path)
+    return path, flt, noise[:48], noise[48:], _litert_outputs(flt, noise[48:])
+
+
+def test_tune_saved_model_keeps_few_ops_float_within_max_drop(audio, tmp_path):
+    from tfq.export import tflite_frontend
+
+    path, flt, calib, x_eval, reference = audio
+    full = tflite_frontend.quantize_tflite(flt, tflite_frontend.calibrate_tflite(flt, calib).ranges)
+    full_db = _sqnr(reference, _litert_outputs(full, x_eval))
+    assert full_db < 15.0  # full INT8: the front-end's quantization costs > 45 dB against float
+    result = tfq.tune(path, calib, x_eval, reference, metric=snr_capped, max_drop=35.0, max_trials=40, verbose=False)
+    assert result.met, result.summary()
+    tuned_db = _sqnr(reference, _litert_outputs(result.tflite, x_eval))
+    assert tuned_db >= 25.0 and tuned_db >= full_db + 10.0
+    assert tuned_db == pytest.approx(result.best.metric, abs=1e-3)
+    table = dict((i, t) for i, t, _ in tflite_frontend.op_table(flt))
+    options = result.convert_options
+    kept = options["float_layers"] + options.get("int16_layers", [])
+    assert 1 <= len(kept) <= 4  # of 12 ops
+    # The DIV the all-zeros input breaks in INT8 (NaN) is kept float by the check, as tfq.convert does.
+    checked = [r["op"] for r in result.float_choices if r["reason"] == "check"]
+    assert "DIV" in {table[i] for i in checked}
+    # Why: one row per op, accuracy (with the measured drops) or the check.
+    assert [r["op"] for r in result.float_choices if r["reason"] == "accuracy"] == sorted(kept)
+    assert all("drop" in r["evidence"] for r in result.float_choices if r["reason"] == "accuracy")
+    # Minimal: any one of tune's float ops back to int8 misses the target (checked through LiteRT).
+    ranges = tflite_frontend.calibrate_tflite(flt, calib, options["calibration"],
+                                              params=options.get("calibration_params")).ranges
+    for i in options["float_layers"]:
+        rest = [j for j in options["float_layers"] if j != i] + checked
+        fewer = tflite_frontend.quantize_tflite(flt, ranges, float_ops=rest, int16_ops=options.get("int16_layers", []))
+        assert _sqnr(reference, _litert_outputs(fewer, x_eval)) < 60.0 - 35.0
+    # tfq.convert with the options tune gives reproduces the model.
+    assert tfq.convert(path, representative_data=calib, **result.convert_options) == result.tflite
+    out = result.save(tmp_path / "tuned")
+    assert (out / "model.tflite").read_bytes() == result.tflite
+    assert json.loads((out / "trials.json").read_text())["convert_options"] == result.convert_options
+
+
+def test_tune_float_tflite_latency_keeps_slow_op_types_float(audio, monkeypatch):
+    """Injected costs: an int8 FULLY_CONNECTED costs 20, any other op 1; tune keeps FULLY_CONNECTED float."""
+    _, flt, calib, x_eval, reference = audio
+
+    def samples(runner, sample, runs):
+        cost = sum(20.0 if op == "FULLY_CONNECTED" and dtype == "int8" else 1.0 for op, dtype in _op_dtypes(
+            runner.content))
+        return np.full(runs, cost)
+
+    monkeypatch.setattr(tuning, "_latency_samples", samples)
+    result = tfq.tune(flt, calib, x_eval, reference, metric=snr_capped, max_drop=50.0, objective="latency",
+                      verbose=False, search_space={"float_for_speed": ["FULLY_CONNECTED", "MUL"]})
+    assert result.met
+    assert result.best.choices["float_for_speed"] == ["FULLY_CONNECTED"]
+    assert [c["kept"] for c in result.speed_checks] == [True, False]
+    rows = [r for r in result.float_choices if r["reason"] == "latency"]
+    assert [r["class"] for r in rows] == ["FULLY_CONNECTED"]
+    assert [d for op, d in _op_dtypes(result.tflite) if op == "FULLY_CONNECTED"] == ["float32"]
+
+
+def test_tune_below_keras_refuses_keras_only_choices(audio):
+    _, flt, calib, x_eval, reference = audio
+    with pytest.raises(ValueError, match=r"search_space\['equalize'\] applies to Keras models"):
+        tfq.tune(flt, calib, x_eval, reference, metric=snr_capped, verbose=False,
+                 search_space={"equalize": [False, True]})
+    with pytest.raises(ValueError, match=r"strategy='random' applies to Keras models"):
+        tfq.tune(flt, calib, x_eval, reference, metric=snr_capped, strategy="random", verbose=False)
+    with pytest.raises(ValueError, match=r"float_for_speed.*op types.*Received: \['PRELU'\]"):
+        tfq.tune(flt, calib, x_eval, reference, metric=snr_capped, objective="latency", verbose=False,
+                 search_space={"float_for_speed": ["PRELU"]})

@@ -180,6 +180,10 @@ class TuneResult:
             speed stage (``"quantized"``) and the chosen one (``"tuned"``); else empty.
         speed_checks: the speed stage's measurements, one dict per layer class tried: ``class``,
             ``met``, ``before_ms``, ``after_ms``, ``kept``.
+        convert_options: :func:`tfq.convert` keywords that reproduce :attr:`tflite` with the same
+            representative data: ``{"recipe": recipe}`` for a Keras model; for a float ``.tflite`` /
+            SavedModel, ``mode``, ``calibration``, ``per_channel``, ``float_layers`` and
+            ``int16_layers`` (op indices of the float model, see ``tflite_frontend.op_table``).
     """
 
     tflite: bytes
@@ -195,6 +199,7 @@ class TuneResult:
     float_choices: FloatChoices = field(default_factory=FloatChoices)
     latency_ms: dict = field(default_factory=dict)
     speed_checks: list = field(default_factory=list)
+    convert_options: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         status = "met" if self.met else "NOT met (best found returned)"
@@ -213,12 +218,14 @@ class TuneResult:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "model.tflite", self.tflite)
-        save_recipe(self.recipe, out / "recipe.yaml")
+        if self.recipe is not None:
+            save_recipe(self.recipe, out / "recipe.yaml")
         atomic_write_text(out / "trials.json", json.dumps(
             {"met": self.met, "baseline": self.baseline, "max_drop": self.max_drop, "metric": self.metric_name,
              "best": self.best.to_dict(), "trials": [t.to_dict() for t in self.trials],
              "float_choices": [dict(r) for r in self.float_choices], "latency_ms": self.latency_ms,
-             "speed_checks": self.speed_checks, **self.settings},
+             "speed_checks": self.speed_checks,
+             "convert_options": {k: v for k, v in self.convert_options.items() if k != "recipe"}, **self.settings},
             indent=1))
         if self.report is not None:
             atomic_write_text(out / "report.md", self.report.to_markdown() + "\n\n## Kept float\n\n"
@@ -472,11 +479,18 @@ class _Tuner:
         self.fingerprint = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self.fingerprint = fingerprint(model, rep, x_eval, y_eval, self.metric_name, num_samples, seed)
+            self.fingerprint = self.model_fingerprint()
             if self.log_path.exists():
                 self.previous, self.torn = _read_trial_log(self.log_path, self.fingerprint)
-        y_pred = model.predict(x_eval, verbose=0)
-        self.baseline = float(self.metric(y_eval, y_pred))
+        self.baseline = float(self.metric(y_eval, self.float_predict(x_eval)))
+
+    # -- the model: a Keras model here (tfq.analysis.op_tuning: a float .tflite) ----------------------
+    def model_fingerprint(self) -> str:
+        return fingerprint(self.model, self.rep, self.x_eval, self.y_eval, self.metric_name, self.num_samples,
+                           self.seed)
+
+    def float_predict(self, x):
+        return self.model.predict(x, verbose=0)
 
     # -- budget ------------------------------------------------------------------------------------
     def budget_left(self) -> bool:
@@ -815,7 +829,10 @@ def tune(
     """Searches quantization choices for the best TFLite model within ``max_drop`` of float.
 
     Args:
-        model: a Keras model (or path).
+        model: a Keras model (or path); or a float ``.tflite`` (path or bytes), a SavedModel
+            directory or a ``keras.layers.TFSMLayer`` model, tuned op by op
+            (:mod:`tfq.analysis.op_tuning`: the candidates are ops kept float or int16, and
+            ``float_layers`` in ``search_space`` lists op types, tensor names or indices).
         representative_data: calibration data (see :func:`tfq.representative_dataset`).
         eval_data: evaluation inputs; or ``(x, y)`` when ``eval_labels`` is None.
         eval_labels: evaluation labels.
@@ -852,10 +869,14 @@ def tune(
     from tfq.analysis.evaluation import evaluate
     from tfq.models.interop import load_keras_model
 
+    from tfq.analysis import op_tuning
+
     _check_tune_options(relative, verbose, timeout, seed, output_dir, num_calibration_samples, search_space)
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")
-    model = load_keras_model(model)
+    below_keras = op_tuning.is_op_model(model)
+    if not below_keras:
+        model = load_keras_model(model)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}. Received: strategy={strategy!r}")
     if objective not in OBJECTIVES:
@@ -886,6 +907,12 @@ def tune(
     for precision in space["precision"]:
         if precision not in tunable:
             raise ValueError(f"search_space['precision'] values must be among {tunable}. Received: {precision!r}")
+    if below_keras:
+        return op_tuning.tune_ops(
+            model, representative_data, x_eval, y_eval, space=space, overrides=dict(search_space or {}), metric=metric,
+            max_drop=max_drop, relative=relative, objective=objective, strategy=strategy, max_trials=max_trials,
+            timeout=timeout, seed=seed, output_dir=output_dir, num_threads=num_threads,
+            num_calibration_samples=num_calibration_samples, verbose=verbose)
     weighted = _weighted_layer_names(model)
     candidates = weighted if space["float_layers"] == "auto" else list(space["float_layers"])
     unknown = [n for n in candidates if n not in weighted]
@@ -924,4 +951,4 @@ def tune(
                       baseline=tuner.baseline, max_drop=max_drop, metric_name=tuner.metric_name, report=report,
                       settings={"strategy": strategy, "objective": objective, "seed": seed, "relative": relative},
                       float_choices=_float_choices(tuner, best, strategy), latency_ms=latency,
-                      speed_checks=list(tuner.speed_checks))
+                      speed_checks=list(tuner.speed_checks), convert_options={"recipe": recipe})
