@@ -292,3 +292,19 @@ def test_tune_below_keras_refuses_keras_only_choices(audio):
     with pytest.raises(ValueError, match=r"float_for_speed.*op types.*Received: \['PRELU'\]"):
         tfq.tune(flt, calib, x_eval, reference, metric=snr_capped, objective="latency", verbose=False,
                  search_space={"float_for_speed": ["PRELU"]})
+
+
+def test_check_sqnr_of_an_output_whose_error_overflows():
+    """An int8 output so far off that the squared error overflows (inf noise) is a -inf dB finding, not a
+    math domain error (tune met it keeping a FULLY_CONNECTED float after an int8 DIV)."""
+    from tfq.export.check import _sqnr_findings
+
+    reference, output = [[np.array([1.0, 2.0])]], [[np.array([1e200, 2.0])]]
+    (finding,) = _sqnr_findings(reference, output, ["y"])
+    assert finding.kind == "low_sqnr" and "-inf dB" in finding.detail
+
+
+def test_doctests():
+    import doctest
+
+    assert doctest.testmod(tuning, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0

@@ -109,6 +109,10 @@ def _own_sqnr(content: bytes, ranges: dict, ops: list[int], x) -> dict[int, floa
 class _OpTuner(_Tuner):
     """A :class:`_Tuner` whose model is a float ``.tflite``: trials quantize it with ops float or int16."""
 
+    # LiteRT's quantizer may refuse an op configuration with its own exception types (KeyError, AssertionError …):
+    # that trial fails, the search goes on.
+    trial_errors = (Exception,)
+
     def __init__(self, flt: bytes, *args, **kwargs):
         self.flt = flt
         self.info = inspect_tflite(flt)

@@ -455,6 +455,8 @@ def _latency_samples(runner: TFLiteModel, sample, runs: int) -> np.ndarray:
 
 
 class _Tuner:
+    trial_errors: tuple = (ValueError, RuntimeError)  # a trial that raises one of these is recorded as failed
+
     def __init__(self, model, rep, x_eval, y_eval, metric, max_drop, relative, objective, output_dir,
                  max_trials, timeout, seed, num_threads, num_samples, verbose):
         self.model, self.rep, self.x_eval, self.y_eval = model, rep, x_eval, y_eval
@@ -546,9 +548,10 @@ class _Tuner:
                 drop = self.drop_of(value)
                 trial = Trial(len(self.trials), choices, value, drop, len(content), latency,
                               drop <= self.max_drop, time.perf_counter() - start, _int8_weight_fraction(content))
-            except (ValueError, RuntimeError) as err:
+            except self.trial_errors as err:
+                text = (str(err).splitlines() or [""])[0] or type(err).__name__
                 trial = Trial(len(self.trials), choices, float("nan"), float("inf"), 0, None, False,
-                              time.perf_counter() - start, 0.0, error=str(err).splitlines()[0][:300])
+                              time.perf_counter() - start, 0.0, error=text[:300])
             if self.log_path is not None:
                 with open(self.log_path, "a", encoding="utf-8") as f:
                     f.write(("\n" if self.torn else "") + json.dumps(dict(trial.to_dict(),
