@@ -308,3 +308,15 @@ def test_doctests():
     import doctest
 
     assert doctest.testmod(tuning, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+def test_tune_saved_model_resumes_from_its_trial_log(audio, tmp_path):
+    path, _, calib, x_eval, reference = audio
+    args = (path, calib, x_eval, reference)
+    first = tfq.tune(*args, metric=snr_capped, max_drop=35.0, max_trials=40, verbose=False, output_dir=tmp_path)
+    logged = (tmp_path / "trials.jsonl").read_text().splitlines()
+    assert len(logged) == len(first.trials)
+    again = tfq.tune(*args, metric=snr_capped, max_drop=35.0, max_trials=40, verbose=False, output_dir=tmp_path)
+    assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == len(logged)  # every trial reused
+    assert [t.metric for t in again.trials] == [t.metric for t in first.trials]
+    assert again.tflite == first.tflite and again.float_choices == first.float_choices
