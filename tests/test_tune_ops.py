@@ -91,7 +91,7 @@ def test_latency_objective_keeps_fast_int8_ops_int8(prelu_cnn, monkeypatch):
 
 def test_latency_decision_follows_measured_medians(prelu_cnn, tmp_path):
     """Real timing: whatever the machine measures, each class is kept float exactly when its paired medians
-    show it SPEED_MARGIN faster, and the chosen model keeps exactly those classes."""
+    show it SPEED_MARGIN faster in all rounds but one, and the chosen model keeps exactly those classes."""
     model, x_train, x_test, y_test = prelu_cnn
     result = tfq.tune(model, x_train[:200], x_test[:200], y_test[:200], objective="latency", max_drop=0.03,
                       verbose=False, search_space={"float_for_speed": ["PReLU", "Dense"]})
@@ -99,7 +99,8 @@ def test_latency_decision_follows_measured_medians(prelu_cnn, tmp_path):
     kept = []
     for check in result.speed_checks:
         if check["met"]:
-            assert check["kept"] == (check["after_ms"] <= (1 - tfq.analysis.tuning.SPEED_MARGIN) * check["before_ms"])
+            assert check["kept"] == (check["after_ms"] <= (1 - tfq.analysis.tuning.SPEED_MARGIN) * check["before_ms"]
+                                     and check["rounds_faster"] >= check["rounds"] - 1)
         kept += [check["class"]] if check["kept"] else []
     assert result.best.choices.get("float_for_speed", []) == kept
     assert set(result.latency_ms) >= {"float", "tuned"} and all(v > 0 for v in result.latency_ms.values())

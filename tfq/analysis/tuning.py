@@ -66,7 +66,8 @@ STRATEGIES = ("sensitivity", "random", "bayesian")
 OBJECTIVES = ("size", "latency")
 SPEED_MARGIN = 0.10
 """A layer class is kept float for speed only when the model runs at least this much faster with it
-float (0.10: 10 %, medians of interleaved runs); smaller gains are within the noise of a shared CPU."""
+float (0.10: 10 %, medians of interleaved runs) and faster in all rounds of them but one; smaller or
+less consistent gains are within the noise of a shared CPU."""
 
 DEFAULT_SEARCH_SPACE = {
     "calibration": ["robust_minmax", "percentile", "kl", "mse"],  # robust_minmax: MinMax, outlier samples set aside
@@ -179,7 +180,7 @@ class TuneResult:
             float model (``"float"``), the first configuration that met the target before the
             speed stage (``"quantized"``) and the chosen one (``"tuned"``); else empty.
         speed_checks: the speed stage's measurements, one dict per layer class tried: ``class``,
-            ``met``, ``before_ms``, ``after_ms``, ``kept``.
+            ``met``, ``before_ms``, ``after_ms``, ``rounds``, ``rounds_faster``, ``kept``.
         convert_options: :func:`tfq.convert` keywords that reproduce :attr:`tflite` with the same
             representative data: ``{"recipe": recipe}`` for a Keras model; for a float ``.tflite`` /
             SavedModel, ``mode``, ``calibration``, ``per_channel``, ``float_layers`` and
@@ -474,6 +475,7 @@ class _Tuner:
         self.alone: dict[str, float] = {}  # stage 3: layer -> drop with only it float
         self.speed_base: Trial | None = None
         self.speed_checks: list[dict] = []
+        self.round_medians: list[list[float]] = []  # per model, the median of each round of paired_latency
         self.speed_classes: list[str] = []  # objective="latency": the layer classes the speed stage tries float
         self.log_path = Path(output_dir) / "trials.jsonl" if output_dir else None
         self.previous: dict[str, dict] = {}
@@ -579,10 +581,21 @@ class _Tuner:
         for content in contents:  # a first round, not counted: the first runs after a resize are slower
             _latency_samples(self.runner(content), self.x_eval[:1], runs)
         times: list[list[float]] = [[] for _ in contents]
+        self.round_medians = [[] for _ in contents]
         for _ in range(rounds):
-            for store, content in zip(times, contents):
-                store.extend(_latency_samples(self.runner(content), self.x_eval[:1], runs))
+            for store, rounds_of, content in zip(times, self.round_medians, contents):
+                samples = _latency_samples(self.runner(content), self.x_eval[:1], runs)
+                store.extend(samples)
+                rounds_of.append(float(np.median(samples)))
         return [float(np.median(t)) for t in times]
+
+    def faster(self, before: float, after: float) -> bool:
+        """Whether the second model of the last :meth:`paired_latency` of two is faster beyond the noise:
+        its median at least :data:`SPEED_MARGIN` below, and faster in all rounds but at most one (a sign
+        test: by chance, at most 8 in 128 with 7 rounds)."""
+        first, second = self.round_medians
+        wins = sum(b < a for a, b in zip(first, second))
+        return after <= (1 - SPEED_MARGIN) * before and wins >= len(first) - 1
 
     def cost(self, trial: Trial) -> float:
         return trial.latency_ms if self.objective == "latency" and trial.latency_ms is not None else trial.size
@@ -690,10 +703,13 @@ def _speed_stage(tuner: _Tuner) -> None:
                         f"raise max_trials to try them.")
             break
         trial = tuner.run(dict(base_choices, float_for_speed=sorted(kept + [name])))
-        check = {"class": name, "met": trial.met, "before_ms": None, "after_ms": None, "kept": False}
+        check = {"class": name, "met": trial.met, "before_ms": None, "after_ms": None, "rounds": None,
+                 "rounds_faster": None, "kept": False}
         if trial.met and trial.error is None:
             before, after = tuner.paired_latency([tuner.convert(current.choices), tuner.convert(trial.choices)])
-            check.update(before_ms=before, after_ms=after, kept=after <= (1 - SPEED_MARGIN) * before)
+            first, second = tuner.round_medians
+            check.update(before_ms=before, after_ms=after, rounds=len(first),
+                         rounds_faster=sum(b < a for a, b in zip(first, second)), kept=tuner.faster(before, after))
             if check["kept"]:
                 kept.append(name)
                 current = trial
