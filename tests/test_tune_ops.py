@@ -9,12 +9,11 @@ import json
 import keras
 import numpy as np
 import pytest
-
 from ai_edge_litert.interpreter import Interpreter
 
 import tfq
-from tfq.analysis import tuning
 from tests.conftest import tflite_accuracy
+from tfq.analysis import tuning
 
 L = keras.layers
 
@@ -239,7 +238,7 @@ def test_tune_saved_model_keeps_few_ops_float_within_max_drop(audio, tmp_path):
     tuned_db = _sqnr(reference, _litert_outputs(result.tflite, x_eval))
     assert tuned_db >= 25.0 and tuned_db >= full_db + 10.0
     assert tuned_db == pytest.approx(result.best.metric, abs=1e-3)
-    table = dict((i, t) for i, t, _ in tflite_frontend.op_table(flt))
+    table = {i: t for i, t, _ in tflite_frontend.op_table(flt)}
     options = result.convert_options
     kept = options["float_layers"] + options.get("int16_layers", [])
     assert 1 <= len(kept) <= 4  # of 12 ops

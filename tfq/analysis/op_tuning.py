@@ -30,7 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tfq.analysis.tuning import FloatChoices, Trial, _canonical, _hash_arrays, _speed_stage, _takes, _Tuner
+from tfq.analysis.tuning import (
+    FloatChoices,
+    Trial,
+    _canonical,
+    _hash_arrays,
+    _speed_stage,
+    _takes,
+    _Tuner,
+)
 from tfq.core.calibration_methods import get_calibration_method
 from tfq.core.logs import logger
 from tfq.core.recipes import Recipe, TensorSpec
@@ -38,7 +46,7 @@ from tfq.export import tflite_frontend
 from tfq.tflite.info import inspect_tflite
 from tfq.tflite.interpreter import TFLiteModel
 
-__all__ = ["is_op_model", "candidate_ops"]
+__all__ = ["candidate_ops", "is_op_model"]
 
 # search_space keys that mean something only for a Keras model (tfq rewrites its graph).
 _KERAS_ONLY_KEYS = ("symmetric_activations", "batch_aggregate", "equalize", "bias_correction", "weight_rounding",
@@ -58,7 +66,7 @@ def is_op_model(model) -> bool:
 
 def _known_op_types() -> set[str]:
     """Op types LiteRT's quantizer quantizes (the others stay float whatever tune chooses)."""
-    qtyping = tflite_frontend._aeq()[0]  # noqa: SLF001 - the front-end's import of LiteRT's quantizer
+    qtyping = tflite_frontend._aeq()[0]
     return {v.value for v in qtyping.TFLOperationName} - {"*", "INPUT", "OUTPUT"}
 
 
@@ -79,14 +87,14 @@ def _own_sqnr(content: bytes, ranges: dict, ops: list[int], x) -> dict[int, floa
     """For each op, the SQNR (dB) of its float output against that output quantized to int8 with its own
     range, over up to 32 samples: the error the op adds by itself (low first: the likeliest culprits)."""
     info = inspect_tflite(content)
-    interpreter = tflite_frontend._interpreter(content, preserve=True)  # noqa: SLF001 - same package's runner
+    interpreter = tflite_frontend._interpreter(content, preserve=True)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
     arrays = x if isinstance(x, (list, tuple)) else [x]
     signal = {i: 0.0 for i in ops}
     noise = {i: 0.0 for i in ops}
     for j in range(min(_OWN_ERROR_SAMPLES, len(arrays[0]))):
-        sample = tflite_frontend._fit([np.asarray(a[j:j + 1]) for a in arrays], details)  # noqa: SLF001
+        sample = tflite_frontend._fit([np.asarray(a[j:j + 1]) for a in arrays], details)
         for d, a in zip(details, sample):
             interpreter.set_tensor(d["index"], a)
         interpreter.invoke()
@@ -171,7 +179,7 @@ class _OpTuner(_Tuner):
                     float_ops=sorted(set(floats) | set(extra)), int16_ops=[i for i in int16 if i not in set(extra)])
 
             def reconvert(nodes):
-                added[:] = tflite_frontend._nodes_to_ops(self.info, nodes)  # noqa: SLF001 - as convert_tflite does
+                added[:] = tflite_frontend._nodes_to_ops(self.info, nodes)
                 return build(added)
 
             mode = "int16x8" if choices.get("precision") == "int16x8" else "int8"

@@ -60,7 +60,7 @@ from tfq.core.representative import representative_dataset
 from tfq.tflite.info import inspect_tflite
 from tfq.tflite.interpreter import TFLiteModel, available_cores
 
-__all__ = ["tune", "TuneResult", "Trial", "FloatChoices", "DEFAULT_SEARCH_SPACE", "STRATEGIES", "SPEED_MARGIN"]
+__all__ = ["DEFAULT_SEARCH_SPACE", "SPEED_MARGIN", "STRATEGIES", "FloatChoices", "Trial", "TuneResult", "tune"]
 
 STRATEGIES = ("sensitivity", "random", "bayesian")
 OBJECTIVES = ("size", "latency")
@@ -885,10 +885,9 @@ def tune(
         >>> result = tfq.tune(model, x_train[:300], x_val, y_val, max_drop=0.005)   # doctest: +SKIP
         >>> result.save("tuned/")                                                     # doctest: +SKIP
     """
+    from tfq.analysis import op_tuning
     from tfq.analysis.evaluation import evaluate
     from tfq.models.interop import load_keras_model
-
-    from tfq.analysis import op_tuning
 
     _check_tune_options(relative, verbose, timeout, seed, output_dir, num_calibration_samples, search_space)
     if output_dir is not None:
