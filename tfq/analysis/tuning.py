@@ -293,8 +293,9 @@ def _float_choices(tuner, best: Trial, strategy: str) -> FloatChoices:
         else:
             evidence = (f"chosen by the {strategy} search; {best.latency_ms:.3f} ms" if best.latency_ms is not None
                         else f"chosen by the {strategy} search")
+        listed = {row["layer"] for row in rows}
         for name, cls in classes.items():
-            if cls == class_name:
+            if cls == class_name and name not in listed:  # a layer kept for accuracy already has its row
                 rows.append({"layer": name, "class": cls, "precision": "float", "reason": "latency",
                              "evidence": evidence})
     return FloatChoices(rows)
