@@ -310,6 +310,7 @@ def test_doctests():
     assert doctest.testmod(tuning, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
 
+@pytest.mark.slow  # keeps this file's default part near 60 s
 def test_tune_saved_model_resumes_from_its_trial_log(audio, tmp_path):
     path, _, calib, x_eval, reference = audio
     args = (path, calib, x_eval, reference)
@@ -320,3 +321,45 @@ def test_tune_saved_model_resumes_from_its_trial_log(audio, tmp_path):
     assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == len(logged)  # every trial reused
     assert [t.metric for t in again.trials] == [t.metric for t in first.trials]
     assert again.tflite == first.tflite and again.float_choices == first.float_choices
+
+
+def test_tune_float_tflite_with_an_outlier_channel_keeps_ops_int16_or_float(digits):
+    """An MLP whose first Dense has 2 of 32 channels 500× larger (the next Dense divides them back: the same
+    function). Per-tensor int8 activations collapse the other 30 channels; tune keeps that op's activations
+    int16 (or float) and the one after it within max_drop, checked through LiteRT."""
+    import tensorflow as tf
+
+    from tfq.examples import train_model
+
+    (x_train, y_train), (x_test, y_test) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(x_train.shape[1:])
+    h = L.Dense(32, activation="relu", name="fc1")(L.Flatten()(inputs))
+    h = L.Dense(32, activation="relu", name="fc2")(h)
+    model = keras.Model(inputs, L.Dense(10, activation="softmax", name="probs")(h))
+    train_model(model, x_train, y_train, epochs=10, seed=0)
+    k1, b1 = model.get_layer("fc1").get_weights()
+    k2, b2 = model.get_layer("fc2").get_weights()
+    scale = np.ones(32, np.float32)
+    scale[:2] = 500.0
+    model.get_layer("fc1").set_weights([k1 * scale, b1 * scale])
+    model.get_layer("fc2").set_weights([k2 / scale[:, None], b2])
+    flt = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    reference = _litert_outputs(flt, x_test)
+    float_acc = float((reference.argmax(1) == y_test).mean())
+    full = tfq.convert(flt, "int8", x_train[:300])
+    assert _sqnr(reference, _litert_outputs(full, x_test)) < 10.0  # the plain INT8 collapses
+    result = tfq.tune(flt, x_train[:300], x_test, reference, metric=snr_capped, max_drop=25.0, max_trials=40,
+                      verbose=False)
+    assert result.met, result.summary()
+    tuned = _litert_outputs(result.tflite, x_test)
+    assert _sqnr(reference, tuned) >= 35.0
+    assert float((tuned.argmax(1) == y_test).mean()) >= float_acc - 0.02
+    options = result.convert_options
+    assert len(options["float_layers"]) + len(options["int16_layers"]) <= 2  # of 4 FULLY_CONNECTED
+    precisions = {r["op"]: r["precision"] for r in result.float_choices}
+    assert precisions == {**{i: "float" for i in options["float_layers"]}, **{i: "int16" for i in options["int16_layers"]}}
+    # An int16 op's output tensor is INT16 in the file LiteRT runs.
+    info = tfq.inspect_tflite(result.tflite)
+    assert sum(op.output_dtypes[0] == "INT16" for op in info.ops) >= len(options["int16_layers"])
+    assert tfq.convert(flt, representative_data=x_train[:300], **options) == result.tflite
