@@ -210,7 +210,7 @@ def test_op_table_lists_the_interpreters_tensors(cnn):
 
 
 def test_errors_are_one_line(cnn):
-    path, flt, data, _ = cnn
+    _, flt, data, _ = cnn
     cases = [
         (dict(float_layers=["DIVV"]), r"float_layers='DIVV' matches no op of the model \(.*CONV_2D"),
         (dict(int16_layers=["conv"]), r"int16_layers='conv' matches no op .*nearest: 'CONV_2D'"),
@@ -273,6 +273,8 @@ def test_audio_plain_converter_crashes_on_silence_tfq_keeps_div_float(audio):
     flt = fe.float_tflite(path)
     ref = TFLiteModel(flt).predict(test)
     assert _sqnr(ref, np.concatenate([o[0] for o in ours.outputs[1:]])) > 10
+    report = layer_errors(path, content, test[:8])  # per op, against the float .tflite: every int8 tensor paired
+    assert not report.skipped and {"MUL", "FULLY_CONNECTED", "QUANTIZE"} <= {r["op"] for r in report}
     with pytest.raises(ConversionError, match="op DIV fails .*strict=True refuses"):
         convert(path, "int8", noise, strict=True)
     # DIV kept float by the user: no crash, no fix to make, no warning
@@ -329,3 +331,17 @@ def test_missing_quantizer_is_one_line(monkeypatch, cnn):
                                           r"ai-edge-quantizer$") as err:
         convert(flt, "int8", data)
     assert "\n" not in str(err.value)
+
+
+def test_int16_request_that_cannot_hold_is_refused(audio):
+    path, noise, _ = audio
+    flt = fe.float_tflite(path)
+    with pytest.raises(ValueError, match=r"int16_layers: LiteRT's quantizer has no int16 rule for op\(s\) \d+ "
+                                         r"\(LOG, 'Log'\)") as err:
+        convert(flt, "int8", noise, int16_layers=["LOG"], check=False)
+    assert "\n" not in str(err.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        content = convert(flt, "int8", noise, int16_layers=["FULLY_CONNECTED"], float_layers=["DIV", "ADD", "LOG"])
+    out = next(name for _, t, name in fe.op_table(flt) if t == "FULLY_CONNECTED")
+    assert _tensor_types(content)[out] == "int16"

@@ -464,8 +464,7 @@ def convert(
         else:
             content = _convert_float_family(model, r)
     if check:
-        fixable = entry.tfq_ranges and not is_quantized_model(model) and (
-            representative_data is not None or isinstance(model, SavedModelPath))
+        fixable = entry.tfq_ranges and not is_quantized_model(model) and representative_data is not None
         content = checker.checked(
             content, model, representative_data, mode=r.mode, io_dtype=r.io_dtype, strict=strict,
             layer_names=[layer.name for layer in _all_layers(model)],
@@ -632,8 +631,6 @@ def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> 
 
 
 def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=None) -> bytes:
-    if isinstance(model, SavedModelPath):
-        return _convert_saved_model_int8(model, r, data)
     trained_ranges = is_quantized_model(model) and not _qat_needs_calibration(model)
     frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report, in_place=True)
     uncovered = uncovered_layers(qmodel)
@@ -804,32 +801,12 @@ def _screened_inputs(rep, r: Recipe):
     return representative_dataset(without_samples(rep, outliers.indices)) if set_aside and outliers else rep
 
 
-def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
-    """A SavedModel has no Keras graph to rewrite: the converter's own MinMax calibration is used
-    (:func:`_check_options` has refused every option that would need tfq's rewrite), on the samples
-    that pass the outlier test on the inputs (set aside by the default calibration)."""
-
-    tf = _tf()
-    _require_data(data, r.mode)
-    check_saved_model_complete(path)
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
-    rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r)
-    get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
-    # No float fallback: tfq cannot tell which layer of a SavedModel an op came from.
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return run_converter(converter, r.mode)
-
-
 def _int8_keeping_float(model, r: Recipe, data, calibration, params, nodes) -> bytes:
     """The int8 conversion again, the ops making the tensors ``nodes`` kept float (the converter's denylist,
     :func:`tfq.export.check.convert_keeping_float`): the fix for an op that fails or makes NaN."""
-    if isinstance(model, SavedModelPath):
-        converter = _tf().lite.TFLiteConverter.from_saved_model(str(model))
-        rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r)
-    else:
-        frozen, _, data = _prepare_int8(model, r, data, calibration, params, False)
-        converter = keras_graph_converter(frozen)
-        rep = representative_dataset(data, r.num_calibration_samples, model=frozen)
+    frozen, _, data = _prepare_int8(model, r, data, calibration, params, False)
+    converter = keras_graph_converter(frozen)
+    rep = representative_dataset(data, r.num_calibration_samples, model=frozen)
     get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
     return checker.convert_keeping_float(converter, nodes, r.mode)
 
@@ -893,7 +870,7 @@ def _convert_below_keras(model, mode, data, *, calibration, calibration_params, 
                          f"its own calibration). Convert the source model for {mode!r}.")
     given = {k: v for k, v in (methods or {}).items() if v is not None}
     if given or report is not None:
-        name = sorted(given)[0] if given else "report"
+        name = min(given) if given else "report"
         raise ValueError(f"{name} need a Keras model that tfq can rewrite; {what} is quantized below Keras "
                          f"(calibration, per_channel, float_layers and int16_layers apply). Convert the Keras model, "
                          f"or drop {name}.")

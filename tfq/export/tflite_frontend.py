@@ -46,19 +46,28 @@ from tfq.core.logs import logger
 from tfq.core.messages import short_repr
 from tfq.core.representative import representative_dataset
 from tfq.numerics.observers import MinMaxObserver, create_observer
-from tfq.numerics.outliers import DEFAULT_OUTLIER_FACTOR, OutlierTest, warn_outlier_samples
+from tfq.numerics.outliers import (
+    DEFAULT_OUTLIER_FACTOR,
+    OutlierTest,
+    warn_outlier_samples,
+)
 from tfq.ptq.calibration import Calibration
 from tfq.tflite.info import inspect_tflite
 from tfq.tflite.interpreter import interpreter_class, load_tflite_bytes
 
-__all__ = ["float_tflite", "is_tflite_input", "op_table", "calibrate_tflite", "select_ops", "quantize_tflite",
-           "convert_tflite", "has_tfsm_layer", "AEQ_INSTALL"]
+__all__ = [
+    "AEQ_INSTALL",
+    "calibrate_tflite",
+    "convert_tflite",
+    "float_tflite",
+    "has_tfsm_layer",
+    "is_tflite_input",
+    "op_table",
+    "quantize_tflite",
+    "select_ops",
+]
 
 AEQ_INSTALL = "pip install ai-edge-quantizer"
-
-#: Op types that move or pick data without computing: never offered as candidates of their own.
-_PLUMBING = frozenset({"QUANTIZE", "DEQUANTIZE"})
-
 
 # ----------------------------------------------------------------------------------------- inputs
 def is_tflite_input(model) -> bool:
@@ -495,12 +504,42 @@ def convert_tflite(model, data, *, mode: str = "int8", calibration=DEFAULT_CALIB
                                int16_ops=[i for i in int16_ops if i not in set(extra_float)], io_dtype=qt_io)
 
     content = build()
+    _check_selection(content, info, float_ops, int16_ops, mode)
     if not float_layers:
         _warn_float_ops(content, mode)
     if not check:
         return content
     return checker.checked(content, flt, data_for_check, mode=mode, io_dtype=io_dtype, strict=strict,
                            reconvert=lambda nodes: build(_nodes_to_ops(info, nodes)), stacklevel=6)
+
+
+def _check_selection(content: bytes, info, float_ops, int16_ops, mode: str) -> None:
+    """Every op asked float has float outputs in the file and every op asked int16 has int16 outputs (LiteRT's
+    quantizer falls back to its int8 rule, silently, for an op it has no int16 rule for): else a one-line
+    error (``int16_layers``) or warning (``mode="int16x8"``) naming the ops."""
+    types = {t.name: t.dtype for t in inspect_tflite(content).tensors}
+
+    def missed(indices, dtype, also_ok=()):
+        out = []
+        for i in indices:
+            names = [info.tensors[o].name for o in info.ops[i].outputs
+                     if o >= 0 and info.tensors[o].dtype == "FLOAT32"]
+            if names and any(types.get(n) not in (dtype, None, *also_ok) for n in names):
+                out.append(f"{i} ({info.ops[i].type}, {names[0]!r})")
+        return out
+
+    floats = missed(float_ops, "FLOAT32")
+    if floats:
+        raise ValueError(f"float_layers: op(s) {', '.join(floats[:3])} could not be kept float by LiteRT's quantizer. "
+                         f"Name the op(s) after it in float_layers too, or report the model.")
+    int16 = missed(int16_ops, "INT16", ("FLOAT32",) if mode == "int16x8" else ())  # float ones: warned after
+    if int16 and mode == "int16x8":
+        warnings.warn(f"tfq: {len(int16)} op(s) of the int16x8 model have int8, not int16, activations (LiteRT's "
+                      f"quantizer has no int16 rule for them): {', '.join(int16[:4])}.", stacklevel=6)
+    elif int16:
+        raise ValueError(f"int16_layers: LiteRT's quantizer has no int16 rule for op(s) {', '.join(int16[:3])}. Drop "
+                         f"them from int16_layers (they stay int8, or float where there is no int8 rule either), or "
+                         f"keep them float (float_layers).")
 
 
 #: Ops that read only a tensor's shape: float in, integer out, nothing to quantize.
