@@ -361,7 +361,8 @@ def _sqnr_findings(ref, out, output_names) -> list[Finding]:
             per_output.append(math.nan)
             continue
         noise, signal = float(np.sum((r - o) ** 2)), float(np.sum(r ** 2))
-        per_output.append(math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise)))
+        ratio = signal / noise if noise else math.inf  # noise inf (an int8 output overflowed): ratio 0, -inf dB
+        per_output.append(math.inf if noise == 0 else (-math.inf if ratio == 0 else 10 * math.log10(ratio)))
     finite = [s for s in per_output if not math.isnan(s)]
     best = max(finite) if finite else math.nan
     found = []
