@@ -26,12 +26,11 @@ an INT4 table but its XNNPACK delegate, on by default, returns wrong values) sta
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import warnings
 
 import numpy as np
-
-import dataclasses
-import time
 
 from tfq.core.recipes import Recipe
 from tfq.core.representative import representative_dataset
@@ -48,7 +47,12 @@ from tfq.ptq.weight_rounding import (
 )
 from tfq.quantsim.rewrite import quantized_layers_of
 from tfq.tflite import int4
-from tfq.tflite.int4 import INT4_FLOAT_ACTIVATION_OPS, INT4_WEIGHT_OPS, float_weights_to_int4, rewrite_int4_weights
+from tfq.tflite.int4 import (
+    INT4_FLOAT_ACTIVATION_OPS,
+    INT4_WEIGHT_OPS,
+    float_weights_to_int4,
+    rewrite_int4_weights,
+)
 
 __all__ = [
     "Int4Choice",
