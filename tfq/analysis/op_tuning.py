@@ -43,6 +43,7 @@ from tfq.core.calibration_methods import get_calibration_method
 from tfq.core.logs import logger
 from tfq.core.recipes import Recipe, TensorSpec
 from tfq.export import tflite_frontend
+from tfq.ptq import tflite_calibration
 from tfq.tflite.info import inspect_tflite
 from tfq.tflite.interpreter import TFLiteModel
 
@@ -66,7 +67,7 @@ def is_op_model(model) -> bool:
 
 def _known_op_types() -> set[str]:
     """Op types LiteRT's quantizer quantizes (the others stay float whatever tune chooses)."""
-    qtyping = tflite_frontend._aeq()[0]
+    qtyping = tflite_frontend.litert_quantizer()[0]
     return {v.value for v in qtyping.TFLOperationName} - {"*", "INPUT", "OUTPUT"}
 
 
@@ -87,14 +88,14 @@ def _own_sqnr(content: bytes, ranges: dict, ops: list[int], x) -> dict[int, floa
     """For each op, the SQNR (dB) of its float output against that output quantized to int8 with its own
     range, over up to 32 samples: the error the op adds by itself (low first: the likeliest culprits)."""
     info = inspect_tflite(content)
-    interpreter = tflite_frontend._interpreter(content, preserve=True)
+    interpreter = tflite_calibration.debug_interpreter(content, preserve=True)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
     arrays = x if isinstance(x, (list, tuple)) else [x]
     signal = {i: 0.0 for i in ops}
     noise = {i: 0.0 for i in ops}
     for j in range(min(_OWN_ERROR_SAMPLES, len(arrays[0]))):
-        sample = tflite_frontend._fit([np.asarray(a[j:j + 1]) for a in arrays], details)
+        sample = tflite_calibration.fit_sample([np.asarray(a[j:j + 1]) for a in arrays], details)
         for d, a in zip(details, sample):
             interpreter.set_tensor(d["index"], a)
         interpreter.invoke()
@@ -179,7 +180,7 @@ class _OpTuner(_Tuner):
                     float_ops=sorted(set(floats) | set(extra)), int16_ops=[i for i in int16 if i not in set(extra)])
 
             def reconvert(nodes):
-                added[:] = tflite_frontend._nodes_to_ops(self.info, nodes)
+                added[:] = tflite_frontend.nodes_to_ops(self.info, nodes)
                 return build(added)
 
             mode = "int16x8" if choices.get("precision") == "int16x8" else "int8"

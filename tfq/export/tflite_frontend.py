@@ -145,7 +145,9 @@ def select_ops(content: bytes, patterns, keyword: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------- quantization
-def _aeq():
+def litert_quantizer():
+    """LiteRT's quantizer's modules (qtyping, quantizer, recipe_manager), or a one-line ImportError saying how to
+    install it."""
     try:
         from ai_edge_quantizer import qtyping, quantizer, recipe_manager
     except ImportError:
@@ -182,7 +184,7 @@ def quantize_tflite(content: bytes, ranges: dict, *, per_channel: bool = True, f
     Returns:
         The quantized ``.tflite`` bytes (same inputs: same bytes).
     """
-    qtyping, quantizer, recipe_manager = _aeq()
+    qtyping, quantizer, recipe_manager = litert_quantizer()
     info = inspect_tflite(content)
     ops = qtyping.TFLOperationName
     granularity = qtyping.QuantGranularity.CHANNELWISE if per_channel else qtyping.QuantGranularity.TENSORWISE
@@ -222,7 +224,7 @@ def quantize_tflite(content: bytes, ranges: dict, *, per_channel: bool = True, f
 
 
 # ----------------------------------------------------------------------------------------- the route
-def _nodes_to_ops(flt_info, nodes) -> list[int]:
+def nodes_to_ops(flt_info, nodes) -> list[int]:
     """Float-model op indices making the tensors named ``nodes`` (names of the quantized model: the
     quantizer keeps an op's output name, or adds a suffix such as ``_dequant``)."""
     wanted = set()
@@ -285,7 +287,7 @@ def convert_tflite(model, data, *, mode: str = "int8", calibration=DEFAULT_CALIB
     if not check:
         return content
     return checker.checked(content, flt, data_for_check, mode=mode, io_dtype=io_dtype, strict=strict,
-                           reconvert=lambda nodes: build(_nodes_to_ops(info, nodes)), stacklevel=6)
+                           reconvert=lambda nodes: build(nodes_to_ops(info, nodes)), stacklevel=6)
 
 
 def _check_selection(content: bytes, info, float_ops, int16_ops, mode: str, all_int16: bool) -> None:

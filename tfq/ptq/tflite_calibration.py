@@ -30,7 +30,7 @@ from tfq.ptq.calibration import Calibration
 from tfq.tflite.info import inspect_tflite
 from tfq.tflite.interpreter import interpreter_class, load_tflite_bytes
 
-__all__ = ["calibrate_tflite", "float_tflite", "has_tfsm_layer", "is_below_keras", "is_tflite_input"]
+__all__ = ["calibrate_tflite", "debug_interpreter", "fit_sample", "float_tflite", "has_tfsm_layer", "is_below_keras", "is_tflite_input"]
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -134,7 +134,8 @@ def _samples(data, num_samples, details, input_names=None):
             yield [np.asarray(a[j:j + 1]) for a in batch]
 
 
-def _interpreter(content, preserve: bool):
+def debug_interpreter(content, preserve: bool):
+    """A one-thread LiteRT interpreter of ``content`` (every intermediate tensor kept when ``preserve``)."""
     cls = interpreter_class()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "preserve_all_tensors … for debugging purposes only"
@@ -142,7 +143,7 @@ def _interpreter(content, preserve: bool):
     return interpreter
 
 
-def _fit(sample, details):
+def fit_sample(sample, details):
     """``sample`` cast to the model's input types and shapes (a leading batch axis of 1)."""
     out = []
     for a, d in zip(sample, details):
@@ -195,7 +196,7 @@ def calibrate_tflite(content: bytes, data, method: str = DEFAULT_CALIBRATION, *,
     entry.check_params(params, "calibration_params")
     bits = dict(bits or {})
     info = inspect_tflite(content)
-    interpreter = _interpreter(content, preserve=True)
+    interpreter = debug_interpreter(content, preserve=True)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
     input_names = _input_names(interpreter, details) if len(details) > 1 else None
@@ -218,7 +219,7 @@ def calibrate_tflite(content: bytes, data, method: str = DEFAULT_CALIBRATION, *,
     def feed(recorder, taps):
         seen = 0
         for sample in _samples(data, num_samples, details, input_names):
-            for d, a in zip(details, _fit(sample, details)):
+            for d, a in zip(details, fit_sample(sample, details)):
                 interpreter.set_tensor(d["index"], a)
             interpreter.invoke()
             recorder.begin_batch(1)
