@@ -9,7 +9,7 @@ Two SavedModels built here (no downloads): (a) the digits CNN (trained 8 epochs 
 - ``aeq_default``: LiteRT's quantizer (ai-edge-quantizer) with its own calibration, static a8w8 for all ops;
 - ``aeq_float_io``: the same with float model inputs/outputs (the recipe tfq uses);
 - ``aeq_tfq_<method>``: the same recipe fed tfq's ranges (tfq.export.tflite_frontend.calibrate_tflite);
-- ``tfq``: tfq.convert(saved_model, "int8", data) (default options).
+- ``tfq``: tfq.convert(saved_model, "int8", data) (default options); ``tfq_<method>``: with calibration=<method>.
 
 SQNR (dB) of the outputs against the float .tflite, both run in LiteRT's interpreter (a separate
 process: an aborting kernel is recorded, not fatal) on held-out samples, and whether silence
@@ -158,18 +158,21 @@ def main():
                     warnings.simplefilter("ignore")
                     cal = calibrate_tflite(flt, data, method)
                 files[f"aeq_tfq_{method}"] = (quantize_tflite(flt, cal.ranges), time.perf_counter() - start)
-            start = time.perf_counter()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                content = convert(path, "int8", data)
-            files["tfq"] = (content, time.perf_counter() - start)
+            caught = {}
+            for method in ("robust_minmax", "percentile", "mse", "kl"):
+                start = time.perf_counter()
+                with warnings.catch_warnings(record=True) as caught[method]:
+                    warnings.simplefilter("always")
+                    content = convert(path, "int8", data, calibration=method)
+                files["tfq" if method == "robust_minmax" else f"tfq_{method}"] = (content, time.perf_counter() - start)
             for name, (content, seconds) in files.items():
                 info = inspect_tflite(content)
                 row = {"model": kind, "engine": name, "seconds": round(seconds, 2), "bytes": len(content),
                        "float_ops": sorted({op.type for op in info.float_ops}),
                        **sqnr_and_silence(content, ref, test, sandbox)}
-                if name == "tfq":
-                    row["warnings"] = [str(w.message)[:200] for w in caught if "tfq" in str(w.message)]
+                if name.startswith("tfq"):
+                    method = name[4:] or "robust_minmax"
+                    row["warnings"] = [str(w.message)[:200] for w in caught[method] if "tfq" in str(w.message)]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if "--json" in sys.argv:

@@ -273,6 +273,8 @@ def test_audio_plain_converter_crashes_on_silence_tfq_keeps_div_float(audio):
     flt = fe.float_tflite(path)
     ref = TFLiteModel(flt).predict(test)
     assert _sqnr(ref, np.concatenate([o[0] for o in ours.outputs[1:]])) > 10
+    report = layer_errors(path, content, test[:8])  # per op, against the float .tflite: every int8 tensor paired
+    assert not report.skipped and {"MUL", "FULLY_CONNECTED", "QUANTIZE"} <= {r["op"] for r in report}
     with pytest.raises(ConversionError, match="op DIV fails .*strict=True refuses"):
         convert(path, "int8", noise, strict=True)
     # DIV kept float by the user: no crash, no fix to make, no warning
@@ -343,3 +345,19 @@ def test_int16_request_that_cannot_hold_is_refused(audio):
         content = convert(flt, "int8", noise, int16_layers=["FULLY_CONNECTED"], float_layers=["DIV", "ADD", "LOG"])
     out = next(name for _, t, name in fe.op_table(flt) if t == "FULLY_CONNECTED")
     assert _tensor_types(content)[out] == "int16"
+
+
+def test_num_samples_and_calibration_params_are_honoured(cnn):
+    _, flt, data, _ = cnn
+    name = inspect_tflite(flt).tensors[inspect_tflite(flt).inputs[0]].name
+    few = fe.calibrate_tflite(flt, data, "minmax", num_samples=10)
+    assert few.num_samples == 10 and few.ranges[name][1] == pytest.approx(float(data[:10].max()))
+    p90 = fe.calibrate_tflite(flt, data, "percentile", params={"percentile": 90.0}).ranges
+    p9999 = fe.calibrate_tflite(flt, data, "percentile", params={"percentile": 99.99}).ranges
+    assert any(p90[n][1] < p9999[n][1] for n in p90)
+    assert convert(flt, "int8", data, calibration="percentile", calibration_params={"percentile": 90.0},
+                   check=False) != convert(flt, "int8", data, calibration="percentile", check=False)
+    assert convert(flt, "int8", data, num_calibration_samples=10, check=False) != convert(flt, "int8", data,
+                                                                                          check=False)
+    with pytest.raises(ValueError, match="percentile"):
+        convert(flt, "int8", data, calibration="percentile", calibration_params={"percentile": 250.0})

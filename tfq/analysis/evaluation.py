@@ -996,6 +996,8 @@ def _match_tensors(qinfo, finfo, qinterp, finterp, layer_names) -> tuple[dict[in
             if op.type == "DEQUANTIZE" and op.outputs and op.outputs[0] in partners:
                 return partners[op.outputs[0]], "io"  # the tensor behind a float graph output
         same = by_name.get(t.name)
+        if same is None:  # LiteRT's quantizer names the QUANTIZE of a float op's output "<name>_quantized"
+            same = by_name.get(re.sub(r"_quantized$", "", t.name))
         if same is not None:
             return same.index, "name"
         tokens = _layer_tokens(t.name, layer_names)

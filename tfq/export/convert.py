@@ -861,6 +861,8 @@ def _convert_below_keras(model, mode, data, *, calibration, calibration_params, 
     if float_layers is None:
         float_layers = ()
     patterns = list(float_layers) if isinstance(float_layers, (list, tuple, set, frozenset)) else [float_layers]
+    if int16_layers is None:
+        int16_layers = ()
     int16 = list(int16_layers) if isinstance(int16_layers, (list, tuple, set, frozenset)) else [int16_layers]
     with verbosity(verbose):
         return tflite_frontend.convert_tflite(
