@@ -67,15 +67,15 @@ def main(argv):
         for r in layers:
             print(f"{r['layer']}: " + ", ".join(f"{c} {r[c]['size']} B {r[c]['accuracy']:.4f} Ω {r['omega'][c]:.3g}"
                                                for c in ("int16", "float", "int4")))
-        curves = {}
+        curves, paths = {}, {}
         for label, choices in (("int4,int8,float", precision.CHOICES), ("int4,int8,int16,float", precision.ALL_CHOICES)):
-            path = precision.allocation_path(search.layers, omega, choices)
+            path = precision.allocation_path(search.layers, omega, choices, search.layer_bytes)
             points = []
             for a in path:
                 m = search.measure(a)
                 points.append({"size": m["size"], "accuracy": m["metric"], "drop": baseline - m["metric"],
                                "counts": {c: sum(v == c for v in a.values()) for c in precision.ALL_CHOICES}})
-            curves[label] = points
+            curves[label], paths[label] = points, path
         runs = {}
         for d in (float(v) for v in FLAGS.max_drops):
             for label, choices in (("default", precision.CHOICES), ("with int16", precision.ALL_CHOICES)):
@@ -90,8 +90,21 @@ def main(argv):
                 ok = [p for p in points if p["drop"] <= d + 1e-12]
                 best = min(ok, key=lambda p: p["size"]) if ok else None
                 print(f"curve {label}: smallest point with drop <= {d}: {best}")
+        # the smallest point within 1 pt on the curve without int16: its INT8 layers at int16 instead, or float
+        swaps = []
+        ok = [(p, a) for p, a in zip(curves["int4,int8,float"], paths["int4,int8,float"]) if p["drop"] <= 0.01 + 1e-12]
+        if ok:
+            point, assignment = min(ok, key=lambda pa: pa[0]["size"])
+            for n in [n for n in names if assignment[n] == "int8"]:
+                row = {"layer": n, "int8": {"size": point["size"], "accuracy": point["accuracy"]}}
+                for c in ("int16", "float"):
+                    m = search.measure({**assignment, n: c})
+                    row[c] = {"size": m["size"], "accuracy": m["metric"]}
+                swaps.append(row)
+                print(f"swap at {point['size']} B: {n} " + ", ".join(
+                    f"{c} {row[c]['size']} B {row[c]['accuracy']:.4f}" for c in ("int8", "int16", "float")))
         results[name] = {"baseline": baseline, "int8_below_keras": ref, "layers": layers, "curves": curves,
-                         "runs": runs}
+                         "runs": runs, "swaps": swaps}
     atomic_write_text(FLAGS.output, json.dumps(results, indent=1, default=float) + "\n")
 
 

@@ -154,6 +154,15 @@ def test_allocation_path_is_the_knapsack_hull_in_order():
     # a choice above the hull (int8 worse per byte than going straight to int4) is skipped
     omega["a"]["int8"] = 1.9
     assert [p["a"] for p in precision.allocation_path([a], omega, ("float", "int8", "int4"))] == ["float", "int4"]
+    # measured bytes: an int16 choice with more bytes than float and more Ω is dominated, never on the path; one
+    # between float and int8 in bytes is a step of its own (slopes 0.5/2000 < 0.1/200 < 1.4/500)
+    omega["a"].update(int16=0.5)
+    sizes = {"a": {"float": 4400, "int16": 4500, "int8": 2200, "int4": 1700}}
+    choices = ("float", "int16", "int8", "int4")
+    assert [p["a"] for p in precision.allocation_path([a], omega, choices, sizes)] == ["float", "int4"]
+    sizes["a"]["int16"] = 2400
+    omega["a"]["int8"] = 0.6
+    assert [p["a"] for p in precision.allocation_path([a], omega, choices, sizes)] == ["float", "int16", "int8", "int4"]
 
 
 def test_bad_targets_and_choices_are_refused_in_one_line(small):

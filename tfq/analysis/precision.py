@@ -10,14 +10,39 @@ DepthwiseConv2D):
 
 * ``"int4"``: 4-bit weights stored INT4 (:mod:`tfq.export.int4`), int8 activations;
 * ``"int8"``: 8-bit weights, int8 activations;
-* ``"float"``: the layer kept float (:func:`tfq.convert`'s ``float_layers``).
+* ``"float"``: the layer kept float (:func:`tfq.convert`'s ``float_layers``);
+* ``"int16"`` (not in the default choices, see below): int16 activations, int8 weights (a16w8).
 
-``"int16"`` activations per layer are refused: LiteRT runs files that mix int8 and int16
-activations (measured: ai-edge-quantizer's per-op ``activation_num_bits=16`` config on the digits
-CNN's ``fc1`` writes QUANTIZE int8→int16, an int16×int8 FULLY_CONNECTED with an int64 bias and
-QUANTIZE int16→int8, and LiteRT runs it at the float model's 98.3 %), but tfq's conversion writes
-one activation width per model (``int8`` or ``int16x8``): int16 for a whole model is
-``tfq.tune(..., search_space={"precision": ["int8", "int16x8"]})``.
+With ``"int16"`` among the choices every file of the search is built below Keras, since tfq's Keras conversion
+writes one activation width per model: the model's float ``.tflite`` (``tfq.convert(model, "float")``) is
+calibrated with tfq's calibration in LiteRT (:func:`tfq.export.tflite_frontend.calibrate_tflite`, once) and
+quantized by LiteRT's quantizer (:func:`tfq.export.tflite_frontend.quantize_tflite`) with the int16 layers' ops
+at 16-bit activations (it writes QUANTIZE int8→int16, the op with int16 activations, int8 weights and an int64
+bias, QUANTIZE back) and the float layers' ops kept float; the 4-bit layers' float weights are first replaced
+by their values on tfq's symmetric per-channel 4-bit grid (nearest), so the quantizer's 8-bit integers are
+``round(q · 127 / max|q|)`` and :func:`tfq.tflite.int4.rewrite_int4_weights` stores exactly tfq's nearest
+integers and scales as INT4. AdaRound/GPTQ integers are not carried on this route (``weight_rounding`` other
+than ``"nearest"`` is refused with ``"int16"``), nor the Keras route's layer-by-layer checks; ``result.recipe``
+is the Keras recipe with the int16 layers at int8 (``result.settings["int16_layers"]`` names them). A layer's
+op is found by the name the converter gives its weight (``<model>_1/<layer>_1/…``, see :func:`layer_ops`),
+and each choice's bytes are measured in the file (one file per layer and choice, as the ``"sqnr"``
+sensitivity converts anyway), so the path sees an int16 layer's real cost. ``"int16"`` needs
+``sensitivity="sqnr"`` (the Hessian estimate models weight rounding only).
+
+Is ``"int16"`` worth a default place? Measured (``scripts/int16_mixed.py``, test accuracy through LiteRT, 359
+samples): on both example models INT8 activations already keep the float
+accuracy (digits CNN 98.33 %, MobileNet-style 96.10 %, uniform INT8 on this route), so int16 activations
+have nothing to win back; the loss is the 4-bit weights'. With one layer changed and the rest INT8, int16
+costs more bytes than float on small layers (its QUANTIZE ops, int16 tensors and int64 bias outweigh the
+kernel): the MobileNet-style stem, the most sensitive layer at 4 bits, int16 41,520 B 95.82 % against float
+41,296 B 96.10 %; it pays only on large kernels (digits CNN ``fc1``: int16 163,400 B, float 552,992 B, both
+98.33 %, as INT8's 162,536 B). At the smallest MobileNet-style point within 1 pt (32,384 B: 8 layers INT4,
+stem and dw0 INT8, 95.82 %), the stem at int16 gives 32,736 B and float 32,512 B, both 95.82 %; dw0 at int16
+33,104 B 95.82 %, float 32,984 B 95.54 %. ``mixed_precision`` with ``"int16"`` added returns the same choices
+as without on this route at ``max_drop`` 0, 0.005 and 0.01 (MobileNet-style 32,640 / 32,384 / 32,384 B;
+digits CNN 87,000 B, every layer INT4): int16 is never chosen, so it is not a default choice. (The below-Keras
+files are ~1.5 % larger than the Keras route's: MobileNet-style INT8 41,168 B against 40,624 B, W4A8 32,240 B
+against 31,640 B; the search runs faster there, 2–9 s against 5–50 s on 2 shared cores.)
 
 Sensitivity (how much a layer's accuracy suffers at fewer bits), two estimates:
 
@@ -74,7 +99,7 @@ from tfq.core.messages import check_bool
 from tfq.core.recipes import Override, Recipe, TensorSpec
 
 __all__ = ["ALL_CHOICES", "CHOICES", "DEFAULT_SENSITIVITY", "SENSITIVITIES", "MixedPrecisionResult", "allocation_path",
-           "budget_curve", "hessian_traces", "layer_sensitivities", "mixed_precision", "sensitivity_study"]
+           "budget_curve", "hessian_traces", "layer_ops", "layer_sensitivities", "mixed_precision", "sensitivity_study"]
 
 CHOICES = ("int4", "int8", "float")
 """Per-layer choices :func:`mixed_precision` searches by default."""
@@ -238,6 +263,7 @@ class _Search:
     contents: dict = dataclasses.field(default_factory=dict)
     measured: dict = dataclasses.field(default_factory=dict)
     below_keras: _BelowKeras | None = None
+    layer_bytes: dict = dataclasses.field(default_factory=dict)
 
     def recipe(self, assignment: dict[str, str]) -> Recipe:
         return _recipe_for({n: "int8" if c == "int16" else c for n, c in assignment.items()}, self.weight_rounding)
@@ -447,10 +473,15 @@ def _sensitivities(search: _Search, method: str, choices: Sequence[str], hutchin
     int8 = dict.fromkeys(names, "int8")
     base = _output_noise(search.convert(int8), search.x_cal, reference, search.num_threads)
     top = next(c for c in _ORDER if c in (*choices, "int8"))  # the most precise choice: Ω = 0
-    for n in names:
+    int8_size = len(search.convert(int8))
+    for layer in search.layers:
+        n = layer.name
         noise = {c: _output_noise(search.convert({**int8, n: c}), search.x_cal, reference, search.num_threads)
                  for c in choices if c != "int8"}
         noise["int8"] = base
+        if search.below_keras is not None:  # bytes as measured: the file with this layer changed, minus INT8's
+            search.layer_bytes[n] = {c: _layer_bytes(layer, "int8") + len(search.convert({**int8, n: c})) - int8_size
+                                     for c in (*choices, "int8")}
         out[n]["int8"] = max(base - noise[top], 0.0)
         if "int16" in choices:
             out[n]["int16"] = max(noise["int16"] - noise[top], 0.0)
@@ -460,18 +491,30 @@ def _sensitivities(search: _Search, method: str, choices: Sequence[str], hutchin
 
 
 # ------------------------------------------------------------------------------------------------ allocation
-def allocation_path(layers, sensitivity: dict[str, dict[str, float]], choices: Sequence[str]) -> list[dict]:
+def allocation_path(layers, sensitivity: dict[str, dict[str, float]], choices: Sequence[str],
+                    layer_bytes: dict[str, dict[str, int]] | None = None) -> list[dict]:
     """Assignments from the largest to the smallest, each optimal for the relaxed knapsack at its size.
 
     Per layer, the choices' ``(bytes, Ω)`` points on their lower convex hull; each hull step is a move
     costing ``ΔΩ / Δbytes``; moves are taken cheapest first (ties: graph order), a layer's moves in order.
+    A choice with at least the bytes of another and more Ω is dominated and never taken (an ``"int16"`` small
+    layer: its QUANTIZE ops and int64 bias can outweigh the float kernel it replaces).
+
+    Args:
+        layers: the candidate layers, graph order.
+        sensitivity: ``{layer: {choice: Ω}}``.
+        choices: the choices to use.
+        layer_bytes: ``{layer: {choice: bytes}}`` (e.g. measured in the file); default: :func:`_layer_bytes`.
     """
     order = [c for c in _ORDER if c in choices]
     moves, start = [], {}
     for index, layer in enumerate(layers):
-        points = [(_layer_bytes(layer, c), sensitivity[layer.name].get(c, 0.0), c) for c in order]
+        size = (layer_bytes or {}).get(layer.name) or {c: _layer_bytes(layer, c) for c in order}
+        points = [(size[c], sensitivity[layer.name].get(c, 0.0), c) for c in order]
+        points = [p for p in points if not any(q[0] <= p[0] and q[1] < p[1] for q in points)]
+        points.sort(key=lambda p: -p[0])  # stable: ties keep the order float, int16, int8, int4
         hull = [points[0]]
-        for p in points[1:]:  # bytes strictly decrease along ``order``
+        for p in points[1:]:  # bytes decrease
             hull.append(p)
             while len(hull) >= 3:  # keep the lower convex hull: slopes (ΔΩ per byte saved) must increase
                 (b0, s0, _), (b1, s1, _), (b2, s2, _) = hull[-3:]
@@ -496,10 +539,11 @@ class MixedPrecisionResult(_Table):
 
     Attributes:
         tflite: the chosen ``.tflite`` bytes.
-        recipe: the :class:`~tfq.recipes.Recipe` that reproduces it with :func:`tfq.convert`.
+        recipe: the :class:`~tfq.recipes.Recipe` that reproduces it with :func:`tfq.convert` (with int16 layers:
+            the Keras route's file with them at int8; ``settings["int16_layers"]`` names them).
         rows: per layer: ``layer``, ``class``, ``choice``, ``weight_bits``, ``activation_bits`` (as stored in
             the file, read back with :func:`tfq.inspect_tflite`), ``params``, ``bytes`` (the layer's weight
-            tensors in the file), ``sensitivity`` (Ω of 4 bits) and ``sensitivity_int8``.
+            tensors in the file), ``sensitivity`` (Ω of 4 bits), ``sensitivity_int8`` and ``sensitivity_int16``.
         size: ``len(tflite)``.
         metric: the metric of the chosen file on the evaluation data, through LiteRT.
         baseline: the float Keras model's metric.
@@ -720,12 +764,13 @@ def mixed_precision(
         max_drop: largest accepted drop of the metric (absolute).
         size_budget: bytes (int), or a fraction (float in (0, 1]) of the uniform INT8 file.
         latency_budget: milliseconds per batch-1 invocation, measured.
-        choices: per-layer choices, among ``"int4"``, ``"int8"``, ``"float"`` (``"int16"`` is refused: see the
-            module doc).
+        choices: per-layer choices, among ``"int4"``, ``"int8"``, ``"float"`` and ``"int16"`` (int16 activations,
+            int8 weights: every file is then built below Keras, see the module doc; not in the default, measured).
         sensitivity: ``"sqnr"`` (default: measured in the file, ranks the true per-layer drop best, see
             ``docs/benchmarks.md``) or ``"hessian"`` (HAWQ-v2 Hutchinson trace × quantization error, no conversion).
         metric: ``"accuracy"``, ``"mse"`` … (see :func:`tfq.evaluate`).
-        weight_rounding: ``"nearest"``, ``"adaround"`` or ``"gptq"`` for every quantized layer's weights.
+        weight_rounding: ``"nearest"``, ``"adaround"`` or ``"gptq"`` for every quantized layer's weights
+            (``"nearest"`` only with ``"int16"`` in ``choices``).
         hutchinson_samples: Hessian-vector products for ``sensitivity="hessian"``.
         seed: seed of the Hutchinson vectors.
         num_calibration_samples: cap on calibration samples.
@@ -736,7 +781,8 @@ def mixed_precision(
         :class:`MixedPrecisionResult` (``print(result.to_markdown())`` shows the per-layer table).
 
     Raises:
-        ValueError: a bad target, choice or sensitivity (one line naming it), a model without Dense/Conv layers.
+        ValueError: a bad target, choice or sensitivity (one line naming it), a model without Dense/Conv layers,
+            ``"int16"`` with ``sensitivity="hessian"`` or ``weight_rounding`` other than ``"nearest"``.
 
     Example:
         >>> result = tfq.mixed_precision(model, x_train[:256], x_test, y_test, size_budget=0.5)   # doctest: +SKIP
@@ -785,10 +831,12 @@ def mixed_precision(
                        f"the choices give ({references['w4a8' if smallest == 'int4' else 'int8']['size']:,} B, every "
                        f"layer {smallest}); the smallest is returned with met=False.")
     omega = _sensitivities(search, sensitivity, choices, hutchinson_samples, seed)
-    path = allocation_path(search.layers, omega, choices)
+    path = allocation_path(search.layers, omega, choices, search.layer_bytes)
     overhead = references["int8"]["size"] - sum(_layer_bytes(layer, "int8") for layer in search.layers)
 
     def estimate(assignment) -> int:
+        if search.layer_bytes:
+            return overhead + sum(search.layer_bytes[n][assignment[n]] for n in names)
         return overhead + sum(_layer_bytes(layer, assignment[layer.name]) for layer in search.layers)
 
     trials = []
@@ -974,7 +1022,7 @@ def budget_curve(model, representative_data, eval_data, eval_labels=None, *, bud
     references = {ref: search.measure(dict.fromkeys(names, c)) for ref, c in (("int8", "int8"), ("w4a8", "int4"))}
     references = {k: {**v, "drop": drop_of(v["metric"])} for k, v in references.items()}
     omega = _sensitivities(search, sensitivity, choices, hutchinson_samples, seed)
-    path = allocation_path(search.layers, omega, choices)
+    path = allocation_path(search.layers, omega, choices, search.layer_bytes)
     points = []
     for k, assignment in enumerate(path):
         m = search.measure(assignment)
