@@ -47,7 +47,7 @@ def main(argv):
 
     results = {}
     for name in FLAGS.models:
-        model, (x_train, y_train), (x_test, y_test) = _trained(name)
+        model, (x_train, _), (x_test, y_test) = _trained(name)
         rep = x_train[:256]
         search = precision._prepare(model, rep, x_test, y_test, "accuracy", None, "nearest", FLAGS.num_threads, False,
                                     "int16_mixed", below_keras=True)

@@ -286,7 +286,7 @@ def int16_curve(small):
     return precision.budget_curve(model, x_train[:256], x_test, y_test, choices=("int4", "int8", "int16"))
 
 
-def _litert_layer_types(content: bytes) -> dict[str, tuple]:
+def _litert_layer_types(content: bytes, names=("conv", "fc1", "fc2", "probs")) -> dict[str, tuple]:
     """``{layer: (input dtype, weight dtype, output dtype)}`` of each CONV_2D / FULLY_CONNECTED op: tensors found
     with LiteRT's flatbuffer schema, dtypes from LiteRT's interpreter (``get_tensor_details``)."""
     from ai_edge_litert import schema_py_generated as schema
@@ -302,10 +302,11 @@ def _litert_layer_types(content: bytes) -> dict[str, tuple]:
     for i in range(sg.OperatorsLength()):
         op = sg.Operators(i)
         code = model.OperatorCodes(op.OpcodeIndex())
-        if codes[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())] not in ("CONV_2D", "FULLY_CONNECTED"):
+        if codes[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())] not in ("CONV_2D", "DEPTHWISE_CONV_2D",
+                                                                                "FULLY_CONNECTED"):
             continue
         weight = sg.Tensors(op.Inputs(1)).Name().decode()
-        layer = next(n for n in ("conv", "fc1", "fc2", "probs") if f"/{n}_1/" in weight)
+        layer = next(n for n in names if f"/{n}_1/" in weight)
         out[layer] = (dtype[op.Inputs(0)], dtype[op.Inputs(1)], dtype[op.Outputs(0)])
     return out
 
@@ -355,3 +356,60 @@ def test_int4_layers_of_int16_files_hold_tfq_nearest_integers(small, int16_curve
         np.testing.assert_array_equal(below[name].values.reshape(len(below[name].scales), -1),
                                       keras_int4[name].values.reshape(len(keras_int4[name].scales), -1))
         np.testing.assert_allclose(below[name].scales, keras_int4[name].scales, rtol=1e-6)
+
+
+def test_layer_ops_maps_conv_depthwise_and_dense_layers_by_weight_names():
+    """Each Keras layer → its op in the float .tflite (BN folded into the kernel): the op type and the weight's
+    shape in TFLite's layout, for names that prefix one another."""
+    import keras
+
+    from tfq.tflite.info import inspect_tflite
+
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="conv_bn")(x)
+    x = keras.layers.ReLU(6.0, name="conv_relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = keras.layers.BatchNormalization(name="dw_bn")(x)
+    x = keras.layers.ReLU(6.0, name="dw_relu")(x)
+    x = keras.layers.Conv2D(6, 1, name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dense(5, name="fc")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="fc2")(x), name="net")
+    content = tfq.convert(model, "float")
+    info = inspect_tflite(content)
+    ops = precision.layer_ops(content, ["conv", "dw", "conv2", "fc", "fc2"])
+    expected = {"conv": ("CONV_2D", (4, 3, 3, 2)), "dw": ("DEPTHWISE_CONV_2D", (1, 3, 3, 4)),
+                "conv2": ("CONV_2D", (6, 1, 1, 4)), "fc": ("FULLY_CONNECTED", (5, 6)), "fc2": ("FULLY_CONNECTED", (3, 5))}
+    for layer, (index, weight) in ops.items():
+        op = info.ops[index]
+        assert (op.type, tuple(info.tensors[op.inputs[1]].shape)) == expected[layer], layer
+        assert info.tensors[op.inputs[1]].name == weight
+    assert len({i for i, _ in ops.values()}) == 5
+    with pytest.raises(ValueError, match="layer 'dense': expected one CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED op") as err:
+        precision.layer_ops(content, ["dense"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_mobilenet_int16_layers_conv_and_depthwise_run_int16_in_litert(trained_mobilenet):
+    from conftest import tflite_accuracy
+
+    model, (x_train, _), (x_test, y_test), _ = trained_mobilenet
+    curve = precision.budget_curve(model, x_train[:256], x_test, y_test, choices=("int8", "int16"))
+    names = list(curve["path"][0]["assignment"])
+    assert all(c == "int16" for c in curve["path"][0]["assignment"].values())
+    point = curve["path"][len(curve["path"]) // 2]  # about half the layers int16
+    result = precision.mixed_precision(model, x_train[:256], x_test, y_test, choices=("int8", "int16"),
+                                       size_budget=point["size"])
+    sizes = [p["size"] for p in curve["path"]]
+    assert result.size <= point["size"] and result.assignment in [p["assignment"] for p in curve["path"]], sizes
+    assert {"int8", "int16"} <= set(result.assignment.values()), sizes
+    types = _litert_layer_types(result.tflite, names)
+    assert set(types) == set(names)
+    for layer, choice in result.assignment.items():
+        act = np.int16 if choice == "int16" else np.int8
+        assert types[layer] == (act, np.int8, act), (layer, choice, types[layer])
+    assert {type(model.get_layer(n)).__name__ for n in result.settings["int16_layers"]} <= {"Conv2D", "DepthwiseConv2D",
+                                                                                          "Dense"}
+    assert result.metric == pytest.approx(tflite_accuracy(result.tflite, x_test, y_test), abs=1e-12)

@@ -410,7 +410,9 @@ class _BelowKeras:
         from tfq.export.tflite_frontend import quantize_tflite
         from tfq.tflite.int4 import rewrite_int4_weights
 
-        pick = lambda choice: [n for n, c in assignment.items() if c == choice]  # noqa: E731
+        def pick(choice: str) -> list[str]:
+            return [n for n, c in assignment.items() if c == choice]
+
         content = quantize_tflite(self._with_int4(pick("int4")), self.ranges,
                                   float_ops=sorted(self.ops[n][0] for n in pick("float")),
                                   int16_ops=sorted(self.ops[n][0] for n in pick("int16")))
@@ -861,6 +863,9 @@ def mixed_precision(
         first = next((k for k, a in enumerate(path) if estimate(a) <= budget_bytes), len(path) - 1)
         while first < len(path) - 1 and measure(first)["size"] > budget_bytes:
             first += 1
+        # int16 layers side by side share their QUANTIZE ops, so the per-layer bytes overestimate the file: step back
+        while search.below_keras is not None and first > 0 and measure(first - 1)["size"] <= budget_bytes:
+            first -= 1
     if latency_budget is not None:  # latency is not monotone along the path: measure every point from there
         ks = [k for k in range(first, len(path)) if fits(measure(k))]
         ok = [k for k in ks if meets(measure(k))]
