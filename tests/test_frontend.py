@@ -63,7 +63,8 @@ def _run_reference_kernels(content, x) -> np.ndarray:
 
 
 class Audio(tf.Module):
-    """The audio-like SavedModel: 1024 samples → 8 frames of 128 → |STFT| / (max + 1e-6) → log(· + 1e-6) → Dense(4)."""
+    """The audio-like SavedModel: 1024 samples → 8 frames of 128 → |STFT| / (max + 1e-6) → log(· + 1e-6)
+    → Dense(4)."""
 
     def __init__(self):
         super().__init__()
@@ -114,7 +115,10 @@ def audio(tmp_path_factory):
 def test_doctests():
     import doctest
 
-    assert doctest.testmod(fe, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+    from tfq.ptq import tflite_calibration
+
+    for module in (fe, tflite_calibration):
+        assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
 
 # ------------------------------------------------------------------------------------ the CNN
@@ -151,7 +155,7 @@ def test_float_tflite_bytes_path_and_tfsm_layer_are_one_model_and_deterministic(
     from_tfsm = convert(wrapped, "int8", data)
     ref = TFLiteModel(flt).predict(test)
     assert _sqnr(ref, TFLiteModel(from_tfsm).predict(test)) > 30
-    assert not inspect_tflite(from_tfsm).float_ops or all(op.type == "SHAPE" for op in inspect_tflite(from_tfsm).float_ops)
+    assert all(op.type == "SHAPE" for op in inspect_tflite(from_tfsm).float_ops)
 
 
 def test_calibration_methods_choose_other_ranges(cnn):
@@ -264,7 +268,8 @@ def test_audio_plain_converter_crashes_on_silence_tfq_keeps_div_float(audio):
             content = convert(path, "int8", noise)
         messages = [str(w.message) for w in caught if str(w.message).startswith("tfq")]
         assert len(messages) == 2, messages
-        assert re.search(r"4 op\(s\) of the int8 model stay float.*\(COMPLEX_ABS, LOG, REDUCE_MAX, RFFT2D\)", messages[0])
+        assert re.search(r"4 op\(s\) of the int8 model stay float.*\(COMPLEX_ABS, LOG, REDUCE_MAX, RFFT2D\)",
+                         messages[0])
         assert re.search(r"op DIV fails in LiteRT's interpreter on the all-zeros input.*'truediv'.*kept float",
                          messages[1])
         ours = sandbox.run(content, [zeros] + [[s[None]] for s in test])
@@ -297,9 +302,14 @@ def test_audio_every_calibration_method_runs_on_a_saved_model(audio):
 
 
 def test_precomputed_calibration_and_dict_inputs(tmp_path, cnn):
-    _, flt, data, _ = cnn
-    cal = fe.calibrate_tflite(flt, data, "kl")
+    from tfq.ptq.calibration import calibrate
+
+    path, flt, data, _ = cnn
+    cal = calibrate(path, data, "kl")  # tfq.calibrate on a SavedModel: ranges by tensor name of its float .tflite
+    assert cal.ranges == fe.calibrate_tflite(flt, data, "kl").ranges
     assert convert(flt, "int8", data, calibration=cal) == convert(flt, "int8", data, calibration="kl")
+    with pytest.raises(ValueError, match="recipe does not apply to a float .tflite"):
+        calibrate(flt, data, recipe="int8")
 
     class TwoInputs(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="a"),

@@ -37,6 +37,7 @@ from tfq.export.convert import convert
 from tfq.models.interop import load_keras_model
 from tfq.models.loading import SavedModelPath, is_tf_keras_model
 from tfq.numerics.ops import round_half_away
+from tfq.ptq.tflite_calibration import is_below_keras
 from tfq.reference import explain
 from tfq.reference.executor import as_graph
 from tfq.reference.kernels import UnsupportedOpError
@@ -1134,7 +1135,7 @@ def layer_errors(
     """
 
     below = tflite_frontend.is_tflite_input(keras_model) or (
-        isinstance(keras_model, (str, os.PathLike)) and Path(keras_model).is_dir())
+        isinstance(keras_model, (str, os.PathLike)) and is_below_keras(keras_model))
     if not below and is_tf_keras_model(keras_model):
         keras_model = load_keras_model(keras_model)
     if not below and not isinstance(keras_model, keras.Model):

@@ -518,8 +518,9 @@ def _methods_given(methods, **shorthands) -> dict:
 def fake_quantize(model, mode=None, representative_data=None, **options) -> keras.Model:
     """The fake-quant Keras model that :func:`convert` hands to the TFLite converter, for simulation.
 
-    Same arguments as :func:`convert` (its signature, without ``io_dtype``, ``output``, ``check``, ``strict`` and ``int16_layers``: it writes no file to check, and simulates a Keras model; int8 and
-    int16x8 recipes). The model computes in float with
+    Same arguments as :func:`convert` (its signature, without ``io_dtype``, ``output``, ``check``,
+    ``strict`` and ``int16_layers``: it writes no file to check, and simulates a Keras model; int8
+    and int16x8 recipes). The model computes in float with
     every quantization simulated (weights on their integer grid, activations on their ranges), so
     it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 4-bit weights) —
     with the same calibration, equalization, learned rounding and bias correction as the export.
@@ -792,7 +793,9 @@ def _int8_keeping_float(model, r: Recipe, data, calibration, params, nodes) -> b
 
 
 # --------------------------------------------------------------------------------- the front-end below Keras
-_BELOW_KERAS_MODES = ("int8", "int16x8")
+def _integer_mode(mode) -> bool:
+    """Whether a registered mode has integer activations (int8, int16x8): what tfq quantizes below Keras."""
+    return TensorSpec(**get_export_mode(mode).default_activations).is_integer
 
 
 def _below_keras(model, mode, recipe) -> bool:
@@ -805,7 +808,7 @@ def _below_keras(model, mode, recipe) -> bool:
         return False
     if recipe is not None:
         return load_recipe(recipe).mode == "int8"
-    return mode in (None, "int8")
+    return mode is None or mode == "int8"
 
 
 def _refuse_int16_layers(int16_layers, model) -> None:
@@ -845,7 +848,7 @@ def _convert_below_keras(model, mode, data, *, calibration, calibration_params, 
                              f"quantizes it below Keras: int8 weights and activations, per-op float_layers and "
                              f"int16_layers). Drop it from the recipe, or convert the Keras model.")
     mode = "int8" if mode is None else mode
-    if mode not in _BELOW_KERAS_MODES:
+    if not _integer_mode(mode):
         raise ValueError(f"mode={mode!r} does not apply to {what}: tfq quantizes it to 'int8' or 'int16x8' (with "
                          f"its own calibration). Convert the source model for {mode!r}.")
     given = {k: v for k, v in (methods or {}).items() if v is not None}
@@ -854,7 +857,7 @@ def _convert_below_keras(model, mode, data, *, calibration, calibration_params, 
         raise ValueError(f"{name} need a Keras model that tfq can rewrite; {what} is quantized below Keras "
                          f"(calibration, per_channel, float_layers and int16_layers apply). Convert the Keras model, "
                          f"or drop {name}.")
-    io_allowed = ("float32", "int8") if mode == "int8" else ("float32", "int16")
+    io_allowed = tuple(d for d in get_export_mode(mode).io_dtypes if d != "uint8")  # LiteRT's quantizer: no uint8
     if io_dtype not in io_allowed:
         raise ValueError(f"io_dtype={io_dtype!r} does not apply to {what} in mode {mode!r}: pass one of "
                          f"{', '.join(map(repr, io_allowed))}.")
