@@ -15,7 +15,7 @@ DepthwiseConv2D):
 
 With ``"int16"`` among the choices every file of the search is built below Keras, since tfq's Keras conversion
 writes one activation width per model: the model's float ``.tflite`` (``tfq.convert(model, "float")``) is
-calibrated with tfq's calibration in LiteRT (:func:`tfq.export.tflite_frontend.calibrate_tflite`, once) and
+calibrated with tfq's calibration in LiteRT (:func:`tfq.ptq.tflite_calibration.calibrate_tflite`, once) and
 quantized by LiteRT's quantizer (:func:`tfq.export.tflite_frontend.quantize_tflite`) with the int16 layers' ops
 at 16-bit activations (it writes QUANTIZE int8→int16, the op with int16 activations, int8 weights and an int64
 bias, QUANTIZE back) and the float layers' ops kept float; the 4-bit layers' float weights are first replaced
@@ -362,7 +362,7 @@ def _nearest_int4(weight: np.ndarray, axis: int) -> np.ndarray:
 @dataclasses.dataclass
 class _BelowKeras:
     """Files with per-layer int16 activations, built from the model's float ``.tflite``: tfq's calibration on it
-    (:func:`tfq.export.tflite_frontend.calibrate_tflite`), LiteRT's quantizer writing int8 / a16w8 / float ops
+    (:func:`tfq.ptq.tflite_calibration.calibrate_tflite`), LiteRT's quantizer writing int8 / a16w8 / float ops
     (:func:`tfq.export.tflite_frontend.quantize_tflite`), then the 4-bit layers' weights stored INT4
     (:func:`tfq.tflite.int4.rewrite_int4_weights`). A 4-bit layer's float weight is replaced by ``Q(W)`` on tfq's
     4-bit grid first, so the quantizer's 8-bit integers are ``round(q · 127 / max|q|)`` and the rewrite recovers
@@ -376,7 +376,7 @@ class _BelowKeras:
     @classmethod
     def build(cls, model, rep, names) -> _BelowKeras:
         from tfq.export.convert import convert
-        from tfq.export.tflite_frontend import calibrate_tflite
+        from tfq.ptq.tflite_calibration import calibrate_tflite
 
         flt = convert(model, "float")
         return cls(flt, layer_ops(flt, names), calibrate_tflite(flt, rep).ranges)
