@@ -328,3 +328,64 @@ def test_evaluate_isolated_counts_failures_in_a_worker(frontend, audio):
     assert row["errors"] == 2 and "data[i] != zero_point" in row["error"]
     assert row["sqnr_db"] == pytest.approx(in_process.row("int8")["sqnr_db"], abs=0.01)
     assert row["latency_p50_ms"] is not None  # timed on a sample that ran
+
+
+# --------------------------------------------------------------------------------------------
+# A real kernel abort: LiteRT's int8 ADD CHECKs its requantization multiplier when it is prepared
+# --------------------------------------------------------------------------------------------
+
+
+def _cancelling_model():
+    """Two branches that cancel (x·I + x·(−I·(1+1e-6))): their ADD's output range is ~1e-6 of its inputs',
+    so its int8 output scale is below 2·max(input scales)/2^20 and LiteRT's ADD aborts when prepared."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,), name="x")
+    eye = np.eye(4, dtype="float32")
+    a = keras.layers.Dense(4, use_bias=False, name="a", kernel_initializer=keras.initializers.Constant(eye))(inp)
+    b = keras.layers.Dense(4, use_bias=False, name="b",
+                           kernel_initializer=keras.initializers.Constant(-eye * (1 + 1e-6)))(inp)
+    small = keras.layers.Dense(2, name="small")(keras.layers.Add(name="cancel")([a, b]))
+    return keras.Model(inp, keras.layers.Add(name="out")([keras.layers.Dense(2, name="main")(inp), small]))
+
+
+_PREPARE = ("import sys\nfrom ai_edge_litert.interpreter import Interpreter\n"
+            "Interpreter(model_path=sys.argv[1]).allocate_tensors()\nprint('prepared')\n")
+
+
+def test_real_kernel_abort_is_survived_and_named(tmp_path):
+    import signal
+    import subprocess
+
+    model = _cancelling_model()
+    x = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+    content = convert(model, "int8", x, check=False)
+    # Independent path: LiteRT itself, in a child process, dies preparing the model (SIGABRT, no message).
+    (tmp_path / "m.tflite").write_bytes(content)
+    proc = subprocess.run([sys.executable, "-c", _PREPARE, str(tmp_path / "m.tflite")], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == -signal.SIGABRT and "prepared" not in proc.stdout
+    # tfq names the op from the file: the ADD whose output scale is below 2·max(input scales)/2^20.
+    add = next(op for op in inspect_tflite(content).ops if op.type == "ADD" and "cancel" in
+               inspect_tflite(content).tensors[op.outputs[0]].name)
+    scales = [inspect_tflite(content).tensors[i].scales[0] for i in (*add.inputs[:2], add.outputs[0])]
+    assert scales[2] < 2 * max(scales[:2]) / 2 ** 20
+
+    # The check runs it in its worker: this process survives, and the warning names the op and the layer.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(model, "int8", x)
+    message = next(str(w.message) for w in caught if "broken" in str(w.message))
+    assert f"Node number {add.index} (ADD)" in message and "loading (allocate_tensors)" in message
+    assert "'cancel'" in message and "float_layers" in message
+    with pytest.raises(ConversionError, match=r"op ADD fails in LiteRT's interpreter on loading"):
+        convert(model, "int8", x, strict=True)
+
+    # evaluate(isolate=True) survives too: every sample failed, the op named; the float model is unharmed.
+    report = evaluate({"keras": model, "int8": content}, x[:6], latency=True, latency_runs=3, isolate=True)
+    row = report.row("int8")
+    assert row["errors"] == 6 and f"Node number {add.index} (ADD)" in row["error"]
+    assert row["latency_p50_ms"] is None and report.row("keras")["errors"] == 0
+
+    # The fix the message gives works: that layer float, the model runs (its output is the main branch's).
+    fixed = convert(model, "int8", x, float_layers=["cancel"])
+    assert sqnr_db(model.predict(x, verbose=0), TFLiteModel(fixed).predict(x)) > 30.0  # measured 39.5 dB

@@ -336,7 +336,7 @@ def _normalize_outputs(outputs) -> list[np.ndarray]:
 class _Runner:
     """One model under evaluation: a Keras model, a SavedModel or a TFLite model, with the same interface."""
 
-    def __init__(self, name: str, model, num_threads: int | None):
+    def __init__(self, name: str, model, num_threads: int | None, isolate: bool = False):
         self.name = name
         self.keras_model = None
         self.tflite = None
@@ -358,7 +358,8 @@ class _Runner:
             raise TypeError(f"models[{name!r}] must be a Keras model, a SavedModel directory, TFLite bytes or a "
                             f".tflite path. Received: {type(model).__name__}")
         try:
-            self.tflite = TFLiteModel(model, num_threads=num_threads)
+            # Isolated: no kernel is prepared in this process (one may abort) until a sample ran in the worker.
+            self.tflite = TFLiteModel(model, num_threads=num_threads, allocate=not isolate)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"models[{name!r}]: {err}") from None
         except ValueError as err:
@@ -765,7 +766,7 @@ def evaluate(
     if not models:
         raise ValueError("models is empty. Pass a dict name -> Keras model / TFLite bytes / .tflite path.")
     num_threads = available_cores() if num_threads is None else int(num_threads)
-    runners = [_Runner(str(name), model, num_threads) for name, model in models.items()]
+    runners = [_Runner(str(name), model, num_threads, isolate) for name, model in models.items()]
     if reference is None:
         reference = next((r.name for r in runners if r.kind in ("keras", "saved_model")), runners[0].name)
     elif reference not in [r.name for r in runners]:

@@ -27,7 +27,13 @@ from tfq.core.representative import representative_dataset
 from tfq.export import check as checker
 from tfq.export import tflite_frontend
 from tfq.export.graph_converter import keras_graph_converter
-from tfq.export.int4 import snap_four_bit_kernels, write_int4_weights
+from tfq.export.int4 import (
+    blockwise_integers,
+    float_activation_weights,
+    snap_four_bit_kernels,
+    write_float_activation_int4,
+    write_int4_weights,
+)
 from tfq.models.interop import convert_tfmot_model, load_keras_model
 from tfq.models.loading import (
     SavedModelPath,
@@ -327,7 +333,9 @@ def convert(
         model: a Keras 3 or tf_keras model, a tfq QAT model, a path to ``.keras``/SavedModel, a
             Keras model of a ``TFSMLayer``, or a float ``.tflite`` (path ending ``.tflite``, or bytes).
         mode: ``"float"``, ``"dynamic"`` (int8 weights, float activations), ``"fp16"``,
-            ``"int8"`` (full integer) or ``"int16x8"`` (or a registered mode). None (the default):
+            ``"int8"`` (full integer), ``"int16x8"``, ``"w4_dynamic"`` (tfq's 4-bit weights stored
+            INT4, activations quantized at run time by LiteRT's hybrid kernels) or ``"w4_weight_only"``
+            (4-bit weights dequantized when loaded, float compute) (or a registered mode). None (the default):
             the recipe's mode, or ``"int8"`` without a recipe.
         representative_data: calibration data for ``"int8"``/``"int16x8"`` (arrays, dict,
             ``tf.data.Dataset`` or callable). Not needed for a trained QAT model.
@@ -457,14 +465,17 @@ def convert(
     params = dict(r.calibration_params)
     entry = get_export_mode(r.mode)
     with verbosity(verbose):  # progress on a terminal: calibration's bar, the converter's elapsed time
-        if entry.tfq_ranges:
+        if entry.float_activations:
+            content = _convert_float_activations(model, r, representative_data, report)
+        elif entry.tfq_ranges:
             content = _convert_int8(model, r, representative_data, calibration, params, verbose, report)
         elif entry.needs_data:
             content = _convert_with_converter_calibration(model, r, representative_data, report)
         else:
             content = _convert_float_family(model, r)
     if check:
-        fixable = entry.tfq_ranges and not is_quantized_model(model) and representative_data is not None
+        fixable = entry.tfq_ranges and not entry.float_activations and not is_quantized_model(model) and (
+            representative_data is not None)
         content = checker.checked(
             content, model, representative_data, mode=r.mode, io_dtype=r.io_dtype, strict=strict,
             layer_names=[layer.name for layer in _all_layers(model)],
@@ -522,7 +533,7 @@ def fake_quantize(model, mode=None, representative_data=None, **options) -> kera
     ``strict`` and ``int16_layers``: it writes no file to check, and simulates a Keras model; int8
     and int16x8 recipes). The model computes in float with
     every quantization simulated (weights on their integer grid, activations on their ranges), so
-    it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 4-bit weights) —
+    it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 3-bit weights) —
     with the same calibration, equalization, learned rounding and bias correction as the export.
     In int16x8 mode it simulates tfq's own ranges (every option applies), which the exported
     int16x8 model does not use (the converter calibrates it).
@@ -531,7 +542,7 @@ def fake_quantize(model, mode=None, representative_data=None, **options) -> kera
         A new ``keras.Model`` with fixed ranges (the caller's model is untouched).
 
     Example:
-        >>> w4a8 = tfq.Recipe(weights=tfq.TensorSpec(bits=4), allow_non_tflite=True, weight_rounding="adaround")
+        >>> w4a8 = tfq.Recipe(weights=tfq.TensorSpec(bits=4), weight_rounding="adaround")
         >>> sim = tfq.fake_quantize(model, recipe=w4a8, representative_data=x_train[:256])   # doctest: +SKIP
         >>> sim.predict(x_test)                                                              # doctest: +SKIP
     """
@@ -662,6 +673,32 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=N
     return write_int4_weights(content, r, frozen)  # 4-bit weights stored INT4 (tfq.export.int4); else unchanged
 
 
+def _convert_float_activations(model, r: Recipe, data, report=None) -> bytes:
+    """Modes with float activations and tfq's 4-bit weights (``w4_dynamic``, ``w4_weight_only``): the
+    weight-only fake-quant model chooses the integers (blockwise ones first, then nearest/AdaRound/GPTQ),
+    the float ``.tflite`` of the model with those weights is converted, and the weights are stored INT4."""
+    entry = get_export_mode(r.mode)
+    if isinstance(model, SavedModelPath):
+        raise ValueError(f"mode={r.mode!r} chooses the weights of a Keras model tfq can rewrite; {str(model)!r} is a "
+                         f"SavedModel. Pass the .keras file, or use mode='dynamic'.")
+    if is_quantized_model(model):
+        raise ValueError(f"mode={r.mode!r} chooses 4-bit weights for a float model, and {model.name!r} is a tfq QAT "
+                         f"model. Convert it with mode='int8' (a QAT model trained at 4 bits exports INT4 weights), "
+                         f"or pass the float model.")
+    if data is not None and r.weight_rounding == "nearest":
+        warnings.warn(f"tfq.convert: representative_data was not used: mode={r.mode!r} keeps activations float and "
+                      f"rounds weights to nearest. Pass weight_rounding='gptq' to choose the integers on it, or drop it.",
+                      stacklevel=3)
+    qmodel = rewrite_model(ptq_methods.prepare_model(model, r, report), r)
+    frozen = fix_ranges_in_place(qmodel, {})  # weight quantizers only: no ranges
+    blockwise = blockwise_integers(frozen, r, data, report)
+    snap_four_bit_kernels(frozen, unhandled_only=r.weight_rounding != "nearest")
+    ptq_methods.apply_weight_methods(frozen, r, data, report)
+    choices, by_name = float_activation_weights(frozen, r, blockwise)
+    float_content = _convert_float_family(freeze_model(frozen, {}, strip=True), r)
+    return write_float_activation_int4(float_content, choices, entry.float_activations, by_name)
+
+
 def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
     """One TFLite conversion of a frozen fake-quant model.
 
@@ -717,8 +754,8 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         frozen = fix_ranges_in_place(qmodel, ranges)  # rewritten here: no one else holds it
     else:
         frozen = freeze_model(qmodel, ranges)
-    if r.weight_rounding == "nearest":
-        snap_four_bit_kernels(frozen)  # 4-bit kernels on their grid: simulated and written as such
+    # 4-bit kernels on their grid: simulated and written as such (learned rounding sets its own layers')
+    snap_four_bit_kernels(frozen, unhandled_only=r.weight_rounding != "nearest")
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     return frozen, qmodel, data
 

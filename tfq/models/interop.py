@@ -389,17 +389,42 @@ def _kept_whole_class(layers: dict):
 
     class TFKerasLayer(keras.layers.Layer):
         """A tf_keras layer Keras 3 cannot rebuild (a custom layer, a Lambda, a raw TF op), run as it is: tfq
-        keeps it whole (its outputs quantized, the converter calibrating inside). Its weights are tf_keras's."""
+        keeps it whole (its outputs quantized, the converter calibrating inside).
+
+        Its weights that the tf_keras layer reads as attributes (``self.alpha`` in its ``call``) become this
+        layer's Keras 3 weights (trainable as they were), and its copy of the tf_keras layer reads those
+        instead: QAT trains them, and saving saves them. Weights held otherwise (in lists, nested layers)
+        stay the tf_keras copy's, not trained."""
 
         def __init__(self, name=None, **kwargs):
             super().__init__(name=name, **kwargs)
-            self.tf_keras_layer = layers[name]
+            original = layers[name]  # the caller's layer: never changed, each TFKerasLayer runs its own copy
+            self.tf_keras_layer = _built_tf_keras_copy(original)
+            self.mirrored = _mirror_weights(self, self.tf_keras_layer) if self.tf_keras_layer is not original else 0
 
         def call(self, *args, **kwargs):
             kwargs.pop("training", None)
             return self.tf_keras_layer(*args, **kwargs)
 
     return TFKerasLayer
+
+
+def _mirror_weights(owner, tf_layer) -> int:
+    """Gives ``owner`` (a Keras 3 layer) a weight for each tf.Variable that ``tf_layer`` (tfq's copy of a
+    tf_keras layer) holds as a direct attribute, with its value and trainability, and points that attribute
+    at the Keras 3 weight, so that the tf_keras code computes with it and gradients reach it. Returns how
+    many weights were mirrored. Only tfq's copy is changed (the caller's layer is never passed here)."""
+    import tensorflow as tf
+
+    count = 0
+    for attribute, value in list(vars(tf_layer).items()):
+        if not isinstance(value, tf.Variable) or attribute.startswith("_") or getattr(tf_layer, attribute) is not value:
+            continue
+        weight = owner.add_weight(shape=tuple(value.shape), dtype=value.dtype.name, trainable=value.trainable,
+                                  initializer=keras.initializers.Constant(value.numpy()), name=attribute)
+        object.__setattr__(tf_layer, attribute, weight)  # no tf_keras tracking: tfq's copy computes with it
+        count += 1
+    return count
 
 
 def _built_tf_keras_copy(layer):
@@ -457,6 +482,8 @@ def _inbound_nodes(nodes, shifts, layer_name, class_name):
     for node in nodes:
         if isinstance(node, dict):  # already Keras 3 format
             raise _unsupported(layer_name, class_name, "unexpected Keras 3 node format in a tf_keras config")
+        if node and isinstance(node[0], str):  # an op layer's (TFOpLambda) one-tensor call: [name, node, tensor, kwargs]
+            node = [node]
         call = []
         for item in node:
             inbound, node_index, tensor_index = item[0], item[1], item[2]
@@ -549,6 +576,55 @@ def _copy_weights(src, dst, where: str):
             layer.set_weights(values)
 
 
+_TRACE_RTOL = 1e-4
+
+
+def _functional_tf_keras(model):
+    """A tf_keras Functional model computing what the subclassed tf_keras ``model`` computes, on inputs of
+    the shapes it was built with: ``Model(inputs, model.call(inputs))``, whose nodes are its layers (and
+    its TF ops, as tf_keras's op layers), kept when it matches ``model`` on probe data (relative
+    difference below ``_TRACE_RTOL``); else ``Model(inputs, model(inputs))``, the model one layer kept
+    whole. Its layers are the caller's (``to_keras3`` copies their weights into Keras 3 layers).
+
+    Raises:
+        ValueError: the model was never called (its input shapes are unknown).
+    """
+    import sys
+
+    import numpy as np
+
+    lib = sys.modules[next(c.__module__ for c in type(model).__mro__ if c.__module__.startswith(("tf_keras", "keras")))
+                      .split(".")[0]]
+    shapes = (model.get_build_config() or {}).get("input_shape") if model.built else None
+    if shapes is None:
+        raise ValueError(
+            f"model {model.name!r} ({type(model).__name__}) is a subclassed tf_keras model that was never called, so "
+            f"its input shapes are unknown: call it once on a batch (model(x)), then pass it.")
+    single = not shapes or not isinstance(shapes[0], (list, tuple, dict))
+    inputs = lib.Input(batch_shape=(None, *tuple(shapes)[1:])) if single else \
+        [lib.Input(batch_shape=(None, *tuple(v)[1:])) for v in shapes]
+    rng = np.random.default_rng(0)
+    probe = [rng.standard_normal((2, *t.shape[1:])).astype("float32") for t in (inputs if not single else [inputs])]
+    feed = probe[0] if single else probe
+    try:
+        traced = lib.Model(inputs, model.call(inputs), name=model.name)
+        want = [np.asarray(o) for o in _flat(model(feed, training=False))]
+        got = [np.asarray(o) for o in _flat(traced(feed, training=False))]
+    except Exception:  # noqa: BLE001 - a call tf_keras cannot trace symbolically (tf.cond …): kept whole
+        traced, want, got = None, [], []
+    if traced is not None and len(want) == len(got) and all(
+            w.shape == g.shape and np.allclose(g, w, rtol=_TRACE_RTOL, atol=_TRACE_RTOL * max(float(np.abs(w).max()), 1.0))
+            for w, g in zip(want, got)):
+        return traced
+    return lib.Model(inputs, model(inputs), name=model.name)
+
+
+def _flat(outputs) -> list:
+    if isinstance(outputs, dict):
+        return [outputs[k] for k in sorted(outputs)]
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
 def to_keras3(model, custom_objects: dict | None = None, keep_whole: bool = False) -> keras.Model:
     """Returns an equivalent Keras 3 model of a tf_keras (Keras 2) Functional or Sequential model.
 
@@ -597,6 +673,9 @@ def to_keras3(model, custom_objects: dict | None = None, keep_whole: bool = Fals
     kind = _model_kind(model)
     subclassed = (f"model {model.name!r} is a subclassed tf_keras model ({type(model).__name__}), which has no "
                   f"config to rebuild from; {_REBUILD} (Functional or Sequential).")
+    if kind is None and keep_whole:
+        model = _functional_tf_keras(model)  # its call traced into a graph of its layers, or the model whole
+        kind = _model_kind(model)
     if kind is None:
         raise ValueError(subclassed)
     try:
@@ -612,7 +691,7 @@ def to_keras3(model, custom_objects: dict | None = None, keep_whole: bool = Fals
         names = {e.get("config", {}).get("name") for e in _config_entries(k3_config) if e.get("class_name") == _KEPT_WHOLE}
         for layer in _sublayers(model):
             if layer.name in names and layer.name not in kept:
-                kept[layer.name] = _built_tf_keras_copy(layer)
+                kept[layer.name] = layer
     cls = keras.Sequential if kind == _SEQUENTIAL else keras.Model
     try:
         new = cls.from_config(k3_config, custom_objects=custom_objects)
@@ -620,7 +699,8 @@ def to_keras3(model, custom_objects: dict | None = None, keep_whole: bool = Fals
         raise ValueError(f"cannot rebuild tf_keras model {model.name!r} in Keras 3 ({_first_line(err)}); "
                          f"{_REBUILD}.") from None
     _copy_weights(model, new, "")
-    kept_weights = sum(len(layer.weights) for layer in kept.values())
+    kept_weights = sum(len(layer.weights) for layer in kept.values()) - sum(
+        getattr(layer, "mirrored", 0) for layer in new.layers)
     if len(model.weights) != len(new.weights) + kept_weights:
         raise ValueError(f"model {model.name!r} has {len(model.weights)} weights in tf_keras but {len(new.weights)} "
                          f"after conversion to Keras 3; {_REBUILD}.")

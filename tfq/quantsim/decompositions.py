@@ -10,6 +10,10 @@ chosen by tfq's calibration — the ranges the TFLite converter then writes. The
 * :func:`lstm`, :func:`gru`, :func:`simple_rnn` — unrolled over a static number of time steps
   (the converter's while loop has no int8 kernel, and fails on Keras's default RNNs).
 * :func:`bidirectional` — a Bidirectional RNN as its two recurrent layers (unrolled as above) and the merge.
+* :func:`masked_softmax` — a Softmax layer called with a mask (attention's), the masked logits in a range
+  of their own.
+* :func:`transformer_decoder` — keras-hub's ``TransformerDecoder`` (GPT-2 style) with its causal mask a
+  constant of the static sequence length (the layer's own call builds it with RANGE and float ops).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfq.quantsim.layers import Statistic, activation_name
 
-__all__ = ["bidirectional", "dot_product_attention", "gru", "layer_normalization", "lstm", "simple_rnn"]
+__all__ = ["bidirectional", "dot_product_attention", "gru", "layer_normalization", "lstm", "masked_softmax",
+           "simple_rnn", "transformer_decoder"]
 
 
 def _reduction_axes(layer, rank: int) -> list[int]:
@@ -89,9 +95,46 @@ def dot_product_attention(op, query, key, value, bias=None, mask=None, scale=Non
         causal = ops.tril(ops.ones((t, s), dtype="bool"))
         mask = causal if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal)
     if mask is not None:
-        logits = ops.where(ops.cast(mask, "bool"), logits, -1e9)
+        logits = _masked_logits(logits, ops.cast(mask, "bool"), axis=-1)
     probs = ops.softmax(logits, axis=-1)
     return ops.einsum("bnts,bsnh->btnh", probs, value)
+
+
+def _mask_margin(length: int) -> float:
+    """How far below a row's smallest logit the masked ones are put: their total weight after the
+    softmax, at most ``length · e^−margin``, stays below 1e-5 (``margin = ln(length · 10⁵)``)."""
+    return math.log(max(int(length), 1) * 1e5)
+
+
+def _masked_logits(logits, mask, axis: int):
+    """``where(mask, logits, min(logits) − margin)``, the minimum taken along ``axis`` (the softmax's)::
+        m = min_axis(logits)     (REDUCE_MIN: the logits' scale)
+        f = m − margin           (SUB)
+        s = where(mask, logits, f)   (SELECT_V2, its own range: the logits' widened by the margin)
+
+    Keras fills masked logits with −1e9; in int8 that value is clamped to the logits' minimum, next to
+    the others in a row of small logits, and the masked positions keep much of the weight (12 dB SQNR
+    on a GPT-2 block). Here the int8 range spans only ``margin`` more than the logits; the minimum and
+    the result are calibrated by MinMax (a clipped tail would unmask them).
+    """
+    length = logits.shape[axis] or (mask.shape[axis] if len(mask.shape) == len(logits.shape) else None)
+    if length is None:
+        raise ValueError("a masked softmax needs a static length along its axis")
+    fill = ops.subtract(Statistic()(ops.min(logits, axis=axis, keepdims=True)), _mask_margin(length))
+    return Statistic()(ops.where(mask, logits, fill))
+
+
+def masked_softmax(layer: keras.layers.Softmax, inputs, mask=None, **kwargs):
+    """A Softmax layer called with a mask (attention inside MultiHeadAttention), as Keras computes it —
+    masked logits out, softmax, masked outputs zeroed — with the masked logits of
+    :func:`_masked_logits` instead of −1e9. Without a mask it is one SOFTMAX and not decomposed."""
+    if mask is None or kwargs or isinstance(layer.axis, (list, tuple)) and len(layer.axis) > 1:
+        raise ValueError("only a masked softmax over one axis is decomposed")
+    axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else layer.axis
+    if str(mask.dtype) != "bool":
+        mask = ops.greater(mask, 0.5)
+    probs = ops.softmax(_masked_logits(inputs, mask, axis), axis=axis)
+    return ops.where(mask, probs, 0.0)
 
 
 # -- recurrent layers -----------------------------------------------------------------------------
@@ -275,3 +318,44 @@ def bidirectional(layer, sequences, initial_state=None, mask=None, training=None
     if layer.merge_mode == "ave":
         return (y + y_rev) * 0.5
     return y * y_rev
+
+
+# -- keras-hub ------------------------------------------------------------------------------------
+def transformer_decoder(layer, decoder_sequence, decoder_padding_mask=None, decoder_attention_mask=None,
+                        use_causal_mask=True, training=None, **kwargs):
+    """keras-hub's ``TransformerDecoder`` (decoder-only, no cache) as its sublayers and a constant causal mask::
+        mask = min(padding[:, None, :], attention_mask, tril(1_{T×T}))      (int32; the last a constant)
+        x = x + dropout(attention(ln₁(x), mask))      (ln after the sum when not normalize_first)
+        x = x + dropout(dense₂(dense₁(ln₂(x))))
+
+    The layer's own call computes the causal mask from the sequence's shape at run time (RANGE, a
+    float comparison) and passes its attention an argument that Keras cannot trace symbolically; with
+    a static length ``T`` the mask is known when tracing. Follows ``TransformerDecoder.call`` of
+    keras-hub 0.32 (its sublayers are read from the layer's attributes); the rewrite checks on probe
+    data that the result computes what the layer does, and keeps the layer whole otherwise.
+    Cross-attention and caches are not decomposed.
+    """
+    if any(v is not None for v in kwargs.values()):
+        raise ValueError("cross-attention and caches are not decomposed")
+    length = decoder_sequence.shape[1]
+    if length is None:
+        raise ValueError("a causal mask needs a static sequence length")
+    mask = None
+    if decoder_padding_mask is not None:
+        mask = ops.expand_dims(ops.cast(decoder_padding_mask, "int32"), axis=1)
+    if decoder_attention_mask is not None:
+        attention = ops.cast(decoder_attention_mask, "int32")
+        mask = attention if mask is None else ops.minimum(mask, attention)
+    if use_causal_mask:
+        causal = np.tril(np.ones((1, length, length), dtype="int32"))
+        mask = causal if mask is None else ops.minimum(mask, causal)
+
+    def block(x, norm, compute):
+        y = compute(norm(x) if layer.normalize_first else x)
+        y = ops.add(y, x)
+        return y if layer.normalize_first else norm(y)
+
+    x = block(decoder_sequence, layer._self_attention_layer_norm, lambda h: layer._self_attention_dropout(
+        layer._self_attention_layer(query=h, value=h, attention_mask=mask, training=training), training=training))
+    return block(x, layer._feedforward_layer_norm, lambda h: layer._feedforward_dropout(
+        layer._feedforward_output_dense(layer._feedforward_intermediate_dense(h)), training=training))

@@ -125,6 +125,7 @@ FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
 # ops on unquantized intermediate tensors, so they stay float.
 INT8_ACTIVATIONS = FUSABLE_ACTIVATIONS + (
     "sigmoid", "tanh", "softmax", "log_softmax", "swish", "silu", "hard_swish", "hard_silu", "gelu",
+    "gelu_approximate",  # keras-hub's (GPT-2, BERT): TFLite's GELU with approximate=True
     "leaky_relu", "hard_tanh", "exponential",
 )
 
@@ -161,6 +162,20 @@ def activation_name(activation) -> str:
     if isinstance(activation, str):
         return activation
     return keras.activations.serialize(activation) if not hasattr(activation, "__name__") else activation.__name__
+
+
+def _gelu_approximate(x):
+    return keras.activations.gelu(x, approximate=True)
+
+
+# Activations of other Keras libraries by the name they serialize under (keras.activations.get knows
+# Keras's own only).
+_NAMED_ACTIVATIONS = {"gelu_approximate": _gelu_approximate}
+
+
+def activation_function(name: str):
+    """The function of an activation name of :data:`INT8_ACTIVATIONS` (or any Keras one)."""
+    return _NAMED_ACTIVATIONS.get(name) or keras.activations.get(name)
 
 
 def preserve_mode_for(layer, preserve: str | None) -> str | None:
@@ -667,7 +682,7 @@ class QuantizedLayer(keras.layers.Layer):
         self.preserve = preserve
         act = activation if activation is not None else activation_name(layer.activation)
         self.activation = activation_name(act)
-        self._activation_fn = keras.activations.get(self.activation)
+        self._activation_fn = activation_function(self.activation)
         ops.qrange(weight_bits)
         self.weight_bits = int(weight_bits)
         self.per_channel = bool(per_channel) and not isinstance(layer, _PER_TENSOR)

@@ -68,6 +68,10 @@ _BUILTIN_DECOMPOSE = {
     _L.Bidirectional: decompositions.bidirectional,
 }
 _OP_DECOMPOSE = {"DotProductAttention": decompositions.dot_product_attention}
+# Layers of other Keras libraries (matched by module and class name, so that the library is optional).
+_LIBRARY_DECOMPOSE = {("keras_hub", "TransformerDecoder"): decompositions.transformer_decoder}
+# Layers decomposed only when called with a mask (unmasked, each is one int8 op).
+_MASKED_DECOMPOSE = {_L.Softmax: decompositions.masked_softmax}
 
 
 def register_layer(layer_class: type, kind: str, decompose=None) -> None:
@@ -118,16 +122,26 @@ def _registered(table: dict, layer):
     return None
 
 
+def _library_decomposition(layer):
+    for cls in type(layer).__mro__:
+        found = _LIBRARY_DECOMPOSE.get((cls.__module__.split(".")[0], cls.__name__))
+        if found is not None:
+            return found
+    return None
+
+
 def has_decomposition(layer) -> bool:
     """Whether a ``decompose`` function was registered for ``layer``'s class."""
     return _registered(_DECOMPOSE, layer) is not None
 
 
-def decomposition(layer):
-    """The function that computes ``layer`` from ops: the registered one, a built-in one, or its ``call``."""
+def decomposition(layer, masked: bool = False):
+    """The function that computes ``layer`` from ops: the registered one, a built-in one, or its ``call``.
+    ``masked``: the layer is called with a mask (a Softmax is then decomposed, see :func:`layer_kind`)."""
     found = _registered(_DECOMPOSE, layer)
     if found is None and isinstance(layer, keras.layers.Layer):
-        found = _registered(_BUILTIN_DECOMPOSE, layer)
+        found = _registered(_BUILTIN_DECOMPOSE, layer) or _library_decomposition(layer) or (
+            _registered(_MASKED_DECOMPOSE, layer) if masked else None)
     elif found is None:
         found = _OP_DECOMPOSE.get(type(layer).__name__)
     return found or _trace_call
@@ -183,8 +197,10 @@ def _int8_relu(layer) -> bool:
     return float(layer.negative_slope) == 0.0 and float(layer.max_value) == 6.0
 
 
-def layer_kind(layer) -> str | None:
-    """The kind of ``layer`` (see :data:`KINDS`), or ``None`` if tfq does not know it."""
+def layer_kind(layer, masked: bool = False) -> str | None:
+    """The kind of ``layer`` (see :data:`KINDS`), or ``None`` if tfq does not know it. ``masked``: the
+    layer is called with a mask; a masked Softmax (attention's) is ``"composite"``: its masked logits
+    need a range of their own (:func:`~tfq.quantsim.decompositions.masked_softmax`)."""
     if not isinstance(layer, keras.layers.Layer):  # a bare keras.ops operation node
         name = type(layer).__name__
         if name in _OP_DECOMPOSE:
@@ -199,7 +215,8 @@ def layer_kind(layer) -> str | None:
             return _USER[cls]
     if isinstance(layer, WEIGHTED_LAYER_TYPES):
         return "weighted"
-    if _registered(_BUILTIN_DECOMPOSE, layer) is not None:
+    if _registered(_BUILTIN_DECOMPOSE, layer) is not None or _library_decomposition(layer) is not None or (
+            masked and _registered(_MASKED_DECOMPOSE, layer)):
         return "composite"
     if isinstance(layer, _PASSTHROUGH):
         return "passthrough"

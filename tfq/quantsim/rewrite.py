@@ -269,13 +269,19 @@ class _Rewriter:
         return weights, activations
 
     # -- graph rewrite ------------------------------------------------------------------------------
-    def rewrite(self, model: keras.Model, quantize_inputs: bool) -> keras.Model:
+    def rewrite(self, model: keras.Model, quantize_inputs: bool, call_inputs=None) -> keras.Model:
+        """The rewritten twin of ``model``; ``call_inputs``: the tensors a nested model is called on,
+        whose static dimensions (a fixed sequence length) replace the model's unknown ones, so that its
+        layers trace on static shapes (a causal mask of known size is a constant)."""
         functional = _as_functional(model)
         if not self.taken:
             self.reserve(functional)
         structure = functional.input
         originals = keras.tree.flatten(structure)
-        inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in originals]
+        given = _tensor_leaves(call_inputs) if call_inputs is not None else []
+        shapes = [_specific_shape(t.shape, g.shape) for t, g in zip(originals, given)] \
+            if len(given) == len(originals) else [t.shape for t in originals]
+        inputs = [keras.Input(batch_shape=shape, dtype=t.dtype, name=t.name) for t, shape in zip(originals, shapes)]
         input_ids = {id(t): i for i, t in enumerate(inputs)}
         quantized_inputs: dict[int, object] = {}
         input_names = [t.name for t in originals]
@@ -322,7 +328,7 @@ class _Rewriter:
         if isinstance(layer, keras.Model) and _has_graph(layer):
             key = id(layer)
             if key not in self.nested:
-                self.nested[key] = self.rewrite(layer, quantize_inputs=False)
+                self.nested[key] = self.rewrite(layer, quantize_inputs=False, call_inputs=(args, kwargs))
             return self.nested[key](*args, **kwargs)
 
         if isinstance(layer, Statistic):
@@ -342,7 +348,8 @@ class _Rewriter:
         self.current = layer
         if not isinstance(layer, keras.layers.Layer):
             args, kwargs = self._quantize_variable_args(layer, label, args, kwargs)
-        kind = registry.layer_kind(layer)
+        masked = kwargs.get("mask") is not None
+        kind = registry.layer_kind(layer, masked=masked)
         weights_spec, act_spec = self._specs(layer)
         is_float = self.recipe.is_float_layer(name, class_name)
         if kind in (None, "composite") and not is_float:
@@ -355,7 +362,12 @@ class _Rewriter:
                     f"(or cannot be traced on symbolic tensors): fix the function given to "
                     f"tfq.qat.register_layer({class_name}, 'composite', decompose=...)."
                 )
-            kind = "opaque"
+            if self.reasons.get(name) == CONSTANT_OUTPUT:
+                kind = "output"
+            elif masked and registry.layer_kind(layer) not in (None, "composite"):
+                kind = registry.layer_kind(layer)  # a masked Softmax of unknown length: one op, as without a mask
+            else:
+                kind = "opaque"
         elif kind in (None, "composite"):
             kind = "output"
         if kind == "float":
@@ -401,7 +413,7 @@ class _Rewriter:
         out = self._call_copy(layer, args, kwargs)
         if kind == "opaque":
             self.opaque.setdefault(class_name, []).append(name)
-        if kind == "passthrough" and not _makes_float(args, kwargs, out):
+        if kind == "passthrough" and not _makes_float(args, kwargs, out) and not _selects_two_tensors(layer, args):
             return out
         fixed = registry.fixed_output_range(layer) if kind == "fixed" else None
         config = self._output_config(act_spec, fixed_range=fixed)
@@ -669,6 +681,16 @@ def _makes_float(args, kwargs, out) -> bool:
     return any(map(_is_float, keras.tree.flatten(out))) and not any(map(_is_float, inputs))
 
 
+def _selects_two_tensors(op, args) -> bool:
+    """A ``where`` choosing between two float tensors of the graph: TFLite's SELECT_V2 gives both and its
+    output one scale, so the output gets a range of its own (the union), to which the converter requantizes
+    them. A ``where`` between a tensor and a constant keeps the tensor's scale."""
+    if isinstance(op, keras.layers.Layer) or type(op).__name__ != "Where" or len(args) < 3:
+        return False
+    x, y = args[1], args[2]
+    return all(isinstance(t, keras.KerasTensor) and _is_float(t) for t in (x, y)) and x is not y
+
+
 def _is_float_variable(v) -> bool:
     return isinstance(v, keras.Variable) and str(v.dtype).startswith("float")
 
@@ -683,9 +705,34 @@ def _tensor_leaves(structure) -> list:
     return found
 
 
-def _probe_value(t, rng):
-    """A small batch of data for a symbolic tensor: normal floats, ones for integers and booleans."""
-    shape = [d if d is not None else 2 for d in t.shape]
+def _specific_shape(shape, call_shape) -> tuple:
+    """``shape`` (a nested model's input) with its unknown dimensions after the batch taken from
+    ``call_shape`` (the tensor it is called on), when both have the same rank and agree elsewhere."""
+    shape = tuple(shape)
+    if call_shape is None or len(call_shape) != len(shape):
+        return shape
+    if any(d is not None and c is not None and d != c for d, c in zip(shape, call_shape)):
+        return shape
+    return tuple(d if d is not None or i == 0 else c for i, (d, c) in enumerate(zip(shape, call_shape)))
+
+
+def _probe_shapes(tensors) -> list[list[int]]:
+    """Shapes of probe data for symbolic tensors: each unknown dimension is 2, or, after the batch, the
+    size another tensor of the same rank has on that axis (a mask of known length next to attention
+    logits whose length Keras' shape inference lost), so that they broadcast together as in the graph."""
+    known: dict[tuple[int, int], int] = {}
+    for t in tensors:
+        for axis, d in enumerate(t.shape):
+            if axis and d is not None and d > 1:
+                known.setdefault((len(t.shape), axis), d)
+    return [[d if d is not None else known.get((len(t.shape), axis), 2) if axis else 2
+             for axis, d in enumerate(t.shape)] for t in tensors]
+
+
+def _probe_value(t, rng, shape=None):
+    """A small batch of data for a symbolic tensor (of ``shape``, default: its unknown dimensions 2):
+    normal floats, ones for integers and booleans."""
+    shape = [d if d is not None else 2 for d in t.shape] if shape is None else shape
     if str(t.dtype).startswith("float"):
         return rng.standard_normal(shape).astype(t.dtype)
     return np.ones(shape, dtype=t.dtype)
@@ -720,11 +767,29 @@ def _inline_graph(layer, args, kwargs, name: str | None = None) -> tuple[keras.M
     tensors = _tensor_leaves((args, kwargs))
     if not tensors or (isinstance(layer, keras.Model) and _has_graph(layer)):
         return None, "it takes no tensor"
-    fresh = {id(t): keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in tensors}
+    sub, reason = _traced_graph(layer, args, kwargs, tensors, name, static_batch=False)
+    if sub is None and any(t.shape and t.shape[0] is None for t in tensors):
+        # A call that reads its batch size (ops.shape(x)[0], e.g. to broadcast a causal mask or position
+        # embeddings) cannot be traced on an unknown one: traced on a batch of 1, its shape-dependent
+        # ops become constants that broadcast; kept only if it computes the layer on a batch of 2 too.
+        retry, why = _traced_graph(layer, args, kwargs, tensors, name, static_batch=True)
+        if retry is not None or why == CONSTANT_OUTPUT:
+            return retry, why
+    return sub, reason
+
+
+def _traced_graph(layer, args, kwargs, tensors, name, static_batch: bool):
+    def placeholder(t):
+        shape = tuple(t.shape)
+        if static_batch and shape and shape[0] is None:
+            shape = (1, *shape[1:])
+        return keras.Input(batch_shape=shape, dtype=t.dtype)
+
+    fresh = {id(t): placeholder(t) for t in tensors}
     new_args, new_kwargs = keras.tree.map_structure(lambda v: fresh.get(id(v), v), (args, kwargs))
-    decompose = registry.decomposition(layer)
+    decompose = registry.decomposition(layer, masked=kwargs.get("mask") is not None)
     rng = np.random.default_rng(0)
-    probe = [_probe_value(t, rng) for t in tensors]
+    probe = [_probe_value(t, rng, shape) for t, shape in zip(tensors, _probe_shapes(tensors))]
     by_id = {id(t): p for t, p in zip(tensors, probe)}
     p_args, p_kwargs = keras.tree.map_structure(lambda v: by_id.get(id(v), v), (args, kwargs))
     try:
@@ -734,6 +799,8 @@ def _inline_graph(layer, args, kwargs, name: str | None = None) -> tuple[keras.M
             target = _built_copy(layer, p_args, p_kwargs)
             out = decompose(target, *new_args, **new_kwargs)
             if not all(isinstance(t, keras.KerasTensor) for t in keras.tree.flatten(out)):
+                if static_batch and _broadcasts_to(out, expected):
+                    return None, CONSTANT_OUTPUT
                 return None, "its call returns something other than tensors"
             sub = keras.Model([fresh[id(t)] for t in tensors], out,
                               name=_scope_name(f"{name or layer.name}_inlined"))
@@ -755,6 +822,23 @@ def _inline_graph(layer, args, kwargs, name: str | None = None) -> tuple[keras.M
         elif e.size and not np.array_equal(e, g):
             return None, "the traced graph differs from the layer"
     return sub, ""
+
+
+# Why a layer is kept whole when its output depends on its inputs' shape only (position embeddings
+# for a static sequence length): nothing inside it to calibrate, so no warning; tfq quantizes its output.
+CONSTANT_OUTPUT = "its output is a constant for these input shapes"
+
+
+def _broadcasts_to(out, expected) -> bool:
+    """Whether ``out`` (concrete tensors) broadcast to the layer's outputs ``expected`` (a batch of 2)."""
+    got = keras.tree.flatten(out)
+    if len(got) != len(expected):
+        return False
+    try:
+        return all(np.allclose(np.broadcast_to(keras.ops.convert_to_numpy(g), keras.ops.shape(e)),
+                               keras.ops.convert_to_numpy(e), atol=1e-6) for g, e in zip(got, expected))
+    except (ValueError, TypeError):
+        return False
 
 
 def _is_concat(layer) -> bool:
@@ -1010,12 +1094,16 @@ def opaque_message(class_name: str, names: list[str], reasons: dict | None = Non
     elif class_name == "TFKerasLayer":  # a tf_keras layer Keras 3 has no class for (tfq.models.interop)
         fix = ("give tfq a Keras 3 implementation of it: tfq.interop.to_keras3(model, custom_objects={class name: "
                "Keras 3 class}), and pass the result")
+    elif reason and "static" in reason:  # e.g. a causal mask on a sequence of unknown length
+        fix = ("give the model a fixed sequence length: call it on keras.Input(shape=(length, …)) inputs, "
+               "keras.Model(inputs, model(inputs)), and pass that")
     else:
         fix = (f"write its call with keras.ops so tfq can trace it, or register how it computes: "
                f"tfq.qat.register_layer({class_name}, 'composite', decompose=fn)")
+    why = f" ({reason})" if reason and class_name not in ("Activation", "TFKerasLayer") else ""
     return (
         f"tfq: {len(names)} layer(s) of class {class_name} ({shown}) have no tfq quantization rule and could "
-        f"not be decomposed: tfq quantizes their outputs and the TFLite converter calibrates what is inside "
+        f"not be decomposed{why}: tfq quantizes their outputs and the TFLite converter calibrates what is inside "
         f"them from representative_data (MinMax; float only where TFLite has no int8 kernel). To choose those "
         f"ranges with tfq's calibration (and train them in QAT), {fix}."
     )

@@ -15,7 +15,7 @@ import numpy as np
 from tfq.tflite.int4 import unpack_int4
 from tfq.tflite.interpreter import load_tflite_bytes
 
-__all__ = ["TFLiteInfo", "OpInfo", "TensorInfo", "WeightInfo", "gzip_size", "inspect_tflite"]
+__all__ = ["TFLiteInfo", "OpInfo", "TensorInfo", "WeightInfo", "gzip_size", "inspect_tflite", "requantization_aborts"]
 
 _NUMPY_TYPES = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "FLOAT32": np.float32,
                 "FLOAT16": np.float16, "INT4": np.int8}  # INT4: two per byte, unpacked to int8
@@ -229,6 +229,36 @@ class TFLiteInfo:
                          f"{list(w.shape)!s:<18} sparsity {100 * w.sparsity:5.1f}%  "
                          f"distinct/channel {w.distinct_per_channel}")
         return "\n".join(lines)
+
+
+# LiteRT's integer ADD and SUB bring both inputs to 2·max(s₁, s₂) / 2^shift (shift 20 for int8, 15 for
+# int16), then that to the output scale s with a multiplier their Prepare requires below 1
+# (QuantizeMultiplierSmallerThanOneExp, a TFLITE_CHECK): an output scale below 2·max(s₁, s₂) / 2^shift
+# (an output range a million times narrower than the inputs', e.g. two branches that cancel) aborts
+# the process, without a message.
+_ADD_SHIFT = {"INT8": 20, "INT16": 15}
+
+
+def requantization_aborts(info: TFLiteInfo) -> list[tuple[OpInfo, str]]:
+    """The ops whose requantization multiplier is out of the range LiteRT's kernels CHECK (they abort
+    the process when the model is prepared), each with a one-line reason.
+
+    Example:
+        >>> [(op.type, why) for op, why in requantization_aborts(inspect_tflite(content))]  # doctest: +SKIP
+        [('ADD', 'output scale 4e-09 below 2·max(input scales)/2^20 = 4.62e-08')]
+    """
+    found = []
+    for op in info.ops:
+        if op.type not in ("ADD", "SUB") or len(op.inputs) < 2 or not op.outputs or min(op.inputs[:2]) < 0:
+            continue
+        a, b, out = (info.tensors[i] for i in (op.inputs[0], op.inputs[1], op.outputs[0]))
+        shift = _ADD_SHIFT.get(out.dtype)
+        if shift is None or not (a.scales and b.scales and out.scales):
+            continue
+        floor = 2 * max(a.scales[0], b.scales[0]) / 2 ** shift
+        if out.scales[0] <= floor:
+            found.append((op, f"output scale {out.scales[0]:.3g} below 2·max(input scales)/2^{shift} = {floor:.3g}"))
+    return found
 
 
 def inspect_tflite(model) -> TFLiteInfo:

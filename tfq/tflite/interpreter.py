@@ -93,18 +93,22 @@ class TFLiteModel:
     Args:
         model: TFLite bytes or a ``.tflite`` path.
         num_threads: interpreter threads (None: the interpreter's default).
+        allocate: prepare the kernels now (``allocate_tensors``); False leaves it to the first run, so
+            that a model whose kernel aborts in its Prepare can be inspected (and run in a worker
+            process, :mod:`tfq.tflite.sandbox`) without taking this process down.
 
     Example:
         >>> runner = TFLiteModel(tflite_bytes)                     # doctest: +SKIP
         >>> probs = runner.predict(x_test, batch_size=64)          # doctest: +SKIP
     """
 
-    def __init__(self, model, num_threads: int | None = None):
+    def __init__(self, model, num_threads: int | None = None, allocate: bool = True):
         self.content = load_tflite_bytes(model)
         self.num_threads = num_threads
         try:
             self.interpreter = interpreter_class()(model_content=self.content, num_threads=num_threads)
-            self.interpreter.allocate_tensors()
+            if allocate:
+                self.interpreter.allocate_tensors()
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"TFLite model could not be loaded ({first}): the file is corrupt or truncated.") from None
@@ -185,21 +189,29 @@ class TFLiteModel:
         return order_by_name(inputs, [name_of[d["index"]] for d in self.input_details], data="the inputs",
                              target="the TFLite model", fix="key them by the model's signature input names")
 
-    def _set_batch(self, batch: int) -> None:
-        if self._batch == batch:
+    def _set_batch(self, batch: int, arrays: Sequence[np.ndarray] | None = None) -> None:
+        """Resizes the inputs to ``batch`` samples and, where the model's signature leaves a dimension
+        unknown (a sequence length), to the size ``arrays`` have there."""
+        shapes = []
+        for i, d in enumerate(self.input_details):
+            signature = d.get("shape_signature", d["shape"])
+            shape = [batch] + [int(v) for v in d["shape"][1:]]
+            if arrays is not None:
+                shape[1:] = [int(g) if int(s) == -1 else int(v)
+                             for s, v, g in zip(signature[1:], shape[1:], arrays[i].shape[1:])]
+            shapes.append(tuple(shape))
+        if self._batch == shapes:
             return
-        for d in self.input_details:
-            shape = list(d["shape"])
-            shape[0] = batch
-            self.interpreter.resize_tensor_input(d["index"], shape, strict=False)
+        for d, shape in zip(self.input_details, shapes):
+            self.interpreter.resize_tensor_input(d["index"], list(shape), strict=False)
         self.interpreter.allocate_tensors()
         self.input_details = self.interpreter.get_input_details()
         self.output_details = self._ordered_outputs()
-        self._batch = batch
+        self._batch = shapes
 
     def run_batch(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Runs one batch (already the right batch size) and returns float outputs."""
-        self._set_batch(len(arrays[0]))
+        self._set_batch(len(arrays[0]), arrays)
         for a, d in zip(arrays, self.input_details):
             self.interpreter.set_tensor(d["index"], _quantize_input(a, d))
         self.interpreter.invoke()
@@ -227,7 +239,7 @@ class TFLiteModel:
     def latency_ms(self, sample, warmup: int = 5, runs: int = 50) -> np.ndarray:
         """Per-invocation latencies (ms) at batch 1 after ``warmup`` runs."""
         arrays = [a[:1] for a in self._prepare(sample)]
-        self._set_batch(1)
+        self._set_batch(1, arrays)
         for a, d in zip(arrays, self.input_details):
             self.interpreter.set_tensor(d["index"], _quantize_input(a, d))
         for _ in range(warmup):

@@ -4,12 +4,15 @@ A failed ``TF_LITE_ENSURE`` in a LiteRT kernel raises ``RuntimeError`` ("Node nu
 invoke"), but a failed ``TFLITE_CHECK`` calls ``abort()``: no Python code survives it. :class:`Sandbox`
 keeps one worker process (this file run as a script: it imports only numpy and LiteRT, ~0.3 s to start)
 and sends it requests; a worker that dies is reported as the failure of the sample it was running and
-replaced at the next request. The worker is started with :func:`prestart` (at the start of a conversion,
+replaced at the next request (its message names the op when the kernel did not and the file shows it:
+an integer ADD/SUB whose requantization multiplier is out of the range LiteRT CHECKs,
+:func:`tfq.tflite.info.requantization_aborts`). The worker is started with :func:`prestart` (at the start of a conversion,
 so that its start overlaps the conversion) and reused for the life of the process.
 
 Protocol (one JSON line per request on the worker's stdin): ``{"model": path, "inputs": npz path,
 "out": npz path}``. The npz holds ``s<i>_<k>`` = input ``k`` (interpreter order) of sample ``i``, each
-with its batch axis of 1. The worker prints ``sample <i>`` before running sample ``i`` and ``done``
+with its batch axis of 1. The worker prints ``sample -1`` before preparing the model (``allocate_tensors``:
+an abort there fails the model, not a sample), ``sample <i>`` before running sample ``i`` and ``done``
 at the end; the out npz holds ``o<i>_<k>`` (outputs in interpreter order, dequantized) and a JSON
 ``meta``: output names (signature keys), the sample that raised and the message, and, for every
 sample with a non-finite output or in ``scan``, the indices of the float tensors that were non-finite (from a
@@ -144,14 +147,31 @@ class Sandbox:
                     text = stderr.read().decode("utf-8", "replace")
                     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("INFO:")]
                     self._end()
+                    message = " ".join(lines[-3:]) or f"the interpreter process died (exit code {proc.returncode})"
                     return SandboxResult([], None, failed_sample=current if current is not None else 0,
-                                         message=" ".join(lines[-3:]) or f"the interpreter process died "
-                                         f"(exit code {proc.returncode})", aborted=True)
+                                         message=_named_abort(content, message), aborted=True)
             with np.load(out_path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 outputs = [[z[f"o{i}_{k}"] for k in range(meta["num_outputs"])] for i in range(meta["completed"])]
         return SandboxResult(outputs, meta["output_names"], meta["failed_sample"], meta["message"], False,
                              {int(k): v for k, v in meta["nonfinite"].items()})
+
+
+def _named_abort(content: bytes, message: str) -> str:
+    """``message`` of a worker that died, with the op at fault when the kernel did not say it: an op whose
+    requantization multiplier LiteRT's kernel CHECKs out of range, as ``Node number <i> (<TYPE>)``."""
+    if "Node number" in message or ".cc" in message:
+        return message
+    from tfq.tflite.info import inspect_tflite, requantization_aborts
+
+    try:
+        found = requantization_aborts(inspect_tflite(content))
+    except Exception:  # noqa: BLE001 - a file we cannot read: the message as it is
+        return message
+    if not found:
+        return message
+    op, why = found[0]
+    return f"Node number {op.index} ({op.type}) aborts: {why}, out of the range its kernel requantizes ({message})"
 
 
 _SANDBOX = Sandbox()
@@ -219,6 +239,7 @@ def _serve_one(request, np):
         count = 1 + max((int(k[1:].split("_")[0]) for k in keys), default=-1)
         samples = [[z[f"s{i}_{k}"] for k in range(sum(1 for key in keys if key.startswith(f"s{i}_")))]
                    for i in range(count)]
+    print("sample -1", flush=True)  # preparing the kernels: an abort here is the model's, not a sample's
     try:
         interpreter = _interpreter(content)
     except (RuntimeError, ValueError) as err:  # a kernel's Prepare failed (allocate_tensors)
