@@ -154,6 +154,15 @@ def test_allocation_path_is_the_knapsack_hull_in_order():
     # a choice above the hull (int8 worse per byte than going straight to int4) is skipped
     omega["a"]["int8"] = 1.9
     assert [p["a"] for p in precision.allocation_path([a], omega, ("float", "int8", "int4"))] == ["float", "int4"]
+    # measured bytes: an int16 choice with more bytes than float and more Ω is dominated, never on the path; one
+    # between float and int8 in bytes is a step of its own (slopes 0.5/2000 < 0.1/200 < 1.4/500)
+    omega["a"].update(int16=0.5)
+    sizes = {"a": {"float": 4400, "int16": 4500, "int8": 2200, "int4": 1700}}
+    choices = ("float", "int16", "int8", "int4")
+    assert [p["a"] for p in precision.allocation_path([a], omega, choices, sizes)] == ["float", "int4"]
+    sizes["a"]["int16"] = 2400
+    omega["a"]["int8"] = 0.6
+    assert [p["a"] for p in precision.allocation_path([a], omega, choices, sizes)] == ["float", "int16", "int8", "int4"]
 
 
 def test_bad_targets_and_choices_are_refused_in_one_line(small):
@@ -164,7 +173,8 @@ def test_bad_targets_and_choices_are_refused_in_one_line(small):
         ({"size_budget": -3}, "size_budget must be bytes"),
         ({"latency_budget": 0}, "latency_budget must be milliseconds"),
         ({"max_drop": -0.1}, "max_drop must be a number >= 0"),
-        ({"choices": ("int4", "int16")}, "'int16' is not supported: LiteRT runs int8/int16 mixes"),
+        ({"choices": ("int4", "int16"), "sensitivity": "hessian"}, "sensitivity='hessian' models weight rounding only"),
+        ({"choices": ("int8", "int16"), "weight_rounding": "gptq"}, "'gptq' is not carried into files with int16"),
         ({"choices": ("int3", "int8")}, "choices values must be among"),
         ({"choices": ("int8",)}, "at least two different choices"),
         ({"choices": "int8"}, "choices must be a non-empty list"),
@@ -176,7 +186,7 @@ def test_bad_targets_and_choices_are_refused_in_one_line(small):
         with pytest.raises(ValueError, match=message) as info:
             precision.mixed_precision(model, x_train[:64], x_test, y_test, **kwargs)
         assert "\n" not in str(info.value), kwargs
-        assert "Received" in str(info.value) or "choices=('int4', 'int16')" in str(info.value), kwargs
+        assert "Received" in str(info.value), kwargs
 
 
 def test_unreachable_size_budget_returns_the_smallest_not_met(small, caplog):
@@ -248,9 +258,9 @@ def test_weight_rounding_is_honoured_in_every_file(small, budgeted):
     assert direct != result.tflite and len(direct) == len(result.tflite)
 
 
-def test_the_int16_refusal_is_measured_litert_runs_an_int8_int16_mix(small):
-    """What the "int16" refusal says: LiteRT runs a file mixing int8 and int16 activations (written here by
-    ai-edge-quantizer, per-op 16-bit activations on fc1), yet tfq's conversion has one activation width per model."""
+def test_litert_runs_an_int8_int16_mix_written_by_ai_edge_quantizer(small):
+    """What the "int16" choice rests on: LiteRT runs a file mixing int8 and int16 activations (written here by
+    ai-edge-quantizer directly, per-op 16-bit activations on fc1) at the float model's accuracy."""
     from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer import qtyping, quantizer
 
@@ -268,5 +278,138 @@ def test_the_int16_refusal_is_measured_litert_runs_an_int8_int16_mix(small):
     out = tfq.tflite.interpreter.TFLiteModel(content).predict(x_test)
     float_acc = float((model.predict(x_test, verbose=0).argmax(1) == y_test).mean())
     assert (out.argmax(1) == y_test).mean() >= float_acc - 0.01
-    with pytest.raises(ValueError, match="'int16' is not supported"):
-        precision.mixed_precision(model, x_train[:64], x_test, y_test, choices=("int8", "int16"))
+
+
+@pytest.fixture(scope="module")
+def int16_curve(small):
+    model, (x_train, _), (x_test, y_test) = small
+    return precision.budget_curve(model, x_train[:256], x_test, y_test, choices=("int4", "int8", "int16"))
+
+
+def _litert_layer_types(content: bytes, names=("conv", "fc1", "fc2", "probs")) -> dict[str, tuple]:
+    """``{layer: (input dtype, weight dtype, output dtype)}`` of each CONV_2D / FULLY_CONNECTED op: tensors found
+    with LiteRT's flatbuffer schema, dtypes from LiteRT's interpreter (``get_tensor_details``)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=content)
+    interp.allocate_tensors()
+    dtype = {d["index"]: np.dtype(d["dtype"]) for d in interp.get_tensor_details()}
+    model = schema.Model.GetRootAs(content, 0)
+    sg = model.Subgraphs(0)
+    codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    out = {}
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        if codes[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())] not in ("CONV_2D", "DEPTHWISE_CONV_2D",
+                                                                                "FULLY_CONNECTED"):
+            continue
+        weight = sg.Tensors(op.Inputs(1)).Name().decode()
+        layer = next(n for n in names if f"/{n}_1/" in weight)
+        out[layer] = (dtype[op.Inputs(0)], dtype[op.Inputs(1)], dtype[op.Outputs(0)])
+    return out
+
+
+def test_int16_choice_gives_int16_activations_in_litert_and_the_accuracy_of_an_independent_loop(small, int16_curve):
+    from conftest import tflite_accuracy
+
+    model, (x_train, _), (x_test, y_test) = small
+    point = next(p for p in int16_curve["path"] if p["counts"]["int16"] == 1 and p["counts"]["int8"] >= 1)
+    result = precision.mixed_precision(model, x_train[:256], x_test, y_test, choices=("int4", "int8", "int16"),
+                                       size_budget=point["size"])
+    assert result.assignment == point["assignment"] and result.size == point["size"] and result.met
+    (chosen,) = [n for n, c in result.assignment.items() if c == "int16"]
+    assert result.settings["route"] == "below_keras" and result.settings["int16_layers"] == [chosen]
+    types = _litert_layer_types(result.tflite)
+    assert set(types) == set(result.assignment)
+    for layer, choice in result.assignment.items():
+        act = np.int16 if choice == "int16" else np.int8
+        assert types[layer][0] == act and types[layer][2] == act, (layer, choice, types[layer])
+        if choice != "int4":  # (INT4 weights: checked by the table's bits and bytes below)
+            assert types[layer][1] == np.int8, (layer, choice, types[layer])
+    for row in result.rows:  # the table reads the file
+        assert row["activation_bits"] == (16 if row["choice"] == "int16" else 8), row
+        assert row["weight_bits"] == (4 if row["choice"] == "int4" else 8), row
+        assert row["bytes"] == (row["params"] + 1) // 2 if row["choice"] == "int4" else row["params"], row
+    assert result.metric == pytest.approx(tflite_accuracy(result.tflite, x_test, y_test), abs=1e-12)
+    again = precision.mixed_precision(model, x_train[:256], x_test, y_test, choices=("int4", "int8", "int16"),
+                                      size_budget=point["size"])
+    assert again.tflite == result.tflite  # deterministic
+
+
+def test_int4_layers_of_int16_files_hold_tfq_nearest_integers(small, int16_curve):
+    """The 4-bit weights on the below-Keras route are the integers and scales the Keras route writes (nearest)."""
+    from tfq.tflite.int4 import int4_tensors
+
+    model, (x_train, _), _ = small
+    point = next(p for p in int16_curve["path"] if p["counts"]["int16"] >= 1 and p["counts"]["int4"] >= 1)
+    assignment = point["assignment"]
+    search = precision._prepare(model, x_train[:256], x_train[:8], np.zeros(8), "accuracy", None, "nearest", 1,
+                                False, "test", below_keras=True)
+    below = {t.name.split(";")[0].split("/")[1]: t for t in int4_tensors(search.convert(assignment))}
+    keras_route = tfq.convert(model, recipe=search.recipe(assignment), representative_data=x_train[:256])
+    keras_int4 = {t.name.split(";")[0].split("/")[1]: t for t in int4_tensors(keras_route)}
+    int4_layers = {f"{n}_1" for n, c in assignment.items() if c == "int4"}
+    assert set(below) == int4_layers and set(keras_int4) == int4_layers
+    for name in int4_layers:
+        np.testing.assert_array_equal(below[name].values.reshape(len(below[name].scales), -1),
+                                      keras_int4[name].values.reshape(len(keras_int4[name].scales), -1))
+        np.testing.assert_allclose(below[name].scales, keras_int4[name].scales, rtol=1e-6)
+
+
+def test_layer_ops_maps_conv_depthwise_and_dense_layers_by_weight_names():
+    """Each Keras layer → its op in the float .tflite (BN folded into the kernel): the op type and the weight's
+    shape in TFLite's layout, for names that prefix one another."""
+    import keras
+
+    from tfq.tflite.info import inspect_tflite
+
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="conv_bn")(x)
+    x = keras.layers.ReLU(6.0, name="conv_relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = keras.layers.BatchNormalization(name="dw_bn")(x)
+    x = keras.layers.ReLU(6.0, name="dw_relu")(x)
+    x = keras.layers.Conv2D(6, 1, name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dense(5, name="fc")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="fc2")(x), name="net")
+    content = tfq.convert(model, "float")
+    info = inspect_tflite(content)
+    ops = precision.layer_ops(content, ["conv", "dw", "conv2", "fc", "fc2"])
+    expected = {"conv": ("CONV_2D", (4, 3, 3, 2)), "dw": ("DEPTHWISE_CONV_2D", (1, 3, 3, 4)),
+                "conv2": ("CONV_2D", (6, 1, 1, 4)), "fc": ("FULLY_CONNECTED", (5, 6)), "fc2": ("FULLY_CONNECTED", (3, 5))}
+    for layer, (index, weight) in ops.items():
+        op = info.ops[index]
+        assert (op.type, tuple(info.tensors[op.inputs[1]].shape)) == expected[layer], layer
+        assert info.tensors[op.inputs[1]].name == weight
+    assert len({i for i, _ in ops.values()}) == 5
+    with pytest.raises(ValueError, match="layer 'dense': expected one CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED op") as err:
+        precision.layer_ops(content, ["dense"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_mobilenet_int16_layers_conv_and_depthwise_run_int16_in_litert(trained_mobilenet):
+    from conftest import tflite_accuracy
+
+    model, (x_train, _), (x_test, y_test), _ = trained_mobilenet
+    curve = precision.budget_curve(model, x_train[:256], x_test, y_test, choices=("int8", "int16"))
+    names = list(curve["path"][0]["assignment"])
+    assert all(c == "int16" for c in curve["path"][0]["assignment"].values())
+    point = curve["path"][len(curve["path"]) // 2]  # about half the layers int16
+    result = precision.mixed_precision(model, x_train[:256], x_test, y_test, choices=("int8", "int16"),
+                                       size_budget=point["size"])
+    sizes = [p["size"] for p in curve["path"]]
+    assert result.size <= point["size"] and result.assignment in [p["assignment"] for p in curve["path"]], sizes
+    assert {"int8", "int16"} <= set(result.assignment.values()), sizes
+    types = _litert_layer_types(result.tflite, names)
+    assert set(types) == set(names)
+    for layer, choice in result.assignment.items():
+        act = np.int16 if choice == "int16" else np.int8
+        assert types[layer] == (act, np.int8, act), (layer, choice, types[layer])
+    assert {type(model.get_layer(n)).__name__ for n in result.settings["int16_layers"]} <= {"Conv2D", "DepthwiseConv2D",
+                                                                                          "Dense"}
+    assert result.metric == pytest.approx(tflite_accuracy(result.tflite, x_test, y_test), abs=1e-12)

@@ -10,14 +10,39 @@ DepthwiseConv2D):
 
 * ``"int4"``: 4-bit weights stored INT4 (:mod:`tfq.export.int4`), int8 activations;
 * ``"int8"``: 8-bit weights, int8 activations;
-* ``"float"``: the layer kept float (:func:`tfq.convert`'s ``float_layers``).
+* ``"float"``: the layer kept float (:func:`tfq.convert`'s ``float_layers``);
+* ``"int16"`` (not in the default choices, see below): int16 activations, int8 weights (a16w8).
 
-``"int16"`` activations per layer are refused: LiteRT runs files that mix int8 and int16
-activations (measured: ai-edge-quantizer's per-op ``activation_num_bits=16`` config on the digits
-CNN's ``fc1`` writes QUANTIZE int8→int16, an int16×int8 FULLY_CONNECTED with an int64 bias and
-QUANTIZE int16→int8, and LiteRT runs it at the float model's 98.3 %), but tfq's conversion writes
-one activation width per model (``int8`` or ``int16x8``): int16 for a whole model is
-``tfq.tune(..., search_space={"precision": ["int8", "int16x8"]})``.
+With ``"int16"`` among the choices every file of the search is built below Keras, since tfq's Keras conversion
+writes one activation width per model: the model's float ``.tflite`` (``tfq.convert(model, "float")``) is
+calibrated with tfq's calibration in LiteRT (:func:`tfq.ptq.tflite_calibration.calibrate_tflite`, once) and
+quantized by LiteRT's quantizer (:func:`tfq.export.tflite_frontend.quantize_tflite`) with the int16 layers' ops
+at 16-bit activations (it writes QUANTIZE int8→int16, the op with int16 activations, int8 weights and an int64
+bias, QUANTIZE back) and the float layers' ops kept float; the 4-bit layers' float weights are first replaced
+by their values on tfq's symmetric per-channel 4-bit grid (nearest), so the quantizer's 8-bit integers are
+``round(q · 127 / max|q|)`` and :func:`tfq.tflite.int4.rewrite_int4_weights` stores exactly tfq's nearest
+integers and scales as INT4. AdaRound/GPTQ integers are not carried on this route (``weight_rounding`` other
+than ``"nearest"`` is refused with ``"int16"``), nor the Keras route's layer-by-layer checks; ``result.recipe``
+is the Keras recipe with the int16 layers at int8 (``result.settings["int16_layers"]`` names them). A layer's
+op is found by the name the converter gives its weight (``<model>_1/<layer>_1/…``, see :func:`layer_ops`),
+and each choice's bytes are measured in the file (one file per layer and choice, as the ``"sqnr"``
+sensitivity converts anyway), so the path sees an int16 layer's real cost. ``"int16"`` needs
+``sensitivity="sqnr"`` (the Hessian estimate models weight rounding only).
+
+Is ``"int16"`` worth a default place? Measured (``scripts/int16_mixed.py``, test accuracy through LiteRT, 359
+samples): on both example models INT8 activations already keep the float
+accuracy (digits CNN 98.33 %, MobileNet-style 96.10 %, uniform INT8 on this route), so int16 activations
+have nothing to win back; the loss is the 4-bit weights'. With one layer changed and the rest INT8, int16
+costs more bytes than float on small layers (its QUANTIZE ops, int16 tensors and int64 bias outweigh the
+kernel): the MobileNet-style stem, the most sensitive layer at 4 bits, int16 41,520 B 95.82 % against float
+41,296 B 96.10 %; it pays only on large kernels (digits CNN ``fc1``: int16 163,400 B, float 552,992 B, both
+98.33 %, as INT8's 162,536 B). At the smallest MobileNet-style point within 1 pt (32,384 B: 8 layers INT4,
+stem and dw0 INT8, 95.82 %), the stem at int16 gives 32,736 B and float 32,512 B, both 95.82 %; dw0 at int16
+33,104 B 95.82 %, float 32,984 B 95.54 %. ``mixed_precision`` with ``"int16"`` added returns the same choices
+as without on this route at ``max_drop`` 0, 0.005 and 0.01 (MobileNet-style 32,640 / 32,384 / 32,384 B;
+digits CNN 87,000 B, every layer INT4): int16 is never chosen, so it is not a default choice. (The below-Keras
+files are ~1.5 % larger than the Keras route's: MobileNet-style INT8 41,168 B against 40,624 B, W4A8 32,240 B
+against 31,640 B; the search runs faster there, 2–9 s against 5–50 s on 2 shared cores.)
 
 Sensitivity (how much a layer's accuracy suffers at fewer bits), two estimates:
 
@@ -73,17 +98,14 @@ from tfq.core.logs import logger, verbosity
 from tfq.core.messages import check_bool
 from tfq.core.recipes import Override, Recipe, TensorSpec
 
-__all__ = ["CHOICES", "DEFAULT_SENSITIVITY", "SENSITIVITIES", "MixedPrecisionResult", "allocation_path",
-           "budget_curve", "hessian_traces", "layer_sensitivities", "mixed_precision", "sensitivity_study"]
+__all__ = ["ALL_CHOICES", "CHOICES", "DEFAULT_SENSITIVITY", "SENSITIVITIES", "MixedPrecisionResult", "allocation_path",
+           "budget_curve", "hessian_traces", "layer_ops", "layer_sensitivities", "mixed_precision", "sensitivity_study"]
 
 CHOICES = ("int4", "int8", "float")
-"""Per-layer choices :func:`mixed_precision` searches."""
-_REFUSED_CHOICES = {
-    "int16": ("LiteRT runs int8/int16 mixes (ai-edge-quantizer's per-op a16 FULLY_CONNECTED ran at float accuracy on "
-              "the digits CNN), but tfq's conversion writes one activation width per model; for int16 activations "
-              "on the whole model use tfq.convert(model, 'int16x8', ...) or tfq.tune(..., search_space={'precision': "
-              "['int8', 'int16x8']})"),
-}
+"""Per-layer choices :func:`mixed_precision` searches by default."""
+ALL_CHOICES = ("int4", "int8", "int16", "float")
+"""Every per-layer choice :func:`mixed_precision` takes (``"int16"``: int16 activations, int8 weights, built below
+Keras: see the module doc)."""
 SENSITIVITIES = ("hessian", "sqnr")
 DEFAULT_SENSITIVITY = "sqnr"
 """The default, measured (``scripts/budget_curve.py``, ``docs/benchmarks.md``): Spearman's ρ of each estimate
@@ -92,8 +114,9 @@ INT8), on 1,541 held-out digits: digits CNN (4 layers) hessian 0.26 / −0.80, s
 within 0.06 pt: nearly noise); MobileNet-style (10 layers) hessian 0.63 / 0.89, sqnr 0.68 / 0.89. ``"sqnr"``
 ranks as well or better everywhere; ``"hessian"`` needs no conversion."""
 
-_WEIGHT_BITS = {"int4": 4, "int8": 8, "float": 32}
-_ACTIVATION_BITS = {"int4": 8, "int8": 8, "float": 32}
+_WEIGHT_BITS = {"int4": 4, "int8": 8, "int16": 8, "float": 32}
+_ACTIVATION_BITS = {"int4": 8, "int8": 8, "int16": 16, "float": 32}
+_ORDER = ("float", "int16", "int8", "int4")  # bytes per layer strictly decrease along this order
 _QMAX = {"int4": 7, "int8": 127}
 
 
@@ -142,6 +165,8 @@ def _layer_bytes(layer, choice: str) -> int:
     bias_bytes = 4 * int(np.prod(bias.shape)) if bias is not None else 0
     if choice == "float":
         return 4 * n + bias_bytes
+    if choice == "int16":  # int8 weights, the bias int64 (ai-edge-quantizer's a16w8)
+        return n + 8 * channels + 2 * max(bias_bytes, 4 * channels)
     return (n + 1) // 2 * (choice == "int4") + n * (choice == "int8") + 8 * channels + bias_bytes
 
 
@@ -237,14 +262,18 @@ class _Search:
     calibration: object = None
     contents: dict = dataclasses.field(default_factory=dict)
     measured: dict = dataclasses.field(default_factory=dict)
+    below_keras: _BelowKeras | None = None
+    layer_bytes: dict = dataclasses.field(default_factory=dict)
 
     def recipe(self, assignment: dict[str, str]) -> Recipe:
-        return _recipe_for(assignment, self.weight_rounding)
+        return _recipe_for({n: "int8" if c == "int16" else c for n, c in assignment.items()}, self.weight_rounding)
 
     def convert(self, assignment: dict[str, str]) -> bytes:
         from tfq.export.convert import convert
 
         key = tuple(sorted(assignment.items()))
+        if key not in self.contents and self.below_keras is not None:
+            self.contents[key] = self.below_keras.convert(assignment)
         if key not in self.contents:
             if self.calibration is None:
                 from tfq.ptq.calibration import calibrate
@@ -277,6 +306,145 @@ class _Search:
         return m
 
 
+# ------------------------------------------------------------------------------------------------ int16: below Keras
+_WEIGHT_OPS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}  # op → its weight's output-channel axis
+_DTYPE_BITS = {"INT4": 4, "INT8": 8, "INT16": 16, "INT32": 32, "FLOAT32": 32}
+
+
+def layer_ops(content: bytes, names: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """``{layer: (op index, weight tensor name)}``: the CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op of each
+    Keras layer in the model's float ``.tflite`` (``tfq.convert(model, "float")``).
+
+    The converter names a weight tensor by the Keras op scope it comes from, ``<model>_<n>/<layer>_<n>/<op>``
+    (``mobilenet_style_1/dw0_1/depthwise``), and a folded or fused tensor by its sources joined with ``;``
+    (``…/dw0_relu_1/Relu6;…/dw0_bn_1/batchnorm/mul_1;…/dw0_1/depthwise;``): a layer's op is the one whose weight
+    name has a ``;``-part with the segment ``<layer>`` or ``<layer>_<n>``.
+
+    Raises:
+        ValueError: a layer matched by no op or by several (one line naming it).
+
+    Example:
+        >>> import keras
+        >>> from tfq.export.graph_converter import keras_graph_converter
+        >>> inp = keras.Input((4,))
+        >>> m = keras.Model(inp, keras.layers.Dense(2, name="head")(keras.layers.Dense(3, name="hidden")(inp)))
+        >>> layer_ops(keras_graph_converter(m).convert(), ["hidden", "head"])["head"][0]
+        1
+    """
+    from tfq.tflite.info import inspect_tflite
+
+    info = inspect_tflite(content)
+    weights = [(i, info.tensors[op.inputs[1]].name) for i, op in enumerate(info.ops)
+               if op.type in _WEIGHT_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0]
+    out = {}
+    for name in names:
+        scope = re.compile(rf"(^|/){re.escape(name)}(_\d+)?/")
+        hits = [(i, w) for i, w in weights if any(scope.search(part) for part in w.split(";"))]
+        if len(hits) != 1:
+            found = ", ".join(repr(w) for _, w in hits[:3]) or "none"
+            raise ValueError(f"layer {name!r}: expected one CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED op of the float "
+                             f".tflite whose weight is named after it, found {len(hits)} ({found}). Give the layer a "
+                             f"name no other layer's name starts with, or leave 'int16' out of choices.")
+        out[name] = hits[0]
+    return out
+
+
+def _nearest_int4(weight: np.ndarray, axis: int) -> np.ndarray:
+    """``Q(W)`` on tfq's symmetric per-channel 4-bit grid (``s = max|W_c| / 7``, integers in [-7, 7], nearest)."""
+    w = np.moveaxis(np.asarray(weight, np.float32), axis, 0)
+    flat = w.reshape(w.shape[0], -1)
+    scale = np.abs(flat).max(axis=1, keepdims=True) / np.float32(7)
+    scale = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.round(flat / scale), -7, 7)
+    return np.moveaxis((q * scale).astype(np.float32).reshape(w.shape), 0, axis)
+
+
+@dataclasses.dataclass
+class _BelowKeras:
+    """Files with per-layer int16 activations, built from the model's float ``.tflite``: tfq's calibration on it
+    (:func:`tfq.ptq.tflite_calibration.calibrate_tflite`), LiteRT's quantizer writing int8 / a16w8 / float ops
+    (:func:`tfq.export.tflite_frontend.quantize_tflite`), then the 4-bit layers' weights stored INT4
+    (:func:`tfq.tflite.int4.rewrite_int4_weights`). A 4-bit layer's float weight is replaced by ``Q(W)`` on tfq's
+    4-bit grid first, so the quantizer's 8-bit integers are ``round(q · 127 / max|q|)`` and the rewrite recovers
+    tfq's nearest 4-bit integers and scales exactly."""
+
+    flt: bytes
+    ops: dict
+    ranges: dict
+    int4_weights: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model, rep, names) -> _BelowKeras:
+        from tfq.export.convert import convert
+        from tfq.ptq.tflite_calibration import calibrate_tflite
+
+        flt = convert(model, "float")
+        return cls(flt, layer_ops(flt, names), calibrate_tflite(flt, rep).ranges)
+
+    def _with_int4(self, layers: Sequence[str]) -> bytes:
+        """The float file with the named layers' weights replaced by their 4-bit values."""
+        from tfq.tflite import int4
+
+        if not layers:
+            return self.flt
+        model = int4.load_model(self.flt)
+        sg = model.subgraphs[0]
+        by_name = {int4.tensor_name(t): t for t in sg.tensors}
+        for layer in layers:
+            index, name = self.ops[layer]
+            tensor = by_name[name]
+            users = sum(1 for t in sg.tensors if t.buffer == tensor.buffer)
+            if users > 1:
+                raise ValueError(f"layer {layer!r}: its weight {name!r} shares a buffer with {users - 1} other "
+                                 f"tensor(s) in the float .tflite; leave 'int16' out of choices for this model.")
+            if layer not in self.int4_weights:
+                shape = tuple(int(d) for d in tensor.shape)
+                weight = np.frombuffer(np.asarray(model.buffers[tensor.buffer].data, np.uint8).tobytes(),
+                                       np.float32).reshape(shape)
+                op = model.subgraphs[0].operators[index]
+                self.int4_weights[layer] = _nearest_int4(weight, _WEIGHT_OPS[int4.op_name(model, op)])
+            model.buffers[tensor.buffer].data = np.frombuffer(self.int4_weights[layer].tobytes(), np.uint8)
+        return int4.save_model(model)
+
+    def convert(self, assignment: dict[str, str]) -> bytes:
+        from tfq.export.tflite_frontend import quantize_tflite
+        from tfq.tflite.int4 import rewrite_int4_weights
+
+        def pick(choice: str) -> list[str]:
+            return [n for n, c in assignment.items() if c == choice]
+
+        content = quantize_tflite(self._with_int4(pick("int4")), self.ranges,
+                                  float_ops=sorted(self.ops[n][0] for n in pick("float")),
+                                  int16_ops=sorted(self.ops[n][0] for n in pick("int16")))
+        wanted = {self.ops[n][1] for n in pick("int4")}
+        if wanted:
+            content, done = rewrite_int4_weights(content, select=lambda name: name in wanted)
+            if set(done) != wanted:
+                raise ValueError(f"LiteRT's quantizer did not keep the 4-bit weights of "
+                                 f"{sorted(wanted - set(done))!r}; leave 'int16' out of choices for this model.")
+        return content
+
+    def layer_precision(self, content: bytes) -> dict[str, tuple[int, int, int]]:
+        """``{layer: (weight bits, weight bytes, activation bits)}`` read from a file this builder wrote: the
+        layer's weight tensor (found by name) and the type of the input of the op that reads it."""
+        from tfq.tflite.info import inspect_tflite
+
+        info = inspect_tflite(content)
+        index = {t.name: t.index for t in info.tensors}
+        weights = {w.name: w for w in info.weights}
+        out = {}
+        for layer, (_, name) in self.ops.items():
+            t = index.get(name)
+            op = next((op for op in info.ops if len(op.inputs) > 1 and op.inputs[1] == t), None)
+            if t is None or op is None:
+                continue
+            w = weights.get(name)
+            nbytes = w.nbytes if w is not None else 0
+            out[layer] = (_DTYPE_BITS.get(info.tensors[t].dtype, 32), nbytes,
+                          _DTYPE_BITS.get(info.tensors[op.inputs[0]].dtype, 32))
+        return out
+
+
 def _recipe_for(assignment: dict[str, str], weight_rounding: str = "nearest") -> Recipe:
     float_layers = tuple(re.escape(n) for n, c in assignment.items() if c == "float")
     int4 = [n for n, c in assignment.items() if c == "int4"]
@@ -286,7 +454,7 @@ def _recipe_for(assignment: dict[str, str], weight_rounding: str = "nearest") ->
 
 
 def _describe(assignment: dict[str, str]) -> str:
-    counts = {c: sum(1 for v in assignment.values() if v == c) for c in CHOICES}
+    counts = {c: sum(1 for v in assignment.values() if v == c) for c in ALL_CHOICES}
     return ", ".join(f"{c}×{n}" for c, n in counts.items() if n)
 
 
@@ -306,32 +474,49 @@ def _sensitivities(search: _Search, method: str, choices: Sequence[str], hutchin
     reference = [np.asarray(y, np.float64) for y in _as_list(search.model.predict(search.x_cal, verbose=0))]
     int8 = dict.fromkeys(names, "int8")
     base = _output_noise(search.convert(int8), search.x_cal, reference, search.num_threads)
-    for n in names:
-        out[n]["int8"] = 0.0
+    top = next(c for c in _ORDER if c in (*choices, "int8"))  # the most precise choice: Ω = 0
+    int8_size = len(search.convert(int8))
+    for layer in search.layers:
+        n = layer.name
+        noise = {c: _output_noise(search.convert({**int8, n: c}), search.x_cal, reference, search.num_threads)
+                 for c in choices if c != "int8"}
+        noise["int8"] = base
+        if search.below_keras is not None:  # bytes as measured: the file with this layer changed, minus INT8's
+            search.layer_bytes[n] = {c: _layer_bytes(layer, "int8") + len(search.convert({**int8, n: c})) - int8_size
+                                     for c in (*choices, "int8")}
+        out[n]["int8"] = max(base - noise[top], 0.0)
+        if "int16" in choices:
+            out[n]["int16"] = max(noise["int16"] - noise[top], 0.0)
         if "int4" in choices:
-            noise = _output_noise(search.convert({**int8, n: "int4"}), search.x_cal, reference, search.num_threads)
-            out[n]["int4"] = max(noise - base, 0.0)
-        if "float" in choices:
-            noise = _output_noise(search.convert({**int8, n: "float"}), search.x_cal, reference, search.num_threads)
-            out[n]["float"] = 0.0
-            out[n]["int8"] = max(base - noise, 0.0)
-            out[n]["int4"] = out[n].get("int4", 0.0) + out[n]["int8"]
+            out[n]["int4"] = max(noise["int4"] - base, 0.0) + out[n]["int8"]
     return out
 
 
 # ------------------------------------------------------------------------------------------------ allocation
-def allocation_path(layers, sensitivity: dict[str, dict[str, float]], choices: Sequence[str]) -> list[dict]:
+def allocation_path(layers, sensitivity: dict[str, dict[str, float]], choices: Sequence[str],
+                    layer_bytes: dict[str, dict[str, int]] | None = None) -> list[dict]:
     """Assignments from the largest to the smallest, each optimal for the relaxed knapsack at its size.
 
     Per layer, the choices' ``(bytes, Ω)`` points on their lower convex hull; each hull step is a move
     costing ``ΔΩ / Δbytes``; moves are taken cheapest first (ties: graph order), a layer's moves in order.
+    A choice with at least the bytes of another and more Ω is dominated and never taken (an ``"int16"`` small
+    layer: its QUANTIZE ops and int64 bias can outweigh the float kernel it replaces).
+
+    Args:
+        layers: the candidate layers, graph order.
+        sensitivity: ``{layer: {choice: Ω}}``.
+        choices: the choices to use.
+        layer_bytes: ``{layer: {choice: bytes}}`` (e.g. measured in the file); default: :func:`_layer_bytes`.
     """
-    order = [c for c in ("float", "int8", "int4") if c in choices]
+    order = [c for c in _ORDER if c in choices]
     moves, start = [], {}
     for index, layer in enumerate(layers):
-        points = [(_layer_bytes(layer, c), sensitivity[layer.name].get(c, 0.0), c) for c in order]
+        size = (layer_bytes or {}).get(layer.name) or {c: _layer_bytes(layer, c) for c in order}
+        points = [(size[c], sensitivity[layer.name].get(c, 0.0), c) for c in order]
+        points = [p for p in points if not any(q[0] <= p[0] and q[1] < p[1] for q in points)]
+        points.sort(key=lambda p: -p[0])  # stable: ties keep the order float, int16, int8, int4
         hull = [points[0]]
-        for p in points[1:]:  # bytes strictly decrease along ``order``
+        for p in points[1:]:  # bytes decrease
             hull.append(p)
             while len(hull) >= 3:  # keep the lower convex hull: slopes (ΔΩ per byte saved) must increase
                 (b0, s0, _), (b1, s1, _), (b2, s2, _) = hull[-3:]
@@ -356,10 +541,11 @@ class MixedPrecisionResult(_Table):
 
     Attributes:
         tflite: the chosen ``.tflite`` bytes.
-        recipe: the :class:`~tfq.recipes.Recipe` that reproduces it with :func:`tfq.convert`.
+        recipe: the :class:`~tfq.recipes.Recipe` that reproduces it with :func:`tfq.convert` (with int16 layers:
+            the Keras route's file with them at int8; ``settings["int16_layers"]`` names them).
         rows: per layer: ``layer``, ``class``, ``choice``, ``weight_bits``, ``activation_bits`` (as stored in
             the file, read back with :func:`tfq.inspect_tflite`), ``params``, ``bytes`` (the layer's weight
-            tensors in the file), ``sensitivity`` (Ω of 4 bits) and ``sensitivity_int8``.
+            tensors in the file), ``sensitivity`` (Ω of 4 bits), ``sensitivity_int8`` and ``sensitivity_int16``.
         size: ``len(tflite)``.
         metric: the metric of the chosen file on the evaluation data, through LiteRT.
         baseline: the float Keras model's metric.
@@ -469,17 +655,20 @@ def _check_options(max_drop, size_budget, latency_budget, choices, sensitivity, 
         raise ValueError(f"latency_budget must be milliseconds (a number > 0) or None. "
                          f"Received: latency_budget={latency_budget!r}")
     if isinstance(choices, str) or not isinstance(choices, (list, tuple)) or not choices:
-        raise ValueError(f"choices must be a non-empty list among {CHOICES}. Received: choices={choices!r}")
+        raise ValueError(f"choices must be a non-empty list among {ALL_CHOICES}. Received: choices={choices!r}")
     for c in choices:
-        if c in _REFUSED_CHOICES:
-            raise ValueError(f"choices={tuple(choices)!r}: {c!r} is not supported: {_REFUSED_CHOICES[c]}.")
-        if c not in CHOICES:
-            raise ValueError(f"choices values must be among {CHOICES}. Received: {c!r} in choices={tuple(choices)!r}")
+        if c not in ALL_CHOICES:
+            raise ValueError(f"choices values must be among {ALL_CHOICES}. Received: {c!r} in "
+                             f"choices={tuple(choices)!r}")
     if len(set(choices)) < 2:
         raise ValueError(f"choices must hold at least two different choices to choose between. "
                          f"Received: choices={tuple(choices)!r}")
     if sensitivity not in SENSITIVITIES:
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}. Received: sensitivity={sensitivity!r}")
+    if "int16" in choices and sensitivity == "hessian":
+        raise ValueError(f"sensitivity='hessian' models weight rounding only, not int16 activations: with 'int16' in "
+                         f"choices use sensitivity='sqnr'. Received: choices={tuple(choices)!r}, "
+                         f"sensitivity={sensitivity!r}")
     if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:
         raise ValueError(f"hutchinson_samples must be an int >= 1. Received: hutchinson_samples={hutchinson_samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -487,7 +676,7 @@ def _check_options(max_drop, size_budget, latency_budget, choices, sensitivity, 
 
 
 def _prepare(model, representative_data, eval_data, eval_labels, metric, num_calibration_samples,
-             weight_rounding, num_threads, verbose, caller: str) -> _Search:
+             weight_rounding, num_threads, verbose, caller: str, below_keras: bool = False) -> _Search:
     from tfq.analysis.evaluation import _resolve_metrics
     from tfq.core.representative import representative_dataset
     from tfq.models.interop import load_keras_model
@@ -511,7 +700,11 @@ def _prepare(model, representative_data, eval_data, eval_labels, metric, num_cal
     x_cal = np.concatenate([np.asarray(_as_list(batch)[0]) for batch in rep()], axis=0)[:256]
     name, fn = _resolve_metrics([metric])[0]
     higher = not any(name.startswith(k) for k in ("mse", "mae"))
-    return _Search(model, rep, x_cal, x_eval, y_eval, layers, name, fn, higher, weight_rounding, num_threads, verbose)
+    search = _Search(model, rep, x_cal, x_eval, y_eval, layers, name, fn, higher, weight_rounding, num_threads,
+                     verbose)
+    if below_keras:
+        search.below_keras = _BelowKeras.build(model, rep, [layer.name for layer in layers])
+    return search
 
 
 def layer_sensitivities(model, representative_data, *, sensitivity: str = DEFAULT_SENSITIVITY,
@@ -528,7 +721,7 @@ def layer_sensitivities(model, representative_data, *, sensitivity: str = DEFAUL
     _check_options(None, None, None, tuple(choices), sensitivity, hutchinson_samples, seed)
     x = np.zeros((1,))
     search = _prepare(model, representative_data, x, x, "accuracy", num_calibration_samples, "nearest", num_threads,
-                      False, "layer_sensitivities")
+                      False, "layer_sensitivities", below_keras="int16" in choices)
     return _sensitivities(search, sensitivity, tuple(choices), hutchinson_samples, seed)
 
 
@@ -573,12 +766,13 @@ def mixed_precision(
         max_drop: largest accepted drop of the metric (absolute).
         size_budget: bytes (int), or a fraction (float in (0, 1]) of the uniform INT8 file.
         latency_budget: milliseconds per batch-1 invocation, measured.
-        choices: per-layer choices, among ``"int4"``, ``"int8"``, ``"float"`` (``"int16"`` is refused: see the
-            module doc).
+        choices: per-layer choices, among ``"int4"``, ``"int8"``, ``"float"`` and ``"int16"`` (int16 activations,
+            int8 weights: every file is then built below Keras, see the module doc; not in the default, measured).
         sensitivity: ``"sqnr"`` (default: measured in the file, ranks the true per-layer drop best, see
             ``docs/benchmarks.md``) or ``"hessian"`` (HAWQ-v2 Hutchinson trace × quantization error, no conversion).
         metric: ``"accuracy"``, ``"mse"`` … (see :func:`tfq.evaluate`).
-        weight_rounding: ``"nearest"``, ``"adaround"`` or ``"gptq"`` for every quantized layer's weights.
+        weight_rounding: ``"nearest"``, ``"adaround"`` or ``"gptq"`` for every quantized layer's weights
+            (``"nearest"`` only with ``"int16"`` in ``choices``).
         hutchinson_samples: Hessian-vector products for ``sensitivity="hessian"``.
         seed: seed of the Hutchinson vectors.
         num_calibration_samples: cap on calibration samples.
@@ -589,7 +783,8 @@ def mixed_precision(
         :class:`MixedPrecisionResult` (``print(result.to_markdown())`` shows the per-layer table).
 
     Raises:
-        ValueError: a bad target, choice or sensitivity (one line naming it), a model without Dense/Conv layers.
+        ValueError: a bad target, choice or sensitivity (one line naming it), a model without Dense/Conv layers,
+            ``"int16"`` with ``sensitivity="hessian"`` or ``weight_rounding`` other than ``"nearest"``.
 
     Example:
         >>> result = tfq.mixed_precision(model, x_train[:256], x_test, y_test, size_budget=0.5)   # doctest: +SKIP
@@ -604,13 +799,18 @@ def mixed_precision(
     if weight_rounding not in ("nearest", "adaround", "gptq"):
         raise ValueError(f"weight_rounding must be 'nearest', 'adaround' or 'gptq'. "
                          f"Received: weight_rounding={weight_rounding!r}")
+    below_keras = "int16" in choices
+    if below_keras and weight_rounding != "nearest":
+        raise ValueError(f"weight_rounding={weight_rounding!r} is not carried into files with int16 layers (built "
+                         f"below Keras, 4-bit weights rounded to nearest): use weight_rounding='nearest' with 'int16' "
+                         f"in choices, or leave 'int16' out. Received: choices={tuple(choices)!r}")
     if max_drop is None and size_budget is None and latency_budget is None:
         max_drop = 0.01
     if num_threads is None:
         num_threads = available_cores()
     start = time.perf_counter()
     search = _prepare(model, representative_data, eval_data, eval_labels, metric, num_calibration_samples,
-                      weight_rounding, num_threads, verbose, "mixed_precision")
+                      weight_rounding, num_threads, verbose, "mixed_precision", below_keras=below_keras)
     names = [layer.name for layer in search.layers]
     baseline = float(search.metric(search.y_eval, _as_list(search.model.predict(search.x_eval, verbose=0))[0]))
 
@@ -626,17 +826,19 @@ def mixed_precision(
     if size_budget is not None:
         budget_bytes = (int(size_budget) if isinstance(size_budget, numbers.Integral)
                         else int(size_budget * references["int8"]["size"]))
-    smallest = next(c for c in ("int4", "int8", "float") if c in choices)  # the fewest bytes per weight
-    if budget_bytes is not None and smallest != "float" and budget_bytes < references[
+    smallest = next(c for c in reversed(_ORDER) if c in choices)  # the fewest bytes per weight
+    if budget_bytes is not None and smallest in ("int4", "int8") and budget_bytes < references[
             "w4a8" if smallest == "int4" else "int8"]["size"]:
         logger.warning(f"mixed_precision: size_budget={size_budget!r} ({budget_bytes:,} B) is below the smallest file "
                        f"the choices give ({references['w4a8' if smallest == 'int4' else 'int8']['size']:,} B, every "
                        f"layer {smallest}); the smallest is returned with met=False.")
     omega = _sensitivities(search, sensitivity, choices, hutchinson_samples, seed)
-    path = allocation_path(search.layers, omega, choices)
+    path = allocation_path(search.layers, omega, choices, search.layer_bytes)
     overhead = references["int8"]["size"] - sum(_layer_bytes(layer, "int8") for layer in search.layers)
 
     def estimate(assignment) -> int:
+        if search.layer_bytes:
+            return overhead + sum(search.layer_bytes[n][assignment[n]] for n in names)
         return overhead + sum(_layer_bytes(layer, assignment[layer.name]) for layer in search.layers)
 
     trials = []
@@ -661,6 +863,9 @@ def mixed_precision(
         first = next((k for k, a in enumerate(path) if estimate(a) <= budget_bytes), len(path) - 1)
         while first < len(path) - 1 and measure(first)["size"] > budget_bytes:
             first += 1
+        # int16 layers side by side share their QUANTIZE ops, so the per-layer bytes overestimate the file: step back
+        while search.below_keras is not None and first > 0 and measure(first - 1)["size"] <= budget_bytes:
+            first -= 1
     if latency_budget is not None:  # latency is not monotone along the path: measure every point from there
         ks = [k for k in range(first, len(path)) if fits(measure(k))]
         ok = [k for k in ks if meets(measure(k))]
@@ -690,18 +895,25 @@ def mixed_precision(
     met = fits(m) and meets(m)
     assignment = path[chosen]
     content = search.convert(assignment)
-    in_file = _file_layer_bits(content, names)
+    if search.below_keras is not None:
+        in_file = search.below_keras.layer_precision(content)
+    else:
+        in_file = {n: (*v, _ACTIVATION_BITS[assignment[n]]) for n, v in _file_layer_bits(content, names).items()}
     rows = []
     for layer in search.layers:
         choice = assignment[layer.name]
-        bits, nbytes = in_file.get(layer.name, (_WEIGHT_BITS[choice], _layer_bytes(layer, choice)))
+        bits, nbytes, activation_bits = in_file.get(layer.name, (_WEIGHT_BITS[choice], _layer_bytes(layer, choice),
+                                                                 _ACTIVATION_BITS[choice]))
         rows.append({"layer": layer.name, "class": type(layer).__name__, "choice": choice, "weight_bits": bits,
-                     "activation_bits": _ACTIVATION_BITS[choice], "params": int(_kernel_matrix(layer).size),
+                     "activation_bits": activation_bits, "params": int(_kernel_matrix(layer).size),
                      "bytes": int(nbytes), "sensitivity": omega[layer.name].get("int4", math.nan),
-                     "sensitivity_int8": omega[layer.name].get("int8", math.nan)})
+                     "sensitivity_int8": omega[layer.name].get("int8", math.nan),
+                     "sensitivity_int16": omega[layer.name].get("int16", math.nan)})
     settings = {"max_drop": max_drop, "size_budget": size_budget, "budget_bytes": budget_bytes,
                 "latency_budget": latency_budget, "choices": list(choices), "sensitivity": sensitivity,
                 "weight_rounding": weight_rounding, "seed": seed, "path_length": len(path), "chosen_index": chosen,
+                "route": "below_keras" if below_keras else "keras",
+                "int16_layers": [n for n in names if assignment[n] == "int16"],
                 "seconds": round(time.perf_counter() - start, 2)}
     trials.sort(key=lambda t: t["index"])
     return MixedPrecisionResult(tflite=content, recipe=search.recipe(assignment), rows=rows, size=len(content),
@@ -805,7 +1017,7 @@ def budget_curve(model, representative_data, eval_data, eval_labels=None, *, bud
         _check_options(None, b, None, choices, sensitivity, hutchinson_samples, seed)
     start = time.perf_counter()
     search = _prepare(model, representative_data, eval_data, eval_labels, metric, None, "nearest", num_threads,
-                      False, "budget_curve")
+                      False, "budget_curve", below_keras="int16" in choices)
     names = [layer.name for layer in search.layers]
     baseline = float(search.metric(search.y_eval, _as_list(search.model.predict(search.x_eval, verbose=0))[0]))
 
@@ -815,12 +1027,12 @@ def budget_curve(model, representative_data, eval_data, eval_labels=None, *, bud
     references = {ref: search.measure(dict.fromkeys(names, c)) for ref, c in (("int8", "int8"), ("w4a8", "int4"))}
     references = {k: {**v, "drop": drop_of(v["metric"])} for k, v in references.items()}
     omega = _sensitivities(search, sensitivity, choices, hutchinson_samples, seed)
-    path = allocation_path(search.layers, omega, choices)
+    path = allocation_path(search.layers, omega, choices, search.layer_bytes)
     points = []
     for k, assignment in enumerate(path):
         m = search.measure(assignment)
         points.append({"index": k, "size": m["size"], "metric": m["metric"], "drop": drop_of(m["metric"]),
-                       "counts": {c: sum(1 for v in assignment.values() if v == c) for c in CHOICES},
+                       "counts": {c: sum(1 for v in assignment.values() if v == c) for c in ALL_CHOICES},
                        "assignment": dict(assignment)})
     chosen = []
     for b in budgets:
