@@ -13,16 +13,10 @@ import pytest
 import tfq
 from tfq.quantsim import decompositions
 from tfq.tflite.info import inspect_tflite
-from tfq.tflite.interpreter import TFLiteModel
 
 keras_hub = pytest.importorskip("keras_hub")
 
 T, D = 16, 32
-
-
-def _sqnr(reference, got) -> float:
-    reference, got = np.asarray(reference, np.float64), np.asarray(got, np.float64)
-    return float(10 * np.log10(np.sum(reference ** 2) / max(np.sum((reference - got) ** 2), 1e-30)))
 
 
 def _model(decoder):
