@@ -6,6 +6,9 @@
     python scripts/benchmark.py --models= --nomethods --nocalibration \
         --qat_cost=digits_cnn,mobilenet_v2_a0.35_32px,mobilenet_v2_a1.0_96px --output=qat.json  # QAT cost only
         [--qat_seeds=4]   # INT8 accuracy of the QAT rows over 4 shuffling seeds (mean and each)
+    python scripts/benchmark.py --sections=int4,kinds --output=scripts/benchmark_results.json
+        # only these sections (4-bit weights vs LiteRT's quantizer; one row per model kind vs the plain
+        # converter), written into the existing results file (its other sections kept)
 """
 
 from absl import flags
@@ -37,6 +40,10 @@ flags.register_validator("qat_logits_range", lambda v: set(v) <= {"tensor", "sof
 flags.DEFINE_integer("qat_seeds", 1, "Shuffling seeds per QAT-cost row: INT8 accuracy is reported per seed and as "
                      "their mean (the first seed is the timed run; the others train untimed).", lower_bound=1)
 flags.DEFINE_integer("qat_cost_rounds", None, "Timed float/QAT epoch pairs per QAT-cost run (default: per model).")
+flags.DEFINE_list("sections", [], "Run only these sections and update them in --output (other keys kept): int4 "
+                  "(W4A8 / w4_dynamic / w4_weight_only against LiteRT's quantizer on the digits CNN, MobileNet-style "
+                  "model and digits transformer), kinds (one row per model kind against the plain converter).")
+flags.register_validator("sections", lambda v: set(v) <= {"int4", "kinds"}, "--sections takes int4 and/or kinds")
 flags.DEFINE_boolean("calibration", True, "Calibration throughput (samples/s) per method and memory against the "
                      "number of samples (5,000 and 50,000).")
 
@@ -51,6 +58,22 @@ def main(argv):
 
     quiet_logs()
 
+    if FLAGS.sections:
+        import os
+
+        from benchmark_lib import int4_markdown, kinds_markdown, run_sections
+
+        previous = None
+        if os.path.exists(FLAGS.output):
+            with open(FLAGS.output) as f:
+                previous = json.load(f)
+        results = run_sections(FLAGS.sections, previous, quick=FLAGS.quick)
+        atomic_write_text(FLAGS.output, json.dumps(results, indent=1))
+        for name, table in (("int4", int4_markdown), ("kinds", kinds_markdown)):
+            if name in FLAGS.sections:
+                print(table(results[name]))
+        print(f"wrote {FLAGS.output}")
+        return
     results = run_benchmark(FLAGS.models, num_threads=FLAGS.num_threads, quick=FLAGS.quick,
                             compression=FLAGS.compression, methods=FLAGS.methods, qat_cost=FLAGS.qat_cost,
                             qat_cost_rounds=FLAGS.qat_cost_rounds, qat_seeds=FLAGS.qat_seeds,

@@ -51,7 +51,8 @@ import numpy as np
 
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, calibration_method_names
 
-__all__ = ["run_benchmark", "bench_calibration", "bench_methods", "bench_qat_cost", "calibration_markdown",
+__all__ = ["run_benchmark", "run_sections", "bench_calibration", "bench_int4", "bench_kinds", "bench_methods",
+           "bench_qat_cost", "calibration_markdown", "int4_markdown", "kinds_markdown", "SECTIONS",
            "calibration_throughput_markdown", "qat_cost_markdown", "MODELS", "METHOD_ROWS", "PTQ_VARIANTS",
            "QAT_COST_MODELS", "SEQUENCE_MODELS"]
 
@@ -1307,3 +1308,473 @@ def methods_markdown(methods: dict) -> str:
                      f"{100 * row['drop_vs_float']:.2f} | {row['agreement']:.4f} | {sqnr} | {seconds} | "
                      f"{row['convert_seconds']:.1f} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit weights in the file (issue 31): tfq against LiteRT's quantizer on the same float model.
+
+INT4_MODELS = ("digits_cnn", "mobilenet_style", "digits_transformer")
+# (row name, tfq.convert keywords without the data; "data": whether representative_data is passed).
+TFQ_INT4_ROWS = (
+    ("tfq_w4a8_nearest", {"recipe": {"weights": {"bits": 4}}, "data": True}),
+    ("tfq_w4a8_adaround", {"recipe": "w4a8_adaround", "data": True}),
+    ("tfq_w4a8_gptq", {"recipe": "w4a8_gptq", "data": True}),
+    ("tfq_w4_dynamic_nearest", {"mode": "w4_dynamic", "data": False}),
+    ("tfq_w4_dynamic_gptq", {"recipe": "w4_dynamic_gptq", "data": True}),
+    ("tfq_w4_dynamic_gptq_block32", {"recipe": {"mode": "w4_dynamic", "weights": {"bits": 4, "block_size": 32},
+                                                "weight_rounding": "gptq"}, "data": True}),
+    ("tfq_w4_weight_only_nearest", {"mode": "w4_weight_only", "data": False}),
+    ("tfq_w4_weight_only_gptq", {"recipe": "w4_weight_only_gptq", "data": True}),
+)
+# (row name, LiteRT quantizer config kind, granularity): its int4 recipes on the float .tflite.
+AEQ_INT4_ROWS = tuple((f"aeq_{kind}_{'w4a8' if kind == 'static' else 'wi4'}{'' if g == 'CHANNELWISE' else '_block32'}",
+                       kind, g) for kind in ("static", "dynamic", "weight_only")
+                      for g in ("CHANNELWISE", "BLOCKWISE_32"))
+
+
+def aeq_int4(float_content: bytes, kind: str, granularity: str, calib: np.ndarray) -> bytes:
+    """LiteRT's quantizer (``ai_edge_quantizer``) on a float ``.tflite``: 4-bit weights for every op it
+    supports, ``kind`` ``"static"`` (int8 activations, calibrated on ``calib`` one sample per step),
+    ``"dynamic"`` or ``"weight_only"``; ``granularity`` ``"CHANNELWISE"`` or ``"BLOCKWISE_32"``."""
+    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+
+    rm = recipe_manager.RecipeManager()
+    g = qtyping.QuantGranularity[granularity]
+    op = qtyping.TFLOperationName.ALL_SUPPORTED
+    if kind == "static":
+        rm.add_static_config(regex=".*", operation_name=op, activation_num_bits=8, weight_num_bits=4,
+                             weight_granularity=g)
+    elif kind == "dynamic":
+        rm.add_dynamic_config(regex=".*", operation_name=op, num_bits=4, granularity=g)
+    else:
+        rm.add_weight_only_config(regex=".*", operation_name=op, num_bits=4, granularity=g)
+    qt = quantizer.Quantizer(bytearray(float_content))
+    qt.load_quantization_recipe(rm.get_quantization_recipe())
+    cal = None
+    if qt.need_calibration or kind == "static":
+        from ai_edge_litert.interpreter import Interpreter
+
+        name = list(Interpreter(model_content=bytes(float_content)).get_signature_list()["serving_default"]["inputs"])[0]
+        with contextlib.redirect_stderr(open(os.devnull, "w")):
+            cal = qt.calibrate({"serving_default": [{name: calib[i:i + 1]} for i in range(len(calib))]})
+    return bytes(qt.quantize(cal, enable_progress_report=False).quantized_model)
+
+
+def _int4_model(key: str, quick: bool):
+    """(model, (x_train, y_train), (x_test, y_test)) of an INT4 benchmark model, trained as the main benchmark trains it."""
+    import keras
+
+    import tfq
+    from tfq.models import examples
+
+    if key in MODELS:
+        epochs = 2 if quick else MODELS[key]["epochs"]
+        return _trained(key, 6.0 if key == "mobilenet_style" else None, epochs)
+    spec = SEQUENCE_MODELS[key]
+    (x_train, y_train), (x_test, y_test) = tfq.datasets.load_digits(seed=0)
+    x_train, x_test = x_train[..., 0], x_test[..., 0]
+    keras.utils.set_random_seed(0)
+    model = getattr(examples, spec["builder"])(input_shape=x_train.shape[1:])
+    examples.train_model(model, x_train, y_train, epochs=2 if quick else spec["epochs"], seed=0)
+    return model, (x_train, y_train), (x_test, y_test)
+
+
+def _int4_weight_bits(content: bytes) -> dict:
+    """Weight bytes and counts of 4-bit / 8-bit / float weight tensors in a file."""
+    import tfq
+
+    info = tfq.inspect_tflite(content)
+    return {"weight_bytes": info.weight_bytes, "int4_weights": sum(w.dtype == "INT4" for w in info.weights),
+            "int8_weights": sum(w.dtype == "INT8" for w in info.weights),
+            "float_weights": sum(w.dtype.startswith("FLOAT") for w in info.weights), "num_float_ops": info.num_float_ops}
+
+
+def int4_rows(label: str, model, calib, x_test, y_test, rows=TFQ_INT4_ROWS, aeq_rows=AEQ_INT4_ROWS,
+              log=print) -> list[dict]:
+    """One model's INT4 rows through LiteRT: float, INT8 (tfq, and the converter's dynamic range), tfq's
+    W4A8 / w4_dynamic / w4_weight_only rows and LiteRT's quantizer's int4 recipes on the same float file.
+
+    Each row: accuracy (packaged digits test split, ai_edge_litert), drop vs float, top-1 agreement and
+    SQNR vs the float model, file size and its ratio to tfq's INT8 file, weight bytes and the counts of
+    4-bit / 8-bit / float weight tensors, conversion seconds; or the error's first line.
+    """
+    import warnings
+
+    import tfq
+    from tfq.tflite.interpreter import TFLiteModel
+
+    float_out = model.predict(x_test, verbose=0)
+    float_acc = _accuracy(float_out, y_test)
+    out_rows = []
+
+    def add(name, make):
+        log(f"int4: {label} {name}")
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                content = make()
+        except Exception as err:  # noqa: BLE001 - recorded in the table
+            out_rows.append({"model": label, "name": name, "error": (str(err).strip().splitlines() or ["?"])[0][:240]})
+            return None
+        seconds = time.perf_counter() - start
+        out = TFLiteModel(content).predict(x_test, batch_size=256)
+        acc = _accuracy(out, y_test)
+        agreement, sqnr = _agreement_and_sqnr(out, float_out)
+        out_rows.append({"model": label, "name": name, "accuracy": acc, "float_accuracy": float_acc,
+                         "drop_vs_float": float_acc - acc, "agreement": agreement, "sqnr_db": sqnr,
+                         "size_bytes": len(content), "convert_seconds": seconds, **_int4_weight_bits(content)})
+        return content
+
+    float_tflite = add("float", lambda: tfq.convert(model, "float"))
+    int8 = add("tfq_int8", lambda: tfq.convert(model, "int8", calib))
+    add("converter_dynamic_int8", lambda: tfq.convert(model, "dynamic"))
+    for name, spec in rows:
+        spec = dict(spec)
+        data = calib if spec.pop("data") else None
+        recipe = spec.pop("recipe", None)
+
+        def make(data=data, recipe=recipe, spec=spec):
+            r = tfq.Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe
+            return tfq.convert(model, representative_data=data, recipe=r, **spec)
+
+        add(name, make)
+    for name, kind, granularity in aeq_rows:
+        add(name, lambda kind=kind, granularity=granularity: aeq_int4(float_tflite, kind, granularity, calib))
+    for row in out_rows:
+        if "size_bytes" in row and int8 is not None:
+            row["size_vs_int8"] = row["size_bytes"] / len(int8)
+    return out_rows
+
+
+def bench_int4(models=INT4_MODELS, quick: bool = False, verbose: bool = True) -> dict:
+    """4-bit weights in the file: :func:`int4_rows` on each model of :data:`INT4_MODELS` (calibration: 512
+    training samples; ``quick``: 2 epochs, nearest and GPTQ rows only, channelwise LiteRT quantizer rows)."""
+
+    def log(msg):
+        if verbose:
+            print(f"[benchmark] {msg}", flush=True)
+
+    start = time.perf_counter()
+    rows = TFQ_INT4_ROWS if not quick else tuple(r for r in TFQ_INT4_ROWS if "adaround" not in r[0])
+    aeq_rows = AEQ_INT4_ROWS if not quick else tuple(r for r in AEQ_INT4_ROWS if r[2] == "CHANNELWISE")
+    out = []
+    for key in models:
+        log(f"int4: training {key}")
+        model, (x_train, _), (x_test, y_test) = _int4_model(key, quick)
+        out += int4_rows(key, model, x_train[:512], x_test, y_test, rows, aeq_rows, log)
+    return {"rows": out, "seconds": time.perf_counter() - start}
+
+
+def int4_markdown(section: dict) -> str:
+    """The INT4 rows as a Markdown table."""
+    lines = ["| model | file | accuracy | SQNR vs float | size (B) | × INT8 | 4-bit / 8-bit / float weights | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in section["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['name']} | fails: {r['error'][:80]} | – | – | – | – | – |")
+            continue
+        sqnr = "exact" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f} dB"
+        lines.append(f"| {r['model']} | {r['name']} | {100 * r['accuracy']:.2f} % | {sqnr} | {r['size_bytes']} | "
+                     f"{r.get('size_vs_int8', float('nan')):.3f} | {r['int4_weights']} / {r['int8_weights']} / "
+                     f"{r['float_weights']} | {r['convert_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model kinds (issue 28): one row per kind of model a user brings, tfq against the plain converter.
+
+MODEL_KINDS = ("subclassed_prelu_two_outputs", "subclassed_prelu_wrapped", "shared_layer_separate_relu",
+               "odd_names", "tf_keras_custom_layer", "bidirectional_lstm", "keras_hub_gpt2_decoder",
+               "keras_hub_gpt2_decoder_fixed_length", "audio_saved_model_stft_div")
+
+
+def _kind_model(kind: str, tmp: str):
+    """(model or SavedModel path, calibration data, test data, float reference function) of one kind; the models
+    are built here, small, with random weights (copies of tests/test_model_kinds.py, test_interop.py and
+    test_safety.py)."""
+    import keras
+    import tensorflow as tf
+
+    layers = keras.layers
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+
+    def keras_reference(model):
+        def run(x):
+            out = model(x, training=False)
+            return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
+        return run
+
+    if kind.startswith("subclassed"):
+        class TwoHeadPReLUNet(keras.Model):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.conv1, self.prelu1 = layers.Conv2D(8, 3), layers.PReLU(shared_axes=[1, 2])
+                self.conv2, self.prelu2 = layers.Conv2D(8, 3), layers.PReLU(shared_axes=[1, 2])
+                self.flatten, self.boxes, self.scores = layers.Flatten(), layers.Dense(4), layers.Dense(3)
+
+            def call(self, x):
+                h = self.flatten(self.prelu2(self.conv2(self.prelu1(self.conv1(x)))))
+                return self.boxes(h), keras.ops.softmax(self.scores(h))
+
+        x = rng.random((224, 12, 12, 3)).astype("float32")
+        net = TwoHeadPReLUNet()
+        net(x[:1])
+        model = net
+        if kind.endswith("wrapped"):
+            inputs = keras.Input((12, 12, 3))
+            model = keras.Model(inputs, net(inputs))
+        return model, x[:160], x[160:], keras_reference(net)
+    if kind == "shared_layer_separate_relu":
+        a, b = keras.Input((8, 8, 3), name="a"), keras.Input((8, 8, 3), name="b")
+        shared = layers.Conv2D(4, 3, name="shared")
+        out = layers.Add(name="add")([layers.ReLU(name="relu")(shared(a)), shared(b)])
+        model = keras.Model([a, b], layers.Dense(3, name="head")(layers.Flatten()(out)))
+        x = [rng.standard_normal((224, 8, 8, 3)).astype("float32") for _ in range(2)]
+        return model, [v[:160] for v in x], [v[160:] for v in x], keras_reference(model)
+    if kind == "odd_names":
+        inputs = keras.Input((8, 8, 3), name="img")
+        x = layers.Conv2D(8, 3, name="img_fq")(inputs)
+        x = layers.ReLU(name="relu (x)")(x)
+        x = layers.Conv2D(8, 3, name="conv (v2)")(x)
+        x = layers.Activation("relu6", name="conv (v2)_fq")(x)
+        x = layers.Add(name="img_fq_output_fq")([x, layers.Conv2D(8, 1, name="skip")(x)])
+        x = layers.Flatten(name="flat")(layers.AveragePooling2D(2, name="flat_fq")(x))
+        model = keras.Model(inputs, layers.Dense(4, name="logits")(x), name="my model (v2)")
+        x = rng.standard_normal((224, 8, 8, 3)).astype("float32")
+        return model, x[:160], x[160:], keras_reference(model)
+    if kind == "tf_keras_custom_layer":
+        import tf_keras
+
+        class GatedSwish(tf_keras.layers.Layer):
+            def build(self, input_shape):
+                self.alpha = self.add_weight("alpha", shape=(input_shape[-1],), initializer="ones")
+
+            def call(self, x):
+                return x * tf.sigmoid(self.alpha * x)
+
+        tf_keras.utils.set_random_seed(0)
+        inputs = tf_keras.Input((8, 8, 3))
+        y = GatedSwish(name="custom")(tf_keras.layers.Conv2D(8, 3, name="conv")(inputs))
+        model = tf_keras.Model(inputs, tf_keras.layers.Dense(4, name="head")(tf_keras.layers.Flatten()(y)))
+        model.get_layer("custom").set_weights([np.linspace(0.5, 2.0, 8, dtype="float32")])
+        x = rng.random((224, 8, 8, 3)).astype("float32")
+        return model, x[:160], x[160:], lambda v: [model(v).numpy()]
+    if kind == "bidirectional_lstm":
+        inputs = keras.Input((6, 4))
+        model = keras.Model(inputs, layers.Dense(3)(layers.Bidirectional(layers.LSTM(8))(inputs)))
+        x = rng.standard_normal((224, 6, 4)).astype("float32")
+        return model, x[:160], x[160:], keras_reference(model)
+    if kind.startswith("keras_hub_gpt2_decoder"):
+        import keras_hub
+
+        # The backbone as keras-hub builds it takes any length (its causal mask and positions are computed at
+        # run time: NEG and RANGE, which TFLite has no int8 kernel for); on a fixed length they are constants.
+        model = keras_hub.models.GPT2Backbone(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=32,
+                                              intermediate_dim=64, max_sequence_length=16)
+        if kind.endswith("fixed_length"):
+            inputs = {k: keras.Input((16,), dtype="int32", name=k) for k in ("token_ids", "padding_mask")}
+            model = keras.Model(inputs, model(inputs), name="gpt2_fixed_length")
+        n, seq = 112, 16
+        lengths = rng.integers(seq // 2, seq + 1, size=n)
+        mask = (np.arange(seq)[None] < lengths[:, None]).astype("int32")
+        ids = np.where(mask, rng.integers(1, 100, size=(n, seq)), 0).astype("int32")
+        data = {"token_ids": ids, "padding_mask": mask}
+        return (model, {k: v[:64] for k, v in data.items()}, {k: v[64:] for k, v in data.items()},
+                lambda d: [np.asarray(keras.ops.convert_to_numpy(model(d, training=False)))])
+    if kind == "audio_saved_model_stft_div":
+        class AudioFront(tf.Module):
+            """Spectrogram front-end inside a SavedModel: STFT magnitude normalised by its largest value (a DIV:
+            on silence the divisor is 1e-10), log, then a small classifier."""
+
+            def __init__(self):
+                super().__init__()
+                r = np.random.default_rng(1)
+                self.w = tf.Variable(r.normal(size=(7 * 33, 16)).astype("float32") * 0.1)
+                self.w2 = tf.Variable(r.normal(size=(16, 4)).astype("float32"))
+
+            @tf.function(input_signature=[tf.TensorSpec([1, 256], tf.float32, name="audio")])
+            def __call__(self, audio):
+                spec = tf.abs(tf.signal.stft(audio, frame_length=64, frame_step=32))
+                normalised = spec / (tf.reduce_max(spec, axis=[-2, -1], keepdims=True) + 1e-10)
+                logspec = tf.math.log(normalised + 1e-3)
+                h = tf.nn.relu(tf.matmul(tf.reshape(logspec, [1, -1]), self.w))
+                return {"scores": tf.matmul(h, self.w2)}
+
+        module = AudioFront()
+        path = os.path.join(tmp, "audio_saved_model")
+        tf.saved_model.save(module, path, signatures=module.__call__)
+        x = (rng.normal(size=(96, 256)) * rng.uniform(0.05, 1, size=(96, 1))).astype("float32")
+        fn = tf.saved_model.load(path).signatures["serving_default"]
+        return path, x[:64], x[64:], lambda v: [np.concatenate([fn(audio=tf.constant(s[None]))["scores"].numpy()
+                                                                 for s in v])]
+    raise ValueError(f"unknown model kind {kind!r}; choose from {MODEL_KINDS}")
+
+
+def _plain_converter_int8_any(model, calib) -> bytes:
+    """The plain converter's INT8 (ops without an int8 kernel kept float) on what the user has: a Keras or
+    tf_keras model (``from_keras_model``) or a SavedModel directory (``from_saved_model``)."""
+    import io
+
+    import tensorflow as tf
+
+    if isinstance(model, str):
+        converter = tf.lite.TFLiteConverter.from_saved_model(model)
+    else:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if isinstance(calib, dict):
+        names = list(calib)
+        n = len(calib[names[0]])
+        rep = lambda: ([calib[k][i:i + 1] for k in names] for i in range(n))  # noqa: E731
+    elif isinstance(calib, list):
+        rep = lambda: ([v[i:i + 1] for v in calib] for i in range(len(calib[0])))  # noqa: E731
+    else:
+        rep = lambda: ([calib[i:i + 1]] for i in range(len(calib)))  # noqa: E731
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = rep
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return converter.convert()
+
+
+def _samples(data) -> list:
+    """Per-sample input lists (interpreter order: dict inputs sorted by name, as the converter orders them)."""
+    if isinstance(data, dict):
+        names = sorted(data)
+        return [[data[k][i:i + 1] for k in names] for i in range(len(data[names[0]]))]
+    if isinstance(data, list):
+        return [[v[i:i + 1] for v in data] for i in range(len(data[0]))]
+    return [[data[i:i + 1]] for i in range(len(data))]
+
+
+def _match_inputs(content: bytes, sample_names, samples):
+    """``samples`` reordered to the interpreter's input order (matched by signature name where it has one)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    if sample_names is None:
+        return samples
+    it = Interpreter(model_content=content)
+    try:
+        runner = it.get_signature_runner()
+        by_index = {d["index"]: n for n, d in runner.get_input_details().items()}
+        order = [sample_names.index(by_index[d["index"]]) for d in it.get_input_details()]
+        return [[s[i] for i in order] for s in samples]
+    except (ValueError, KeyError, RuntimeError):
+        return samples
+
+
+def kind_row(kind: str, tmp: str, log=print) -> dict:
+    """One model kind: for the plain converter and tfq (``tfq.convert(model, "int8", calib)``), whether it
+    converts (or the error's first line), the seconds, the float ops left (op types), the lowest
+    per-output SQNR vs the float model through LiteRT (separate process) on held-out samples, and
+    whether an all-zeros (silent) input crashes the interpreter or gives NaN/inf."""
+    import warnings
+
+    import tfq
+    from tfq.tflite.sandbox import Sandbox
+
+    model, calib, test, reference = _kind_model(kind, tmp)
+    ref = reference(test)
+    names = sorted(test) if isinstance(test, dict) else (
+        [t.name.split(":")[0] for t in model.inputs] if isinstance(test, list) else None)
+    test_samples = _samples(test)
+    zeros = [[np.zeros_like(a) for a in test_samples[0]]]
+    row = {"kind": kind}
+    for tool, make in (("plain_converter", lambda: _plain_converter_int8_any(model, calib)),
+                       ("tfq", lambda: tfq.convert(model, "int8", calib))):
+        log(f"kinds: {kind} {tool}")
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                content = make()
+        except Exception as err:  # noqa: BLE001 - recorded in the table
+            row[tool] = {"converts": False, "error": (str(err).strip().splitlines() or ["?"])[0][:240],
+                         "seconds": time.perf_counter() - start}
+            continue
+        seconds = time.perf_counter() - start
+        info = tfq.inspect_tflite(content)
+        entry = {"converts": True, "seconds": seconds, "float_ops": sorted({op.type for op in info.float_ops}),
+                 "num_float_ops": info.num_float_ops, "size_bytes": len(content),
+                 "warnings": [str(w.message).splitlines()[0][:200] for w in caught if "tfq" in str(w.message)][:3]}
+        with Sandbox() as sandbox:
+            result = sandbox.run(content, _match_inputs(content, names, test_samples))
+            silence = sandbox.run(content, _match_inputs(content, names, zeros))
+        if result.failed_sample is not None:
+            entry["sqnr_db"] = None
+            entry["run_error"] = result.message[:200]
+        else:
+            got = [np.concatenate([o[k] for o in result.outputs]) for k in range(len(result.outputs[0]))]
+            sqnrs = []  # outputs in interpreter order, the reference in the model's: matched by shape, best SQNR
+            for r in ref:
+                r = np.asarray(r, np.float64).reshape(len(test_samples), -1)
+                candidates = [np.asarray(g, np.float64).reshape(len(test_samples), -1) for g in got]
+                candidates = [g for g in candidates if g.shape == r.shape]
+                best = max((10 * np.log10(np.sum(r ** 2) / max(np.sum((r - g) ** 2), 1e-30)) for g in candidates),
+                           default=None)
+                sqnrs.append(None if best is None else float(best))
+            entry["sqnr_db_per_output"] = sqnrs
+            entry["sqnr_db"] = min((s for s in sqnrs if s is not None), default=None)
+        entry["silence_crashes"] = silence.failed_sample is not None
+        entry["silence_nonfinite"] = bool(silence.outputs) and any(
+            not np.all(np.isfinite(o)) for o in silence.outputs[0])
+        row[tool] = entry
+    return row
+
+
+def bench_kinds(kinds=MODEL_KINDS, verbose: bool = True) -> dict:
+    """:func:`kind_row` for each of :data:`MODEL_KINDS`."""
+
+    def log(msg):
+        if verbose:
+            print(f"[benchmark] {msg}", flush=True)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [kind_row(kind, tmp, log) for kind in kinds]
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+def kinds_markdown(section: dict) -> str:
+    """The model-kind rows as a Markdown table."""
+
+    def cell(e):
+        if not e.get("converts"):
+            return f"fails: {e.get('error', '')[:70]}"
+        sq = "–" if e.get("sqnr_db") is None else f"{e['sqnr_db']:.1f} dB"
+        fl = ", ".join(e["float_ops"]) if e["float_ops"] else "none"
+        silence = "crashes" if e["silence_crashes"] else ("NaN/inf" if e["silence_nonfinite"] else "ok")
+        return f"{sq}; float ops: {fl}; silence: {silence}; {e['seconds']:.1f} s"
+
+    lines = ["| model kind | plain converter | tfq |", "|---|---|---|"]
+    for r in section["rows"]:
+        lines.append(f"| {r['kind']} | {cell(r['plain_converter'])} | {cell(r['tfq'])} |")
+    return "\n".join(lines)
+
+
+SECTIONS = {"int4": "bench_int4", "kinds": "bench_kinds"}
+
+
+def run_sections(sections, previous: dict | None = None, quick: bool = False, verbose: bool = True) -> dict:
+    """Runs only ``sections`` (keys of :data:`SECTIONS`) and returns ``previous`` (e.g. the results file
+    already written) with those sections replaced: ``int4`` (:func:`bench_int4`), ``kinds``
+    (:func:`bench_kinds`)."""
+    import tensorflow as tf
+
+    import tfq
+
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(f"sections must be among {list(SECTIONS)}. Received: {list(sections)}")
+    results = dict(previous or {})
+    versions = {"tfq_version": tfq.__version__, "tensorflow": tf.__version__, "python": platform.python_version()}
+    for name in sections:
+        start = time.perf_counter()
+        if name == "int4":
+            section = bench_int4(quick=quick, verbose=verbose)
+        else:
+            section = bench_kinds(verbose=verbose)
+        section.update(versions, seconds=time.perf_counter() - start, quick=quick)
+        results[name] = section
+    return results

@@ -7,11 +7,15 @@ default op resolver (XNNPACK on) and with BUILTIN_WITHOUT_DEFAULT_DELEGATES:
 - ``w4a8``: the converter's full-integer file with the weights requantized to [-7, 7] and the
   tensor rewritten INT4 by tfq (same integers, same scales); checked against the same file with
   the integers left INT8 (must be bit-identical).
+- ``tfq_dynamic`` / ``tfq_dequantize`` (channelwise and blockwise 32): the float file with its weights
+  stored INT4 by tfq (:func:`tfq.tflite.int4.float_weights_to_int4`, every op and granularity tried,
+  nearest 4-bit integers), checked against the float file whose weights are those integers times
+  their scales (``rel_err_vs_dequantized``: 0 for weight-only, activation rounding for dynamic).
 - ``aeq_static_w4a8`` / ``aeq_dynamic`` / ``aeq_weight_only`` (channelwise and blockwise 32):
   files written by LiteRT's quantizer (ai-edge-quantizer) from the float file; checked against the
   float file's output (relative max error).
 
-Usage: PYTHONPATH=$PWD python scripts/int4_op_table.py [--json out.json]
+Usage: PYTHONPATH=$PWD python scripts/int4_op_table.py [--json out.json] [--only tfq]
 """
 
 from __future__ import annotations
@@ -151,6 +155,59 @@ def _blockwise(w4, block=32):
     return int4.save_model(m)
 
 
+def _nearest_int4(values, op_name, block):
+    """(q, scales, axis, block) nearest 4-bit integers of a float TFLite weight, per output channel
+    (DEPTHWISE_CONV_2D: last axis) or per block of ``block`` inputs (FULLY_CONNECTED/CONV_2D rows)."""
+    axis = 3 if op_name == "DEPTHWISE_CONV_2D" else 0
+    m = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).astype(np.float64)
+    if block:
+        if m.shape[1] % block:
+            return None
+        blocks = m.reshape(m.shape[0], -1, block)
+        s = (np.abs(blocks).max(axis=2) / 7).astype(np.float16).astype(np.float64)
+        q = np.clip(np.round(blocks / s[..., None]), -7, 7).reshape(m.shape)
+        deq = (q.reshape(blocks.shape) * s[..., None]).reshape(m.shape)
+    else:
+        s = np.abs(m).max(axis=1) / 7
+        q = np.clip(np.round(m / s[:, None]), -7, 7)
+        deq = q * s[:, None]
+    shape = (values.shape[axis],) + tuple(d for i, d in enumerate(values.shape) if i != axis)
+    back = lambda a: np.moveaxis(a.reshape(shape), 0, axis)  # noqa: E731
+    return (back(q).astype(np.int8), s.astype(np.float32), axis, block), back(deq).astype(np.float32)
+
+
+def _tfq_float_activation(flt, op_name, storage, block):
+    """(file, the float file with the dequantized weights) with every op and granularity allowed."""
+    from tfq.tflite import int4
+
+    allowed = {k: (v, ("channel", "tensor", "block")) for k, v in INT4_OPS.items()}
+    saved = dict(int4.INT4_FLOAT_ACTIVATION_OPS)
+    int4.INT4_FLOAT_ACTIVATION_OPS[storage] = allowed
+    deqs = {}
+
+    def choose(name, op, values):
+        found = _nearest_int4(values, op, block)
+        if found is None:
+            return None
+        deqs[name] = found[1]
+        return found[0]
+
+    try:
+        content, done, _ = int4.float_weights_to_int4(flt, choose, storage)
+    finally:
+        int4.INT4_FLOAT_ACTIVATION_OPS.clear()
+        int4.INT4_FLOAT_ACTIVATION_OPS.update(saved)
+    m = int4.load_model(flt)
+    for sg in m.subgraphs:
+        for t in sg.tensors:
+            if int4.tensor_name(t) in deqs:
+                m.buffers[t.buffer].data = np.frombuffer(deqs[int4.tensor_name(t)].tobytes(), np.uint8)
+    return (content if done else None), int4.save_model(m)
+
+
+INT4_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1}
+
+
 def _aeq(flt, kind, op_name, x, granularity="CHANNELWISE"):
     from ai_edge_quantizer import qtyping, quantizer, recipe_manager
 
@@ -215,6 +272,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for op_name, (model, index) in models.items():
+            if "--only" in sys.argv and op_name == "GATHER":
+                continue
             x = xs[op_name]
             flt, int8 = _float_and_int8(model, x)
             files = {"float": flt}
@@ -229,7 +288,14 @@ def main():
                 files["w4a8_tfq_int4"] = w4
                 if op_name == "FULLY_CONNECTED":
                     files["w4a8_blockwise_32"] = _blockwise(w4)
-            for kind in ("static", "dynamic", "weight_only"):
+            if op_name != "GATHER":
+                for storage in ("dynamic", "dequantize"):
+                    for block in (0, 32):
+                        content, ref = _tfq_float_activation(flt, op_name, storage, block)
+                        tag = f"tfq_{storage}_{'blockwise_32' if block else 'channelwise'}"
+                        if content is not None:
+                            files[tag], files[tag + "_dequantized_ref"] = content, ref
+            for kind in (() if "--only" in sys.argv else ("static", "dynamic", "weight_only")):
                 for g in ("CHANNELWISE", "BLOCKWISE_32"):
                     try:
                         files[f"aeq_{kind}_{g.lower()}"] = _aeq(flt, kind, op_name, x, g)
@@ -238,6 +304,8 @@ def main():
                                          error=f"quantizer: {str(e).strip().splitlines()[0][:160]}"))
             outs = {}
             for name, content in files.items():
+                if name.endswith("_dequantized_ref"):
+                    continue
                 path = os.path.join(tmp, f"{op_name}_{name}.tflite")
                 with open(path, "wb") as f:
                     f.write(content)
@@ -249,6 +317,13 @@ def main():
                     yf = outs.get(("float", resolver))
                     if y is not None and yf is not None and name != "float":
                         row["rel_err_vs_float"] = float(np.abs(y - yf).max() / (np.abs(yf).max() + 1e-12))
+                    if name.startswith("tfq_") and not name.endswith("_ref"):
+                        path_ref = os.path.join(tmp, f"{op_name}_{name}_dequantized_ref.tflite")
+                        with open(path_ref, "wb") as f:
+                            f.write(files[name + "_dequantized_ref"])
+                        _, yr = _run(path_ref, resolver, x, tmp)
+                        if y is not None and yr is not None:
+                            row["rel_err_vs_dequantized"] = float(np.abs(y - yr).max() / (np.abs(yr).max() + 1e-12))
                     if name == "w4a8_tfq_int4" and y is not None and outs.get(("w4a8_int8_ref", resolver)) is not None:
                         y8 = outs[("w4a8_int8_ref", resolver)]
                         row["equal_to_int8_ref"] = bool(np.array_equal(y, y8))

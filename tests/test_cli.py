@@ -304,7 +304,7 @@ def _listed_flags(text: str) -> list[str]:
 
 
 CONVERT_FLAGS = ["model", "mode", "data", "calibration", "percentile", "recipe", "io_dtype", "float_layers",
-                 "per_channel", "num_samples", "output", "quiet", "equalize", "bias_correction", "weight_rounding",
+                 "int16_layers", "per_channel", "num_samples", "output", "quiet", "equalize", "bias_correction", "weight_rounding",
                  "data_free", "method"]
 TUNE_FLAGS = ["model", "data", "eval_data", "output_dir", "max_drop", "objective", "strategy", "max_trials", "seed",
               "quiet"]

@@ -485,8 +485,10 @@ def test_layer_errors_errors(cnn):
     with pytest.raises(ValueError, match="no quantized activation") as excinfo:
         layer_errors(model, tflite["float"], x_test)
     one_line(excinfo)
-    with pytest.raises(TypeError, match="Keras model"):
-        layer_errors(tflite["float"], tflite["int8"], x_test)
+    with pytest.raises(TypeError, match="Keras model, a float .tflite"):
+        layer_errors(42, tflite["int8"], x_test)
+    # a float .tflite is a reference too (the front-end below Keras): tensors pair by name, graph I/O by signature
+    assert any(r["match"] == "io" for r in layer_errors(tflite["float"], tflite["int8"], x_test[:8]))
     with pytest.raises(ValueError, match="empty"):
         layer_errors(model, tflite["int8"], x_test[:0])
     with pytest.raises(ValueError, match="max_samples"):

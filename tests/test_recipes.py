@@ -24,6 +24,8 @@ EXPECTED_PRESETS = [
     "int8_kl",
     "int8_uint8_io",
     "qat_int8",
+    "w4_dynamic_gptq",
+    "w4_weight_only_gptq",
     "w4a8_adaround",
     "w4a8_gptq",
 ]
@@ -230,14 +232,19 @@ def test_tensor_spec_rejects(kwargs, error, fragments):
 @pytest.mark.parametrize(
     "kwargs, fragments",
     [
-        ({"mode": "int4"}, ["Recipe.mode", "'float', 'dynamic', 'fp16', 'int8', 'int16x8'", "mode='int4'"]),
+        ({"mode": "int4"}, ["Recipe.mode", "'float', 'dynamic', 'fp16', 'int8', 'int16x8', 'w4_dynamic', 'w4_weight_only'", "mode='int4'"]),
         ({"weights": TensorSpec(symmetric=False)}, [
             "asymmetric int8 weights are not supported by TFLite: weights must be symmetric (zero-point 0). "
             "Received: weights.symmetric=False",
             "allow_non_tflite=True",
         ]),
         ({"weights": TensorSpec(narrow_range=False)}, ["[-127, 127]", "weights.narrow_range=False"]),
-        ({"weights": TensorSpec(bits=4)}, ["8-bit int8 weights", "weights.bits=4"]),
+        ({"weights": TensorSpec(bits=3)}, ["4 or 8-bit int8 weights", "weights.bits=3"]),
+        ({"weights": TensorSpec(bits=4, block_size=32)}, ["mode='int8' has no blockwise kernel", "block_size=32",
+                                                          "mode='w4_dynamic'"]),
+        ({"mode": "w4_dynamic", "weights": TensorSpec(bits=4, block_size=16)}, ["takes blocks of 32, 64, 128",
+                                                                                 "weights.block_size=16"]),
+        ({"mode": "w4_dynamic", "weights": TensorSpec(bits=8)}, ["4-bit int8 weights", "weights.bits=8"]),
         ({"activations": TensorSpec(symmetric=False, narrow_range=False)}, [
             "per-channel activations", "activations.per_channel=True",
         ]),
@@ -319,7 +326,7 @@ def test_allow_non_tflite_permits_simulation_only_specs():
 @pytest.mark.parametrize(
     "data, error, fragments",
     [
-        ({"weights": {"bitz": 8}}, ValueError, ["'recipe.weights.bitz'", "Allowed keys: axis, bits, dtype, narrow_range, per_channel, symmetric"]),
+        ({"weights": {"bitz": 8}}, ValueError, ["'recipe.weights.bitz'", "Allowed keys: axis, bits, block_size, dtype, narrow_range, per_channel, symmetric"]),
         ({"mod": "int8"}, ValueError, ["'recipe.mod'", "mode"]),
         ({"overrides": [{"pattern": "x", "activation": {}}]}, ValueError, ["'recipe.overrides[0].activation'"]),
         ({"overrides": [{"pattern": "x", "weights": {"bits": 99}}]}, ValueError, ["recipe.overrides[0].weights:", "bits=99", "2..16"]),
@@ -459,7 +466,10 @@ def test_method_presets():
     dfq = load_recipe("int8_dfq")
     assert (dfq.equalize, dfq.bias_correction_method, dfq.data_free_method) == (True, "analytical", "synthetic")
     w4 = load_recipe("w4a8_adaround")
-    assert (w4.weights.bits, w4.weight_rounding, w4.allow_non_tflite) == (4, "adaround", True)
+    assert (w4.weights.bits, w4.weight_rounding, w4.allow_non_tflite) == (4, "adaround", False)  # exports INT4
+    for name, mode in (("w4_dynamic_gptq", "w4_dynamic"), ("w4_weight_only_gptq", "w4_weight_only")):
+        r = load_recipe(name)
+        assert (r.mode, r.weights.bits, r.weight_rounding, r.activations.dtype) == (mode, 4, "gptq", "float32")
     assert load_recipe("w4a8_gptq").weight_rounding == "gptq"
     assert load_recipe("int8_gptq").weight_rounding == "gptq"
 

@@ -336,6 +336,79 @@ def test_dict_inputs_and_outputs_calibrate_and_convert():
         assert match and min(np.abs(expected[k] - value).max() for k in match) < 0.1
 
 
+# --- 4b. attention flattened into a classifier head: static shapes through the inlined attention --
+class _Projection(L.Layer):
+    """A custom layer around an EinsumDense whose output_shape leaves the sequence axis None (as in
+    MultiHeadAttention); its own shape inference keeps it static, the EinsumDense's alone does not."""
+
+    def __init__(self, units=16, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = L.EinsumDense("abc,cd->abd", output_shape=(None, units), bias_axes="d", name="proj")
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def attention_classifier(variant: str) -> keras.Model:
+    """Digits as 8 tokens of 8 features → attention (or an EinsumDense) → Flatten → Dense(10)."""
+    inputs = keras.Input((8, 8), name="rows")
+    if variant == "einsum":
+        h = L.EinsumDense("abc,cde->abde", output_shape=(8, 2, 4), bias_axes="de", name="ed")(inputs)
+    elif variant == "custom_einsum":
+        h = _Projection(name="projection")(inputs)
+    else:
+        key_dim = 3 if variant == "key_dim" else 4  # 3: key_dim != D / heads
+        h = L.MultiHeadAttention(2, key_dim, name="mha")(inputs, inputs)
+    h = L.Reshape((-1,), name="flat")(h) if variant == "reshape" else L.Flatten(name="flat")(h)
+    return keras.Model(inputs, L.Dense(10, name="head")(h), name=f"attention_{variant}")
+
+
+def test_einsum_dense_wrapper_keeps_the_sequence_length_keras_leaves_unknown():
+    from tfq.quantsim.layers import QuantizedLayer
+
+    dense = L.EinsumDense("abc,cde->abde", output_shape=(None, 2, 4), name="query")
+    assert dense.compute_output_shape((None, 8, 8)) == (None, None, 2, 4)  # Keras' own inference
+    wrapped = QuantizedLayer(dense)(keras.Input((8, 8)))
+    assert tuple(wrapped.shape) == (None, 8, 2, 4)  # "ab" of the output are "ab" of the input
+
+
+@pytest.mark.parametrize("variant", ["flatten", "reshape", "key_dim", "einsum", "custom_einsum"])
+def test_attention_then_flatten_then_dense_converts_to_full_int8(digits, variant):
+    (x_train, y_train), (x_test, _) = digits
+    x_train, x_test = x_train[..., 0], x_test[..., 0]
+    keras.utils.set_random_seed(0)
+    model = attention_classifier(variant)
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, epochs=8, batch_size=32, verbose=0)  # ~87-91 % test accuracy
+    reference = model.predict(x_test, verbose=0)
+    plain_sqnr = sqnr_db(reference, run_tflite(plain_converter_int8(model, x_train[:200]), x_test))
+    content = tfq.convert(model, "int8", x_train[:200])
+    assert tfq.inspect_tflite(content).num_float_ops == 0, float_op_types(content)
+    tfq_sqnr = sqnr_db(reference, run_tflite(content, x_test))
+    assert tfq_sqnr >= 25.0, (tfq_sqnr, plain_sqnr)
+    assert tfq_sqnr >= plain_sqnr - 1.0, (tfq_sqnr, plain_sqnr)
+    if variant != "flatten":
+        return
+    qat = tfq.qat.quantize_model(model, calibration_data=x_train[:128])
+    assert tuple(qat.output.shape) == (None, 10)
+    qat.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    head = next(w for w in qat.weights if "head" in w.path and "kernel" in w.path)
+    before = keras.ops.convert_to_numpy(head).copy()
+    history = qat.fit(x_train[:32], y_train[:32], epochs=1, batch_size=32, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert not np.array_equal(before, keras.ops.convert_to_numpy(head))  # one step trained the head
+    content = tfq.convert(qat, "int8")
+    assert tfq.inspect_tflite(content).num_float_ops == 0
+    assert sqnr_db(qat.predict(x_test, verbose=0), run_tflite(content, x_test)) >= 25.0
+
+
 # --- 5. a transformer trained on the digits --------------------------------------------------------
 @pytest.mark.slow
 def test_digits_transformer_ptq_and_qat_within_one_point_of_float(digits):

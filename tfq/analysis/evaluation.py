@@ -32,10 +32,12 @@ from tfq.core.input_order import order_by_name
 from tfq.core.logs import logger, verbosity
 from tfq.core.messages import check_bool
 from tfq.core.representative import model_input_specs
+from tfq.export import tflite_frontend
 from tfq.export.convert import convert
 from tfq.models.interop import load_keras_model
 from tfq.models.loading import SavedModelPath, is_tf_keras_model
 from tfq.numerics.ops import round_half_away
+from tfq.ptq.tflite_calibration import is_below_keras
 from tfq.reference import explain
 from tfq.reference.executor import as_graph
 from tfq.reference.kernels import UnsupportedOpError
@@ -996,6 +998,8 @@ def _match_tensors(qinfo, finfo, qinterp, finterp, layer_names) -> tuple[dict[in
             if op.type == "DEQUANTIZE" and op.outputs and op.outputs[0] in partners:
                 return partners[op.outputs[0]], "io"  # the tensor behind a float graph output
         same = by_name.get(t.name)
+        if same is None:  # LiteRT's quantizer names the QUANTIZE of a float op's output "<name>_quantized"
+            same = by_name.get(re.sub(r"_quantized$", "", t.name))
         if same is not None:
             return same.index, "name"
         tokens = _layer_tokens(t.name, layer_names)
@@ -1095,7 +1099,10 @@ def layer_errors(
     itself, with the converter's own calibration, not an INT8 file made by :func:`tfq.convert`.
 
     Args:
-        keras_model: the float Keras model the INT8 model was made from.
+        keras_model: the float model the INT8 model was made from: a Keras model, or (for a model
+            quantized below Keras, :mod:`tfq.export.tflite_frontend`) the float ``.tflite`` (bytes or
+            path), the SavedModel directory or the ``TFSMLayer`` model. Then the float ``.tflite`` is
+            the reference and tensors pair by name (LiteRT's quantizer keeps them): a per-op error.
         int8_tflite: the quantized model (bytes or ``.tflite`` path).
         data: inputs (array, list in ``model.inputs`` order, or dict by input name).
         max_samples: samples used (each runs through both models one at a time).
@@ -1117,7 +1124,7 @@ def layer_errors(
         or ``"rounding"``).
 
     Raises:
-        TypeError: ``keras_model`` is not a Keras model.
+        TypeError: ``keras_model`` is not a Keras model, a float ``.tflite`` or a SavedModel directory.
         ValueError: the TFLite model is corrupt or has no quantized activations; data that is
             empty or does not fit the model.
         FileNotFoundError: a ``.tflite`` path that does not exist.
@@ -1128,11 +1135,14 @@ def layer_errors(
         >>> errors.outliers[0]["tensor"]                                   # doctest: +SKIP
     """
 
-    if is_tf_keras_model(keras_model):
+    below = tflite_frontend.is_tflite_input(keras_model) or (
+        isinstance(keras_model, (str, os.PathLike)) and is_below_keras(keras_model))
+    if not below and is_tf_keras_model(keras_model):
         keras_model = load_keras_model(keras_model)
-    if not isinstance(keras_model, keras.Model):
-        raise TypeError(f"keras_model must be the float Keras model the INT8 model was made from. Received: "
-                        f"{type(keras_model).__name__}")
+    if not below and not isinstance(keras_model, keras.Model):
+        raise TypeError(f"keras_model must be the float model the INT8 model was made from: a Keras model, a float "
+                        f".tflite (bytes or path) or a SavedModel directory. Received: {type(keras_model).__name__}")
+    below = below or tflite_frontend.has_tfsm_layer(keras_model)
     if not isinstance(max_samples, (int, np.integer)) or isinstance(max_samples, bool) or max_samples < 1:
         raise ValueError(f"max_samples must be a positive integer. Received: max_samples={max_samples!r}")
     qcontent = load_tflite_bytes(int8_tflite)
@@ -1141,12 +1151,18 @@ def layer_errors(
         raise ValueError("the TFLite model has no quantized activation tensors: it is not an INT8/int16x8 model. "
                          "Pass the output of tfq.convert(model, 'int8', representative_data).")
     arrays, names = _as_arrays(data)
-    arrays = [a[:max_samples] for a in _keras_input_order("keras_model", keras_model, arrays, names)]
-    names = [spec[0] for spec in model_input_specs(keras_model)]
-    fcontent = convert(keras_model, "float")
+    if below:  # the float .tflite the quantized model was made from: tensors match by name
+        fcontent = tflite_frontend.float_tflite(keras_model)
+        arrays = [a[:max_samples] for a in arrays]
+        layer_names = set()
+    else:
+        arrays = [a[:max_samples] for a in _keras_input_order("keras_model", keras_model, arrays, names)]
+        names = [spec[0] for spec in model_input_specs(keras_model)]
+        fcontent = convert(keras_model, "float")
+        layer_names = _keras_layer_names(keras_model)
     finfo = inspect_tflite(fcontent)
     matches, skipped = _match_tensors(qinfo, finfo, _debug_interpreter(qcontent, num_threads),
-                                      _debug_interpreter(fcontent, num_threads), _keras_layer_names(keras_model))
+                                      _debug_interpreter(fcontent, num_threads), layer_names)
     qvalues = _all_tensors(qcontent, arrays, names, sorted(matches), num_threads, "the INT8 model")
     fvalues = _all_tensors(fcontent, arrays, names, sorted({f for f, _ in matches.values()}), num_threads,
                            "the float model")

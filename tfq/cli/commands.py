@@ -55,7 +55,10 @@ flags.DEFINE_string("calibration", DEFAULT_CALIBRATION, f"Calibration: {', '.joi
 flags.DEFINE_float("percentile", None, "Percentile for --calibration=percentile (e.g. 99.99).")
 flags.DEFINE_string("recipe", None, "Recipe preset name or .yaml/.json file (overrides --mode etc.).")
 flags.DEFINE_string("io_dtype", "float32", f"Model input/output type: {', '.join(io_dtype_names())}.")
-flags.DEFINE_list("float_layers", [], "Comma-separated layer names/regexes kept float.")
+flags.DEFINE_list("float_layers", [], "Comma-separated layer names/regexes kept float (for a SavedModel or float "
+                  ".tflite: op types such as DIV, or tensor names).")
+flags.DEFINE_list("int16_layers", [], "SavedModel or float .tflite: comma-separated op types or tensor names "
+                  "computed with int16 activations.")
 flags.DEFINE_boolean("per_channel", True, "Per-channel conv weight scales.")
 flags.DEFINE_integer("num_samples", None, "Cap on calibration samples.")
 flags.DEFINE_string("output", None, "Output .tflite path (convert).")
@@ -94,7 +97,8 @@ COMMON_FLAGS = ("quiet",)
 COMMAND_FLAGS = {
     "quickstart": ("output_dir", "epochs", "qat_epochs", "seed"),
     "convert": ("model", "mode", "data", "calibration", "percentile", "recipe", "io_dtype", "float_layers",
-                "per_channel", "num_samples", "output", "equalize", "bias_correction", "weight_rounding", "data_free"),
+                "int16_layers", "per_channel", "num_samples", "output", "equalize", "bias_correction",
+                "weight_rounding", "data_free"),
     "evaluate": ("model", "tflite", "data", "num_threads", "max_samples", "output"),
     "inspect": ("tflite", "explain", "data"),
     "tune": ("model", "data", "eval_data", "max_drop", "objective", "strategy", "max_trials", "seed", "output_dir"),
@@ -205,7 +209,7 @@ def _convert() -> int:
     from tfq.tflite.info import inspect_tflite
 
     if not FLAGS.model:
-        raise UsageError("--model is required (a .keras file or SavedModel directory).")
+        raise UsageError("--model is required (a .keras file, SavedModel directory or float .tflite).")
     if not FLAGS.output:
         raise UsageError("--output is required (where to write the .tflite).")
     check_writable(FLAGS.output, "--output")
@@ -215,7 +219,8 @@ def _convert() -> int:
     content = convert(
         FLAGS.model, None if FLAGS.recipe else FLAGS.mode, data, recipe=FLAGS.recipe,
         calibration=FLAGS.calibration, per_channel=FLAGS.per_channel, io_dtype=FLAGS.io_dtype,
-        float_layers=FLAGS.float_layers, num_calibration_samples=FLAGS.num_samples, output=FLAGS.output,
+        float_layers=FLAGS.float_layers, int16_layers=FLAGS.int16_layers, num_calibration_samples=FLAGS.num_samples,
+        output=FLAGS.output,
         calibration_params=params, verbose=not FLAGS.quiet, equalize=FLAGS.equalize,
         bias_correction=_switch(FLAGS.bias_correction), weight_rounding=FLAGS.weight_rounding,
         data_free=_switch(FLAGS.data_free), methods=methods,

@@ -71,6 +71,12 @@ class ExportMode:
         configure: the driver: ``configure(converter, io_dtype, data)`` sets a
             ``tf.lite.TFLiteConverter`` up (``data``: a representative dataset callable or None).
         description: one line for documentation and ``--help``.
+        weight_bits: bit widths of integer weights its files store (4: INT4, packed two per byte).
+        block_sizes: block sizes of blockwise weights it writes (empty: none).
+        float_activations: how a mode with float activations and tfq's integer weights runs them:
+            ``"dynamic"`` (LiteRT's hybrid kernels quantize activations at run time; ops without one
+            get a DEQUANTIZE) or ``"dequantize"`` (weight-only: DEQUANTIZE ops, float kernels);
+            ``""`` for the other modes.
     """
 
     name: str
@@ -85,6 +91,9 @@ class ExportMode:
     configure: Callable[..., None]
     limits: str = ""
     description: str = ""
+    weight_bits: tuple[int, ...] = (8,)
+    block_sizes: tuple[int, ...] = ()
+    float_activations: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -102,6 +111,11 @@ class ExportMode:
         if not callable(self.configure):
             raise TypeError(f"ExportMode.configure must be callable(converter, io_dtype, data). "
                             f"Received: {self.configure!r}")
+        if self.float_activations not in ("", "dynamic", "dequantize"):
+            raise ValueError(f"ExportMode.float_activations must be '', 'dynamic' or 'dequantize'. "
+                             f"Received: {self.float_activations!r}")
+        if self.float_activations and not self.tfq_ranges:
+            raise ValueError(f"mode {self.name!r}: float_activations means tfq chooses the weights; set tfq_ranges=True.")
         if self.needs_data and "representative_data" not in self.honours:
             raise ValueError(f"mode {self.name!r} needs data, so it must honour 'representative_data'.")
         for field in ("default_weights", "default_activations"):
@@ -145,7 +159,7 @@ def export_mode_names() -> tuple[str, ...]:
 
     Example:
         >>> export_mode_names()
-        ('float', 'dynamic', 'fp16', 'int8', 'int16x8')
+        ('float', 'dynamic', 'fp16', 'int8', 'int16x8', 'w4_dynamic', 'w4_weight_only')
     """
     return tuple(_REGISTRY)
 
@@ -227,6 +241,11 @@ def _configure_int16x8(converter, io_dtype: str, data) -> None:
         converter.inference_output_type = tf_io_type(io_dtype)
 
 
+_WEIGHTS_4 = {"bits": 4, "symmetric": True, "per_channel": True, "axis": -1, "narrow_range": True, "dtype": "int8"}
+_W4_HONOURS = frozenset({"representative_data", "num_calibration_samples", "per_channel", "weights", "overrides",
+                         "float_layers", "weight_rounding"})
+_W4_LIMITS = ("its activations stay float (nothing to calibrate); tfq chooses only the 4-bit weight integers "
+              "(nearest, or weight_rounding='gptq'/'adaround' on representative_data)")
 _FLOAT_LIMITS = ("its activations stay float and the TFLite converter makes it alone, so there is nothing to "
                  "calibrate and no layer to keep float")
 _WEIGHTS_8 = {"bits": 8, "symmetric": True, "per_channel": True, "axis": -1, "narrow_range": True, "dtype": "int8"}
@@ -248,7 +267,8 @@ for _mode in (
                {"bits": 8, "symmetric": False, "per_channel": False, "axis": -1, "narrow_range": False,
                 "dtype": "int8"},
                needs_data=True, tfq_ranges=True, honours=frozenset(CONVERT_OPTIONS), configure=_configure_int8,
-               limits="", description="full integer: int8 weights and activations, ranges chosen by tfq"),
+               limits="", description="full integer: int8 weights and activations, ranges chosen by tfq (4-bit "
+                                      "weights stored INT4 with TensorSpec(bits=4))", weight_bits=(4, 8)),
     ExportMode("int16x8", ("float32", "int16"), ("int8", "int16"), ("int8", "int16"), _WEIGHTS_8,
                {"bits": 16, "symmetric": True, "per_channel": False, "axis": -1, "narrow_range": True,
                 "dtype": "int16"},
@@ -259,6 +279,16 @@ for _mode in (
                       "layer, weights per channel; tfq cannot hand it other ranges (16-bit fake-quant nodes convert, but "
                       "LiteRT then computes wrong results: 10 % accuracy instead of 97 % on the digits CNN)",
                description="int16 activations, int8 weights (converter calibration, MinMax)"),
+    ExportMode("w4_dynamic", ("float32",), ("int8",), ("float32",), _WEIGHTS_4, {"dtype": "float32"},
+               needs_data=False, tfq_ranges=True, honours=_W4_HONOURS, configure=_configure_float,
+               limits=_W4_LIMITS, weight_bits=(4,), block_sizes=(32, 64, 128), float_activations="dynamic",
+               description="4-bit weights (tfq's integers, INT4), float activations quantized at run time by "
+                           "LiteRT's hybrid kernels"),
+    ExportMode("w4_weight_only", ("float32",), ("int8",), ("float32",), _WEIGHTS_4, {"dtype": "float32"},
+               needs_data=False, tfq_ranges=True, honours=_W4_HONOURS, configure=_configure_float,
+               limits=_W4_LIMITS, weight_bits=(4,), float_activations="dequantize",
+               description="4-bit weights (tfq's integers, INT4) dequantized to float when the model loads; "
+                           "float compute"),
 ):
     register_export_mode(_mode)
 del _mode

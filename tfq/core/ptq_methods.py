@@ -338,6 +338,7 @@ for _method in (
               description="each layer's mean output shift from weight quantization, subtracted from its bias"),
     PTQMethod("weight_rounding", {"frozen_model": "tfq.ptq.weight_rounding:rounding_step"},
               values=("nearest", "adaround", "gptq"), data="needs", tune=("nearest", "gptq"), order=10,
+              modes=("int8", "w4_dynamic", "w4_weight_only"),
               check_recipe=_check_weight_rounding,
               description="each weight's integer learned on calibration data (AdaRound, GPTQ)"),
     # True: "synthetic".

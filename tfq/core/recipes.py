@@ -160,10 +160,15 @@ class TensorSpec:
         axis: Channel axis for `per_channel`.
         narrow_range: Drop the most negative level (TFLite int8 weights use [-127, 127]).
         dtype: Storage dtype: "int8", "int16", "float16" or "float32".
+        block_size: Weights only: one scale per block of this many consecutive inputs of each
+            output channel (blockwise), instead of one per channel; None (default) for none. Only
+            modes whose kernels run blockwise weights accept it (``w4_dynamic``: 32, 64 or 128).
 
     Example:
         >>> TensorSpec(symmetric=False, per_channel=False, narrow_range=False).bits
         8
+        >>> TensorSpec(bits=4, block_size=32).to_dict()["block_size"]
+        32
     """
 
     bits: int = 8
@@ -172,6 +177,7 @@ class TensorSpec:
     axis: int = -1
     narrow_range: bool = True
     dtype: str = "int8"
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("TensorSpec", "dtype", self.dtype, DTYPES)
@@ -181,6 +187,11 @@ class TensorSpec:
             _check_bool("TensorSpec", name, getattr(self, name))
         if not _is_int(self.axis):
             raise TypeError(f"TensorSpec.axis must be an int. Received: axis={short_repr(self.axis)}")
+        if self.block_size is not None and (not _is_int(self.block_size) or self.block_size < 2
+                                            or not self.symmetric or not self.per_channel):
+            raise ValueError(f"TensorSpec.block_size must be None or an int >= 2, with symmetric per-channel weights "
+                             f"(blocks split each channel). Received: block_size={short_repr(self.block_size)}, "
+                             f"symmetric={self.symmetric}, per_channel={self.per_channel}")
         if self.dtype in _INTEGER_DTYPES:
             max_bits = _INTEGER_DTYPES[self.dtype]
             if self.bits > max_bits:
@@ -200,7 +211,8 @@ class TensorSpec:
     def __repr__(self) -> str:
         if not self.is_integer:
             return f"TensorSpec(dtype={short_repr(self.dtype)})"
-        fields = ", ".join(f"{f.name}={short_repr(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        fields = ", ".join(f"{f.name}={short_repr(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                           if f.name != "block_size" or self.block_size is not None)
         return f"TensorSpec({fields})"
 
     @property
@@ -217,7 +229,10 @@ class TensorSpec:
         """
         if not self.is_integer:
             return {"dtype": self.dtype}
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.block_size is None:
+            del d["block_size"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
@@ -329,12 +344,17 @@ def _check_dtype_kind(mode: str, role: str, spec: TensorSpec, where: str) -> Non
 
 def _check_tflite(mode: str, role: str, spec: TensorSpec, where: str) -> None:
     """Refuses specs that TFLite's kernels for `mode` cannot run (see ANCHORS: int8 spec)."""
+    if role == "activations" and spec.block_size is not None:
+        raise ValueError(f"block_size applies to weights only. Received: {where}.block_size={spec.block_size}; "
+                         f"drop it.")
     if not spec.is_integer:
         return
     if role == "weights":
-        if spec.dtype != "int8" or spec.bits != 8:
+        entry = get_export_mode(mode)
+        allowed_bits = entry.weight_bits
+        if spec.dtype != "int8" or spec.bits not in allowed_bits:
             raise ValueError(
-                f"TFLite {mode} kernels take 8-bit int8 weights. "
+                f"TFLite {mode} kernels take {' or '.join(map(str, allowed_bits))}-bit int8 weights. "
                 f"Received: {where}.dtype={short_repr(spec.dtype)}, {where}.bits={spec.bits}. {_ALLOW_NON_TFLITE_HINT}"
             )
         if not spec.symmetric:
@@ -346,6 +366,14 @@ def _check_tflite(mode: str, role: str, spec: TensorSpec, where: str) -> None:
             raise ValueError(
                 "TFLite int8 weights use the narrow range [-127, 127]. "
                 f"Received: {where}.narrow_range=False. {_ALLOW_NON_TFLITE_HINT}"
+            )
+        if spec.block_size is not None and spec.block_size not in entry.block_sizes:
+            runs = (f"takes blocks of {', '.join(map(str, entry.block_sizes))}" if entry.block_sizes else
+                    "has no blockwise kernel in LiteRT 2.3 (only w4_dynamic's FULLY_CONNECTED runs blockwise "
+                    "weights)")
+            raise ValueError(
+                f"mode={short_repr(mode)} {runs}. Received: {where}.block_size={spec.block_size}. "
+                f"Use mode='w4_dynamic' for blockwise weights, or block_size=None (per channel)."
             )
         return
     if spec.per_channel:
@@ -400,7 +428,8 @@ class Recipe:
         seed: Seed for anything random (e.g. sample selection).
         name: Free-form name (presets use their file stem).
         allow_non_tflite: Skip the TFLite-runnability checks, for simulation-only
-            recipes (e.g. 4-bit weights); such a recipe cannot be exported.
+            recipes (e.g. 3-bit weights, asymmetric weights); such a recipe cannot be exported.
+            4-bit weights export without it (INT4 in the file: int8, w4_dynamic, w4_weight_only).
         equalize: Cross-layer equalization and high-bias absorption before
             quantizing (`tfq.equalize`); int8 and int16x8.
         bias_correction: Correct each layer's mean output shift caused by weight

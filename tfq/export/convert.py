@@ -25,8 +25,15 @@ from tfq.core.ptq_methods import RANGE_STAGES, get_ptq_method, methods_at
 from tfq.core.recipes import Recipe, TensorSpec, load_recipe
 from tfq.core.representative import representative_dataset
 from tfq.export import check as checker
+from tfq.export import tflite_frontend
 from tfq.export.graph_converter import keras_graph_converter
-from tfq.export.int4 import snap_four_bit_kernels, write_int4_weights
+from tfq.export.int4 import (
+    blockwise_integers,
+    float_activation_weights,
+    snap_four_bit_kernels,
+    write_float_activation_int4,
+    write_int4_weights,
+)
 from tfq.models.interop import convert_tfmot_model, load_keras_model
 from tfq.models.loading import (
     SavedModelPath,
@@ -300,19 +307,35 @@ def convert(
     methods: Mapping | None = None,
     check: bool = True,
     strict: bool = False,
+    int16_layers=(),
 ) -> bytes:
-    """Converts a Keras model to TFLite.
+    """Converts a Keras model, a SavedModel or a float ``.tflite`` to TFLite.
 
     Every option is honoured or refused with one line naming it: each mode honours the options
     :mod:`tfq.export_modes` lists for it (``"int8"`` all of them; ``"int16x8"``, whose ranges
     the TFLite converter chooses itself, only representative data, ``num_calibration_samples``,
-    ``equalize`` and ``data_free``; ``"float"``/``"fp16"``/``"dynamic"`` none), a SavedModel only
-    representative data (the converter converts it alone), a tfq QAT model no layer choices.
+    ``equalize`` and ``data_free``; ``"float"``/``"fp16"``/``"dynamic"`` none), a tfq QAT model no
+    layer choices.
+
+    A SavedModel directory, a Keras model made of a ``keras.layers.TFSMLayer`` or a float ``.tflite``
+    (path or bytes) is quantized to int8 *below Keras* (:mod:`tfq.export.tflite_frontend`): its float
+    ``.tflite`` runs in LiteRT's interpreter over the calibration samples, tfq's calibration method
+    chooses every activation range, and LiteRT's quantizer (``ai-edge-quantizer``) writes the file
+    from those ranges. Measured on a CNN SavedModel it equals the plain converter's SQNR (45.58 dB
+    both), where LiteRT's quantizer with its own calibration reaches 27.24 dB (figures in
+    docs/guides/ptq.md). There ``calibration``, ``calibration_params``, ``per_channel``,
+    ``float_layers``/``int16_layers`` (op types or tensor names), ``num_calibration_samples``,
+    ``io_dtype`` (``"int8"``) and the check apply; methods that need a Keras graph are refused.
+    In other modes a SavedModel is converted by the converter alone; a ``.tflite`` takes
+    ``"int8"`` or ``"int16x8"`` only.
 
     Args:
-        model: a Keras 3 or tf_keras model, a tfq QAT model, or a path to ``.keras``/SavedModel.
+        model: a Keras 3 or tf_keras model, a tfq QAT model, a path to ``.keras``/SavedModel, a
+            Keras model of a ``TFSMLayer``, or a float ``.tflite`` (path ending ``.tflite``, or bytes).
         mode: ``"float"``, ``"dynamic"`` (int8 weights, float activations), ``"fp16"``,
-            ``"int8"`` (full integer) or ``"int16x8"`` (or a registered mode). None (the default):
+            ``"int8"`` (full integer), ``"int16x8"``, ``"w4_dynamic"`` (tfq's 4-bit weights stored
+            INT4, activations quantized at run time by LiteRT's hybrid kernels) or ``"w4_weight_only"``
+            (4-bit weights dequantized when loaded, float compute) (or a registered mode). None (the default):
             the recipe's mode, or ``"int8"`` without a recipe.
         representative_data: calibration data for ``"int8"``/``"int16x8"`` (arrays, dict,
             ``tf.data.Dataset`` or callable). Not needed for a trained QAT model.
@@ -333,6 +356,9 @@ def convert(
         float_layers: layer names, regexes (``re.fullmatch``) or classes kept float inside an INT8
             model; a single string is one pattern. A pattern that matches no layer is an error
             naming the nearest layer names.
+            For a model quantized below Keras: op types (``"DIV"``), regexes fully matching an op's
+            output tensor name or one of its ``;``-separated parts, or op indices
+            (:func:`tfq.export.tflite_frontend.op_table` lists them).
         num_calibration_samples: cap on calibration samples.
         output: if given, the model is also written there atomically (checked writable first).
         calibration_params: method parameters (e.g. ``{"percentile": 99.9}``), validated.
@@ -367,6 +393,9 @@ def convert(
             :mod:`tfq.export.check`.
         strict: refuse (``ConversionError``) a model the check finds broken or far from float,
             instead of fixing or warning.
+        int16_layers: for a model quantized below Keras, the ops (named as in ``float_layers``)
+            computed with int16 activations and int8 weights inside the int8 model. Refused for a
+            Keras model (its int8 export cannot mix int16 activations: convert its float ``.tflite``).
 
     Returns:
         The ``.tflite`` flatbuffer bytes. Same inputs give the same bytes.
@@ -387,6 +416,8 @@ def convert(
         >>> tflite = tfq.convert(model, "int8", None, data_free=True, equalize=True,
         ...                      bias_correction="analytical")                    # doctest: +SKIP
         >>> tflite = tfq.convert(model, recipe="int16x8", representative_data=x_train[:300])  # doctest: +SKIP
+        >>> tflite = tfq.convert("saved_model_dir", "int8", x_train[:300], calibration="kl",
+        ...                      float_layers=["DIV"], int16_layers=[".*conv1.*"])       # doctest: +SKIP
     """
     methods = _methods_given(methods, equalize=equalize, bias_correction=bias_correction,
                              weight_rounding=weight_rounding, data_free=data_free)
@@ -396,7 +427,18 @@ def convert(
         get_export_mode("int8" if mode is None else mode)  # before loading anything
     if output is not None:
         check_writable(output, "output")
-    model = load_keras_model(model, saved_model=True, tfmot=True)
+    if not tflite_frontend.is_tflite_input(model):
+        model = load_keras_model(model, saved_model=True, tfmot=True)
+    if _below_keras(model, mode, recipe):
+        content = _convert_below_keras(
+            model, mode, representative_data, calibration=calibration, calibration_params=calibration_params,
+            per_channel=per_channel, io_dtype=io_dtype, float_layers=float_layers, int16_layers=int16_layers,
+            num_calibration_samples=num_calibration_samples, verbose=verbose, check=check, strict=strict,
+            recipe=recipe, methods=methods, report=report)
+        if output is not None:
+            atomic_write_bytes(output, content)
+        return content
+    _refuse_int16_layers(int16_layers, model)
     if is_tf_keras_model(model):  # a tfmot QAT model: tfmot's own fake-quant ops carry the ranges
 
         r = _build_recipe(mode, recipe, calibration, per_channel, io_dtype,
@@ -423,15 +465,17 @@ def convert(
     params = dict(r.calibration_params)
     entry = get_export_mode(r.mode)
     with verbosity(verbose):  # progress on a terminal: calibration's bar, the converter's elapsed time
-        if entry.tfq_ranges:
+        if entry.float_activations:
+            content = _convert_float_activations(model, r, representative_data, report)
+        elif entry.tfq_ranges:
             content = _convert_int8(model, r, representative_data, calibration, params, verbose, report)
         elif entry.needs_data:
             content = _convert_with_converter_calibration(model, r, representative_data, report)
         else:
             content = _convert_float_family(model, r)
     if check:
-        fixable = entry.tfq_ranges and not is_quantized_model(model) and (
-            representative_data is not None or isinstance(model, SavedModelPath))
+        fixable = entry.tfq_ranges and not entry.float_activations and not is_quantized_model(model) and (
+            representative_data is not None)
         content = checker.checked(
             content, model, representative_data, mode=r.mode, io_dtype=r.io_dtype, strict=strict,
             layer_names=[layer.name for layer in _all_layers(model)],
@@ -481,14 +525,15 @@ def _methods_given(methods, **shorthands) -> dict:
     return out
 
 
-@_same_options_as(convert, without=("io_dtype", "output", "check", "strict"))
+@_same_options_as(convert, without=("io_dtype", "output", "check", "strict", "int16_layers"))
 def fake_quantize(model, mode=None, representative_data=None, **options) -> keras.Model:
     """The fake-quant Keras model that :func:`convert` hands to the TFLite converter, for simulation.
 
-    Same arguments as :func:`convert` (its signature, without ``io_dtype``, ``output``, ``check`` and ``strict``: it writes no file to check; int8 and
-    int16x8 recipes). The model computes in float with
+    Same arguments as :func:`convert` (its signature, without ``io_dtype``, ``output``, ``check``,
+    ``strict`` and ``int16_layers``: it writes no file to check, and simulates a Keras model; int8
+    and int16x8 recipes). The model computes in float with
     every quantization simulated (weights on their integer grid, activations on their ranges), so
-    it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 4-bit weights) —
+    it also evaluates recipes TFLite cannot run (``allow_non_tflite=True``, e.g. 3-bit weights) —
     with the same calibration, equalization, learned rounding and bias correction as the export.
     In int16x8 mode it simulates tfq's own ranges (every option applies), which the exported
     int16x8 model does not use (the converter calibrates it).
@@ -497,7 +542,7 @@ def fake_quantize(model, mode=None, representative_data=None, **options) -> kera
         A new ``keras.Model`` with fixed ranges (the caller's model is untouched).
 
     Example:
-        >>> w4a8 = tfq.Recipe(weights=tfq.TensorSpec(bits=4), allow_non_tflite=True, weight_rounding="adaround")
+        >>> w4a8 = tfq.Recipe(weights=tfq.TensorSpec(bits=4), weight_rounding="adaround")
         >>> sim = tfq.fake_quantize(model, recipe=w4a8, representative_data=x_train[:256])   # doctest: +SKIP
         >>> sim.predict(x_test)                                                              # doctest: +SKIP
     """
@@ -598,8 +643,6 @@ def _convert_with_converter_calibration(model, r: Recipe, data, report=None) -> 
 
 
 def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=None) -> bytes:
-    if isinstance(model, SavedModelPath):
-        return _convert_saved_model_int8(model, r, data)
     trained_ranges = is_quantized_model(model) and not _qat_needs_calibration(model)
     frozen, qmodel, data = _prepare_int8(model, r, data, calibration, params, verbose, report, in_place=True)
     uncovered = uncovered_layers(qmodel)
@@ -627,7 +670,34 @@ def _convert_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         )
     if float_ops:
         _warn_float_ops(float_ops, model)
+    _warn_slow_int8_ops(content)
     return write_int4_weights(content, r, frozen)  # 4-bit weights stored INT4 (tfq.export.int4); else unchanged
+
+
+def _convert_float_activations(model, r: Recipe, data, report=None) -> bytes:
+    """Modes with float activations and tfq's 4-bit weights (``w4_dynamic``, ``w4_weight_only``): the
+    weight-only fake-quant model chooses the integers (blockwise ones first, then nearest/AdaRound/GPTQ),
+    the float ``.tflite`` of the model with those weights is converted, and the weights are stored INT4."""
+    entry = get_export_mode(r.mode)
+    if isinstance(model, SavedModelPath):
+        raise ValueError(f"mode={r.mode!r} chooses the weights of a Keras model tfq can rewrite; {str(model)!r} is a "
+                         f"SavedModel. Pass the .keras file, or use mode='dynamic'.")
+    if is_quantized_model(model):
+        raise ValueError(f"mode={r.mode!r} chooses 4-bit weights for a float model, and {model.name!r} is a tfq QAT "
+                         f"model. Convert it with mode='int8' (a QAT model trained at 4 bits exports INT4 weights), "
+                         f"or pass the float model.")
+    if data is not None and r.weight_rounding == "nearest":
+        warnings.warn(f"tfq.convert: representative_data was not used: mode={r.mode!r} keeps activations float and "
+                      f"rounds weights to nearest. Pass weight_rounding='gptq' to choose the integers on it, or drop it.",
+                      stacklevel=3)
+    qmodel = rewrite_model(ptq_methods.prepare_model(model, r, report), r)
+    frozen = fix_ranges_in_place(qmodel, {})  # weight quantizers only: no ranges
+    blockwise = blockwise_integers(frozen, r, data, report)
+    snap_four_bit_kernels(frozen, unhandled_only=r.weight_rounding != "nearest")
+    ptq_methods.apply_weight_methods(frozen, r, data, report)
+    choices, by_name = float_activation_weights(frozen, r, blockwise)
+    float_content = _convert_float_family(freeze_model(frozen, {}, strip=True), r)
+    return write_float_activation_int4(float_content, choices, entry.float_activations, by_name)
 
 
 def _int8_converter_run(frozen, r: Recipe, data) -> bytes:
@@ -685,8 +755,8 @@ def _prepare_int8(model, r: Recipe, data, calibration, params, verbose, report=N
         frozen = fix_ranges_in_place(qmodel, ranges)  # rewritten here: no one else holds it
     else:
         frozen = freeze_model(qmodel, ranges)
-    if r.weight_rounding == "nearest":
-        snap_four_bit_kernels(frozen)  # 4-bit kernels on their grid: simulated and written as such
+    # 4-bit kernels on their grid: simulated and written as such (learned rounding sets its own layers')
+    snap_four_bit_kernels(frozen, unhandled_only=r.weight_rounding != "nearest")
     ptq_methods.apply_weight_methods(frozen, r, data, report)
     return frozen, qmodel, data
 
@@ -715,6 +785,25 @@ def _unexpected_float_ops(content: bytes, r: Recipe) -> list:
         return []
     info = inspect_tflite(content)
     return [(op, info.tensors[op.outputs[0]].name if op.outputs else "?") for op in info.float_ops]
+
+
+# int8 ops that LiteRT's CPU delegate (XNNPACK, 2.3) does not take: each runs in LiteRT's own kernel and splits
+# the delegated graph around it. Measured (PReLU CNN, 32x32 digits, batch 1, 2 cores): the INT8 model 1.5x (1
+# thread) to 2.0x (2 threads) slower than float; with PReLU float, 0.8x float at the same accuracy and SQNR.
+SLOW_INT8_OPS = ("PRELU",)
+
+
+def _warn_slow_int8_ops(content: bytes) -> None:
+    """One warning when the INT8 model holds int8 ops that run slower than float on LiteRT's CPU runtime."""
+    ops = [op for op in inspect_tflite(content).ops if op.type in SLOW_INT8_OPS and "INT8" in op.output_dtypes]
+    if ops:
+        warnings.warn(
+            f"tfq.convert: {len(ops)} int8 {ops[0].type} op(s): LiteRT's CPU delegate (XNNPACK) has no int8 "
+            f"{ops[0].type}, so each runs in LiteRT's own kernel between delegated parts, measured 1.5-3x slower than "
+            f"the float model at batch 1. For CPU speed keep them float (float_layers=[keras.layers.PReLU]: same "
+            f"SQNR, faster than float) or use tfq.tune(..., objective='latency'); on integer-only hardware ignore this.",
+            stacklevel=5,  # _convert_int8, convert, its process lock, the caller
+        )
 
 
 def _warn_float_ops(float_ops, model) -> None:
@@ -750,31 +839,93 @@ def _screened_inputs(rep, r: Recipe):
     return representative_dataset(without_samples(rep, outliers.indices)) if set_aside and outliers else rep
 
 
-def _convert_saved_model_int8(path, r: Recipe, data) -> bytes:
-    """A SavedModel has no Keras graph to rewrite: the converter's own MinMax calibration is used
-    (:func:`_check_options` has refused every option that would need tfq's rewrite), on the samples
-    that pass the outlier test on the inputs (set aside by the default calibration)."""
-
-    tf = _tf()
-    _require_data(data, r.mode)
-    check_saved_model_complete(path)
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
-    rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r)
-    get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
-    # No float fallback: tfq cannot tell which layer of a SavedModel an op came from.
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return run_converter(converter, r.mode)
-
-
 def _int8_keeping_float(model, r: Recipe, data, calibration, params, nodes) -> bytes:
     """The int8 conversion again, the ops making the tensors ``nodes`` kept float (the converter's denylist,
     :func:`tfq.export.check.convert_keeping_float`): the fix for an op that fails or makes NaN."""
-    if isinstance(model, SavedModelPath):
-        converter = _tf().lite.TFLiteConverter.from_saved_model(str(model))
-        rep = _screened_inputs(representative_dataset(data, r.num_calibration_samples), r)
-    else:
-        frozen, _, data = _prepare_int8(model, r, data, calibration, params, False)
-        converter = keras_graph_converter(frozen)
-        rep = representative_dataset(data, r.num_calibration_samples, model=frozen)
+    frozen, _, data = _prepare_int8(model, r, data, calibration, params, False)
+    converter = keras_graph_converter(frozen)
+    rep = representative_dataset(data, r.num_calibration_samples, model=frozen)
     get_export_mode(r.mode).configure(converter, r.io_dtype, rep)
     return checker.convert_keeping_float(converter, nodes, r.mode)
+
+
+# --------------------------------------------------------------------------------- the front-end below Keras
+def _integer_mode(mode) -> bool:
+    """Whether a registered mode has integer activations (int8, int16x8): what tfq quantizes below Keras."""
+    return TensorSpec(**get_export_mode(mode).default_activations).is_integer
+
+
+def _below_keras(model, mode, recipe) -> bool:
+    """Whether ``model`` takes the front-end below Keras (:mod:`tfq.export.tflite_frontend`): a float
+    ``.tflite`` always (other modes are refused there); a SavedModel directory or a ``TFSMLayer`` model
+    in int8 (its other modes stay with the TFLite converter)."""
+    if tflite_frontend.is_tflite_input(model):
+        return True
+    if not (isinstance(model, SavedModelPath) or tflite_frontend.has_tfsm_layer(model)):
+        return False
+    if recipe is not None:
+        return load_recipe(recipe).mode == "int8"
+    return mode is None or mode == "int8"
+
+
+def _refuse_int16_layers(int16_layers, model) -> None:
+    if int16_layers is None or (isinstance(int16_layers, (list, tuple, set, frozenset)) and not int16_layers):
+        return
+    name = getattr(model, "name", None) or type(model).__name__
+    raise ValueError(f"int16_layers={short_repr(int16_layers)} keeps ops of a float .tflite, SavedModel or TFSMLayer "
+                     f"model at int16 activations; {name!r} is converted through its Keras graph, whose INT8 export "
+                     f"cannot mix int16 activations. Convert its float .tflite instead (tfq.convert(float_bytes, "
+                     f"'int8', data, int16_layers=[...])), use mode='int16x8', or drop int16_layers.")
+
+
+def _convert_below_keras(model, mode, data, *, calibration, calibration_params, per_channel, io_dtype, float_layers,
+                         int16_layers, num_calibration_samples, verbose, check, strict, recipe, methods,
+                         report) -> bytes:
+    """INT8 (or int16x8) of a float ``.tflite`` / SavedModel / TFSMLayer model: tfq's calibration on the
+    float ``.tflite`` in LiteRT, LiteRT's quantizer writing the file (:mod:`tfq.export.tflite_frontend`),
+    then the check, whose crashing or NaN ops are kept float by name."""
+    what = "a float .tflite" if tflite_frontend.is_tflite_input(model) else (
+        f"SavedModel {str(model)!r}" if isinstance(model, SavedModelPath) else f"TFSMLayer model {model.name!r}")
+    if recipe is not None:
+        r = load_recipe(recipe)
+        mode = r.mode if mode is None else mode
+        if r.mode != mode:
+            raise ValueError(f"mode={mode!r} conflicts with the recipe's mode {r.mode!r}. Pass one of them.")
+        if calibration == DEFAULT_CALIBRATION and r.calibration != DEFAULT_CALIBRATION:
+            calibration = r.calibration
+        calibration_params = {**r.calibration_params, **(calibration_params or {})}
+        float_layers = tuple(_float_layer_patterns(float_layers)) + tuple(r.float_layers)
+        if r.weights.is_integer and not r.weights.per_channel:
+            per_channel = False
+        unhonoured = [name for name, on in (("overrides", bool(r.overrides)), ("methods", bool(uses_methods(r))),
+                                            ("weights", r.weights.bits != 8), ("activations", r.activations.bits != 8))
+                      if on]
+        if unhonoured:
+            raise ValueError(f"recipe {r.name or r.mode!r} sets {unhonoured[0]}, which {what} cannot honour (tfq "
+                             f"quantizes it below Keras: int8 weights and activations, per-op float_layers and "
+                             f"int16_layers). Drop it from the recipe, or convert the Keras model.")
+    mode = "int8" if mode is None else mode
+    if not _integer_mode(mode):
+        raise ValueError(f"mode={mode!r} does not apply to {what}: tfq quantizes it to 'int8' or 'int16x8' (with "
+                         f"its own calibration). Convert the source model for {mode!r}.")
+    given = {k: v for k, v in (methods or {}).items() if v is not None}
+    if given or report is not None:
+        name = min(given) if given else "report"
+        raise ValueError(f"{name} need a Keras model that tfq can rewrite; {what} is quantized below Keras "
+                         f"(calibration, per_channel, float_layers and int16_layers apply). Convert the Keras model, "
+                         f"or drop {name}.")
+    io_allowed = tuple(d for d in get_export_mode(mode).io_dtypes if d != "uint8")  # LiteRT's quantizer: no uint8
+    if io_dtype not in io_allowed:
+        raise ValueError(f"io_dtype={io_dtype!r} does not apply to {what} in mode {mode!r}: pass one of "
+                         f"{', '.join(map(repr, io_allowed))}.")
+    if float_layers is None:
+        float_layers = ()
+    patterns = list(float_layers) if isinstance(float_layers, (list, tuple, set, frozenset)) else [float_layers]
+    if int16_layers is None:
+        int16_layers = ()
+    int16 = list(int16_layers) if isinstance(int16_layers, (list, tuple, set, frozenset)) else [int16_layers]
+    with verbosity(verbose):
+        return tflite_frontend.convert_tflite(
+            model, data, mode=mode, calibration=calibration, calibration_params=dict(calibration_params or {}),
+            per_channel=per_channel, float_layers=patterns, int16_layers=int16,
+            num_calibration_samples=num_calibration_samples, io_dtype=io_dtype, check=check, strict=strict)

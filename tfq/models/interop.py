@@ -156,7 +156,8 @@ def load_keras_model(model, *, where: str = "model", saved_model: bool = False, 
         if saved_model:
             return model
         raise ValueError(f"{where} {str(model)!r} is a SavedModel directory, which tfq cannot rewrite or run as Keras; "
-                         f"pass the .keras file (or tfq.convert the SavedModel with the converter's own calibration).")
+                         f"pass the .keras file (tfq.convert, tfq.calibrate and tfq.layer_errors take the SavedModel "
+                         f"itself and quantize it below Keras).")
     if is_tf_keras_model(model):
         if tfmot and is_tfmot_qat_model(model):
             return model

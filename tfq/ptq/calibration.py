@@ -335,6 +335,10 @@ def calibrate(
     Args:
         model: a Keras model (or path); it is rewritten the way :func:`tfq.convert` rewrites it,
             or used as is if it already is a tfq-quantized model.
+            A float ``.tflite`` (path or bytes), a SavedModel directory or a ``TFSMLayer`` model is
+            calibrated below Keras (:func:`tfq.ptq.tflite_calibration.calibrate_tflite`): every
+            float tensor of its float ``.tflite``, keyed by tensor name, for
+            ``tfq.convert(model, "int8", calibration=...)``.
         representative_data: arrays, dict of arrays, ``tf.data.Dataset`` or callable (see
             :func:`tfq.representative_dataset`).
         method: ``"robust_minmax"`` (default: MinMax over the samples that are not far outside the
@@ -379,6 +383,18 @@ def calibrate(
     get_calibration_method(method, "method").check_params(params, "params")
     for name, value in (("verbose", verbose), ("keep_observers", keep_observers)):
         check_bool(name, value)
+    from tfq.ptq import tflite_calibration
+
+    if tflite_calibration.is_below_keras(model):
+        given = [name for name, value in (("recipe", recipe), ("batch_size", batch_size), ("strategy", strategy))
+                 if value is not None] + (["keep_observers"] if keep_observers else [])
+        if given:
+            raise ValueError(f"{given[0]} does not apply to a float .tflite, SavedModel or TFSMLayer model, which "
+                             f"tfq calibrates in LiteRT one sample at a time (ranges keyed by tensor name). Drop "
+                             f"{given[0]}.")
+        with verbosity(verbose):
+            return tflite_calibration.calibrate_tflite(tflite_calibration.float_tflite(model), representative_data,
+                                                       method, num_samples=num_samples, params=params)
     if strategy is not None and params.get("batch_aggregate") is not None:
         raise ValueError(
             f"batch_aggregate={params['batch_aggregate']!r} takes one range per batch, but with strategy every replica "

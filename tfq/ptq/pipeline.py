@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tfq.core.ptq_methods import MethodContext, PTQMethod, methods_at
+from tfq.core.ptq_methods import MethodContext, PTQMethod, get_ptq_method, methods_at
 from tfq.core.recipes import Recipe
 
 __all__ = ["MethodsReport", "apply_weight_methods", "calibration_inputs", "data_free_ranges", "prepare_model",
@@ -120,8 +120,9 @@ def apply_weight_methods(frozen, r: Recipe, data, report: MethodsReport | None =
         return report
     for method in on:
         if method.data == "needs" and data is None:
+            synthesize = " (or data_free=True to synthesize it)" if r.mode in get_ptq_method("data_free").modes else ""
             raise ValueError(f"{method.name}={settings[method.name][0]!r} learns from calibration data: pass "
-                             f"representative_data (or data_free=True to synthesize it).")
+                             f"representative_data{synthesize}.")
     references = {}  # the float kernels before any step changes them (bias correction measures against them)
     for w in quantized_layers_of(frozen):
         target = wrapped_kernel(w)

@@ -163,7 +163,8 @@ def gptq_round(w, hessian, scale, qmax: int, damp: float = GPTQ_DAMP, pin=None, 
     Args:
         w: ``(rows, cols)`` weights.
         hessian: ``(cols, cols)``, proportional to ``XᵀX`` of the layer inputs.
-        scale: per-row scales ``(rows,)`` or one scalar.
+        scale: per-row scales ``(rows,)``, one scalar, or ``(rows, cols)`` (one per weight: blockwise
+            scales repeated over their block).
         qmax: largest integer (narrow range: ``[−qmax, qmax]``).
         damp: relative dampening of the diagonal.
         pin: optional ``(rows, cols, values)`` arrays: these entries take these integers (the
@@ -180,8 +181,12 @@ def gptq_round(w, hessian, scale, qmax: int, damp: float = GPTQ_DAMP, pin=None, 
     W = np.array(w, dtype=np.float64)
     H = np.array(hessian, dtype=np.float64)
     rows, cols = W.shape
-    s = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (rows,)) if np.ndim(scale) \
-        else np.full(rows, float(scale))
+    if np.ndim(scale) == 2:
+        s2 = np.broadcast_to(np.asarray(scale, dtype=np.float64), (rows, cols))
+    else:
+        s = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (rows,)) if np.ndim(scale) \
+            else np.full(rows, float(scale))
+        s2 = np.broadcast_to(s[:, None], (rows, cols))
     dead = np.diag(H) <= 0
     H[dead, dead] = 1.0
     H += damp * np.mean(np.diag(H)) * np.eye(cols)
@@ -200,11 +205,11 @@ def gptq_round(w, hessian, scale, qmax: int, damp: float = GPTQ_DAMP, pin=None, 
         errors = np.zeros((rows, b1 - b0))
         for j in range(b0, b1):
             col = W[:, j]
-            q = np.clip(_round_half_away(col / s), -qmax, qmax)
+            q = np.clip(_round_half_away(col / s2[:, j]), -qmax, qmax)
             for r, v in pinned.get(j, ()):
                 q[r] = v
             Q[:, j] = q
-            err = (col - q * s) / U[j, j]
+            err = (col - q * s2[:, j]) / U[j, j]
             errors[:, j - b0] = err
             if j + 1 < b1:
                 W[:, j + 1:b1] -= np.outer(err, U[j, j + 1:b1])
@@ -338,14 +343,11 @@ def folded_bias(wrapper) -> np.ndarray:
     return beta + (b - keras.ops.convert_to_numpy(bn.moving_mean).astype(np.float64)) * factor
 
 
-def set_integer_weights(target: WrappedKernel, q: np.ndarray, scales: np.ndarray) -> None:
-    """Sets the wrapper's kernel so that its folded kernel is exactly ``q · s`` (then checks it).
-
-    Raises:
-        RuntimeError: the folded kernel would not quantize back to ``q`` (a bug, not bad input).
-    """
+def set_folded_kernel(target: WrappedKernel, matrix: np.ndarray) -> None:
+    """Sets the wrapper's kernel so that its folded kernel, in matrix form, is ``matrix`` (BatchNorm factor
+    divided out; channels whose factor is 0 keep their kernel)."""
     wrapper = target.wrapper
-    folded = _from_matrix(q.astype(np.float64) * scales.reshape(-1, 1), target.kind, target.op_shape)
+    folded = _from_matrix(np.asarray(matrix, np.float64), target.kind, target.op_shape)
     raw_old = np.asarray(keras.ops.convert_to_numpy(wrapper._kernel_and_scale_axis()[0]), np.float64)
     if target.factor is not None:
         f = _broadcast_out(target.factor.astype(np.float64), target.op_shape, target.kind)
@@ -355,6 +357,16 @@ def set_integer_weights(target: WrappedKernel, q: np.ndarray, scales: np.ndarray
     if target.kind == "conv1d":
         raw = raw[0]
     wrapper.layer.kernel.assign(raw.astype(np.float32))
+
+
+def set_integer_weights(target: WrappedKernel, q: np.ndarray, scales: np.ndarray) -> None:
+    """Sets the wrapper's kernel so that its folded kernel is exactly ``q · s`` (then checks it).
+
+    Raises:
+        RuntimeError: the folded kernel would not quantize back to ``q`` (a bug, not bad input).
+    """
+    wrapper = target.wrapper
+    set_folded_kernel(target, q.astype(np.float64) * scales.reshape(-1, 1))
     check = wrapped_kernel(wrapper)
     got = nearest_round(check.matrix, check.scales(), target.qmax)
     live = np.abs(target.matrix).max(axis=1) > 0 if target.per_channel else np.ones(q.shape[0], bool)
@@ -424,6 +436,11 @@ def _hessian(wrapper, inputs, kind: str) -> np.ndarray:
         total = h if total is None else total + h
         count += p.shape[0]
     return total / max(count, 1)
+
+
+def layer_hessian(wrapper, inputs, kind: str) -> np.ndarray:
+    """``Σ XᵀX / positions`` of a wrapped layer's inputs (``kind``: see :func:`wrapped_kernel`), as GPTQ uses it."""
+    return _hessian(wrapper, inputs, kind)
 
 
 def _gptq_layer(target: WrappedKernel, inputs) -> np.ndarray:

@@ -741,7 +741,7 @@ class QuantizedLayer(keras.layers.Layer):
     def build(self, input_shape):
         if not self.layer.built:
             self.layer.build(input_shape)
-        out_shape = self.layer.compute_output_shape(input_shape)
+        out_shape = self.compute_output_shape(input_shape)
         if self.batchnorm is not None:
             if not self.batchnorm.built:
                 self.batchnorm.build(out_shape)
@@ -1113,7 +1113,10 @@ class QuantizedLayer(keras.layers.Layer):
         return y + self._channel_vector(beta + (b - mean) * gamma * inv_sigma_b, rank)
 
     def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
+        shape = tuple(self.layer.compute_output_shape(input_shape))
+        if isinstance(self.layer, keras.layers.EinsumDense) and self.layer.built:
+            shape = _einsum_dense_output_shape(self.layer, input_shape, shape)
+        return shape
 
     def compute_output_spec(self, inputs, training=None):
         # float32 under any dtype policy (mixed precision): the quantization maths are float32.
@@ -1160,6 +1163,27 @@ class QuantizedLayer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tfq")
+def _einsum_dense_output_shape(layer: keras.layers.EinsumDense, input_shape, shape) -> tuple:
+    """``shape`` (what ``layer.compute_output_shape`` gives) with the dimensions it leaves unknown
+    but the einsum fixes taken from ``input_shape``.
+
+    An EinsumDense whose ``output_shape`` says ``None`` on an axis it shares with its input (the
+    projections inside MultiHeadAttention: ``"abc,cde->abde"`` with ``output_shape=(None, heads,
+    key_dim)``) reports that axis as unknown, even for an input of static length; Keras'
+    MultiHeadAttention restores it in its own shape inference. Once tfq inlines the attention into
+    its sublayers, the wrapper must restore it itself, or a Flatten after the attention has an
+    unknown size and the Dense after it cannot be built. Example: input ``(None, 8, 8)``,
+    ``"abc,cde->abde"``, kernel ``(8, 2, 4)``: Keras says ``(None, None, 2, 4)``, this ``(None, 8, 2,
+    4)``.
+    """
+    inferred = keras.ops.einsum(layer.equation, keras.KerasTensor(tuple(input_shape)),
+                                keras.KerasTensor(tuple(layer.kernel.shape))).shape
+    shape = tuple(shape)
+    if len(inferred) != len(shape):
+        return shape
+    return tuple(d if d is not None else i for d, i in zip(shape, inferred))
+
+
 class QuantizedNormalization(keras.layers.Layer):
     """A standalone BatchNormalization or Normalization as TFLite runs it: MUL, then ADD.
 

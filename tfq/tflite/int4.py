@@ -18,8 +18,11 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "INT4_BLOCK_SIZES",
+    "INT4_FLOAT_ACTIVATION_OPS",
     "INT4_WEIGHT_OPS",
     "Int4Tensor",
+    "float_weights_to_int4",
     "four_bit_integers",
     "int4_tensors",
     "load_model",
@@ -40,6 +43,21 @@ __all__ = [
 # INT4 table), blockwise FULLY_CONNECTED with int8 activations (refused: "filter->quantization.type
 # != kTfLiteAffineQuantization"). Measured by scripts/int4_op_table.py.
 INT4_WEIGHT_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1}
+
+# Float activations: storage → op → (weight input index, granularities LiteRT 2.3 runs). "dynamic": the
+# op's hybrid kernel reads the INT4 weight and quantizes its float input at run time; "dequantize": a
+# DEQUANTIZE op turns the INT4 weight into float once and the float kernel runs (weight-only). Measured by
+# scripts/int4_op_table.py (files by LiteRT's quantizer and by tfq, XNNPACK on and off): DEPTHWISE_CONV_2D
+# has no hybrid INT4 kernel ("Type FLOAT32 with filter type INT4 not currently supported"), so "dynamic"
+# dequantizes its weights; blockwise scales run only in FULLY_CONNECTED's hybrid kernel (CONV_2D's hybrid
+# kernel and DEQUANTIZE accept a blockwise INT4 tensor but output zeros).
+INT4_FLOAT_ACTIVATION_OPS = {
+    "dynamic": {"FULLY_CONNECTED": (1, ("channel", "tensor", "block")), "CONV_2D": (1, ("channel", "tensor"))},
+    "dequantize": {"FULLY_CONNECTED": (1, ("channel", "tensor")), "CONV_2D": (1, ("channel", "tensor")),
+                   "DEPTHWISE_CONV_2D": (1, ("channel", "tensor"))},
+}
+#: Block sizes (along the input dimension) of blockwise INT4 weights (LiteRT's quantizer offers 32–256).
+INT4_BLOCK_SIZES = (32, 64, 128)
 
 
 def schema():
@@ -323,3 +341,110 @@ def int4_tensors(content: bytes) -> list[Int4Tensor]:
             out.append(Int4Tensor(tensor_name(tensor), shape, values, scales, q.quantizedDimension if q else 0,
                                   readers.get((id(sg), i), "?")))
     return out
+
+
+def _opcode_index(model, builtin: int) -> int:
+    """The index of ``builtin``'s operator code in ``model`` (added if absent)."""
+    s = schema()
+    for i, code in enumerate(model.operatorCodes):
+        if max(int(code.builtinCode), int(code.deprecatedBuiltinCode)) == builtin:
+            return i
+    code = s.OperatorCodeT()
+    code.builtinCode = builtin
+    code.deprecatedBuiltinCode = min(builtin, 127)
+    code.version = 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def float_weights_to_int4(content: bytes, choose, storage: str) -> tuple[bytes, list[str], list[tuple[str, str]]]:
+    """A float ``.tflite`` with the weights ``choose`` gives integers for stored INT4 (float activations).
+
+    Each FLOAT32 constant weight of an op in :data:`INT4_FLOAT_ACTIVATION_OPS` (``storage`` or
+    ``"dequantize"``: with ``"dynamic"``, an op without a hybrid INT4 kernel for the granularity chosen
+    gets a DEQUANTIZE op) is passed to
+    ``choose(tensor name, op name, values)``, which returns None (kept float) or ``(q, scales,
+    quantized_dimension, block_size)``: integers in [-8, 7] shaped as the tensor, one scale per slice
+    along ``quantized_dimension`` (one for the tensor), or with ``block_size`` scales shaped
+    ``(rows, columns / block_size)`` (stored FLOAT16, as LiteRT's quantizer writes them). A weight
+    stored with DEQUANTIZE feeds the op float weights.
+
+    Returns:
+        ``(bytes, names stored INT4, [(name, op)] of weights of those ops left float)``.
+
+    Example:
+        >>> content, done, left = float_weights_to_int4(float_tflite, choose, "dynamic")   # doctest: +SKIP
+    """
+    if storage not in INT4_FLOAT_ACTIVATION_OPS:
+        raise ValueError(f"storage must be one of {tuple(INT4_FLOAT_ACTIVATION_OPS)}. Received: {storage!r}")
+    ops = dict(INT4_FLOAT_ACTIVATION_OPS["dequantize"])
+    ops.update(INT4_FLOAT_ACTIVATION_OPS[storage])
+    s = schema()
+    model = load_model(content)
+    done, left, seen = [], [], set()
+    for sg, op, t, name in weight_tensors(model, {k: v[0] for k, v in ops.items()}):
+        tensor = sg.tensors[t]
+        if (id(sg), t) in seen or tensor.type != s.TensorType.FLOAT32 or tensor.buffer <= 0:
+            continue
+        seen.add((id(sg), t))
+        buf = model.buffers[tensor.buffer]
+        if buf.data is None or len(buf.data) == 0:
+            continue
+        tname = tensor_name(tensor)
+        readers = [o for o in sg.operators if o.inputs is not None and t in [int(i) for i in o.inputs]]
+        shared = sum(1 for sg2 in model.subgraphs for t2 in sg2.tensors if t2.buffer == tensor.buffer)
+        if shared > 1 or any(op_name(model, o) not in ops or int(o.inputs[ops[op_name(model, o)][0]]) != t
+                             for o in readers):
+            left.append((tname, name))
+            continue
+        values = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), np.float32).reshape(
+            tuple(int(d) for d in tensor.shape))
+        chosen = choose(tname, name, values)
+        if chosen is None:
+            left.append((tname, name))
+            continue
+        q, scales, axis, block = chosen
+        granularity = "block" if block else ("tensor" if np.size(scales) == 1 else "channel")
+        kernels = [INT4_FLOAT_ACTIVATION_OPS[storage].get(op_name(model, o), (0, ()))[1] for o in readers]
+        dequantize = storage == "dequantize" or any(granularity not in k for k in kernels)
+        deq_ok = all(granularity in INT4_FLOAT_ACTIVATION_OPS["dequantize"].get(op_name(model, o), (0, ()))[1]
+                     for o in readers)
+        if dequantize and not deq_ok:
+            left.append((tname, name))
+            continue
+        buf.data = np.frombuffer(pack_int4(np.asarray(q).reshape(values.shape)), np.uint8)
+        quant = s.QuantizationParametersT()
+        quant.quantizedDimension = int(axis)
+        if block:
+            sbuf = s.BufferT()
+            sbuf.data = np.frombuffer(np.asarray(scales, np.float16).tobytes(), np.uint8)
+            model.buffers.append(sbuf)
+            st = s.TensorT()
+            st.name = (tname + "_scales").encode()
+            st.type, st.shape, st.buffer = s.TensorType.FLOAT16, list(np.shape(scales)), len(model.buffers) - 1
+            sg.tensors.append(st)
+            quant.detailsType = s.QuantizationDetails.BlockwiseQuantization
+            details = s.BlockwiseQuantizationT()
+            details.scales, details.zeroPoints, details.blockSize = len(sg.tensors) - 1, -1, int(block)
+            quant.details = details
+        else:
+            quant.scale = np.asarray(scales, np.float32).reshape(-1)
+            quant.zeroPoint = np.zeros(quant.scale.size, np.int64)
+        tensor.quantization = quant
+        tensor.type = s.TensorType.INT4
+        if dequantize:
+            out = s.TensorT()
+            out.name = (tname + "_dequant").encode()
+            out.type, out.shape, out.buffer = s.TensorType.FLOAT32, list(tensor.shape), 0
+            sg.tensors.append(out)
+            new = len(sg.tensors) - 1
+            for o in readers:
+                o.inputs = np.asarray([new if int(i) == t else int(i) for i in o.inputs], np.int32)
+            deq = s.OperatorT()
+            deq.opcodeIndex = _opcode_index(model, s.BuiltinOperator.DEQUANTIZE)
+            deq.inputs, deq.outputs = np.asarray([t], np.int32), np.asarray([new], np.int32)
+            sg.operators.insert(0, deq)  # a constant input: first is a valid order
+        done.append(tname)
+    if not done:
+        return bytes(content), [], left
+    return save_model(model), done, left
