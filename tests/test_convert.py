@@ -181,6 +181,40 @@ def test_float_layers_stay_float(trained_cnn, calib):
     assert all(op.is_float for op in info.ops if op.type == "FULLY_CONNECTED")
 
 
+def test_float_layer_barrier_is_exact_and_has_no_cast(digits, calib):
+    """The barrier before a float layer is NEG then MUL by −1 (float ops XNNPACK runs), not a float16 CAST
+    pair, which XNNPACK does not run and which split the delegated graph at every float layer."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tfq.quantsim.layers import FloatBarrier
+
+    x = np.random.default_rng(0).standard_normal((4, 33)).astype("float32") * np.float32(1e3)
+    x[0, :3] = [0.0, np.finfo(np.float32).max, np.finfo(np.float32).tiny]
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(FloatBarrier()(x)), x)  # exact, unlike float16
+    keras.utils.set_random_seed(0)
+    h = inputs = keras.Input(digits[0][0].shape[1:])
+    for i in range(2):
+        h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name=f"conv{i}")(h)
+        h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
+        h = keras.layers.PReLU(shared_axes=[1, 2], alpha_initializer=keras.initializers.Constant(0.2),
+                               name=f"prelu{i}")(h)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="head")(keras.layers.GlobalAveragePooling2D()(h)))
+    content = tfq.convert(model, "int8", calib, float_layers=["prelu.*"])
+    info = tfq.inspect_tflite(content)
+    types = [op.type for op in info.ops]
+    assert "CAST" not in types and types.count("PRELU") == 2
+    assert sorted(op.type for op in info.float_ops) == ["MUL", "MUL", "NEG", "NEG", "PRELU", "PRELU"]
+    # Read back through LiteRT's interpreter: each PReLU's input and output tensors are float32.
+    interpreter = Interpreter(model_content=content)
+    dtypes = {d["index"]: d["dtype"] for d in interpreter.get_tensor_details()}
+    for op in (op for op in info.ops if op.type == "PRELU"):
+        assert dtypes[op.inputs[0]] == np.float32 and dtypes[op.outputs[0]] == np.float32
+    test = digits[1][0][:64]
+    reference = np.asarray(model.predict(test, verbose=0), np.float64)
+    got = np.asarray(tfq.TFLiteModel(content).predict(test), np.float64)
+    assert 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - got) ** 2)) > 25.0
+
+
 def test_per_tensor_weights(trained_cnn, calib):
     model, _ = trained_cnn
     per_channel = tfq.inspect_tflite(tfq.convert(model, "int8", calib))

@@ -789,7 +789,8 @@ def _unexpected_float_ops(content: bytes, r: Recipe) -> list:
 
 # int8 ops that LiteRT's CPU delegate (XNNPACK, 2.3) does not take: each runs in LiteRT's own kernel and splits
 # the delegated graph around it. Measured (PReLU CNN, 32x32 digits, batch 1, 2 cores): the INT8 model 1.5x (1
-# thread) to 2.0x (2 threads) slower than float; with PReLU float, 0.8x float at the same accuracy and SQNR.
+# thread) to 2.0x (2 threads) slower than float; with PReLU float, 0.8x float at the same accuracy and SQNR
+# (0.54x, 1 thread, since the float layer's barrier is NEG·MUL that XNNPACK takes, not a float16 CAST pair).
 SLOW_INT8_OPS = ("PRELU",)
 
 

@@ -321,9 +321,87 @@ def bidirectional(layer, sequences, initial_state=None, mask=None, training=None
 
 
 # -- keras-hub ------------------------------------------------------------------------------------
+# The sublayers of keras-hub's TransformerDecoder (decoder-only), by the names its weights' paths carry.
+_DECODER_SUBLAYERS = ("self_attention", "self_attention_layer_norm", "feedforward_intermediate_dense",
+                      "feedforward_output_dense", "feedforward_layer_norm")
+
+
+def _relative_path(path: str) -> str | None:
+    """A decoder weight's path from its sublayer's name on (``self_attention/query/kernel``), or None."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if part in _DECODER_SUBLAYERS:
+            return "/".join(parts[i:])
+    return None
+
+
+def _decoder_sublayers(layer, hidden_dim: int) -> dict:
+    """tfq's own sublayers of a ``TransformerDecoder``, built from its public config and holding its weights.
+
+    The layers are those ``TransformerDecoder.build`` makes (keras-hub 0.32): attention of
+    ``num_heads`` heads of ``hidden_dim // num_heads``, two layer norms of ``layer_norm_epsilon``, the
+    feed-forward ``Dense(intermediate_dim, activation)`` then ``Dense(hidden_dim)``, dropouts of
+    ``dropout``. Each weight is taken from the layer's weight of the same path (``layer.weights``, e.g.
+    ``.../self_attention/query/kernel``), or, when the paths differ, in ``layer.weights``' order if
+    every shape agrees. Raises ValueError when the config or the weights do not match (the layer is then
+    kept whole).
+    """
+    config = layer.get_config()
+    missing = [k for k in ("num_heads", "intermediate_dim", "activation", "layer_norm_epsilon", "normalize_first")
+               if k not in config]
+    if missing:
+        raise ValueError(f"its config has no {', '.join(missing)} (a keras-hub version tfq does not know)")
+    if config.get("encoder_sequence_shape"):
+        raise ValueError("cross-attention and caches are not decomposed")
+    num_heads = int(config["num_heads"])
+    if not 0 < num_heads <= hidden_dim:
+        raise ValueError(f"num_heads={num_heads} does not divide hidden_dim={hidden_dim} into heads")
+    rate = float(config.get("dropout") or 0.0)
+    epsilon = float(config["layer_norm_epsilon"])
+    activation = config["activation"]
+    activation = (keras.activations.deserialize(activation) if isinstance(activation, dict)
+                  else keras.activations.get(activation))
+    dtype = layer.dtype_policy
+    head_dim = hidden_dim // num_heads
+    sub = {
+        "self_attention": keras.layers.MultiHeadAttention(num_heads, key_dim=head_dim, dropout=rate, dtype=dtype,
+                                                          name="self_attention"),
+        "self_attention_layer_norm": keras.layers.LayerNormalization(epsilon=epsilon, dtype=dtype,
+                                                                     name="self_attention_layer_norm"),
+        "feedforward_intermediate_dense": keras.layers.Dense(int(config["intermediate_dim"]), activation=activation,
+                                                             dtype=dtype, name="feedforward_intermediate_dense"),
+        "feedforward_output_dense": keras.layers.Dense(hidden_dim, dtype=dtype, name="feedforward_output_dense"),
+        "feedforward_layer_norm": keras.layers.LayerNormalization(epsilon=epsilon, dtype=dtype,
+                                                                  name="feedforward_layer_norm"),
+    }
+    shape = (None, None, hidden_dim)
+    sub["self_attention"].build(query_shape=shape, value_shape=shape)
+    sub["self_attention_layer_norm"].build(shape)
+    sub["feedforward_intermediate_dense"].build(shape)
+    sub["feedforward_output_dense"].build((None, None, int(config["intermediate_dim"])))
+    sub["feedforward_layer_norm"].build(shape)
+    theirs = list(layer.weights)
+    ours = [w for name in _DECODER_SUBLAYERS for w in sub[name].weights]
+    if len(theirs) != len(ours):
+        raise ValueError(f"it has {len(theirs)} weights where its config makes {len(ours)} "
+                         "(a keras-hub version tfq does not know)")
+    by_path = {_relative_path(w.path): w for w in theirs}
+    pairs = [(w, by_path.get(_relative_path(w.path))) for w in ours]
+    if any(t is None or tuple(t.shape) != tuple(w.shape) for w, t in pairs):
+        pairs = list(zip(ours, theirs))  # paths of another keras-hub version: the creation order
+        if any(tuple(t.shape) != tuple(w.shape) for w, t in pairs):
+            raise ValueError("its weights match neither by path nor by order the layers its config makes "
+                             "(a keras-hub version tfq does not know)")
+    for w, t in pairs:
+        w.assign(keras.ops.convert_to_numpy(t))
+    sub["self_attention_dropout"] = keras.layers.Dropout(rate, dtype=dtype, name="self_attention_dropout")
+    sub["feedforward_dropout"] = keras.layers.Dropout(rate, dtype=dtype, name="feedforward_dropout")
+    return sub
+
+
 def transformer_decoder(layer, decoder_sequence, decoder_padding_mask=None, decoder_attention_mask=None,
                         use_causal_mask=True, training=None, **kwargs):
-    """keras-hub's ``TransformerDecoder`` (decoder-only, no cache) as its sublayers and a constant causal mask::
+    """keras-hub's ``TransformerDecoder`` (decoder-only, no cache) as Keras layers and a constant causal mask::
         mask = min(padding[:, None, :], attention_mask, tril(1_{T×T}))      (int32; the last a constant)
         x = x + dropout(attention(ln₁(x), mask))      (ln after the sum when not normalize_first)
         x = x + dropout(dense₂(dense₁(ln₂(x))))
@@ -331,8 +409,9 @@ def transformer_decoder(layer, decoder_sequence, decoder_padding_mask=None, deco
     The layer's own call computes the causal mask from the sequence's shape at run time (RANGE, a
     float comparison) and passes its attention an argument that Keras cannot trace symbolically; with
     a static length ``T`` the mask is known when tracing. Follows ``TransformerDecoder.call`` of
-    keras-hub 0.32 (its sublayers are read from the layer's attributes); the rewrite checks on probe
-    data that the result computes what the layer does, and keeps the layer whole otherwise.
+    keras-hub 0.32 through public surface only: the sublayers are tfq's own, built from the layer's
+    ``get_config()`` and given its weights by their paths; the rewrite checks on probe data that the
+    result computes what the layer does, and keeps the layer whole otherwise (with a warning).
     Cross-attention and caches are not decomposed.
     """
     if any(v is not None for v in kwargs.values()):
@@ -340,6 +419,8 @@ def transformer_decoder(layer, decoder_sequence, decoder_padding_mask=None, deco
     length = decoder_sequence.shape[1]
     if length is None:
         raise ValueError("a causal mask needs a static sequence length")
+    sub = _decoder_sublayers(layer, int(decoder_sequence.shape[-1]))
+    normalize_first = bool(layer.get_config()["normalize_first"])
     mask = None
     if decoder_padding_mask is not None:
         mask = ops.expand_dims(ops.cast(decoder_padding_mask, "int32"), axis=1)
@@ -351,11 +432,11 @@ def transformer_decoder(layer, decoder_sequence, decoder_padding_mask=None, deco
         mask = causal if mask is None else ops.minimum(mask, causal)
 
     def block(x, norm, compute):
-        y = compute(norm(x) if layer.normalize_first else x)
+        y = compute(norm(x) if normalize_first else x)
         y = ops.add(y, x)
-        return y if layer.normalize_first else norm(y)
+        return y if normalize_first else norm(y)
 
-    x = block(decoder_sequence, layer._self_attention_layer_norm, lambda h: layer._self_attention_dropout(
-        layer._self_attention_layer(query=h, value=h, attention_mask=mask, training=training), training=training))
-    return block(x, layer._feedforward_layer_norm, lambda h: layer._feedforward_dropout(
-        layer._feedforward_output_dense(layer._feedforward_intermediate_dense(h)), training=training))
+    x = block(decoder_sequence, sub["self_attention_layer_norm"], lambda h: sub["self_attention_dropout"](
+        sub["self_attention"](query=h, value=h, attention_mask=mask, training=training), training=training))
+    return block(x, sub["feedforward_layer_norm"], lambda h: sub["feedforward_dropout"](
+        sub["feedforward_output_dense"](sub["feedforward_intermediate_dense"](h)), training=training))
