@@ -105,6 +105,24 @@ def test_keras_registration_whatever_is_imported_first(first):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_every_keras_layer_tfq_defines_is_registered():
+    """A tfq layer a saved model holds must load: each Layer/Model class defined in the registering
+    modules is registered under its own name (a decorator moved onto a function would leave it out)."""
+    import importlib
+    import inspect
+
+    import keras
+
+    missing = []
+    for module_name in tfq._KERAS_SERIALIZABLE:
+        module = importlib.import_module(module_name)
+        for name, cls in vars(module).items():
+            if inspect.isclass(cls) and cls.__module__ == module_name and issubclass(cls, keras.layers.Layer):
+                if keras.saving.get_registered_object(f"tfq>{name}") is not cls:
+                    missing.append(f"{module_name}.{name}")
+    assert not missing, missing
+
+
 @pytest.mark.parametrize("name", sorted(tfq._ALIASES))
 def test_alias_is_the_stage_module(name):
     assert getattr(tfq, name) is sys.modules[tfq._ALIASES[name]]

@@ -469,6 +469,7 @@ class FloatBarrier(keras.layers.Layer):
         return input_shape
 
 
+@keras.saving.register_keras_serializable(package="tfq")
 class Statistic(keras.layers.Layer):
     """Identity marking a statistic in a decomposition (a mean, a variance, its rsqrt).
 
@@ -1162,7 +1163,6 @@ class QuantizedLayer(keras.layers.Layer):
         return new
 
 
-@keras.saving.register_keras_serializable(package="tfq")
 def _einsum_dense_output_shape(layer: keras.layers.EinsumDense, input_shape, shape) -> tuple:
     """``shape`` (what ``layer.compute_output_shape`` gives) with the dimensions it leaves unknown
     but the einsum fixes taken from ``input_shape``.
@@ -1184,6 +1184,7 @@ def _einsum_dense_output_shape(layer: keras.layers.EinsumDense, input_shape, sha
     return tuple(d if d is not None else i for d, i in zip(shape, inferred))
 
 
+@keras.saving.register_keras_serializable(package="tfq")
 class QuantizedNormalization(keras.layers.Layer):
     """A standalone BatchNormalization or Normalization as TFLite runs it: MUL, then ADD.
 
