@@ -78,7 +78,9 @@ def test_gpt2_decoder_with_causal_mask_is_fully_integer():
     changed = {k: v.copy() for k, v in test.items()}
     changed["token_ids"][:, T // 2:] = (changed["token_ids"][:, T // 2:] % (VOCAB - 1)) + 1
     np.testing.assert_array_equal(runner.predict(changed)[:, :T // 2], got[:, :T // 2])
-    with pytest.raises(TypeError, match="NoneType"):  # the plain converter cannot convert it at all
+    # The plain converter cannot convert it at all: alone, Keras' trace fails inside the backbone
+    # ("'NoneType' object is not callable"); after other models in the same process, on the inputs' structure.
+    with pytest.raises((TypeError, ValueError), match="NoneType|structure of `inputs`"):
         _plain_converter(model, calibration)
 
 
