@@ -38,6 +38,7 @@ from tfq.analysis.tuning import (
     _speed_stage,
     _takes,
     _Tuner,
+    best_trial_content,
 )
 from tfq.core.calibration_methods import get_calibration_method
 from tfq.core.logs import logger
@@ -367,12 +368,7 @@ def tune_ops(model, representative_data, x_eval, y_eval, *, space: dict, overrid
     tuner.speed_classes = list(speed) if objective == "latency" else []
     tuner.check_data = representative_data
     _op_sensitivity(tuner, space, candidates)
-    if not tuner.trials:
-        raise ValueError("no trial ran: max_trials/timeout left no budget.")
-    best = tuner.best()
-    if best.error is not None:
-        raise ValueError(f"every trial failed; the first error: {best.error}")
-    content = tuner.convert(best.choices)
+    best, content = best_trial_content(tuner)
     report = evaluate({"float": flt, "tuned": content}, x_eval, y_eval, reference="float",
                       latency=objective == "latency", num_threads=num_threads)
     latency = {}

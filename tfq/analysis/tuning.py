@@ -807,6 +807,16 @@ def _bayesian(tuner: _Tuner, space: dict, candidates: list[str]) -> None:
         study.optimize(objective, n_trials=1)
 
 
+def best_trial_content(tuner) -> tuple[Trial, bytes]:
+    """The best trial of a finished search and its ``.tflite`` (converted again from its choices)."""
+    if not tuner.trials:
+        raise ValueError("no trial ran: max_trials/timeout left no budget.")
+    best = tuner.best()
+    if best.error is not None:
+        raise ValueError(f"every trial failed; the first error: {best.error}")
+    return best, tuner.convert(best.choices)
+
+
 def _check_tune_options(relative, verbose, timeout, seed, output_dir, num_calibration_samples, search_space):
     """tune's keyword types, checked before any work (one line each)."""
     for name, value in (("relative", relative), ("verbose", verbose)):
@@ -948,12 +958,7 @@ def tune(
                    timeout, seed, num_threads, num_calibration_samples, verbose)
     tuner.speed_classes = list(speed) if objective == "latency" else []
     {"sensitivity": _sensitivity, "random": _random, "bayesian": _bayesian}[strategy](tuner, space, candidates)
-    if not tuner.trials:
-        raise ValueError("no trial ran: max_trials/timeout left no budget.")
-    best = tuner.best()
-    if best.error is not None:
-        raise ValueError(f"every trial failed; the first error: {best.error}")
-    content = tuner.convert(best.choices)
+    best, content = best_trial_content(tuner)
     recipe = _recipe_for(best.choices, seed, num_calibration_samples)
     report = evaluate({"keras_float": model, "tuned": content}, x_eval, y_eval, reference="keras_float",
                           latency=objective == "latency", num_threads=num_threads)
