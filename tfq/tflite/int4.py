@@ -209,6 +209,20 @@ def weight_tensors(model, ops=None):
     return out
 
 
+def _weight_buffers(model, ops, tensor_type):
+    """Each weight tensor of ``tensor_type`` read by an op in ``ops``, once, with its data in the file:
+    (subgraph, operator, tensor index, op name, tensor, buffer). Offset buffers (models > 2 GB) are skipped."""
+    seen = set()
+    for sg, op, t, name in weight_tensors(model, ops):
+        tensor = sg.tensors[t]
+        if (id(sg), t) in seen or tensor.type != tensor_type or tensor.buffer <= 0:
+            continue
+        seen.add((id(sg), t))
+        buf = model.buffers[tensor.buffer]
+        if buf.data is not None and len(buf.data) > 0:
+            yield sg, op, t, name, tensor, buf
+
+
 def _readers(sg, t) -> int:
     return sum(1 for op in sg.operators or [] if op.inputs is not None and t in [int(i) for i in op.inputs])
 
@@ -265,15 +279,7 @@ def rewrite_int4_weights(content: bytes, select=None, ops=None) -> tuple[bytes, 
     s = schema()
     model = load_model(content)
     done = []
-    seen = set()
-    for sg, op, t, _op in weight_tensors(model, ops):
-        tensor = sg.tensors[t]
-        if (id(sg), t) in seen or tensor.type != s.TensorType.INT8 or tensor.buffer <= 0:
-            continue
-        seen.add((id(sg), t))
-        buf = model.buffers[tensor.buffer]
-        if buf.data is None or len(buf.data) == 0:
-            continue  # offset buffers (models > 2 GB) are not rewritten
+    for sg, op, t, _op, tensor, buf in _weight_buffers(model, ops, s.TensorType.INT8):
         name = tensor_name(tensor)
         values = np.asarray(buf.data, np.uint8).view(np.int8).reshape(tuple(int(d) for d in tensor.shape))
         q = tensor.quantization
@@ -381,15 +387,9 @@ def float_weights_to_int4(content: bytes, choose, storage: str) -> tuple[bytes, 
     ops.update(INT4_FLOAT_ACTIVATION_OPS[storage])
     s = schema()
     model = load_model(content)
-    done, left, seen = [], [], set()
-    for sg, op, t, name in weight_tensors(model, {k: v[0] for k, v in ops.items()}):
-        tensor = sg.tensors[t]
-        if (id(sg), t) in seen or tensor.type != s.TensorType.FLOAT32 or tensor.buffer <= 0:
-            continue
-        seen.add((id(sg), t))
-        buf = model.buffers[tensor.buffer]
-        if buf.data is None or len(buf.data) == 0:
-            continue
+    done, left = [], []
+    for sg, op, t, name, tensor, buf in _weight_buffers(model, {k: v[0] for k, v in ops.items()},
+                                                        s.TensorType.FLOAT32):
         tname = tensor_name(tensor)
         readers = [o for o in sg.operators if o.inputs is not None and t in [int(i) for i in o.inputs]]
         shared = sum(1 for sg2 in model.subgraphs for t2 in sg2.tensors if t2.buffer == tensor.buffer)
