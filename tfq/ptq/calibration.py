@@ -521,14 +521,20 @@ def _observe_per_sample(model, data, batch_size, method, quantizers, observers, 
     outliers = test.result(DEFAULT_OUTLIER_FACTOR)
     warn_outlier_samples(outliers, method, set_aside=robust, stacklevel=4)
     if robust and outliers:
-        tested = set(test.tensors)
-        for name in list(observers):
-            kept = test.robust_range(name) if name in tested else None
-            if kept is not None and type(observers[name]) is MinMaxObserver:  # not a softmax input's
-                observer = MinMaxObserver(symmetric=observers[name].symmetric)
-                observer.update(np.array(kept))
-                observers[name] = observer
+        set_aside_outliers(test, observers)
     return seen, outliers.indices
+
+
+def set_aside_outliers(test: OutlierTest, observers: dict) -> None:
+    """Replaces each MinMax observer the outlier ``test`` covers by one of the range its samples give
+    without the outlier samples (``robust_minmax``); other observers (a softmax input's) are kept."""
+    tested = set(test.tensors)
+    for name in list(observers):
+        kept = test.robust_range(name) if name in tested else None
+        if kept is not None and type(observers[name]) is MinMaxObserver:  # not a softmax input's
+            observer = MinMaxObserver(symmetric=observers[name].symmetric)
+            observer.update(np.array(kept))
+            observers[name] = observer
 
 
 class _ReplicaObservers:

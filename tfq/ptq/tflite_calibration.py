@@ -20,13 +20,13 @@ import numpy as np
 from tfq.core.calibration_methods import DEFAULT_CALIBRATION, get_calibration_method
 from tfq.core.logs import logger
 from tfq.core.representative import representative_dataset
-from tfq.numerics.observers import MinMaxObserver, create_observer
+from tfq.numerics.observers import create_observer
 from tfq.numerics.outliers import (
     DEFAULT_OUTLIER_FACTOR,
     OutlierTest,
     warn_outlier_samples,
 )
-from tfq.ptq.calibration import Calibration
+from tfq.ptq.calibration import Calibration, set_aside_outliers
 from tfq.tflite.info import inspect_tflite
 from tfq.tflite.interpreter import interpreter_class, load_tflite_bytes
 
@@ -237,13 +237,7 @@ def calibrate_tflite(content: bytes, data, method: str = DEFAULT_CALIBRATION, *,
     outliers = test.result(DEFAULT_OUTLIER_FACTOR)
     warn_outlier_samples(outliers, method, set_aside=robust, stacklevel=4)
     if robust and outliers:
-        tested = set(test.tensors)
-        for name in list(observers):
-            kept = test.robust_range(name) if name in tested else None
-            if kept is not None:
-                observer = MinMaxObserver()
-                observer.update(np.array(kept))
-                observers[name] = observer
+        set_aside_outliers(test, observers)  # every observer is MinMax here (make)
     logger.info(f"calibrated {len(observers)} tensors of the float .tflite ({method}) on {seen} samples in "
                 f"{time.perf_counter() - start:.1f} s")
     ranges = {}
