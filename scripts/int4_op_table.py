@@ -209,29 +209,12 @@ INT4_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1}
 
 
 def _aeq(flt, kind, op_name, x, granularity="CHANNELWISE"):
-    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+    """LiteRT's quantizer's 4-bit file of ``flt`` (the benchmark's recipe), calibrated on 20 random samples
+    shaped like ``x`` (batch 1)."""
+    from benchmark_lib import aeq_int4
 
-    rm = recipe_manager.RecipeManager()
-    g = qtyping.QuantGranularity[granularity]
-    op = qtyping.TFLOperationName.ALL_SUPPORTED
-    if kind == "static":
-        rm.add_static_config(regex=".*", operation_name=op, activation_num_bits=8, weight_num_bits=4,
-                             weight_granularity=g)
-    elif kind == "dynamic":
-        rm.add_dynamic_config(regex=".*", operation_name=op, num_bits=4, granularity=g)
-    else:
-        rm.add_weight_only_config(regex=".*", operation_name=op, num_bits=4, granularity=g)
-    qt = quantizer.Quantizer(bytearray(flt))
-    qt.load_quantization_recipe(rm.get_quantization_recipe())
-    cal = None
-    if qt.need_calibration or kind == "static":
-        from ai_edge_litert.interpreter import Interpreter
-
-        it = Interpreter(model_content=bytes(flt))
-        name = list(it.get_signature_list()["serving_default"]["inputs"])[0]
-        data = [{name: np.random.default_rng(i).normal(size=x.shape).astype(x.dtype)} for i in range(20)]
-        cal = qt.calibrate({"serving_default": data})
-    return bytes(qt.quantize(cal, enable_progress_report=False).quantized_model)
+    calib = np.concatenate([np.random.default_rng(i).normal(size=x.shape).astype(x.dtype) for i in range(20)])
+    return aeq_int4(flt, kind, granularity, calib)
 
 
 def _types_of(content, op_name):
