@@ -1360,6 +1360,22 @@ def aeq_int4(float_content: bytes, kind: str, granularity: str, calib: np.ndarra
     return bytes(qt.quantize(cal, enable_progress_report=False).quantized_model)
 
 
+def trained_precision_model(name: str):
+    """(model, train, test) of the per-layer precision scripts (budget_curve.py, int16_mixed.py): ``"digits_cnn"``
+    (8×8, 10 epochs) or ``"mobilenet_style"`` (32×32, 15 epochs), trained with seed 0."""
+    import keras
+    from tfq.examples import digits_cnn, mobilenet_style, train_model
+
+    from tfq.datasets import load_digits
+
+    size, builder, epochs = {"digits_cnn": (8, digits_cnn, 10), "mobilenet_style": (32, mobilenet_style, 15)}[name]
+    (x_train, y_train), (x_test, y_test) = load_digits(image_size=size, seed=0)
+    keras.utils.set_random_seed(0)
+    model = builder(input_shape=x_train.shape[1:])
+    train_model(model, x_train, y_train, epochs=epochs, seed=0)
+    return model, (x_train, y_train), (x_test, y_test)
+
+
 def _int4_model(key: str, quick: bool):
     """(model, (x_train, y_train), (x_test, y_test)) of an INT4 benchmark model, trained as the main benchmark trains it."""
     import keras

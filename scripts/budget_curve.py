@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 
 from absl import app, flags
+from benchmark_lib import trained_precision_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", "budget_curve.json", "Where to write the JSON results.")
@@ -27,20 +28,6 @@ flags.DEFINE_list("budgets", ["0.55", "0.6", "0.7", "0.8", "0.9", "1.0"], "Size 
 flags.DEFINE_float("max_drop", 0.01, "max_drop of the mixed_precision run.")
 flags.DEFINE_list("sensitivities", ["sqnr", "hessian"], "Sensitivities whose curves are measured.")
 flags.DEFINE_integer("num_threads", 2, "Interpreter threads.")
-
-
-def _trained(name: str):
-    import keras
-    from tfq.examples import digits_cnn, mobilenet_style, train_model
-
-    from tfq.datasets import load_digits
-
-    size, builder, epochs = {"digits_cnn": (8, digits_cnn, 10), "mobilenet_style": (32, mobilenet_style, 15)}[name]
-    (x_train, y_train), (x_test, y_test) = load_digits(image_size=size, seed=0)
-    keras.utils.set_random_seed(0)
-    model = builder(input_shape=x_train.shape[1:])
-    train_model(model, x_train, y_train, epochs=epochs, seed=0)
-    return model, (x_train, y_train), (x_test, y_test)
 
 
 def main(argv):
@@ -53,7 +40,7 @@ def main(argv):
     budgets = [float(b) for b in FLAGS.budgets]
     results = {}
     for name in FLAGS.models:
-        model, (x_train, y_train), (x_test, y_test) = _trained(name)
+        model, (x_train, y_train), (x_test, y_test) = trained_precision_model(name)
         rep = x_train[:256]
         study = precision.sensitivity_study(model, rep, np.concatenate([x_test, x_train[256:]]),
                                             np.concatenate([y_test, y_train[256:]]), num_threads=FLAGS.num_threads)

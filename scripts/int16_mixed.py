@@ -17,27 +17,13 @@ from __future__ import annotations
 import json
 
 from absl import app, flags
+from benchmark_lib import trained_precision_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", "int16_mixed.json", "Where to write the JSON results.")
 flags.DEFINE_list("models", ["digits_cnn", "mobilenet_style"], "Models: digits_cnn, mobilenet_style.")
 flags.DEFINE_list("max_drops", ["0.0", "0.005", "0.01"], "max_drop values of the mixed_precision runs.")
 flags.DEFINE_integer("num_threads", 2, "Interpreter threads.")
-
-
-def _trained(name: str):
-    """As in scripts/budget_curve.py."""
-    import keras
-    from tfq.examples import digits_cnn, mobilenet_style, train_model
-
-    from tfq.datasets import load_digits
-
-    size, builder, epochs = {"digits_cnn": (8, digits_cnn, 10), "mobilenet_style": (32, mobilenet_style, 15)}[name]
-    (x_train, y_train), (x_test, y_test) = load_digits(image_size=size, seed=0)
-    keras.utils.set_random_seed(0)
-    model = builder(input_shape=x_train.shape[1:])
-    train_model(model, x_train, y_train, epochs=epochs, seed=0)
-    return model, (x_train, y_train), (x_test, y_test)
 
 
 def main(argv):
@@ -47,7 +33,7 @@ def main(argv):
 
     results = {}
     for name in FLAGS.models:
-        model, (x_train, _), (x_test, y_test) = _trained(name)
+        model, (x_train, _), (x_test, y_test) = trained_precision_model(name)
         rep = x_train[:256]
         search = precision._prepare(model, rep, x_test, y_test, "accuracy", None, "nearest", FLAGS.num_threads, False,
                                     "int16_mixed", below_keras=True)
