@@ -83,3 +83,27 @@ def tflite_accuracy(content, x, y):
         interp.invoke()
         correct += int(interp.get_tensor(out["index"]).argmax() == label)
     return correct / len(y)
+
+
+def save_audio_saved_model(path) -> str:
+    """Writes the audio-like SavedModel the front-end and tune tests share (a tf.Module, no Keras): 1024
+    samples → 8 frames of 128 → |STFT| / (max + 1e-6), the normalising DIV that fails on silence in INT8 →
+    log(· + 1e-6) → Dense(4). Returns the directory."""
+    import tensorflow as tf
+
+    class Audio(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(3)
+            self.w = tf.Variable((rng.normal(size=(65, 4)) / 8.0).astype("float32"))
+            self.b = tf.Variable(np.full((4,), 0.1, np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 1024], tf.float32, name="audio")])
+        def __call__(self, audio):
+            mag = tf.abs(tf.signal.stft(audio, frame_length=128, frame_step=128, fft_length=128))
+            norm = mag / (tf.reduce_max(mag, axis=[-2, -1], keepdims=True) + 1e-6)  # the normalising DIV
+            return tf.matmul(tf.math.log(norm + 1e-6), self.w) + self.b
+
+    module = Audio()
+    tf.saved_model.save(module, str(path), signatures=module.__call__)
+    return str(path)

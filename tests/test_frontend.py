@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.conftest import save_audio_saved_model
 from tfq.analysis.evaluation import layer_errors
 from tfq.export import tflite_frontend as fe
 from tfq.export.convert import ConversionError, convert
@@ -62,23 +63,6 @@ def _run_reference_kernels(content, x) -> np.ndarray:
     return np.concatenate(out)
 
 
-class Audio(tf.Module):
-    """The audio-like SavedModel: 1024 samples → 8 frames of 128 → |STFT| / (max + 1e-6) → log(· + 1e-6)
-    → Dense(4)."""
-
-    def __init__(self):
-        super().__init__()
-        rng = np.random.default_rng(3)
-        self.w = tf.Variable((rng.normal(size=(65, 4)) / 8.0).astype("float32"))
-        self.b = tf.Variable(np.full((4,), 0.1, np.float32))
-
-    @tf.function(input_signature=[tf.TensorSpec([1, 1024], tf.float32, name="audio")])
-    def __call__(self, audio):
-        mag = tf.abs(tf.signal.stft(audio, frame_length=128, frame_step=128, fft_length=128))
-        norm = mag / (tf.reduce_max(mag, axis=[-2, -1], keepdims=True) + 1e-6)  # the normalising DIV
-        return tf.matmul(tf.math.log(norm + 1e-6), self.w) + self.b
-
-
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
     """(SavedModel dir, float .tflite bytes, calibration data, held-out data)."""
@@ -104,12 +88,10 @@ def cnn(tmp_path_factory):
 @pytest.fixture(scope="module")
 def audio(tmp_path_factory):
     """(SavedModel dir, noise for calibration, held-out noise)."""
-    path = tmp_path_factory.mktemp("audio") / "saved_model"
-    module = Audio()
-    tf.saved_model.save(module, str(path), signatures=module.__call__)
+    path = save_audio_saved_model(tmp_path_factory.mktemp("audio") / "saved_model")
     rng = np.random.default_rng(0)
     noise = (rng.normal(size=(72, 1024)) * rng.uniform(0.2, 1.0, size=(72, 1))).astype("float32")
-    return str(path), noise[:48], noise[48:]
+    return path, noise[:48], noise[48:]
 
 
 def test_doctests():

@@ -12,7 +12,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 import tfq
-from tests.conftest import tflite_accuracy
+from tests.conftest import save_audio_saved_model, tflite_accuracy
 from tfq.analysis import tuning
 
 L = keras.layers
@@ -165,32 +165,6 @@ def test_convert_warns_once_about_int8_prelu(prelu_cnn):
 
 # --- a model below Keras: a SavedModel / float .tflite, tuned op by op -----------------------------------------
 
-class _Audio:
-    """An audio-like SavedModel (tf.Module): 1024 samples → |STFT| / (max + 1e-6), the normalising DIV →
-    log(· + 1e-6) → Dense(4)."""
-
-    @staticmethod
-    def save(path):
-        import tensorflow as tf
-
-        class Audio(tf.Module):
-            def __init__(self):
-                super().__init__()
-                rng = np.random.default_rng(3)
-                self.w = tf.Variable((rng.normal(size=(65, 4)) / 8.0).astype("float32"))
-                self.b = tf.Variable(np.full((4,), 0.1, np.float32))
-
-            @tf.function(input_signature=[tf.TensorSpec([1, 1024], tf.float32, name="audio")])
-            def __call__(self, audio):
-                mag = tf.abs(tf.signal.stft(audio, frame_length=128, frame_step=128, fft_length=128))
-                norm = mag / (tf.reduce_max(mag, axis=[-2, -1], keepdims=True) + 1e-6)
-                return tf.matmul(tf.math.log(norm + 1e-6), self.w) + self.b
-
-        module = Audio()
-        tf.saved_model.save(module, str(path), signatures=module.__call__)
-        return str(path)
-
-
 def _litert_outputs(content, x):
     """Float outputs sample by sample through LiteRT's interpreter (the independent path)."""
     interpreter = Interpreter(model_content=content)
@@ -219,7 +193,7 @@ def audio(tmp_path_factory):
     """(SavedModel dir, float .tflite, calibration noise, held-out noise, float outputs on it)."""
     from tfq.export import tflite_frontend
 
-    path = _Audio.save(tmp_path_factory.mktemp("audio") / "saved_model")
+    path = save_audio_saved_model(tmp_path_factory.mktemp("audio") / "saved_model")
     rng = np.random.default_rng(0)
     noise = (rng.normal(size=(120, 1024)) * rng.uniform(0.2, 1.0, size=(120, 1))).astype("float32")
     flt = tflite_frontend.float_tflite(path)
