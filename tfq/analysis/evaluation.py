@@ -30,7 +30,7 @@ from tfq.compression.common import keras_kernels, strip_all, weight_stats
 from tfq.core.export_modes import export_mode_names, get_export_mode
 from tfq.core.input_order import order_by_name
 from tfq.core.logs import logger, verbosity
-from tfq.core.messages import check_bool
+from tfq.core.messages import check_bool, short_repr
 from tfq.core.representative import model_input_specs
 from tfq.export import tflite_frontend
 from tfq.export.convert import convert
@@ -179,14 +179,6 @@ def _regression(kind: str):
 
 
 _DEFAULT_VARIANTS = ("float", "fp16", "dynamic", "int8")
-
-
-def _short(value) -> str:
-    """A value for a message: arrays by shape, the rest by a bounded repr."""
-    if hasattr(value, "shape"):
-        return f"<{type(value).__name__} of shape {tuple(value.shape)}>"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _resolve_metrics(metrics) -> list[tuple[str, Callable]]:
@@ -577,7 +569,7 @@ def _convert_variants(model, variants, representative_data, verbose, reference: 
         variants = (variants,)
     if not isinstance(variants, (list, tuple)):
         raise TypeError(f"variants must be a list of export modes (e.g. ['float', 'int8']). "
-                        f"Received: variants={_short(variants)}")
+                        f"Received: variants={short_repr(variants)}")
     variants = tuple(variants)
     if not variants:
         raise ValueError("variants is empty. Pass at least one of " + ", ".join(map(repr, export_mode_names())) + ".")
@@ -762,7 +754,7 @@ def evaluate(
             if not unset:
                 raise ValueError(f"{label} applies to a single Keras model, which evaluate converts into each "
                                  f"variant; models is a dict of models already: drop {label}, or pass the Keras "
-                                 f"model alone. Received: {label}={_short(value)}")
+                                 f"model alone. Received: {label}={short_repr(value)}")
     if not models:
         raise ValueError("models is empty. Pass a dict name -> Keras model / TFLite bytes / .tflite path.")
     num_threads = available_cores() if num_threads is None else int(num_threads)
